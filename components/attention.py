@@ -1,0 +1,87 @@
+"""Dense causal multi-head self-attention with rotary embeddings: the transformer baseline's mixer.
+
+Vaswani et al. 2017 (arXiv 1706.03762) with RoPE (Su et al. 2021, arXiv 2104.09864). Uses PyTorch's
+``scaled_dot_product_attention``, whose CPU flash kernel never materialises the L x L score matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hydra_kit.nn import RotaryEmbedding, apply_rotary
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every past token.
+
+    Attributes:
+        keys: (B, H, T, hd) rotated keys.
+        values: (B, H, T, hd).
+    """
+
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+class CausalSelfAttention(TriPathComponent):
+    """Dense causal self-attention with RoPE; its state is a key/value cache of the whole past.
+
+    Args:
+        d_model: model width.
+        layer_idx: index of the block holding this component.
+        n_heads: number of heads; must divide d_model.
+        rope_base: rotary frequency base.
+    """
+
+    path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
+    gated_by_router: ClassVar[bool] = True
+    layerscale_init: ClassVar[float] = 1.0
+    example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 4}
+
+    def __init__(self, d_model: int, layer_idx: int, *, n_heads: int = 8, rope_base: float = 10000.0) -> None:
+        super().__init__(d_model, layer_idx)
+        if n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"attention: n_heads={n_heads} must be positive and divide d_model={d_model}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        # Projections, plus QK^T and AV over the causal prefix (on average seq_len / 2 keys per query).
+        return 2.0 * self.active_parameters() + 2 * 2 * self.d_model * (seq_len + 1) / 2
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVCache:
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone())
+
+    def forward(
+        self, x: Tensor, context: ComponentContext | None = None, state: KVCache | None = None
+    ) -> ComponentOutput:
+        batch, seq_len, _ = x.shape
+        past = 0 if state is None else state.length
+        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
+        if state is not None and past > 0:
+            k = torch.cat([state.keys, k], dim=2)
+            v = torch.cat([state.values, v], dim=2)
+            # Query i sits at absolute position past + i and sees keys 0 .. past + i.
+            visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(batch, seq_len, self.d_model)  # (B, L, D)
+        return ComponentOutput(update=self.out(y), state=KVCache(k, v))

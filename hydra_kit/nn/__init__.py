@@ -1,0 +1,6 @@
+"""Small building blocks shared by the core and by components (norms, rotary embeddings, SwiGLU)."""
+
+from hydra_kit.nn.layers import RMSNorm, SwiGLU
+from hydra_kit.nn.rotary import RotaryEmbedding, apply_rotary
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary"]

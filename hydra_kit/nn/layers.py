@@ -1,0 +1,45 @@
+"""RMSNorm and the SwiGLU feed-forward used by the MLP and by every expert of the MoE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned gain (Zhang & Sennrich 2019, arXiv 1910.07467).
+
+    Args:
+        dim: size of the last dimension.
+        eps: added to the mean square before the square root.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., dim) -> (..., dim)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward, ``W_down(silu(W_gate x) * W_up x)`` (Shazeer 2020, arXiv 2002.05202).
+
+    Gate and up projections share one matrix so a single matmul computes both.
+
+    Args:
+        d_model: input and output width.
+        d_hidden: hidden width.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.d_hidden = d_hidden
+        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d_model) -> (..., d_model)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

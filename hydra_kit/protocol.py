@@ -1,0 +1,203 @@
+"""The contract between the hydra-kit core and every component plugin.
+
+A component is one mechanism of the Hydra tri-path block (HYDRA.md section 3.1): the SSM backbone, sparse
+global attention, a mixture of experts, a memory, or the router that gates them. First-party and third-party
+components are found the same way, through the entry-point group ``hydra_kit.components``, and the core only
+ever talks to them through the classes in this file.
+
+Construction: ``Component(d_model, layer_idx, *, typed keyword hyper-parameters)``. The block supplies
+``d_model`` and ``layer_idx``; the recipe supplies the keywords.
+
+Forward: ``forward(x, context, state)`` takes the normalised block input ``x`` of shape (B, L, D) and returns a
+:class:`ComponentOutput`. When ``state`` is given, ``x`` continues the sequence that produced the state; the
+returned ``state`` summarises everything up to the last token of ``x``. Processing a sequence in pieces while
+carrying the state must give the same outputs as one call on the whole sequence (the conformance check in
+:mod:`hydra_kit.testing` verifies this for every component).
+
+Per-parameter optimiser hints (attributes set on ``nn.Parameter`` objects, read by the LightningModule):
+
+* ``_hydra_no_weight_decay = True``: exclude from weight decay (norm gains, biases and decay rates are
+  excluded automatically when they are 1-D).
+* ``_hydra_lr_scale = float``: multiply the base learning rate for this parameter (e.g. PKM values).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ComponentContext",
+    "ComponentOutput",
+    "ComponentPath",
+    "RouterComponent",
+    "RouterOutput",
+    "TriPathComponent",
+]
+
+
+class ComponentPath(str, enum.Enum):
+    """Which path of the tri-path block a component belongs to."""
+
+    SEQUENCE = "sequence"  # mixes information across time steps: SSM, sparse/dense attention
+    CHANNEL = "channel"  # transforms each token on its own: MLP, mixture of experts
+    MEMORY = "memory"  # reads from a store: workspace slots, product-key memory
+    ROUTER = "router"  # produces the gates of the other components; at most one per block
+
+
+@dataclass
+class ComponentContext:
+    """What the block hands a component besides its input.
+
+    Attributes:
+        global_score: (B, L) router score s_t (HYDRA.md R3), used by sparse global attention to pick global
+            tokens. None when the block has no router.
+        keep: (B, L) bool, only at inference with a router gate threshold: False marks tokens whose gate for
+            this component is below the threshold. The block zeroes their contribution whatever the component
+            does; a component that honours ``keep`` skips their work (e.g. issues no attention query).
+    """
+
+    global_score: Tensor | None = None
+    keep: Tensor | None = None
+
+
+@dataclass
+class ComponentOutput:
+    """What a component returns from ``forward`` and ``step``.
+
+    Attributes:
+        update: (B, L, D) residual update (before LayerScale and gating), or (B, D) from ``step``.
+        aux_losses: scalar losses, already weighted, that the trainer adds to the task loss and logs apart.
+        stats: detached scalars for the logs (gate means, expert load, slot usage, ...).
+        state: the recurrent state after the last input token; None for stateless components.
+    """
+
+    update: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    state: Any = None
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns: gates for the other components of its block.
+
+    Attributes:
+        gates: (B, L, G) gate values in (0, 1), one column per gated component, in the order of
+            :meth:`RouterComponent.configure_gates`.
+        global_score: (B, L) global-token score s_t for sparse global attention.
+        aux_losses: scalar losses, already weighted (e.g. the usage-budget loss R4).
+        stats: detached scalars (mean gate per component).
+    """
+
+    gates: Tensor
+    global_score: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TriPathComponent(nn.Module, abc.ABC):
+    """Base class of every hydra-kit component.
+
+    Subclasses set the class attributes below, call ``super().__init__(d_model, layer_idx)`` and implement
+    :meth:`forward`. Stateful components (anything that looks at other time steps) also implement
+    :meth:`init_state` and return their state from ``forward``.
+
+    Class attributes:
+        path: the block path this component belongs to.
+        gated_by_router: whether a router in the same block gates this component (the SSM backbone is
+            always on, so it says False).
+        layerscale_init: initial value of the learnable LayerScale scalar g (HYDRA.md 3.1).
+        max_seq_len: the longest sequence one ``forward`` supports, or None for no limit.
+        example_init_args: small hyper-parameters that exercise the component's internal boundaries
+            (windows, chunks) at short lengths; the conformance check and the docs use them.
+    """
+
+    path: ClassVar[ComponentPath]
+    gated_by_router: ClassVar[bool] = True
+    layerscale_init: ClassVar[float] = 1.0
+    max_seq_len: ClassVar[int | None] = None
+    example_init_args: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, d_model: int, layer_idx: int) -> None:
+        super().__init__()
+        if d_model <= 0:
+            raise ValueError(f"{type(self).__name__}: d_model must be positive, got {d_model}")
+        self.d_model = d_model
+        self.layer_idx = layer_idx
+
+    @property
+    def pointwise(self) -> bool:
+        """True when the output at t depends only on the input at t (lets the block gather kept tokens)."""
+        return False
+
+    @abc.abstractmethod
+    def forward(
+        self, x: Tensor, context: ComponentContext | None = None, state: Any = None
+    ) -> ComponentOutput:
+        """Process x (B, L, D), continuing from ``state`` when given; return a :class:`ComponentOutput`."""
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> Any:
+        """The state before the first token (None for stateless components)."""
+        return None
+
+    def active_parameters(self) -> int:
+        """Parameters used to process one token (all of them, unless the component routes sparsely)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token at sequence length ``seq_len`` (a multiply-add counts 2).
+
+        The default counts one multiply-add per active parameter; components whose cost depends on the
+        length (attention, scans) or is not a plain matmul (lookups) override it.
+        """
+        return 2.0 * self.active_parameters()
+
+    def step(self, x_t: Tensor, state: Any, context: ComponentContext | None = None) -> ComponentOutput:
+        """Process one token x_t (B, D) given the state; returns update (B, D) and the new state.
+
+        The default runs ``forward`` on a length-1 sequence; components override it where a dedicated
+        single-token path is faster.
+        """
+        step_context = None
+        if context is not None:
+            step_context = ComponentContext(
+                global_score=None if context.global_score is None else context.global_score[:, None],
+                keep=None if context.keep is None else context.keep[:, None],
+            )
+        out = self.forward(x_t[:, None], step_context, state)
+        return ComponentOutput(out.update[:, 0], out.aux_losses, out.stats, out.state)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, layer_idx={self.layer_idx}"
+
+
+class RouterComponent(TriPathComponent):
+    """Base class of routers: per-token gates for the gated components of one block (HYDRA.md 3.2).
+
+    The block calls :meth:`configure_gates` once, right after construction, with the instance names of the
+    components it gates; the router creates its gate parameters there. At inference, tokens whose gate is
+    below ``gate_threshold`` skip the gated component.
+    """
+
+    path: ClassVar[ComponentPath] = ComponentPath.ROUTER
+    gated_by_router: ClassVar[bool] = False
+    gate_threshold: float = 0.0
+
+    @abc.abstractmethod
+    def configure_gates(self, names: list[str]) -> None:
+        """Create one gate per name, in this order."""
+
+    @abc.abstractmethod
+    def route(self, x: Tensor) -> RouterOutput:
+        """Compute gates (B, L, G) and the global-token score (B, L) from the block input x (B, L, D)."""
+
+    def forward(
+        self, x: Tensor, context: ComponentContext | None = None, state: Any = None
+    ) -> ComponentOutput:
+        raise TypeError(f"{type(self).__name__} is a router: the block calls route(), not forward()")

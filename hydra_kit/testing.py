@@ -1,0 +1,259 @@
+"""The public conformance check every component must pass, first-party and third-party alike.
+
+Use it from a plugin's own tests::
+
+    from hydra_kit.testing import check_component
+    from my_plugin import MyMixer
+
+    def test_my_mixer_conforms():
+        check_component(MyMixer, init_args={"hidden": 16})
+
+Each property is a separate function so a failure says which one broke:
+
+* shape and dtype are kept (float32 and float64);
+* causality: changing inputs after position t leaves outputs up to t unchanged;
+* chunked processing with the carried state equals one full forward, and so does token-by-token ``step``;
+* ``forward`` with ``init_state`` equals ``forward`` without a state;
+* gradients are finite and reach the parameters;
+* auxiliary losses and stats are scalars, stats are detached.
+
+Routers (:class:`~hydra_kit.protocol.RouterComponent`) get the router version of these checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, TriPathComponent
+
+__all__ = [
+    "ConformanceError",
+    "check_causality",
+    "check_chunked_equals_full",
+    "check_component",
+    "check_gradients",
+    "check_outputs_well_formed",
+    "check_router",
+    "check_step_equals_full",
+]
+
+ComponentFactory = Callable[..., TriPathComponent]
+
+
+class ConformanceError(AssertionError):
+    """A component broke the TriPathComponent contract; the message says which property and where."""
+
+
+def _name(component: TriPathComponent) -> str:
+    return type(component).__name__
+
+
+def _context(score: Tensor | None, start: int = 0, stop: int | None = None) -> ComponentContext:
+    if score is None:
+        return ComponentContext()
+    return ComponentContext(global_score=score[:, start:stop])
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def _inputs(batch: int, seq_len: int, d_model: int, dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, d_model, generator=gen, dtype=torch.float64).to(dtype)
+    score = torch.randn(batch, seq_len, generator=gen, dtype=torch.float64).to(dtype)
+    return x, score
+
+
+def check_outputs_well_formed(component: TriPathComponent, x: Tensor, score: Tensor) -> ComponentOutput:
+    """Shape and dtype kept; aux losses and stats are finite scalars; stats carry no gradient."""
+    out = component(x, _context(score))
+    name = _name(component)
+    if not isinstance(out, ComponentOutput):
+        raise ConformanceError(f"{name}.forward returned {type(out).__name__}, expected ComponentOutput")
+    if out.update.shape != x.shape:
+        raise ConformanceError(f"{name}: update has shape {tuple(out.update.shape)}, input {tuple(x.shape)}")
+    if out.update.dtype != x.dtype:
+        raise ConformanceError(f"{name}: update has dtype {out.update.dtype} for input dtype {x.dtype}")
+    if not torch.isfinite(out.update).all():
+        raise ConformanceError(f"{name}: update has non-finite values")
+    for kind, values in (("aux loss", out.aux_losses), ("stat", out.stats)):
+        for key, value in values.items():
+            if not isinstance(value, Tensor) or value.dim() != 0:
+                raise ConformanceError(f"{name}: {kind} {key!r} must be a 0-dim tensor, got {value!r}")
+            if not torch.isfinite(value):
+                raise ConformanceError(f"{name}: {kind} {key!r} is not finite ({value.item()})")
+    for key, value in out.stats.items():
+        if value.requires_grad:
+            raise ConformanceError(f"{name}: stat {key!r} requires grad; detach stats before returning them")
+    return out
+
+
+def check_causality(component: TriPathComponent, x: Tensor, score: Tensor, positions: Sequence[int], atol: float) -> None:
+    """Changing tokens (and router scores) after t must leave outputs at positions <= t unchanged."""
+    full = component(x, _context(score)).update
+    gen = torch.Generator().manual_seed(1234)
+    for t in positions:
+        x2, score2 = x.clone(), score.clone()
+        x2[:, t + 1 :] = torch.randn(x2[:, t + 1 :].shape, generator=gen, dtype=torch.float64).to(x.dtype) * 3
+        score2[:, t + 1 :] = torch.randn(score2[:, t + 1 :].shape, generator=gen, dtype=torch.float64).to(x.dtype) * 3
+        changed = component(x2, _context(score2)).update
+        diff = _max_diff(full[:, : t + 1], changed[:, : t + 1])
+        if diff > atol:
+            raise ConformanceError(
+                f"{_name(component)} is not causal: changing inputs after position {t} changed outputs at or "
+                f"before it by {diff:.3e} (tolerance {atol:.0e})"
+            )
+
+
+def check_chunked_equals_full(
+    component: TriPathComponent, x: Tensor, score: Tensor, boundaries: Sequence[int], atol: float
+) -> None:
+    """forward on pieces, carrying state, equals one forward; init_state equals no state."""
+    name = _name(component)
+    full = component(x, _context(score)).update
+    batch, seq_len = x.shape[:2]
+    fresh = component.init_state(batch, device=x.device, dtype=x.dtype)
+    with_init = component(x, _context(score), fresh).update
+    diff = _max_diff(full, with_init)
+    if diff > atol:
+        raise ConformanceError(f"{name}: forward from init_state differs from forward without state by {diff:.3e}")
+    cuts = [0, *sorted(b for b in boundaries if 0 < b < seq_len), seq_len]
+    state = component.init_state(batch, device=x.device, dtype=x.dtype)
+    pieces = []
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        out = component(x[:, start:stop], _context(score, start, stop), state)
+        pieces.append(out.update)
+        state = out.state
+    chunked = torch.cat(pieces, dim=1)
+    diff = _max_diff(full, chunked)
+    if diff > atol:
+        worst = int((full - chunked).abs().amax(dim=(0, 2)).argmax())
+        raise ConformanceError(
+            f"{name}: chunked forward with carried state (cuts {cuts}) differs from the full forward by "
+            f"{diff:.3e} (tolerance {atol:.0e}), worst at position {worst}"
+        )
+
+
+def check_step_equals_full(component: TriPathComponent, x: Tensor, score: Tensor, atol: float) -> None:
+    """Token-by-token step from init_state equals the full forward."""
+    full = component(x, _context(score)).update
+    state = component.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+    steps = []
+    for t in range(x.shape[1]):
+        out = component.step(x[:, t], state, ComponentContext(global_score=score[:, t]))
+        if out.update.shape != x[:, t].shape:
+            raise ConformanceError(f"{_name(component)}.step returned shape {tuple(out.update.shape)}")
+        steps.append(out.update)
+        state = out.state
+    diff = _max_diff(full, torch.stack(steps, dim=1))
+    if diff > atol:
+        raise ConformanceError(f"{_name(component)}: step-by-step differs from the full forward by {diff:.3e}")
+
+
+def check_gradients(component: TriPathComponent, x: Tensor, score: Tensor) -> None:
+    """Gradients of a loss on the update and aux losses are finite and reach the parameters and the input."""
+    component.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = component(x, _context(score))
+    loss = out.update.square().mean() + sum((v for v in out.aux_losses.values()), torch.zeros((), dtype=x.dtype))
+    loss.backward()
+    name = _name(component)
+    if x.grad is None or not torch.isfinite(x.grad).all():
+        raise ConformanceError(f"{name}: the gradient with respect to the input is missing or non-finite")
+    reached = 0
+    for pname, param in component.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
+        if not torch.isfinite(grad).all():
+            raise ConformanceError(f"{name}: gradient of parameter {pname!r} is not finite")
+        reached += 1
+    if any(True for _ in component.parameters()) and reached == 0:
+        raise ConformanceError(f"{name}: no parameter received a gradient")
+    component.zero_grad(set_to_none=True)
+
+
+def check_router(router: RouterComponent, x: Tensor, gate_names: Sequence[str], atol: float) -> None:
+    """Router gates are (B, L, G) in (0, 1), scores (B, L), both causal; aux losses and stats scalars."""
+    name = _name(router)
+    out = router.route(x)
+    batch, seq_len = x.shape[:2]
+    if out.gates.shape != (batch, seq_len, len(gate_names)):
+        raise ConformanceError(f"{name}: gates have shape {tuple(out.gates.shape)}, expected {(batch, seq_len, len(gate_names))}")
+    if not ((out.gates > 0) & (out.gates < 1)).all():
+        raise ConformanceError(f"{name}: gates must lie strictly in (0, 1)")
+    if out.global_score.shape != (batch, seq_len):
+        raise ConformanceError(f"{name}: global_score has shape {tuple(out.global_score.shape)}")
+    for key, value in {**out.aux_losses, **out.stats}.items():
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            raise ConformanceError(f"{name}: aux loss or stat {key!r} must be a 0-dim tensor")
+    t = seq_len // 2
+    x2 = x.clone()
+    x2[:, t + 1 :] += 5.0
+    out2 = router.route(x2)
+    diff = max(_max_diff(out.gates[:, : t + 1], out2.gates[:, : t + 1]), _max_diff(out.global_score[:, : t + 1], out2.global_score[:, : t + 1]))
+    if diff > atol:
+        raise ConformanceError(f"{name} is not causal: future inputs changed gates or scores by {diff:.3e}")
+    loss = out.gates.sum() + out.global_score.sum() + sum(out.aux_losses.values(), torch.zeros((), dtype=x.dtype))
+    loss.backward()
+    if not all(p.grad is not None and torch.isfinite(p.grad).all() for p in router.parameters()):
+        raise ConformanceError(f"{name}: some router parameter got no gradient or a non-finite one")
+    router.zero_grad(set_to_none=True)
+
+
+def check_component(
+    factory: ComponentFactory,
+    *,
+    init_args: dict[str, Any] | None = None,
+    d_model: int = 32,
+    batch: int = 2,
+    seq_len: int = 40,
+    boundaries: Sequence[int] = (1, 13, 29),
+    check_step: bool = True,
+    atol: float = 1e-8,
+    seed: int = 0,
+) -> None:
+    """Run every conformance property on a freshly built component; raise ConformanceError on the first break.
+
+    Args:
+        factory: the component class (or any callable with the component constructor's signature).
+        init_args: keyword hyper-parameters; defaults to the class's ``example_init_args`` when it has them.
+            Choose small values that exercise internal boundaries (windows, chunks) within ``seq_len``.
+        d_model: model width for the check.
+        batch: batch size (at least 2, so mixing across examples would show).
+        seq_len: sequence length.
+        boundaries: where to cut the sequence for the chunked check (a length-1 piece is included).
+        check_step: also compare token-by-token ``step`` with the full forward.
+        atol: tolerance of the float64 equality checks.
+        seed: seed of the random inputs and parameters.
+    """
+    if init_args is None:
+        init_args = dict(getattr(factory, "example_init_args", {}))
+    torch.manual_seed(seed)
+    component = factory(d_model, 0, **init_args)
+    if not isinstance(component, TriPathComponent):
+        raise ConformanceError(f"{factory!r} built {type(component).__name__}, not a TriPathComponent")
+    component.eval()  # dropout and other train-time noise would break the equality checks
+    if isinstance(component, RouterComponent):
+        names = ["first", "second", "third"]
+        component.configure_gates(names)
+        x, _ = _inputs(batch, seq_len, d_model, torch.float64, seed)
+        check_router(component.double(), x, names, atol)
+        return
+    for dtype in (torch.float32, torch.float64):
+        x, score = _inputs(batch, seq_len, d_model, dtype, seed)
+        check_outputs_well_formed(component.to(dtype), x, score)
+    # Equality properties in float64, where a real bug cannot hide behind rounding.
+    component = component.double()
+    x, score = _inputs(batch, seq_len, d_model, torch.float64, seed)
+    check_causality(component, x, score, positions=(0, seq_len // 3, seq_len - 2), atol=atol)
+    check_chunked_equals_full(component, x, score, boundaries, atol)
+    if check_step:
+        check_step_equals_full(component, x[:, : min(seq_len, 24)], score[:, : min(seq_len, 24)], atol)
+    component.train()
+    check_gradients(component, x, score)
