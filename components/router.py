@@ -1,0 +1,97 @@
+"""The per-token router of a tri-path block (HYDRA.md 3.2, equations R1-R4).
+
+The paper's router equations (v3 eqs. 1-4) could not be recovered; these are hydra-kit's::
+
+    (R1) z_t = W_r u_t + b_r                      one logit per gated component c in the block
+    (R2) r_t^c = sigmoid(z_t^c / tau)             soft gate, temperature tau
+    (R3) s_t = w_g . u_t                          global-token score used by sparse global attention
+    (R4) L_router = lambda * sum_c (mean_t r_t^c - rho_c)^2
+
+Gates depend only on the token's own block input, so they are causal and are known before the gated
+components run: at inference, tokens whose gate is below ``gate_threshold`` skip the component.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
+
+
+class TokenRouter(RouterComponent):
+    """Sigmoid gates per token and gated component, plus the global-token score for SGA.
+
+    Args:
+        d_model: model width.
+        layer_idx: index of the block holding the router.
+        temperature: tau in R2; lower is sharper.
+        gate_threshold: at inference, tokens whose gate is below this skip the component (0 disables).
+        budget_weight: lambda in R4.
+        target_usage: rho_c in R4, the mean gate each component should settle at; one number for all, or
+            instance name -> number (instances not named use 0.5).
+    """
+
+    path: ClassVar[ComponentPath] = ComponentPath.ROUTER
+    example_init_args: ClassVar[dict[str, Any]] = {"temperature": 1.0}
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        *,
+        temperature: float = 1.0,
+        gate_threshold: float = 0.0,
+        budget_weight: float = 0.01,
+        target_usage: float | dict[str, float] = 0.5,
+    ) -> None:
+        super().__init__(d_model, layer_idx)
+        if temperature <= 0:
+            raise ValueError(f"router: temperature must be positive, got {temperature}")
+        if not 0.0 <= gate_threshold < 1.0:
+            raise ValueError(f"router: gate_threshold must lie in [0, 1), got {gate_threshold}")
+        usages = target_usage.values() if isinstance(target_usage, dict) else [target_usage]
+        if not all(0.0 < u < 1.0 for u in usages):
+            raise ValueError(f"router: every target_usage must lie in (0, 1), got {target_usage}")
+        self.temperature = temperature
+        self.gate_threshold = gate_threshold
+        self.budget_weight = budget_weight
+        self.target_usage = target_usage
+        self.gate_names: list[str] = []
+        self.gate_proj: nn.Linear | None = None  # created by configure_gates, once the gated names are known
+        self.score_proj = nn.Linear(d_model, 1, bias=False)  # w_g of R3
+        self.register_buffer("rho", torch.zeros(0), persistent=False)
+
+    def configure_gates(self, names: list[str]) -> None:
+        self.gate_names = list(names)
+        self.gate_proj = nn.Linear(self.d_model, len(names))
+        # Small weights and zero bias: every gate starts near sigmoid(0) = 0.5 (HYDRA.md 3.2).
+        nn.init.normal_(self.gate_proj.weight, std=0.02 / self.d_model**0.5)
+        nn.init.zeros_(self.gate_proj.bias)
+        if isinstance(self.target_usage, dict):
+            unknown = sorted(set(self.target_usage) - set(names))
+            if unknown:
+                raise ValueError(f"router: target_usage names {unknown} are not gated in block {self.layer_idx}; gated: {names}")
+            rho = [self.target_usage.get(n, 0.5) for n in names]
+        else:
+            rho = [self.target_usage] * len(names)
+        self.rho = torch.tensor(rho, dtype=self.gate_proj.weight.dtype)
+
+    def active_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def route(self, x: Tensor) -> RouterOutput:
+        if self.gate_proj is None:
+            raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
+        gates = torch.sigmoid(self.gate_proj(x) / self.temperature)  # (B, L, G)
+        score = self.score_proj(x).squeeze(-1)  # (B, L)
+        aux: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
+        if self.gate_names:
+            usage = gates.flatten(0, 1).mean(0)  # (G,)
+            aux["budget"] = self.budget_weight * (usage - self.rho.to(usage)).square().sum()
+            for name, value in zip(self.gate_names, usage.detach(), strict=True):
+                stats[f"gate_{name}"] = value
+        return RouterOutput(gates=gates, global_score=score, aux_losses=aux, stats=stats)

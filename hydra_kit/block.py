@@ -1,0 +1,118 @@
+"""The tri-path block (HYDRA.md 3.1, paper eq. 5, pre-norm).
+
+::
+
+    u_t = RMSNorm(x_t)
+    r_t = Router(u_t)                                   # one gate per gated component, in (0, 1)
+    y_t = x_t + sum_c g_c * r_t^c * Component_c(u)_t    # r^c = 1 for ungated components or without a router
+
+A block holds only the components its recipe places there; an absent component contributes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hydra_kit.nn import RMSNorm
+from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, TriPathComponent
+
+
+@dataclass
+class BlockOutput:
+    """Output of one block.
+
+    Attributes:
+        hidden: (B, L, D) the block output y.
+        aux_losses: instance name -> scalar loss, e.g. ``{"moe.load_balance": ...}``.
+        stats: instance name.stat -> detached scalar.
+        state: instance name -> recurrent state after the last token.
+    """
+
+    hidden: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class TriPathBlock(nn.Module):
+    """One Hydra block: a shared pre-norm, an optional router, and the gated sum of its components.
+
+    Args:
+        d_model: model width.
+        layer_idx: index of this block.
+        components: instance name -> built component (at most one router).
+        layerscale: instance name -> initial LayerScale g.
+        gated: names of the components the router gates (ignored without a router).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        components: dict[str, TriPathComponent],
+        layerscale: dict[str, float],
+        gated: set[str],
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = RMSNorm(d_model)
+        routers = {n: c for n, c in components.items() if isinstance(c, RouterComponent)}
+        if len(routers) > 1:
+            raise ValueError(f"block {layer_idx}: at most one router per block, got {sorted(routers)}")
+        self.router_name: str | None = next(iter(routers), None)
+        self.router: RouterComponent | None = routers[self.router_name] if self.router_name else None
+        self.mixers = nn.ModuleDict({n: c for n, c in components.items() if not isinstance(c, RouterComponent)})
+        self.layerscale = nn.ParameterDict({n: nn.Parameter(torch.tensor(float(layerscale[n]))) for n in self.mixers})
+        for p in self.layerscale.values():
+            p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
+        # Gate columns follow the order of the gated components in this block.
+        self.gate_index = {n: i for i, n in enumerate(n for n in self.mixers if n in gated)} if self.router else {}
+        if self.router is not None:
+            self.router.configure_gates(list(self.gate_index))
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        return {n: c.init_state(batch_size, device=device, dtype=dtype) for n, c in self.mixers.items()}
+
+    def _run_gathered(self, component: TriPathComponent, u: Tensor, keep: Tensor) -> ComponentOutput:
+        """Run a pointwise component on the kept tokens only and scatter the result back (B, L, D)."""
+        out = component(u[keep][None])  # (1, N, D): only the kept tokens are computed
+        update = u.new_zeros(u.shape)
+        update[keep] = out.update[0]
+        return ComponentOutput(update, out.aux_losses, out.stats, None)
+
+    def forward(self, x: Tensor, state: dict[str, Any] | None = None) -> BlockOutput:
+        """Apply the block to x (B, L, D), continuing from ``state`` when given."""
+        u = self.norm(x)
+        out = BlockOutput(hidden=x)
+        gates: Tensor | None = None
+        score: Tensor | None = None
+        threshold = 0.0
+        if self.router is not None:
+            routed = self.router.route(u)
+            gates, score = routed.gates, routed.global_score  # (B, L, G), (B, L)
+            threshold = self.router.gate_threshold if not self.training else 0.0
+            out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
+            out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
+        y = x
+        for name, component in self.mixers.items():
+            gate = gates[..., self.gate_index[name]] if gates is not None and name in self.gate_index else None  # (B, L)
+            keep = gate >= threshold if gate is not None and threshold > 0 else None
+            if keep is not None and component.pointwise:
+                result = self._run_gathered(component, u, keep)
+            else:
+                context = ComponentContext(global_score=score, keep=keep)
+                result = component(u, context, None if state is None else state[name])
+            update = result.update
+            if gate is not None:
+                weight = gate if keep is None else gate * keep
+                update = update * weight.unsqueeze(-1).to(update.dtype)
+            y = y + self.layerscale[name] * update
+            out.aux_losses.update({f"{name}.{k}": v for k, v in result.aux_losses.items()})
+            out.stats.update({f"{name}.{k}": v for k, v in result.stats.items()})
+            out.state[name] = result.state
+        out.hidden = y
+        return out

@@ -1,0 +1,238 @@
+"""The ``hydra-kit`` command line.
+
+::
+
+    hydra-kit fit --config recipes/full.yaml        # LightningCLI subcommands: fit, validate, test, predict
+    hydra-kit components                            # discovered components with distribution and version
+    hydra-kit summary --config recipes/full-29m.yaml [--json] [--seq_len 8192]
+
+``--no-plugins`` (or ``HYDRA_KIT_NO_PLUGINS=1``) loads only hydra-kit's own components. Recipes are checked
+before Lightning parses them, so a mistake is reported with the file, the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hydra_kit.recipe import RecipeError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
+
+commands:
+  fit | validate | test | predict   train or evaluate a recipe (LightningCLI; see `hydra-kit fit --help`)
+  components                        list the discovered components
+  summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
+
+options:
+  --no-plugins                      load only hydra-kit's own components (also HYDRA_KIT_NO_PLUGINS=1)
+"""
+
+
+def _console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+def _fail(message: str) -> int:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------- components
+def cmd_components(argv: list[str], third_party: bool) -> int:
+    """Print the registry: name, path, class, distribution and version, and plugins that failed to load."""
+    from hydra_kit.registry import discover
+
+    registry = discover(third_party=third_party)
+    table = Table(title="hydra-kit components (entry-point group hydra_kit.components)")
+    for column in ("name", "path", "class", "distribution", "version"):
+        table.add_column(column)
+    for name in registry.names():
+        e = registry.entries[name]
+        table.add_row(name, e.cls.path.value, f"{e.cls.__module__}.{e.cls.__qualname__}", e.distribution, e.version)
+    console = _console()
+    console.print(table)
+    for failure in registry.failures:
+        console.print(f"[yellow]warning:[/] {failure.describe()}")
+    if not third_party:
+        console.print("third-party plugins are disabled (--no-plugins / HYDRA_KIT_NO_PLUGINS)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ recipe checks
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Load one YAML recipe; errors name the file (and the line, for YAML syntax errors)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping with keys like model, data, trainer; got {type(data).__name__}")
+    return data
+
+
+def _override(argv: list[str], key: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def merged_model_section(paths: list[str], argv: list[str] | None = None) -> dict[str, Any]:
+    """The model section of several recipes merged in order, with ``--model.n_blocks``-style overrides."""
+    model: dict[str, Any] = {}
+    for path in paths:
+        section = load_recipe(path).get("model") or {}
+        if "init_args" in section:
+            section = section["init_args"] or {}
+        model.update(section)
+    for key in ("n_blocks", "d_model", "vocab_size"):
+        value = _override(argv or [], f"model.{key}")
+        if value is not None and value.lstrip("-").isdigit():
+            model[key] = int(value)
+    return model
+
+
+def check_recipes(paths: list[str], argv: list[str]) -> None:
+    """Validate the model sections of recipe files before LightningCLI sees them.
+
+    Raises:
+        RecipeError: with the file name, the key and the valid choices.
+    """
+    import inspect
+
+    from hydra_kit.model import HydraLM, default_registry
+    from hydra_kit.recipe import resolve_components
+
+    valid_model_keys = set(inspect.signature(HydraLM.__init__).parameters) - {"self"}
+    n_blocks = int(merged_model_section(paths, argv).get("n_blocks", 4))
+    for path in paths:
+        recipe = load_recipe(path)
+        model = recipe.get("model") or {}
+        if not isinstance(model, dict):
+            raise RecipeError(f"{path}: model: expected a mapping, got {model!r}")
+        unknown = sorted(set(model) - valid_model_keys)
+        if unknown:
+            raise RecipeError(f"{path}: model: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid_model_keys))}")
+        for key in ("vocab_size", "d_model", "n_blocks"):
+            if key in model and (not isinstance(model[key], int) or isinstance(model[key], bool) or model[key] <= 0):
+                raise RecipeError(f"{path}: model.{key}: expected a positive integer, got {model[key]!r}")
+        if "components" in model:
+            resolve_components(model["components"], n_blocks, default_registry(), f"{path}: model.components")
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def cmd_summary(argv: list[str]) -> int:
+    """Parameters and FLOPs of a recipe's model, built on the meta device (no memory, any size)."""
+    import argparse
+
+    import torch
+
+    from hydra_kit.model import HydraLM
+
+    parser = argparse.ArgumentParser(prog="hydra-kit summary", description=cmd_summary.__doc__)
+    parser.add_argument("--config", "-c", action="append", required=True, help="recipe YAML (repeatable)")
+    parser.add_argument("--seq_len", type=int, default=8192, help="sequence length for FLOPs per token")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args, rest = parser.parse_known_args(argv)
+    for path in args.config:
+        load_recipe(path)
+    check_recipes(args.config, rest)
+    cfg = merged_model_section(args.config, rest)
+    with torch.device("meta"):
+        model = HydraLM(**cfg)
+    report = model.parameter_report(args.seq_len)
+    report["recipe"] = args.config
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    console = _console()
+    table = Table(title=f"{', '.join(args.config)}: per component instance (seq_len {args.seq_len})")
+    for column in ("instance", "blocks", "total params", "active params", "MFLOP/token"):
+        table.add_column(column, justify="right" if column != "instance" else "left")
+    blocks_of = {r.name: r.blocks for r in model.resolved}
+    for name, row in report["components"].items():
+        table.add_row(name, ",".join(map(str, blocks_of.get(name, ()))), f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['flops_per_token'] / 1e6:.2f}")
+    table.add_row("embedding (tied head)", "", f"{report['embedding_params']:,}", f"{report['embedding_params']:,}", f"{2 * report['embedding_params'] / 1e6:.2f}")
+    console.print(table)
+    per_block = Table(title="per block")
+    per_block.add_column("block")
+    per_block.add_column("components")
+    per_block.add_column("params", justify="right")
+    for row in report["blocks"]:
+        total = sum(c["total_params"] for c in row["components"].values()) + row["norm_and_layerscale_params"]
+        per_block.add_row(str(row["block"]), " ".join(row["components"]), f"{total:,}")
+    console.print(per_block)
+    console.print(
+        f"total parameters: [bold]{report['total_params']:,}[/]   active per token: [bold]{report['active_params']:,}[/]   "
+        f"forward FLOPs per token at L={args.seq_len}: [bold]{report['flops_per_token'] / 1e6:.1f} M[/]"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- lightning
+def run_lightning(argv: list[str]) -> int:
+    """Hand a fit/validate/test/predict command to LightningCLI after checking the recipes."""
+    paths = _config_paths(argv)
+    check_recipes(paths, argv)
+    from hydra_kit.lightning_cli import HydraCLI
+
+    HydraCLI(args=argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hydra-kit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    third_party = os.environ.get("HYDRA_KIT_NO_PLUGINS", "") not in ("1", "true", "yes")
+    if "--no-plugins" in argv:
+        argv.remove("--no-plugins")
+        third_party = False
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    from hydra_kit.model import configure_plugins
+
+    configure_plugins(third_party=third_party)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "components":
+            return cmd_components(rest, third_party)
+        if command == "summary":
+            return cmd_summary(rest)
+        if command in LIGHTNING_COMMANDS:
+            return run_lightning(argv)
+    except RecipeError as exc:
+        return _fail(str(exc))
+    return _fail(f"unknown command {command!r}\n{USAGE}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

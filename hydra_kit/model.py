@@ -1,0 +1,268 @@
+"""HydraLM: a decoder-only language model assembled from component plugins by a recipe.
+
+Token embedding (tied with the output head), ``n_blocks`` tri-path blocks (:mod:`hydra_kit.block`), final
+RMSNorm. Which component sits in which block comes from the ``components`` recipe section
+(:mod:`hydra_kit.recipe`); the model never imports a concrete component.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from hydra_kit.block import TriPathBlock
+from hydra_kit.nn import RMSNorm
+from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
+from hydra_kit.registry import Registry, discover
+
+IGNORE_INDEX = -100
+
+# The model a bare `HydraLM()` builds: the SSM backbone with a SwiGLU MLP in every block.
+DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
+    "ssm": {"component": "ssm", "blocks": "all"},
+    "mlp": {"component": "mlp", "blocks": "all"},
+}
+
+_registry_cache: dict[bool, Registry] = {}
+
+
+def default_registry(third_party: bool | None = None) -> Registry:
+    """The registry models are built from, discovered once per process.
+
+    Args:
+        third_party: load third-party plugins; None keeps the process-wide choice (the CLI's ``--no-plugins``
+            sets it through :func:`configure_plugins`).
+    """
+    if third_party is None:
+        third_party = _plugin_policy["third_party"]
+    if third_party not in _registry_cache:
+        _registry_cache[third_party] = discover(third_party=third_party)
+    return _registry_cache[third_party]
+
+
+_plugin_policy = {"third_party": True}
+
+
+def configure_plugins(*, third_party: bool) -> None:
+    """Choose, for this process, whether models load third-party components (called by the CLI)."""
+    _plugin_policy["third_party"] = third_party
+
+
+@dataclass
+class ModelOutput:
+    """Output of :meth:`HydraLM.forward`.
+
+    Attributes:
+        logits: (B, L, V).
+        aux_losses: name -> scalar, summed over the blocks holding the component instance.
+        stats: name -> detached scalar, averaged over the blocks holding it.
+        state: per-block recurrent state after the last token (a list of dicts).
+    """
+
+    logits: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    state: list[dict[str, Any]] = field(default_factory=list)
+
+
+class HydraLM(L.LightningModule):
+    """A Hydra-family decoder-only language model built from component plugins.
+
+    Args:
+        vocab_size: number of token ids the model accepts (must cover the data's vocabulary).
+        d_model: width of the residual stream.
+        n_blocks: number of tri-path blocks.
+        components: the recipe's components section: instance name -> {component, blocks, args, layerscale,
+            gated}; see :mod:`hydra_kit.recipe`. Default: SSM + SwiGLU MLP in every block.
+        dropped: instance names removed from the recipe before the model is built (set by ablations, kept in
+            the hyper-parameters so an ablated checkpoint reloads as the same model).
+        lr: peak learning rate of AdamW.
+        weight_decay: decoupled weight decay of matrices (never of norms, biases, LayerScale).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps, followed by cosine decay to ``min_lr_ratio * lr``.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        init_std: standard deviation of the embedding initialisation.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        d_model: int = 128,
+        n_blocks: int = 4,
+        components: dict[str, dict[str, Any]] | None = None,
+        dropped: list[str] | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size <= 0 or d_model <= 0 or n_blocks <= 0:
+            raise RecipeError(f"model: vocab_size ({vocab_size}), d_model ({d_model}) and n_blocks ({n_blocks}) must be positive")
+        spec = dict(DEFAULT_COMPONENTS if components is None else components)
+        for name in dropped or []:
+            if name not in spec:
+                raise RecipeError(f"model.dropped: {name!r} is not a component instance of this recipe; instances: {', '.join(spec)}")
+            del spec[name]
+        self.resolved: list[ResolvedComponent] = resolve_components(spec, n_blocks, default_registry(), "model.components")
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=init_std)
+        blocks = []
+        for idx in range(n_blocks):
+            here = [r for r in self.resolved if idx in r.blocks]
+            try:
+                built = {r.name: r.build(d_model, idx) for r in here}
+            except ValueError as exc:
+                raise RecipeError(f"model.components: building block {idx} failed: {exc}") from None
+            blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(d_model)
+        self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence every component supports (None: unbounded)."""
+        limits = [r.entry.cls.max_seq_len for r in self.resolved if r.entry.cls.max_seq_len is not None]
+        return min(limits) if limits else None
+
+    def init_state(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+        """Per-block recurrent state before the first token."""
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.blocks]
+
+    def forward(self, input_ids: Tensor, state: list[dict[str, Any]] | None = None) -> ModelOutput:
+        """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing)."""
+        limit = self.max_seq_len
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens a component of this model supports")
+        h = self.embed(input_ids)  # (B, L, D)
+        aux: dict[str, Tensor] = {}
+        stat_lists: dict[str, list[Tensor]] = defaultdict(list)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            out = block(h, None if state is None else state[i])
+            h = out.hidden
+            for k, v in out.aux_losses.items():
+                aux[k] = aux[k] + v if k in aux else v
+            for k, v in out.stats.items():
+                stat_lists[k].append(v)
+            new_state.append(out.state)
+        logits = F.linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
+        stats = {k: torch.stack(v).mean() for k, v in stat_lists.items()}
+        return ModelOutput(logits, aux, stats, new_state)
+
+    # --------------------------------------------------------------- training
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        input_ids, targets = batch["input_ids"], batch["targets"]
+        out = self(input_ids)
+        task_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
+        loss = task_loss + aux_total
+        if not torch.isfinite(loss):
+            bad = [k for k, v in out.aux_losses.items() if not torch.isfinite(v)] or ["task loss"]
+            raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}; non-finite: {', '.join(bad)}")
+        on_step = stage == "train"
+        batch_size = input_ids.shape[0]
+        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        metric = self.train_acc if stage == "train" else self.val_acc
+        mask = targets != IGNORE_INDEX
+        metric(out.logits[mask].argmax(-1), targets[mask])
+        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        if stage == "train":
+            for k, v in out.aux_losses.items():
+                self.log(f"aux/{k}", v, on_step=True, batch_size=batch_size)
+            for k, v in out.stats.items():
+                self.log(f"stats/{k}", v, on_step=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch["input_ids"]).logits.argmax(-1)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        needed = getattr(datamodule, "vocab_size", None)
+        if needed is not None and needed > self.hparams["vocab_size"]:
+            raise RecipeError(f"model.vocab_size is {self.hparams['vocab_size']} but the data uses {needed} token ids; set model.vocab_size >= {needed}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
+        hp = self.hparams
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            decay = 0.0 if (param.ndim < 2 or getattr(param, "_hydra_no_weight_decay", False)) else hp["weight_decay"]
+            groups[(getattr(param, "_hydra_lr_scale", 1.0), decay)].append(param)
+        param_groups = [{"params": ps, "lr": hp["lr"] * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]
+        optimizer = torch.optim.AdamW(param_groups, lr=hp["lr"], betas=tuple(hp["betas"]))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        warmup = min(hp["warmup_steps"], max(0, total - 1))
+        floor = hp["min_lr_ratio"]
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------- accounting
+    def parameter_report(self, seq_len: int) -> dict[str, Any]:
+        """Total and active (per-token) parameters and forward FLOPs per token, per instance and per block."""
+        per_instance: dict[str, dict[str, float]] = defaultdict(lambda: {"total_params": 0, "active_params": 0, "flops_per_token": 0.0})
+        per_block = []
+        for block in self.blocks:
+            row: dict[str, Any] = {"block": block.layer_idx, "components": {}}
+            shared = sum(p.numel() for p in block.norm.parameters()) + len(block.layerscale)
+            comps = dict(block.mixers.items())
+            if block.router is not None and block.router_name is not None:
+                comps[block.router_name] = block.router
+            for name, comp in comps.items():
+                total = sum(p.numel() for p in comp.parameters())
+                active = comp.active_parameters()
+                flops = comp.flops_per_token(seq_len)
+                per_instance[name]["total_params"] += total
+                per_instance[name]["active_params"] += active
+                per_instance[name]["flops_per_token"] += flops
+                row["components"][name] = {"total_params": total, "active_params": active, "flops_per_token": flops}
+            row["norm_and_layerscale_params"] = shared
+            per_block.append(row)
+        embed = self.embed.weight.numel()
+        shared_total = embed + sum(p.numel() for p in self.norm.parameters()) + sum(b["norm_and_layerscale_params"] for b in per_block)
+        total = sum(p.numel() for p in self.parameters())
+        active = shared_total + sum(v["active_params"] for v in per_instance.values())
+        head_flops = 2.0 * embed  # the tied output projection; the embedding lookup is free
+        flops = head_flops + sum(v["flops_per_token"] for v in per_instance.values())
+        return {
+            "total_params": total,
+            "active_params": int(active),
+            "flops_per_token": flops,
+            "seq_len": seq_len,
+            "embedding_params": embed,
+            "components": dict(per_instance),
+            "blocks": per_block,
+        }

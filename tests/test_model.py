@@ -1,0 +1,138 @@
+"""HydraLM and the tri-path block: assembly, LayerScale, gating, chunked forward, router skipping, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hydra_kit.data import MQAR, SyntheticDataModule
+from hydra_kit.model import HydraLM
+from hydra_kit.recipe import RecipeError
+
+GATED = {
+    "attn": {"component": "attention", "args": {"n_heads": 2}, "blocks": "all"},
+    "mlp": {"component": "mlp", "blocks": "all"},
+    "router": {"component": "router", "blocks": "all"},
+}
+
+
+def small_model(components=None, **kwargs) -> HydraLM:
+    torch.manual_seed(0)
+    return HydraLM(vocab_size=40, d_model=32, n_blocks=2, components=copy.deepcopy(components or GATED), **kwargs)
+
+
+def test_forward_shapes_aux_and_stats():
+    model = small_model()
+    out = model(torch.randint(0, 40, (3, 11)))
+    assert out.logits.shape == (3, 11, 40)
+    assert set(out.aux_losses) == {"router.budget"}
+    assert {"router.gate_attn", "router.gate_mlp"} <= set(out.stats)
+    assert all(v.dim() == 0 for v in [*out.aux_losses.values(), *out.stats.values()])
+
+
+def test_layout_places_components_and_layerscale_defaults():
+    comps = {**GATED, "attn": {"component": "attention", "args": {"n_heads": 2}, "blocks": [1], "layerscale": 0.3}}
+    model = small_model(comps)
+    assert list(model.blocks[0].mixers) == ["mlp"]
+    assert list(model.blocks[1].mixers) == ["attn", "mlp"]
+    assert model.blocks[1].layerscale["attn"].item() == pytest.approx(0.3)
+    assert model.blocks[1].layerscale["mlp"].item() == pytest.approx(1.0)
+    assert model.blocks[0].router is not None and model.blocks[0].gate_index == {"mlp": 0}
+
+
+def test_tied_head():
+    model = small_model()
+    parts = [model.embed, model.norm, *model.blocks]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for m in parts for p in m.parameters())
+    assert not any(p.shape == (40, 32) for n, p in model.named_parameters() if "embed" not in n)
+
+
+def test_chunked_model_forward_equals_full():
+    model = small_model().double().eval()
+    ids = torch.randint(0, 40, (2, 17))
+    full = model(ids).logits
+    state = model.init_state(2, dtype=torch.float64)
+    pieces = []
+    for a, b in ((0, 5), (5, 6), (6, 17)):
+        out = model(ids[:, a:b], state)
+        pieces.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+
+
+def test_dropped_component_is_absent():
+    model = small_model(dropped=["attn"])
+    assert not any("attn" in n for n, _ in model.named_parameters())
+    with pytest.raises(RecipeError, match="'nope' is not a component instance"):
+        small_model(dropped=["nope"])
+
+
+def _set_threshold(model: HydraLM, threshold: float) -> None:
+    for block in model.blocks:
+        block.router.gate_threshold = threshold
+
+
+def test_gate_threshold_zero_equals_soft_gating():
+    model = small_model().eval()
+    ids = torch.randint(0, 40, (2, 9))
+    soft = model(ids).logits
+    _set_threshold(model, 0.0)
+    torch.testing.assert_close(model(ids).logits, soft)
+    _set_threshold(model, 1e-12)  # every token kept: the gather path must give the same result
+    torch.testing.assert_close(model(ids).logits, soft, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_threshold_skips_tokens_and_work():
+    model = small_model().eval()
+    ids = torch.randint(0, 40, (4, 32))
+    seen: list[int] = []
+    model.blocks[0].mixers["mlp"].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0] * args[0].shape[1]))
+    with FlopCounterMode(display=False) as soft_counter:
+        model(ids)
+    gates = model.blocks[0].router.route(model.blocks[0].norm(model.embed(ids))).gates[..., model.blocks[0].gate_index["mlp"]]
+    threshold = float(gates.detach().median())
+    _set_threshold(model, threshold)
+    with FlopCounterMode(display=False) as sparse_counter:
+        model(ids)
+    kept = int((gates >= threshold).sum())
+    assert seen == [4 * 32, kept] and 0 < kept < 4 * 32
+    assert sparse_counter.get_total_flops() < 0.9 * soft_counter.get_total_flops()
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"model\.components\.attn\.component: unknown component 'atention'.*available:.*attention"):
+        small_model({"attn": {"component": "atention"}})
+    with pytest.raises(RecipeError, match=r"model\.components\.attn\.args: unknown argument\(s\) 'heads'.*valid: n_heads, rope_base"):
+        small_model({"attn": {"component": "attention", "args": {"heads": 2}}})
+    with pytest.raises(RecipeError, match=r"model\.components\.attn\.blocks: block index 5 is out of range"):
+        small_model({"attn": {"component": "attention", "args": {"n_heads": 2}, "blocks": [5]}})
+    with pytest.raises(RecipeError, match=r"model\.components\.attn\.args: CausalSelfAttention rejected.*n_heads"):
+        small_model({"attn": {"component": "attention", "args": {"n_heads": "two"}}})
+    with pytest.raises(RecipeError, match=r"n_heads=3 must be positive and divide d_model=32"):
+        small_model({"attn": {"component": "attention", "args": {"n_heads": 3}}})
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) 'block'"):
+        small_model({"attn": {"component": "attention", "block": [0]}})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small_model()
+    data = SyntheticDataModule(task=MQAR(num_pairs=4, num_queries=4, num_keys=16, num_values=16), batch_size=8, train_size=64, val_size=16)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=1)
+    trainer.fit(model, data)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = HydraLM.load_from_checkpoint(path, weights_only=True)
+    ids = torch.randint(0, 40, (2, 9))
+    model.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_vocab_smaller_than_task_is_explained():
+    model = HydraLM(vocab_size=10, d_model=16, n_blocks=1, components={"mlp": {"component": "mlp"}})
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    with pytest.raises(RecipeError, match=r"model\.vocab_size is 10 but the data uses \d+ token ids"):
+        trainer.fit(model, SyntheticDataModule(batch_size=2, train_size=4, val_size=2))

@@ -1,0 +1,73 @@
+"""discover(): loading, duplicate names, non-components, broken plugins, third-party switch, name resolution."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+
+import pytest
+
+from hydra_kit.registry import ENTRY_POINT_GROUP, ComponentRegistryError, discover
+
+
+class FakeDistribution(metadata.Distribution):
+    def __init__(self, name: str, version: str) -> None:
+        self._text = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+
+    def read_text(self, filename: str) -> str | None:
+        return self._text if filename in ("METADATA", "PKG-INFO") else None
+
+    def locate_file(self, path):  # pragma: no cover - not used
+        return path
+
+
+def entry(name: str, value: str, dist: str = "hydra-kit-fake", version: str = "1.2.3") -> metadata.EntryPoint:
+    ep = metadata.EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+    return ep._for(FakeDistribution(dist, version))
+
+
+def test_loads_components_with_distribution_and_version():
+    registry = discover(entry_points=[entry("cummean", "fake_components:CumulativeMeanMixer")])
+    e = registry.resolve("cummean")
+    assert e.cls.__name__ == "CumulativeMeanMixer"
+    assert (e.distribution, e.version) == ("hydra-kit-fake", "1.2.3")
+    assert registry.resolve("CumulativeMeanMixer") is e  # short class name
+    assert registry.resolve("fake_components.CumulativeMeanMixer") is e  # full path
+
+
+def test_duplicate_names_name_both_distributions():
+    eps = [entry("mixer", "fake_components:CumulativeMeanMixer", "pkg-one", "1.0"), entry("mixer", "fake_components:LookAheadMixer", "pkg-two", "2.0")]
+    with pytest.raises(ComponentRegistryError, match=r"declared twice.*pkg-one 1\.0.*pkg-two 2\.0"):
+        discover(entry_points=eps)
+
+
+def test_non_component_is_rejected_with_distribution():
+    with pytest.raises(ComponentRegistryError, match=r"'bad'.*hydra-kit-fake 1\.2\.3.*not a subclass of hydra_kit\.TriPathComponent"):
+        discover(entry_points=[entry("bad", "fake_components:NotAComponent")])
+
+
+def test_broken_plugin_is_reported_and_others_still_load():
+    registry = discover(entry_points=[entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9"), entry("cummean", "fake_components:CumulativeMeanMixer")])
+    assert registry.names() == ["cummean"]
+    (failure,) = registry.failures
+    assert failure.name == "broken" and failure.distribution == "hydra-kit-broken" and failure.version == "0.9"
+    assert "simulated" in failure.error
+    with pytest.raises(ComponentRegistryError, match=r"unknown component 'broken' \(component 'broken' from hydra-kit-broken 0\.9 failed"):
+        registry.resolve("broken")
+
+
+def test_third_party_switch_keeps_first_party_only():
+    eps = [entry("cummean", "fake_components:CumulativeMeanMixer", "hydra-kit", "0.1.0"), entry("other", "fake_components:LookAheadMixer", "someone-else", "1.0")]
+    assert discover(entry_points=eps, third_party=False).names() == ["cummean"]
+    assert discover(entry_points=eps).names() == ["cummean", "other"]
+
+
+def test_unknown_name_lists_available():
+    registry = discover(entry_points=[entry("cummean", "fake_components:CumulativeMeanMixer")])
+    with pytest.raises(ComponentRegistryError, match=r"unknown component 'nope'.*available: cummean \(CumulativeMeanMixer\)"):
+        registry.resolve("nope")
+
+
+def test_installed_first_party_components_are_discovered():
+    registry = discover()
+    for name in ("attention", "mlp", "router"):
+        assert registry.entries[name].first_party
