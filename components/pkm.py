@@ -40,9 +40,7 @@ def candidate_pairs(top_k: int) -> tuple[Tensor, Tensor]:
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def product_topk(
-    scores1: Tensor, scores2: Tensor, top_k: int, rows: Tensor, cols: Tensor
-) -> tuple[Tensor, Tensor]:
+def product_topk(scores1: Tensor, scores2: Tensor, top_k: int, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
     """Exact top-k over all sub-key pairs, from the two half-score tables.
 
     Args:
@@ -111,6 +109,9 @@ class ProductKeyMemory(TriPathComponent):
     gated_by_router: ClassVar[bool] = True
     layerscale_init: ClassVar[float] = 0.1
     example_init_args: ClassVar[dict[str, Any]] = {"n_keys": 8, "top_k": 4, "heads": 2, "d_key": 16}
+
+    cand_rows: Tensor  # (P,) buffers from candidate_pairs(top_k)
+    cand_cols: Tensor
 
     def __init__(
         self,

@@ -200,9 +200,15 @@ def cmd_summary(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------- lightning
 def run_lightning(argv: list[str]) -> int:
     """Hand a fit/validate/test/predict command to LightningCLI after checking the recipes."""
+    import warnings
+
     paths = _config_paths(argv)
     check_recipes(paths, argv)
     from hydra_kit.lightning_cli import HydraCLI
+
+    # hydra-kit's data modules restore their position from the checkpoint themselves (their state_dict), which
+    # Lightning's check of the DataLoader object cannot see.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
     HydraCLI(args=argv)
     return 0
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from hydra_kit.model import configure_plugins
+    from hydra_kit.checkpoint import CheckpointError
+    from hydra_kit.model import NonFiniteLossError, configure_plugins
 
     configure_plugins(third_party=third_party)
     command, rest = argv[0], argv[1:]
@@ -230,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if command in LIGHTNING_COMMANDS:
             return run_lightning(argv)
     except RecipeError as exc:
+        return _fail(str(exc))
+    except (CheckpointError, NonFiniteLossError) as exc:
         return _fail(str(exc))
     return _fail(f"unknown command {command!r}\n{USAGE}")
 

@@ -7,6 +7,7 @@ the run directory and the checkpoints are printed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -14,8 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
+from hydra_kit.checkpoint import AtomicCheckpointIO
 from hydra_kit.data import SyntheticDataModule
 from hydra_kit.model import HydraLM
+from hydra_kit.recipe import RecipeError
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "accelerator": "cpu",
@@ -29,6 +32,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "reload_dataloaders_every_n_epochs": 1,
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "hydra"}},
     "callbacks": [RichProgressBar(leave=True)],
+    "plugins": [AtomicCheckpointIO()],
 }
 
 
@@ -48,17 +52,48 @@ class HydraCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Two checkpoints: the best by validation loss, and "last.ckpt", rewritten atomically every few steps so
+        # that a killed run loses little work and resumes with `--ckpt_path last`.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-{step}",
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.every_n_train_steps": 25,
+                "last_checkpoint.enable_version_counter": False,
                 "data": {"class_path": f"{SyntheticDataModule.__module__}.{SyntheticDataModule.__qualname__}"},
             }
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # The rich progress bar is a default, not a requirement: `--trainer.enable_progress_bar false` removes it.
+        if config.get("enable_progress_bar") is False:
+            defaults = [c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, RichProgressBar)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of this recipe's runs, and log into its folder."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("ckpt_path") != "last":
+            return
+        logger = config["trainer"].get("logger")
+        init = logger.get("init_args") if isinstance(logger, dict) or hasattr(logger, "get") else None
+        if init is None:
+            return
+        root = Path(str(init.get("save_dir", "runs"))) / str(init.get("name", "hydra"))
+        candidates = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise RecipeError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints/; nothing to resume")
+        newest = candidates[-1]
+        config["ckpt_path"] = str(newest)
+        init["version"] = newest.parent.parent.name
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -67,6 +102,5 @@ class HydraCLI(LightningCLI):
         if metrics:
             console.print("final validation: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
         console.print(f"run directory: [bold]{trainer.log_dir}[/]")
-        checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint):
-            console.print(f"checkpoints: last = {checkpoint.last_model_path or '-'}, best = {checkpoint.best_model_path or '-'}")
+        paths = [cb.best_model_path for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path]
+        console.print("checkpoints: " + (", ".join(paths) or "-"))

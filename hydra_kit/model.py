@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +25,10 @@ from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, discover
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step, the component and the last good checkpoint."""
 
 # The model a bare `HydraLM()` builds: the SSM backbone with a SwiGLU MLP in every block.
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
@@ -173,8 +178,7 @@ class HydraLM(L.LightningModule):
         aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
         loss = task_loss + aux_total
         if not torch.isfinite(loss):
-            bad = [k for k, v in out.aux_losses.items() if not torch.isfinite(v)] or ["task loss"]
-            raise FloatingPointError(f"{stage} loss is {loss.item()} at step {self.global_step}; non-finite: {', '.join(bad)}")
+            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item()))
         on_step = stage == "train"
         batch_size = input_ids.shape[0]
         self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
@@ -188,6 +192,47 @@ class HydraLM(L.LightningModule):
             for k, v in out.stats.items():
                 self.log(f"stats/{k}", v, on_step=True, batch_size=batch_size)
         return loss
+
+    def _describe_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float) -> str:
+        """Re-run the batch with hooks to name the first component whose output went non-finite."""
+        culprit = "no component output (the task loss or the head)"
+        found: list[str] = []
+
+        def hook(name: str, block_idx: int):  # type: ignore[no-untyped-def]
+            def record(module: nn.Module, args: Any, output: Any) -> None:
+                update = getattr(output, "update", None)
+                if not found and isinstance(update, Tensor) and not torch.isfinite(update).all():
+                    found.append(f"component {name!r} in block {block_idx}")
+
+            return record
+
+        handles = [c.register_forward_hook(hook(n, b.layer_idx)) for b in self.blocks for n, c in b.mixers.items()]
+        try:
+            with torch.no_grad():
+                if not torch.isfinite(self.embed(input_ids)).all():
+                    found.append("the token embedding")
+                self(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        bad_aux = [k for k, v in aux_losses.items() if not torch.isfinite(v)]
+        if found:
+            culprit = found[0]
+        elif bad_aux:
+            culprit = f"auxiliary loss(es) {', '.join(bad_aux)}"
+        last = "none yet"
+        if self._trainer is not None:
+            paths = [cb.last_model_path or cb.best_model_path for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+            last = next((p for p in paths if p), last)
+        return f"{stage} loss became {value} at step {self.global_step}: first non-finite output from {culprit}; last good checkpoint: {last}"
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Global RNG state, so a resumed run draws the same random numbers as an uninterrupted one.
+        checkpoint["hydra_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "hydra_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["hydra_rng_state"].cpu())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")

@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
@@ -53,22 +53,28 @@ class SyntheticDataModule(L.LightningDataModule):
         self.task = task if task is not None else MQAR()
         self.batch_size, self.train_size, self.val_size = batch_size, train_size, val_size
         self.seed, self.num_workers = seed, num_workers
+        self._resume_epoch, self._resume_batches = -1, 0  # set by load_state_dict when a run resumes
 
     @property
     def vocab_size(self) -> int:
         return self.task.vocab_size
 
-    def _loader(self, dataset: SyntheticDataset, shuffle: bool) -> DataLoader[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers, drop_last=shuffle)
+    def _loader(self, dataset: Dataset[dict[str, torch.Tensor]], drop_last: bool) -> DataLoader[dict[str, torch.Tensor]]:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        # Each epoch draws new examples: seed the stream with the epoch so no epoch repeats another.
+        # Each epoch draws new examples: seed the stream with the epoch so no epoch repeats another. The examples
+        # are already random, so they are read in order; a resumed run skips the batches it had consumed.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(SyntheticDataset(self.task, "train", self.train_size, self.seed + 1_000_003 * epoch), shuffle=False)
+        dataset: Dataset[dict[str, torch.Tensor]] = SyntheticDataset(self.task, "train", self.train_size, self.seed + 1_000_003 * epoch)
+        skip = self._resume_batches if epoch == self._resume_epoch else 0
+        self._resume_epoch, self._resume_batches = -1, 0
+        if skip:
+            dataset = Subset(dataset, range(skip * self.batch_size, self.train_size))
+        return self._loader(dataset, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed), shuffle=False)
+        return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed), drop_last=False)
 
     def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self.val_dataloader()
@@ -77,8 +83,15 @@ class SyntheticDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        """Saved in checkpoints: where the training stream stands, so a resumed run sees the same batches."""
+        state: dict[str, Any] = {"seed": self.seed}
+        if self.trainer is not None:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict.get("seed", self.seed))
+        self._resume_epoch = int(state_dict.get("epoch", -1))
+        self._resume_batches = int(state_dict.get("batches_done", 0))
 
