@@ -163,6 +163,7 @@ class ProductKeyMemory(TriPathComponent):
         for param in (self.query_gain, self.query_bias, self.values.weight):
             param._hydra_no_weight_decay = True  # type: ignore[attr-defined]
         self.values.weight._hydra_lr_scale = value_lr_scale  # type: ignore[attr-defined]
+        self.values.weight._hydra_sparse_grad = sparse_values  # type: ignore[attr-defined]
         rows, cols = candidate_pairs(top_k)
         self.register_buffer("cand_rows", rows, persistent=False)
         self.register_buffer("cand_cols", cols, persistent=False)

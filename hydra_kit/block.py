@@ -73,6 +73,9 @@ class TriPathBlock(nn.Module):
         self.gate_index = {n: i for i, n in enumerate(n for n in self.mixers if n in gated)} if self.router else {}
         if self.router is not None:
             self.router.configure_gates(list(self.gate_index))
+        # Instances switched off without removing their parameters (knock-out evaluation, curriculum stages):
+        # they are not run at all and contribute nothing.
+        self.knocked_out: set[str] = set()
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         return {n: c.init_state(batch_size, device=device, dtype=dtype) for n, c in self.mixers.items()}
@@ -99,6 +102,9 @@ class TriPathBlock(nn.Module):
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         y = x
         for name, component in self.mixers.items():
+            if name in self.knocked_out:
+                out.state[name] = None if state is None else state[name]
+                continue
             gate = gates[..., self.gate_index[name]] if gates is not None and name in self.gate_index else None  # (B, L)
             keep = gate >= threshold if gate is not None and threshold > 0 else None
             if keep is not None and component.pointwise:

@@ -29,6 +29,7 @@ commands:
   fit | validate | test | predict   train or evaluate a recipe (LightningCLI; see `hydra-kit fit --help`)
   components                        list the discovered components
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
+  ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
 
 options:
   --no-plugins                      load only hydra-kit's own components (also HYDRA_KIT_NO_PLUGINS=1)
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_components(rest, third_party)
         if command == "summary":
             return cmd_summary(rest)
+        if command == "ablate":
+            from hydra_kit.ablate import main as ablate_main
+
+            return ablate_main(rest)
         if command in LIGHTNING_COMMANDS:
             return run_lightning(argv)
     except RecipeError as exc:

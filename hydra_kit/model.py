@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hydra_kit.block import TriPathBlock
 from hydra_kit.nn import RMSNorm
+from hydra_kit.optim import DenseSparseAdam
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, discover
 
@@ -143,6 +144,19 @@ class HydraLM(L.LightningModule):
         limits = [r.entry.cls.max_seq_len for r in self.resolved if r.entry.cls.max_seq_len is not None]
         return min(limits) if limits else None
 
+    def set_knocked_out(self, names: set[str] | list[str]) -> None:
+        """Switch component instances off (not run, zero contribution) without removing their parameters.
+
+        Raises:
+            RecipeError: a name is not an instance of this model; the message lists the instances.
+        """
+        known = {r.name for r in self.resolved if not r.is_router}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise RecipeError(f"knock-out: unknown component instance(s) {unknown}; instances: {', '.join(sorted(known))}")
+        for block in self.blocks:
+            block.knocked_out = set(names) & set(block.mixers)
+
     def init_state(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
         """Per-block recurrent state before the first token."""
         device = device or self.embed.weight.device
@@ -253,15 +267,21 @@ class HydraLM(L.LightningModule):
             raise RecipeError(f"model.vocab_size is {self.hparams['vocab_size']} but the data uses {needed} token ids; set model.vocab_size >= {needed}")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
         hp = self.hparams
+        groups: dict[tuple[float, float, bool], list[nn.Parameter]] = defaultdict(list)
         for param in self.parameters():
             if not param.requires_grad:
                 continue
             decay = 0.0 if (param.ndim < 2 or getattr(param, "_hydra_no_weight_decay", False)) else hp["weight_decay"]
-            groups[(getattr(param, "_hydra_lr_scale", 1.0), decay)].append(param)
-        param_groups = [{"params": ps, "lr": hp["lr"] * scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]
-        optimizer = torch.optim.AdamW(param_groups, lr=hp["lr"], betas=tuple(hp["betas"]))
+            sparse = bool(getattr(param, "_hydra_sparse_grad", False))
+            groups[(getattr(param, "_hydra_lr_scale", 1.0), decay, sparse)].append(param)
+        dense = [{"params": ps, "lr": hp["lr"] * scale, "weight_decay": wd} for (scale, wd, sp), ps in groups.items() if not sp]
+        sparse = [{"params": ps, "lr": hp["lr"] * scale} for (scale, _, sp), ps in groups.items() if sp]
+        optimizer: torch.optim.Optimizer
+        if sparse:
+            optimizer = DenseSparseAdam(dense, sparse, lr=hp["lr"], betas=tuple(hp["betas"]))
+        else:
+            optimizer = torch.optim.AdamW(dense, lr=hp["lr"], betas=tuple(hp["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         warmup = min(hp["warmup_steps"], max(0, total - 1))
         floor = hp["min_lr_ratio"]

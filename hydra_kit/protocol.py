@@ -19,6 +19,8 @@ Per-parameter optimiser hints (attributes set on ``nn.Parameter`` objects, read 
 * ``_hydra_no_weight_decay = True``: exclude from weight decay (norm gains, biases and decay rates are
   excluded automatically when they are 1-D).
 * ``_hydra_lr_scale = float``: multiply the base learning rate for this parameter (e.g. PKM values).
+* ``_hydra_sparse_grad = True``: the parameter receives sparse gradients (``nn.EmbeddingBag(sparse=True)``);
+  it is updated with SparseAdam (see :mod:`hydra_kit.optim`).
 """
 
 from __future__ import annotations

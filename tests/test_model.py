@@ -136,3 +136,18 @@ def test_vocab_smaller_than_task_is_explained():
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
     with pytest.raises(RecipeError, match=r"model\.vocab_size is 10 but the data uses \d+ token ids"):
         trainer.fit(model, SyntheticDataModule(batch_size=2, train_size=4, val_size=2))
+
+
+def test_sparse_pkm_values_train_with_dense_sparse_adam():
+    comps = {"mlp": {"component": "mlp"}, "pkm": {"component": "pkm", "blocks": [1], "args": {"n_keys": 8, "top_k": 4, "heads": 2, "d_key": 16, "sparse_values": True}}}
+    model = small_model(comps)
+    data = SyntheticDataModule(task=MQAR(num_pairs=4, num_queries=4, num_keys=16, num_values=16), batch_size=8, train_size=64, val_size=16)
+    values = model.blocks[1].mixers["pkm"].values.weight
+    before = values.detach().clone()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=1)
+    trainer.fit(model, data)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer).__name__ == "DenseSparseAdam" and optimizer.sparse is not None
+    changed_rows = (values.detach() != before).any(dim=1)
+    assert 0 < int(changed_rows.sum()) < values.shape[0]  # SparseAdam touched only the rows that were read
+    optimizer.load_state_dict(optimizer.state_dict())  # round trip through a checkpoint-shaped dict

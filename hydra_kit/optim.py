@@ -1,0 +1,79 @@
+"""One optimizer for a model with both dense and sparse gradients (PKM value tables with ``sparse_values``).
+
+``torch.optim.AdamW`` rejects sparse gradients and ``torch.optim.SparseAdam`` accepts nothing else. Lightning's
+automatic optimization wants a single optimizer, so :class:`DenseSparseAdam` runs AdamW on the dense
+parameters and SparseAdam (which updates only the rows a batch touched) on parameters marked
+``_hydra_sparse_grad = True``, behind one ``Optimizer`` whose ``param_groups`` are both children's, so learning
+rate schedulers drive both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import AdamW, Optimizer, SparseAdam
+
+
+class DenseSparseAdam(Optimizer):
+    """AdamW for dense parameter groups and SparseAdam for sparse ones, as one optimizer.
+
+    Args:
+        dense_groups: parameter groups (dicts with ``params``, optional ``lr`` and ``weight_decay``) for AdamW.
+        sparse_groups: parameter groups for SparseAdam (no weight decay: SparseAdam has none).
+        lr: default learning rate.
+        betas: Adam betas, shared.
+        eps: Adam epsilon, shared.
+    """
+
+    def __init__(self, dense_groups: list[dict[str, Any]], sparse_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.dense = AdamW(dense_groups, lr=lr, betas=betas, eps=eps)
+        sparse_groups = [{k: v for k, v in g.items() if k != "weight_decay"} for g in sparse_groups]
+        self.sparse = SparseAdam(sparse_groups, lr=lr, betas=betas, eps=eps) if sparse_groups else None
+        # Optimizer.__init__ is not called: the children own the parameters. Give the base class what its
+        # hooks and schedulers read.
+        self.defaults = dict(self.dense.defaults)
+        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
+
+    @property
+    def _children(self) -> list[Optimizer]:
+        return [o for o in (self.dense, self.sparse) if o is not None]
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self._children for g in o.param_groups]
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[Any, Any]:
+        return {k: v for o in self._children for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self._children:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self._children:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"dense": self.dense.state_dict(), "sparse": None if self.sparse is None else self.sparse.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self.dense.load_state_dict(state_dict["dense"])
+        if self.sparse is not None and state_dict.get("sparse") is not None:
+            self.sparse.load_state_dict(state_dict["sparse"])
+
+    def __repr__(self) -> str:
+        return f"DenseSparseAdam(dense={self.dense!r}, sparse={self.sparse!r})"
