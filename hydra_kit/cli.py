@@ -29,6 +29,7 @@ commands:
   fit | validate | test | predict   train or evaluate a recipe (LightningCLI; see `hydra-kit fit --help`)
   components                        list the discovered components
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
+  bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
 
 options:
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_components(rest, third_party)
         if command == "summary":
             return cmd_summary(rest)
+        if command == "bench":
+            from hydra_kit.bench import main as bench_main
+
+            return bench_main(rest)
         if command == "ablate":
             from hydra_kit.ablate import main as ablate_main
 

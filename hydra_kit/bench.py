@@ -1,0 +1,340 @@
+"""``hydra-kit bench``: throughput and memory of recipes side by side, measured honestly.
+
+Every figure is a measurement: models are timed in one process, interleaved length by length, after warm-up,
+as the median of several repeats, and the ratios are taken between numbers of the same run. The machine's
+float32 matmul rate is measured in the same run, so achieved GFLOP/s can be read against the roof. Peak memory
+is the peak resident set size of a fresh subprocess that builds the model and runs one step (sampled every
+0.5 ms by a thread), minus its size just before that step (so it covers activations, workspaces and, for training, gradients and optimizer-free
+backward buffers; the weights are in the baseline).
+
+Outputs: a rich table with the ratio of the first recipe to the second per length and mode, ``bench.csv``,
+``bench.json`` (records with ``model``, ``seq_len``, ``mode``, ``tokens_per_s``, ``peak_mem_mb``, ...), and
+PNG plots of throughput and memory against length (log-log) when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hydra_kit.cli import check_recipes, merged_model_section
+from hydra_kit.model import HydraLM
+
+DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
+DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+
+
+@dataclass
+class Record:
+    """One measurement row."""
+
+    model: str
+    seq_len: int
+    mode: str  # "infer" (prefill forward) or "train" (forward + backward)
+    tokens_per_s: float
+    seconds: float
+    repeats: list[float]
+    gflops: float
+    peak_mem_mb: float | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)  # component instance -> share of forward time
+    roof_seconds: dict[str, float] = field(default_factory=dict)  # component instance -> time at the matmul roof
+
+
+def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
+    """Measured float32 matmul rate of this machine (median of repeats), the compute roof of the run."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def build_model(recipe: str) -> HydraLM:
+    check_recipes([recipe], [])
+    torch.manual_seed(0)
+    model = HydraLM(**merged_model_section([recipe]))
+    return model.float()
+
+
+def make_tokens(model: HydraLM, seq_len: int, batch: int, text: bytes | None) -> torch.Tensor:
+    vocab = model.hparams["vocab_size"]
+    if text is None:
+        return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    if vocab < 256:
+        raise ValueError(f"--text needs byte-level models (vocab_size >= 256); this recipe has vocab_size={vocab}")
+    need = batch * seq_len
+    if len(text) < need:
+        text = text * (need // max(1, len(text)) + 1)
+    return torch.frombuffer(bytearray(text[:need]), dtype=torch.uint8).long().view(batch, seq_len)
+
+
+def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], None]:
+    """A closure that runs one inference forward or one training forward + backward."""
+    if mode == "infer":
+        model.eval()
+
+        def run() -> None:
+            with torch.inference_mode():
+                model(tokens)
+
+        return run
+    model.train()
+
+    def run_train() -> None:
+        out = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return run_train
+
+
+def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float]:
+    """Share of one inference forward's time spent in each component instance (forward hooks with timers)."""
+    spent: dict[str, float] = defaultdict(float)
+    starts: dict[int, float] = {}
+    handles = []
+    for block in model.blocks:
+        modules = dict(block.mixers.items())
+        if block.router is not None and block.router_name is not None:
+            modules[block.router_name] = block.router
+        for name, module in modules.items():
+
+            def pre(mod: torch.nn.Module, args: Any, key: int = id(module)) -> None:
+                starts[key] = time.perf_counter()
+
+            def post(mod: torch.nn.Module, args: Any, out: Any, key: int = id(module), name: str = name) -> None:
+                spent[name] += time.perf_counter() - starts.pop(key)
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+            if module is block.router:  # routers are called through route(), not forward()
+                original = module.route
+
+                def timed_route(x: torch.Tensor, original: Any = original, name: str = name) -> Any:
+                    start = time.perf_counter()
+                    result = original(x)
+                    spent[name] += time.perf_counter() - start
+                    return result
+
+                module.route = timed_route  # type: ignore[method-assign]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(tokens)
+            total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+        for block in model.blocks:
+            if block.router is not None and "route" in vars(block.router):
+                del block.router.route
+    shares = {name: t / total for name, t in spent.items()}
+    shares["other (embedding, norms, head)"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_peak_memory(recipe: str, seq_len: int, mode: str, batch: int, text_path: str | None) -> float | None:
+    """Peak RSS growth (MB) of one step in a fresh subprocess: activations and workspaces, not the weights."""
+    code = (
+        "import json,sys; from hydra_kit.bench import _memory_probe; "
+        f"print(json.dumps(_memory_probe({recipe!r}, {seq_len}, {mode!r}, {batch}, {text_path!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        return None
+    return float(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _memory_probe(recipe: str, seq_len: int, mode: str, batch: int, text_path: str | None) -> float:
+    import threading
+
+    model = build_model(recipe)
+    text = Path(text_path).read_bytes() if text_path else None
+    tokens = make_tokens(model, seq_len, batch, text)
+    run = step_fn(model, tokens, mode)
+    before = _rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def poll() -> None:  # torch ops release the GIL, so this thread samples RSS while the step runs
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=poll, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_mb()) - before
+
+
+def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    roof = matmul_gflops()
+    console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {torch.get_num_threads()} threads")
+    models = {Path(r).stem: build_model(r) for r in args.recipes}
+    paths = dict(zip(models, args.recipes, strict=True))
+    text = Path(args.text).read_bytes() if args.text else None
+    records: list[Record] = []
+    for seq_len in args.seq_lens:
+        for mode in args.modes:
+            timings: dict[str, list[float]] = defaultdict(list)
+            runs = {name: step_fn(m, make_tokens(m, seq_len, args.batch, text), mode) for name, m in models.items()}
+            for run in runs.values():  # warm-up: allocator, caches, lazy init
+                for _ in range(args.warmup):
+                    run()
+            for _ in range(args.repeats):  # interleaved, so drift hits every model alike
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    timings[name].append(time.perf_counter() - start)
+            for name, model in models.items():
+                seconds = statistics.median(timings[name])
+                tokens = args.batch * seq_len
+                report = model.parameter_report(seq_len)
+                flops = report["flops_per_token"] * tokens * (3 if mode == "train" else 1)
+                record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], flops / seconds / 1e9)
+                if mode == "infer" and args.breakdown:
+                    record.breakdown = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
+                    record.roof_seconds = {k: v["flops_per_token"] * tokens / (roof * 1e9) for k, v in report["components"].items()}
+                if args.memory:
+                    record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
+                records.append(record)
+                mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
+                console.print(f"  {name:>18} L={seq_len:>6} {mode:>5}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s  peak {mem}")
+    return records, roof
+
+
+def print_table(records: list[Record], names: list[str], roof: float | None, console: Console) -> None:
+    by_key = {(r.model, r.seq_len, r.mode): r for r in records}
+    table = Table(title="throughput (tokens/s) and peak memory (MB)" + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
+    table.add_column("L", justify="right")
+    table.add_column("mode")
+    for name in names:
+        table.add_column(f"{name} tok/s", justify="right")
+        table.add_column(f"{name} MB", justify="right")
+    if len(names) >= 2:
+        table.add_column(f"speed {names[0]}/{names[1]}", justify="right")
+        table.add_column(f"memory {names[0]}/{names[1]}", justify="right")
+    for seq_len in sorted({r.seq_len for r in records}):
+        for mode in sorted({r.mode for r in records}):
+            rows = [by_key.get((n, seq_len, mode)) for n in names]
+            if any(r is None for r in rows):
+                continue
+            cells = [str(seq_len), mode]
+            for r in rows:
+                assert r is not None
+                cells += [f"{r.tokens_per_s:,.0f}", "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}"]
+            if len(rows) >= 2:
+                a, b = rows[0], rows[1]
+                assert a is not None and b is not None
+                cells.append(f"{a.tokens_per_s / b.tokens_per_s:.2f}x")
+                cells.append("-" if a.peak_mem_mb is None or not b.peak_mem_mb else f"{a.peak_mem_mb / b.peak_mem_mb:.2f}")
+            table.add_row(*cells)
+    console.print(table)
+    for r in records:
+        if r.breakdown:
+            parts = ", ".join(f"{k} {v:.0%}" + (f" (roof {r.roof_seconds[k] / r.seconds:.0%})" if k in r.roof_seconds else "") for k, v in sorted(r.breakdown.items(), key=lambda kv: -kv[1]))
+            console.print(f"[dim]{r.model} L={r.seq_len} forward time by component (time at matmul roof / measured forward): {parts}[/]")
+
+
+def write_outputs(records: list[Record], out: Path, json_path: str | None, roof: float) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in records]
+    payload = {"matmul_gflops": roof, "threads": torch.get_num_threads(), "records": rows}
+    written = [out / "bench.json", out / "bench.csv"]
+    (out / "bench.json").write_text(json.dumps(payload, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+        written.append(Path(json_path))
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in writer.fieldnames})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    for metric, label in (("tokens_per_s", "tokens / s"), ("peak_mem_mb", "peak memory (MB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (model, mode), group in sorted(_group(records).items()):
+            points = [(r.seq_len, getattr(r, metric)) for r in group if getattr(r, metric)]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{model} ({mode})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        path = out / f"bench_{'throughput' if metric == 'tokens_per_s' else 'memory'}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _group(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.model, r.mode)].append(r)
+    return groups
+
+
+def main(argv: list[str]) -> int:
+    """Measure tokens/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
+    parser = argparse.ArgumentParser(prog="hydra-kit bench", description=main.__doc__)
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes to compare; ratios are first / second")
+    parser.add_argument("--seq_lens", nargs="+", type=int, default=DEFAULT_LENGTHS)
+    parser.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model, length and mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--text", default=None, help="a text file: benchmark on its bytes instead of random tokens")
+    parser.add_argument("--json", default=None, help="also write the records as a JSON list to this path")
+    parser.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
+    args = parser.parse_args(argv)
+    console = Console(highlight=False)
+    out = Path(args.out or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    records, roof = run_bench(args, console)
+    print_table(records, [Path(r).stem for r in args.recipes], roof, console)
+    for path in write_outputs(records, out, args.json, roof):
+        console.print(f"wrote {path}")
+    return 0
