@@ -109,6 +109,13 @@ class TriPathBlock(nn.Module):
             keep = gate >= threshold if gate is not None and threshold > 0 else None
             if keep is not None and component.pointwise:
                 result = self._run_gathered(component, u, keep)
+            elif state is not None and x.shape[1] == 1:
+                # Decoding one token: the component's dedicated recurrent step (O(1) for SSM and memories).
+                step_context = ComponentContext(
+                    global_score=None if score is None else score[:, 0], keep=None if keep is None else keep[:, 0]
+                )
+                stepped = component.step(u[:, 0], state[name], step_context)
+                result = ComponentOutput(stepped.update[:, None], stepped.aux_losses, stepped.stats, stepped.state)
             else:
                 context = ComponentContext(global_score=score, keep=keep)
                 result = component(u, context, None if state is None else state[name])

@@ -29,6 +29,7 @@ commands:
   fit | validate | test | predict   train or evaluate a recipe (LightningCLI; see `hydra-kit fit --help`)
   components                        list the discovered components
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
+  generate --ckpt_path CKPT ...     stream tokens from a checkpoint (--prompt TEXT or --prompt-ids ...)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
 
@@ -199,6 +200,57 @@ def cmd_summary(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- generate
+def cmd_generate(argv: list[str]) -> int:
+    """Generate tokens from a checkpoint, streaming them as they are produced."""
+    import argparse
+    import codecs
+
+    import torch
+
+    from hydra_kit.checkpoint import safe_torch_load
+    from hydra_kit.model import HydraLM
+
+    parser = argparse.ArgumentParser(prog="hydra-kit generate", description=cmd_generate.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by hydra-kit fit")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt, encoded as UTF-8 bytes (byte-level models, vocab >= 256)")
+    prompt.add_argument("--prompt-ids", "--prompt_ids", dest="prompt_ids", type=int, nargs="+", help="prompt as token ids")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise RecipeError("generate: --max_new_tokens and --temperature must be >= 0 and --top_k >= 1")
+    checkpoint = safe_torch_load(args.ckpt_path)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise RecipeError(f"{args.ckpt_path}: not a hydra-kit checkpoint (no hyper_parameters/state_dict)")
+    model = HydraLM(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    model.load_state_dict(checkpoint["state_dict"])
+    vocab = model.hparams["vocab_size"]
+    if args.prompt is not None:
+        if vocab < 256:
+            raise RecipeError(f"--prompt needs a byte-level model (vocab_size >= 256); this one has {vocab}: use --prompt-ids")
+        ids = list(args.prompt.encode("utf-8"))
+    else:
+        ids = args.prompt_ids
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise RecipeError(f"--prompt-ids: ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        value = int(token[0])
+        text = decoder.decode(bytes([value])) if args.prompt is not None and value < 256 else f"{value} "
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- lightning
 def run_lightning(argv: list[str]) -> int:
     """Hand a fit/validate/test/predict command to LightningCLI after checking the recipes."""
@@ -236,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_components(rest, third_party)
         if command == "summary":
             return cmd_summary(rest)
+        if command == "generate":
+            return cmd_generate(rest)
         if command == "bench":
             from hydra_kit.bench import main as bench_main
 

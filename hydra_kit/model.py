@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -77,6 +78,19 @@ class ModelOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     state: list[dict[str, Any]] = field(default_factory=list)
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the tensors of a (nested) recurrent state: the decoding cache size."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_nbytes(v) for v in state)
+    if hasattr(state, "__dataclass_fields__"):
+        return sum(state_nbytes(getattr(state, f)) for f in state.__dataclass_fields__)
+    return 0
 
 
 class HydraLM(L.LightningModule):
@@ -183,6 +197,51 @@ class HydraLM(L.LightningModule):
         logits = F.linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
         stats = {k: torch.stack(v).mean() for k, v in stat_lists.items()}
         return ModelOutput(logits, aux, stats, new_state)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield new tokens (B,) one at a time after a prompt (B, T), with recurrent state (no recomputation).
+
+        The prompt is processed in one forward (prefill); every new token then costs one ``step`` per
+        component: constant work for the SSM and memories, a bounded window plus global set for sparse
+        attention, and a growing key/value cache only for dense attention.
+
+        Args:
+            prompt: (B, T) token ids, T >= 1.
+            max_new_tokens: number of tokens to generate.
+            temperature: sampling temperature; 0 means greedy (argmax).
+            top_k: sample only among the k most likely tokens.
+            generator: random generator for sampling (reproducible generation).
+        """
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
+        vocab = self.hparams["vocab_size"]
+        if int(prompt.max()) >= vocab or int(prompt.min()) < 0:
+            raise ValueError(f"generate: prompt token ids must lie in [0, {vocab}); got {int(prompt.min())}..{int(prompt.max())}")
+        self.eval()
+        state = self.init_state(prompt.shape[0])
+        out = self(prompt, state)
+        state, logits = out.state, out.logits[:, -1]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                scaled = logits.float() / temperature
+                if top_k is not None and top_k < scaled.shape[-1]:
+                    kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+            yield token
+            out = self(token[:, None], state)
+            state, logits = out.state, out.logits[:, -1]
 
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:

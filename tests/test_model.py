@@ -151,3 +151,16 @@ def test_sparse_pkm_values_train_with_dense_sparse_adam():
     changed_rows = (values.detach() != before).any(dim=1)
     assert 0 < int(changed_rows.sum()) < values.shape[0]  # SparseAdam touched only the rows that were read
     optimizer.load_state_dict(optimizer.state_dict())  # round trip through a checkpoint-shaped dict
+
+
+def test_token_by_token_decoding_matches_full_forward():
+    model = small_model().double().eval()
+    ids = torch.randint(0, 40, (2, 14))
+    full = model(ids).logits
+    out = model(ids[:, :5], model.init_state(2, dtype=torch.float64))
+    logits, state = [out.logits], out.state
+    for t in range(5, 14):
+        out = model(ids[:, t : t + 1], state)
+        logits.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=0, atol=1e-10)
