@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.cli import check_recipes, merged_model_section
-from hydra_kit.model import HydraLM
+from hydra_kit.model import HydraLM, state_nbytes
 
 DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
@@ -45,7 +45,7 @@ class Record:
 
     model: str
     seq_len: int
-    mode: str  # "infer" (prefill forward) or "train" (forward + backward)
+    mode: str  # "infer" (prefill forward), "train" (forward + backward) or "decode" (128 tokens after seq_len)
     tokens_per_s: float
     seconds: float
     repeats: list[float]
@@ -53,6 +53,7 @@ class Record:
     peak_mem_mb: float | None = None
     breakdown: dict[str, float] = field(default_factory=dict)  # component instance -> share of forward time
     roof_seconds: dict[str, float] = field(default_factory=dict)  # component instance -> time at the matmul roof
+    cache_mb: float | None = None  # decode: bytes held by the recurrent state / key-value cache after the prompt
 
 
 def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
@@ -84,6 +85,33 @@ def make_tokens(model: HydraLM, seq_len: int, batch: int, text: bytes | None) ->
     if len(text) < need:
         text = text * (need // max(1, len(text)) + 1)
     return torch.frombuffer(bytearray(text[:need]), dtype=torch.uint8).long().view(batch, seq_len)
+
+
+DECODE_TOKENS = 128
+
+
+def decode_fn(model: HydraLM, prompt: torch.Tensor) -> tuple[Callable[[], None], int]:
+    """A closure that decodes DECODE_TOKENS greedy tokens after a prefilled prompt, and the cache size in bytes.
+
+    The prompt is processed once, outside the timing; each call starts from a copy of that state, so every
+    repeat decodes after exactly the same context.
+    """
+    import copy
+
+    model.eval()
+    with torch.inference_mode():
+        prefill = model(prompt, model.init_state(prompt.shape[0]))
+    first = prefill.logits[:, -1].argmax(-1)
+    cache_bytes = state_nbytes(prefill.state)
+
+    def run() -> None:
+        state, token = copy.deepcopy(prefill.state), first
+        with torch.inference_mode():
+            for _ in range(DECODE_TOKENS):
+                out = model(token[:, None], state)
+                state, token = out.state, out.logits[:, -1].argmax(-1)
+
+    return run, cache_bytes
 
 
 def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -208,7 +236,14 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
     for seq_len in args.seq_lens:
         for mode in args.modes:
             timings: dict[str, list[float]] = defaultdict(list)
-            runs = {name: step_fn(m, make_tokens(m, seq_len, args.batch, text), mode) for name, m in models.items()}
+            cache: dict[str, int] = {}
+            runs = {}
+            for name, m in models.items():
+                tokens_in = make_tokens(m, seq_len, args.batch, text)
+                if mode == "decode":
+                    runs[name], cache[name] = decode_fn(m, tokens_in)
+                else:
+                    runs[name] = step_fn(m, tokens_in, mode)
             for run in runs.values():  # warm-up: allocator, caches, lazy init
                 for _ in range(args.warmup):
                     run()
@@ -219,14 +254,16 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                     timings[name].append(time.perf_counter() - start)
             for name, model in models.items():
                 seconds = statistics.median(timings[name])
-                tokens = args.batch * seq_len
+                tokens = args.batch * (DECODE_TOKENS if mode == "decode" else seq_len)
                 report = model.parameter_report(seq_len)
                 flops = report["flops_per_token"] * tokens * (3 if mode == "train" else 1)
                 record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], flops / seconds / 1e9)
+                if mode == "decode":
+                    record.cache_mb = cache[name] / 2**20
                 if mode == "infer" and args.breakdown:
                     record.breakdown = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
                     record.roof_seconds = {k: v["flops_per_token"] * tokens / (roof * 1e9) for k, v in report["components"].items()}
-                if args.memory:
+                if args.memory and mode != "decode":
                     record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
                 records.append(record)
                 mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
@@ -236,7 +273,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
 
 def print_table(records: list[Record], names: list[str], roof: float | None, console: Console) -> None:
     by_key = {(r.model, r.seq_len, r.mode): r for r in records}
-    table = Table(title="throughput (tokens/s) and peak memory (MB)" + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
+    table = Table(title="throughput (tokens/s) and memory (MB: peak for infer/train, cache for decode)" + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
     table.add_column("L", justify="right")
     table.add_column("mode")
     for name in names:
@@ -253,12 +290,14 @@ def print_table(records: list[Record], names: list[str], roof: float | None, con
             cells = [str(seq_len), mode]
             for r in rows:
                 assert r is not None
-                cells += [f"{r.tokens_per_s:,.0f}", "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:,.0f}"]
+                memory = r.cache_mb if r.mode == "decode" else r.peak_mem_mb
+                cells += [f"{r.tokens_per_s:,.1f}", "-" if memory is None else f"{memory:,.1f}"]
             if len(rows) >= 2:
                 a, b = rows[0], rows[1]
                 assert a is not None and b is not None
                 cells.append(f"{a.tokens_per_s / b.tokens_per_s:.2f}x")
-                cells.append("-" if a.peak_mem_mb is None or not b.peak_mem_mb else f"{a.peak_mem_mb / b.peak_mem_mb:.2f}")
+                ma, mb = (a.cache_mb, b.cache_mb) if mode == "decode" else (a.peak_mem_mb, b.peak_mem_mb)
+                cells.append("-" if ma is None or not mb else f"{ma / mb:.2f}")
             table.add_row(*cells)
     console.print(table)
     for r in records:
@@ -277,7 +316,7 @@ def write_outputs(records: list[Record], out: Path, json_path: str | None, roof:
         Path(json_path).write_text(json.dumps(rows, indent=2))
         written.append(Path(json_path))
     with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb"])
+        writer = csv.DictWriter(f, fieldnames=["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb", "cache_mb"])
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r[k] for k in writer.fieldnames})
@@ -320,7 +359,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hydra-kit bench", description=main.__doc__)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes to compare; ratios are first / second")
     parser.add_argument("--seq_lens", nargs="+", type=int, default=DEFAULT_LENGTHS)
-    parser.add_argument("--modes", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    parser.add_argument("--modes", nargs="+", choices=["infer", "train", "decode"], default=["infer", "train"], help="decode: 128 tokens after a prompt of each length")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model, length and mode (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
