@@ -39,7 +39,9 @@ options:
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    # Wide when piped, so tables are not folded into unreadable columns in logs and tests.
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else 160)
 
 
 def _fail(message: str) -> int:

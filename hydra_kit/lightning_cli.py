@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
-from hydra_kit.checkpoint import AtomicCheckpointIO
+from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from hydra_kit.data import SyntheticDataModule
 from hydra_kit.model import HydraLM
 from hydra_kit.recipe import RecipeError
@@ -55,18 +55,18 @@ class HydraCLI(LightningCLI):
         # Two checkpoints: the best by validation loss, and "last.ckpt", rewritten atomically every few steps so
         # that a killed run loses little work and resumes with `--ckpt_path last`.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best-{step}",
-                "last_checkpoint.filename": "last",
                 "last_checkpoint.monitor": None,
-                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.save_top_k": 0,
+                "last_checkpoint.save_last": True,  # also written when training ends
                 "last_checkpoint.every_n_train_steps": 25,
-                "last_checkpoint.enable_version_counter": False,
+                "last_checkpoint.enable_version_counter": False,  # a resumed run keeps writing last.ckpt
                 "data": {"class_path": f"{SyntheticDataModule.__module__}.{SyntheticDataModule.__qualname__}"},
             }
         )
