@@ -136,6 +136,11 @@ class SparseGlobalAttention(TriPathComponent):
             while 1 token in 16 is promoted. 0 turns globals off.
         max_global: most recent globals a query can see (0 turns globals off).
         rope_base: rotary frequency base.
+
+    ``context.keep`` (inference): skipped tokens issue no query (the kept queries of each block are gathered,
+    so attention and the query/output projections run on them only) but still provide keys and values.
+    The state (:class:`SGAState`) holds the last window, the globals and the open chunk's scores; ``step``
+    is one query against at most window + 1 + max_global keys.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
@@ -323,8 +328,8 @@ class SparseGlobalAttention(TriPathComponent):
         stats: dict[str, Tensor] = {}
         if self.uses_globals:
             chunk_start = (c0 + torch.arange(n_blocks, device=dev)) * w
-            chunk_kv = [g[:, w:].view(batch, n_blocks, w, h, hd) for g in (k_grid, v_grid)]
-            g_keys, g_values, g_scores, g_pos = self._promote(state, *chunk_kv, chunk_scores, chunk_start)
+            chunk_k, chunk_v = (g[:, w:].view(batch, n_blocks, w, h, hd) for g in (k_grid, v_grid))
+            g_keys, g_values, g_scores, g_pos = self._promote(state, chunk_k, chunk_v, chunk_scores, chunk_start)
             done = g_scores[:, n_old : n_old + n_done * k]
             if (done > NEG_INF).any():
                 stats["global_gate"] = torch.sigmoid(done[done > NEG_INF]).mean().detach()
@@ -334,7 +339,7 @@ class SparseGlobalAttention(TriPathComponent):
         whole = keep is None and r == 0 and seq_len == n_blocks * w
         if whole:
             n_q = w
-            x_q = x.view(batch, n_blocks, w, -1)
+            x_q = x.reshape(batch, n_blocks, w, -1)
             q_pos = torch.arange(start, start + seq_len, device=dev).view(1, n_blocks, w)
         else:
             wanted = torch.zeros(batch, n_blocks * w, dtype=torch.bool, device=dev)
@@ -443,9 +448,9 @@ class SparseGlobalAttention(TriPathComponent):
         if new_state.partial_scores.shape[1] == w:  # the chunk is complete: promote its globals
             if self.uses_globals:
                 # The window now holds exactly this chunk's keys and values.
-                chunk_kv = [g.view(batch, 1, w, h, hd) for g in (new_state.keys, new_state.values)]
+                chunk_k, chunk_v = (g.view(batch, 1, w, h, hd) for g in (new_state.keys, new_state.values))
                 chunk_start = torch.tensor([pos + 1 - w], device=x_t.device)
-                promoted = self._promote(state, *chunk_kv, new_state.partial_scores[:, None], chunk_start)
+                promoted = self._promote(state, chunk_k, chunk_v, new_state.partial_scores[:, None], chunk_start)
                 first = max(0, promoted[0].shape[1] - self.max_global)
                 kept = (g[:, first:] for g in promoted)
                 new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept

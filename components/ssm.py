@@ -1,0 +1,109 @@
+"""Interim SSM from the lead (a helper is writing the full component and will replace this file)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hydra_kit.nn import RMSNorm
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+
+
+def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, n); returns y (b, l, h, p), state (b, h, p, n)."""
+    b, length, h, p = x.shape
+    n = B.shape[-1]
+    pad = (-length) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, pad))
+    c = x.shape[1] // chunk_size
+    q = chunk_size
+    a = (dt * A).view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q) log-decay per step
+    xs = (x * dt[..., None]).view(b, c, q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, q, p)
+    Bc = B.view(b, c, q, n)
+    Cc = C.view(b, c, q, n)
+    cum = a.cumsum(-1)  # (b, h, c, q)
+    # Intra-chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) x_s
+    seg = cum[..., :, None] - cum[..., None, :]  # (b, h, c, q, q)
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(seg.masked_fill(~causal, -math.inf))
+    cb = Cc @ Bc.transpose(-1, -2)  # (b, c, q, q), shared by all heads (one group)
+    y = (cb[:, None] * decay) @ xs  # (b, h, c, q, p)
+    # Chunk states: sum_s exp(cum_end - cum_s) x_s B_s^T
+    to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, c, q)
+    states = (xs * to_end[..., None]).transpose(-1, -2) @ Bc[:, None]  # (b, h, c, p, n)
+    chunk_decay = torch.exp(cum[..., -1])  # (b, h, c)
+    state = initial_state if initial_state is not None else x.new_zeros(b, h, p, n)
+    carried = []
+    for i in range(c):  # sequential over chunks only: c = L / chunk_size small steps
+        carried.append(state)
+        state = state * chunk_decay[:, :, i, None, None] + states[:, :, i]
+    prev = torch.stack(carried, dim=2)  # (b, h, c, p, n): state entering each chunk
+    y = y + (Cc[:, None] @ prev.transpose(-1, -2)) * torch.exp(cum)[..., None]  # (b, h, c, q, p)
+    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * q, h, p)[:, :length]
+    return y, state
+
+
+@dataclass
+class SSMState:
+    """conv: (B, d_conv - 1, conv_dim) last conv inputs; ssm: (B, H, P, N)."""
+
+    conv: Tensor
+    ssm: Tensor
+
+
+class SelectiveSSM(TriPathComponent):
+    """Mamba-2 selective SSM (Dao & Gu 2024, arXiv 2405.21060) with a chunked SSD scan."""
+
+    path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
+    gated_by_router: ClassVar[bool] = False
+    layerscale_init: ClassVar[float] = 0.8
+    example_init_args: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 8}
+
+    def __init__(self, d_model: int, layer_idx: int, *, d_state: int = 64, expand: int = 2, headdim: int = 64, d_conv: int = 4, chunk_size: int = 128, backend: Literal["torch"] = "torch") -> None:
+        super().__init__(d_model, layer_idx)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"ssm: headdim={headdim} must divide expand * d_model = {d_inner}")
+        if backend != "torch":
+            raise ValueError(f"ssm: unknown backend {backend!r}; available: 'torch'")
+        self.d_state, self.headdim, self.d_conv, self.chunk_size = d_state, headdim, d_conv, chunk_size
+        self.d_inner, self.n_heads = d_inner, d_inner // headdim
+        self.conv_dim = d_inner + 2 * d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.n_heads, bias=False)
+        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=0)
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
+        self.norm = RMSNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> SSMState:
+        return SSMState(torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device, dtype=dtype), torch.zeros(batch_size, self.n_heads, self.headdim, self.d_state, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None) -> ComponentOutput:
+        b, length, _ = x.shape
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        past = state.conv if state is not None else xbc.new_zeros(b, self.d_conv - 1, self.conv_dim)
+        padded = torch.cat([past, xbc], dim=1)  # (B, d_conv - 1 + L, conv_dim)
+        xbc = F.silu(self.conv(padded.transpose(1, 2)).transpose(1, 2))  # (B, L, conv_dim)
+        xs, Bm, Cm = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
+        A = -torch.exp(self.A_log)
+        xh = xs.view(b, length, self.n_heads, self.headdim)
+        y, final = ssd_chunked_scan(xh, dt, A, Bm, Cm, self.chunk_size, None if state is None else state.ssm)
+        y = y + xh * self.D[:, None]
+        y = self.norm(y.reshape(b, length, self.d_inner) * F.silu(z))
+        new_state = SSMState(padded[:, -(self.d_conv - 1):], final)
+        return ComponentOutput(update=self.out_proj(y), state=new_state)
