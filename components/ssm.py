@@ -1,4 +1,10 @@
-"""Interim SSM from the lead (a helper is writing the full component and will replace this file)."""
+"""Mamba-2 selective state-space model: the always-on backbone of the Hydra block (HYDRA.md 3.3).
+
+Dao & Gu 2024, "Transformers are SSMs" (arXiv 2405.21060). Input projection to (z, x, B, C, dt), a short causal
+depthwise convolution over (x, B, C), a chunked SSD scan with a scalar decay per head, a D skip, gated RMSNorm
+and an output projection. The scan is matmul-heavy: within a chunk of Q tokens an attention-like (Q x Q)
+product, across chunks a recurrence over the (P x N) state of each head, so time and memory are linear in L.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,20 @@ from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath,
 
 
 def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan. x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, n); returns y (b, l, h, p), state (b, h, p, n)."""
+    """Chunked SSD scan of s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t (one B/C group).
+
+    Args:
+        x: (b, l, h, p) inputs per head.
+        dt: (b, l, h) positive step sizes.
+        A: (h,) negative decay rates.
+        B, C: (b, l, n) input and output projections of the state, shared by all heads.
+        chunk_size: tokens per chunk; any length works (the tail is zero-padded, which leaves the state
+            unchanged because a padded step has dt = 0).
+        initial_state: (b, h, p, n) state before the first token, or None for zeros.
+
+    Returns:
+        y (b, l, h, p) and the final state (b, h, p, n).
+    """
     b, length, h, p = x.shape
     n = B.shape[-1]
     pad = (-length) % chunk_size
@@ -61,7 +80,18 @@ class SSMState:
 
 
 class SelectiveSSM(TriPathComponent):
-    """Mamba-2 selective SSM (Dao & Gu 2024, arXiv 2405.21060) with a chunked SSD scan."""
+    """Mamba-2 selective SSM with a chunked SSD scan; its state is the conv buffer and the SSM state.
+
+    Args:
+        d_model: model width.
+        layer_idx: index of the block holding this component.
+        d_state: state size N per head.
+        expand: inner width as a multiple of d_model.
+        headdim: channels P per head; must divide expand * d_model.
+        d_conv: width of the causal depthwise convolution.
+        chunk_size: scan chunk length Q (speed knob; results do not depend on it).
+        backend: "torch" (the chunked scan in PyTorch; CPU and GPU).
+    """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
     gated_by_router: ClassVar[bool] = False
@@ -88,6 +118,13 @@ class SelectiveSSM(TriPathComponent):
             p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
         self.norm = RMSNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        # Projections and conv, plus the scan: intra-chunk (C B^T and the (Q x Q) product with x), chunk
+        # states and their read-out, each about 2 * Q * N or 2 * P * N multiply-adds per head and token.
+        q = min(self.chunk_size, seq_len)
+        scan = 2 * (q * self.d_state + self.n_heads * q * self.headdim + 2 * self.n_heads * self.headdim * self.d_state)
+        return 2.0 * self.active_parameters() + scan
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> SSMState:
         return SSMState(torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device, dtype=dtype), torch.zeros(batch_size, self.n_heads, self.headdim, self.d_state, device=device, dtype=dtype))

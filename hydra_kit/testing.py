@@ -22,6 +22,7 @@ Routers (:class:`~hydra_kit.protocol.RouterComponent`) get the router version of
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,7 +126,7 @@ def check_chunked_equals_full(
     cuts = [0, *sorted(b for b in boundaries if 0 < b < seq_len), seq_len]
     state = component.init_state(batch, device=x.device, dtype=x.dtype)
     pieces = []
-    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+    for start, stop in itertools.pairwise(cuts):
         out = component(x[:, start:stop], _context(score, start, stop), state)
         pieces.append(out.update)
         state = out.state

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from hydra_kit.components.pkm import ProductKeyMemory, candidate_pairs, product_topk, slot_usage_stats
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from hydra_kit.components.pkm import ProductKeyMemory, candidate_pairs, product_topk, slot_usage_stats
 from hydra_kit.protocol import ComponentPath
 from hydra_kit.testing import check_component
 
