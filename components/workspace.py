@@ -1,0 +1,114 @@
+"""Workspace memory: a per-sequence slot scratchpad written chunk by chunk and read in several hops (HYDRA.md 3.6).
+
+The paper describes a "latent reasoning workspace" but not its equations; its public code is non-causal and
+updates shared slots with ``.data`` writes. This one is causal, differentiable and per example:
+
+* state: ``n_slots`` vectors per example, initialised from learned parameters;
+* write: at the end of every chunk of ``chunk_size`` tokens, each slot attends over that chunk's tokens and
+  moves towards what it read by a learned sigmoid gate, ``s <- (1 - g) * s + g * read``;
+* read: every token reads the slots as they stood at the end of the previous chunk (so nothing of its own
+  chunk, or later, leaks in), by attention over slots, ``read_hops`` times, each hop refining the query with
+  what the previous hop returned, so a lookup chain (a -> b -> c) can be followed inside one layer.
+
+Time and memory are linear in L: one small write per chunk, reads batched over all chunks at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+
+
+@dataclass
+class WorkspaceState:
+    """slots: (B, S, D_ws) after the last complete chunk; pending: (B, n, D) inputs of the incomplete chunk."""
+
+    slots: Tensor
+    pending: Tensor
+
+
+class WorkspaceMemory(TriPathComponent):
+    """Per-sequence slot memory with chunk-wise gated writes and multi-hop reads; state = slots + pending chunk.
+
+    Args:
+        d_model: model width.
+        layer_idx: index of the block holding this component.
+        n_slots: number of slots S.
+        d_slot: slot width (default d_model).
+        chunk_size: tokens per write; a token reads the state as of the end of the previous chunk.
+        read_hops: read iterations per token.
+    """
+
+    path: ClassVar[ComponentPath] = ComponentPath.MEMORY
+    layerscale_init: ClassVar[float] = 0.1
+    example_init_args: ClassVar[dict[str, Any]] = {"n_slots": 4, "chunk_size": 8, "read_hops": 2}
+
+    def __init__(self, d_model: int, layer_idx: int, *, n_slots: int = 16, d_slot: int | None = None, chunk_size: int = 64, read_hops: int = 2) -> None:
+        super().__init__(d_model, layer_idx)
+        if n_slots <= 0 or chunk_size <= 0 or read_hops <= 0:
+            raise ValueError(f"workspace: n_slots ({n_slots}), chunk_size ({chunk_size}) and read_hops ({read_hops}) must be positive")
+        d_slot = d_slot or d_model
+        self.n_slots, self.d_slot, self.chunk_size, self.read_hops = n_slots, d_slot, chunk_size, read_hops
+        self.initial_slots = nn.Parameter(torch.randn(n_slots, d_slot) * d_slot**-0.5)
+        # write: slots query the chunk's tokens
+        self.write_query = nn.Linear(d_slot, d_slot, bias=False)
+        self.write_kv = nn.Linear(d_model, 2 * d_slot, bias=False)
+        self.write_gate = nn.Linear(2 * d_slot, d_slot)
+        nn.init.constant_(self.write_gate.bias, -1.0)  # start conservative: slots change slowly
+        # read: tokens query the slots, several hops
+        self.read_query = nn.Linear(d_model, d_slot, bias=False)
+        self.read_kv = nn.Linear(d_slot, 2 * d_slot, bias=False)
+        self.hop = nn.Linear(d_slot, d_slot, bias=False)
+        self.out = nn.Linear(d_slot, d_model, bias=False)
+
+    def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> WorkspaceState:
+        slots = self.initial_slots.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
+        return WorkspaceState(slots, torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype))
+
+    def _write(self, slots: Tensor, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """slots (B, S, Ds), chunk (B, Q, D) -> new slots and the mean gate."""
+        keys, values = self.write_kv(chunk).chunk(2, dim=-1)  # (B, Q, Ds) each
+        read = F.scaled_dot_product_attention(self.write_query(slots), keys, values)  # (B, S, Ds)
+        gate = torch.sigmoid(self.write_gate(torch.cat([slots, read], dim=-1)))
+        return slots + gate * (read - slots), gate.mean()
+
+    def forward(self, x: Tensor, context: ComponentContext | None = None, state: WorkspaceState | None = None) -> ComponentOutput:
+        batch, length, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        q = self.chunk_size
+        done = state.pending.shape[1]  # tokens of the current chunk seen before this call
+        tokens = torch.cat([state.pending, x], dim=1)  # (B, done + L, D)
+        n_full = tokens.shape[1] // q
+        n_chunks = -(-tokens.shape[1] // q)
+        slots, gates = state.slots, []
+        per_chunk = []
+        for c in range(n_chunks):  # sequential over chunks only: the write recurrence
+            per_chunk.append(slots)
+            if c < n_full:
+                slots, gate = self._write(slots, tokens[:, c * q : (c + 1) * q])
+                gates.append(gate)
+        slot_states = torch.stack(per_chunk, dim=1)  # (B, C, S, Ds): the state each chunk's tokens read
+        keys, values = self.read_kv(slot_states).chunk(2, dim=-1)  # (B, C, S, Ds)
+        padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
+        query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
+        read = query.new_zeros(())
+        for _ in range(self.read_hops):
+            read = F.scaled_dot_product_attention(query, keys, values)  # (B, C, Q, Ds)
+            query = query + self.hop(read)
+        update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
+        stats = {"write_gate": torch.stack(gates).mean().detach()} if gates else {}
+        new_state = WorkspaceState(slots, tokens[:, n_full * q :])
+        return ComponentOutput(update=update, stats=stats, state=new_state)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        d, ds, s, q = self.d_model, self.d_slot, self.n_slots, self.chunk_size
+        read = 2 * d * ds + self.read_hops * (4 * s * ds + 2 * ds * ds) + 2 * ds * d + 4 * s * ds * ds / q
+        write = 4 * d * ds + (2 * s * ds * ds + 4 * s * q * ds + 4 * s * ds * ds) / q  # kv per token; query, attention, gate per chunk
+        return float(read + write)
