@@ -71,6 +71,39 @@ def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chu
     return y, state
 
 
+
+def diagonal_chunked_scan(log_alpha: Tensor, inputs: Tensor, chunk_size: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Chunked scan of a diagonal recurrence s_t = exp(log_alpha_t) * s_{t-1} + inputs_t, one scalar state per channel.
+
+    Args:
+        log_alpha: (b, l, d) log decays (<= 0).
+        inputs: (b, l, d) the B_t * U_t terms.
+        chunk_size: tokens per chunk (memory grows with b * l * chunk_size * d, so keep it small).
+        initial_state: (b, d) or None for zeros.
+
+    Returns:
+        states s_t (b, l, d) and the final state (b, d).
+    """
+    b, length, d = inputs.shape
+    pad = (-length) % chunk_size
+    if pad:  # padded steps have log-decay 0 and no input, so they leave the state unchanged
+        log_alpha = F.pad(log_alpha, (0, 0, 0, pad))
+        inputs = F.pad(inputs, (0, 0, 0, pad))
+    c, q = log_alpha.shape[1] // chunk_size, chunk_size
+    cum = log_alpha.view(b, c, q, d).cumsum(2)  # (b, c, q, d)
+    u = inputs.view(b, c, q, d)
+    causal = torch.ones(q, q, dtype=torch.bool, device=inputs.device).tril()[None, None, :, :, None]
+    decay = torch.exp((cum[:, :, :, None] - cum[:, :, None, :]).masked_fill(~causal, -math.inf))  # (b, c, q, q, d)
+    local = (decay * u[:, :, None]).sum(3)  # (b, c, q, d): the chunk's own contribution
+    state = initial_state if initial_state is not None else inputs.new_zeros(b, d)
+    carried = []
+    for i in range(c):
+        carried.append(state)
+        state = state * torch.exp(cum[:, i, -1]) + local[:, i, -1]
+    states = local + torch.exp(cum) * torch.stack(carried, dim=1)[:, :, None]
+    return states.reshape(b, c * q, d)[:, :length], state
+
+
 @dataclass
 class SSMState:
     """conv: (B, d_conv - 1, conv_dim) last conv inputs; ssm: (B, H, P, N)."""
@@ -90,6 +123,10 @@ class SelectiveSSM(TriPathComponent):
         headdim: channels P per head; must divide expand * d_model.
         d_conv: width of the causal depthwise convolution.
         chunk_size: scan chunk length Q (speed knob; results do not depend on it).
+        variant: "ssd" (Mamba-2, the default) or "diagonal": the paper's own equations, one scalar state per
+            channel, alpha_t = exp(-softplus(dt_t) * lambda), s_t = alpha_t s_{t-1} + B_t U_t,
+            y_t = C_t s_t + D U_t (d_state, headdim and d_conv are not used; keep chunk_size small, ~16, since
+            its scan holds a (Q x Q) decay per channel).
         backend: "torch" (the chunked scan in PyTorch; CPU and GPU).
     """
 
@@ -98,9 +135,37 @@ class SelectiveSSM(TriPathComponent):
     layerscale_init: ClassVar[float] = 0.8
     example_init_args: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 8}
 
-    def __init__(self, d_model: int, layer_idx: int, *, d_state: int = 64, expand: int = 2, headdim: int = 64, d_conv: int = 4, chunk_size: int = 128, backend: Literal["torch"] = "torch") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        layer_idx: int,
+        *,
+        d_state: int = 64,
+        expand: int = 2,
+        headdim: int = 64,
+        d_conv: int = 4,
+        chunk_size: int = 128,
+        variant: Literal["ssd", "diagonal"] = "ssd",
+        backend: Literal["torch"] = "torch",
+    ) -> None:
         super().__init__(d_model, layer_idx)
         d_inner = expand * d_model
+        if variant not in ("ssd", "diagonal"):
+            raise ValueError(f"ssm: unknown variant {variant!r}; available: 'ssd', 'diagonal'")
+        if chunk_size <= 0 or d_conv <= 1 or d_state <= 0 or expand <= 0:
+            raise ValueError(f"ssm: chunk_size ({chunk_size}), d_state ({d_state}), expand ({expand}) must be positive and d_conv ({d_conv}) > 1")
+        self.variant = variant
+        if variant == "diagonal":
+            self.d_inner, self.chunk_size = d_inner, chunk_size
+            self.proj = nn.Linear(d_model, 4 * d_inner, bias=False)  # (U, B, C, dt) per channel
+            dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.lambda_log = nn.Parameter(torch.log(torch.empty(d_inner).uniform_(1, 16)))  # lambda > 0
+            self.D = nn.Parameter(torch.ones(d_inner))
+            for p in (self.dt_bias, self.lambda_log, self.D):
+                p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
+            self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+            return
         if d_inner % headdim:
             raise ValueError(f"ssm: headdim={headdim} must divide expand * d_model = {d_inner}")
         if backend != "torch":
@@ -123,13 +188,26 @@ class SelectiveSSM(TriPathComponent):
         # Projections and conv, plus the scan: intra-chunk (C B^T and the (Q x Q) product with x), chunk
         # states and their read-out, each about 2 * Q * N or 2 * P * N multiply-adds per head and token.
         q = min(self.chunk_size, seq_len)
+        if self.variant == "diagonal":
+            return 2.0 * self.active_parameters() + 2 * q * self.d_inner
         scan = 2 * (q * self.d_state + self.n_heads * q * self.headdim + 2 * self.n_heads * self.headdim * self.d_state)
         return 2.0 * self.active_parameters() + scan
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> SSMState:
+        if self.variant == "diagonal":
+            return SSMState(torch.zeros(batch_size, 0, 0, device=device, dtype=dtype), torch.zeros(batch_size, self.d_inner, device=device, dtype=dtype))
         return SSMState(torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device, dtype=dtype), torch.zeros(batch_size, self.n_heads, self.headdim, self.d_state, device=device, dtype=dtype))
 
+    def _forward_diagonal(self, x: Tensor, state: SSMState | None) -> ComponentOutput:
+        u, b_in, c_out, dt = self.proj(x).chunk(4, dim=-1)  # (B, L, d_inner) each
+        log_alpha = -F.softplus(dt + self.dt_bias) * torch.exp(self.lambda_log)  # log alpha_t <= 0
+        states, final = diagonal_chunked_scan(log_alpha, b_in * u, self.chunk_size, None if state is None else state.ssm)
+        y = c_out * states + self.D * u
+        return ComponentOutput(update=self.out_proj(y), state=SSMState(x.new_zeros(x.shape[0], 0, 0), final))
+
     def forward(self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None) -> ComponentOutput:
+        if self.variant == "diagonal":
+            return self._forward_diagonal(x, state)
         b, length, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         past = state.conv if state is not None else xbc.new_zeros(b, self.d_conv - 1, self.conv_dim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hydra_kit.components.ssm import SelectiveSSM, ssd_chunked_scan
+from hydra_kit.components.ssm import SelectiveSSM, diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.testing import check_component
 
 
@@ -60,3 +60,23 @@ def test_bad_arguments_are_explained():
         SelectiveSSM(64, 0, headdim=48)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         SelectiveSSM(64, 0, backend="cuda")
+
+
+def test_diagonal_scan_equals_reference():
+    gen = torch.Generator().manual_seed(3)
+    b, length, d = 2, 23, 5
+    log_alpha = -torch.rand(b, length, d, generator=gen, dtype=torch.float64)
+    inputs = torch.randn(b, length, d, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    states, final = diagonal_chunked_scan(log_alpha, inputs, 4, s0)
+    s, ref = s0, []
+    for t in range(length):
+        s = torch.exp(log_alpha[:, t]) * s + inputs[:, t]
+        ref.append(s)
+    torch.testing.assert_close(states, torch.stack(ref, 1), rtol=0, atol=1e-10)
+    torch.testing.assert_close(final, s, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_diagonal_variant_conforms(chunk):
+    check_component(SelectiveSSM, init_args={"variant": "diagonal", "chunk_size": chunk, "expand": 1})
