@@ -97,6 +97,8 @@ class HydraCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        if not trainer.is_global_zero:  # one report per run, not one per process
+            return
         console = Console(highlight=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
