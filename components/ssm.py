@@ -1,14 +1,24 @@
-"""Mamba-2 selective state-space model: the always-on backbone of the Hydra block (HYDRA.md 3.3).
+"""Selective state-space backbone: a Mamba-2 mixer computed by a chunked scan (HYDRA.md 3.3).
 
-Dao & Gu 2024, "Transformers are SSMs" (arXiv 2405.21060). Input projection to (z, x, B, C, dt), a short causal
-depthwise convolution over (x, B, C), a chunked SSD scan with a scalar decay per head, a D skip, gated RMSNorm
-and an output projection. The scan is matmul-heavy: within a chunk of Q tokens an attention-like (Q x Q)
-product, across chunks a recurrence over the (P x N) state of each head, so time and memory are linear in L.
+Dao & Gu 2024, "Transformers are SSMs" (state-space duality, arXiv 2405.21060). Per head h, with a scalar decay
+``A_h < 0`` and a data-dependent step ``dt_t > 0``, the state ``S`` (headdim x d_state) follows
+
+    S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T,        y_t = S_t C_t + D_h x_t.
+
+The ``diagonal`` variant is the Hydra paper's own equation (arXiv 2508.15099): one scalar state per channel,
+``s_t = alpha_t s_{t-1} + B_t U_t``, ``alpha_t = exp(-softplus(dt_t) lambda)``, ``y_t = C_t s_t + W_skip U_t``,
+with B_t, C_t, dt_t per channel and W_skip diagonal.
+
+The torch backend splits the sequence into chunks of ``chunk_size``: inside a chunk the output is one causal
+(chunk x chunk) matrix product, across chunks only the (d_state x headdim) states are carried. Nothing of size
+L x L exists and there is no Python loop over time. Both scans take an initial state and return the final one,
+so a sequence may be processed in pieces (and :meth:`SelectiveSSM.step` is the O(1) recurrent update).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -19,121 +29,209 @@ from torch import Tensor, nn
 from hydra_kit.nn import RMSNorm
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
-
-def ssd_chunked_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan of s_t = exp(dt_t A) s_{t-1} + dt_t x_t B_t^T, y_t = s_t C_t (one B/C group).
-
-    Args:
-        x: (b, l, h, p) inputs per head.
-        dt: (b, l, h) positive step sizes.
-        A: (h,) negative decay rates.
-        B, C: (b, l, n) input and output projections of the state, shared by all heads.
-        chunk_size: tokens per chunk; any length works (the tail is zero-padded, which leaves the state
-            unchanged because a padded step has dt = 0).
-        initial_state: (b, h, p, n) state before the first token, or None for zeros.
-
-    Returns:
-        y (b, l, h, p) and the final state (b, h, p, n).
-    """
-    b, length, h, p = x.shape
-    n = B.shape[-1]
-    pad = (-length) % chunk_size
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, pad))
-    c = x.shape[1] // chunk_size
-    q = chunk_size
-    a = (dt * A).view(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q) log-decay per step
-    xs = (x * dt[..., None]).view(b, c, q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, q, p)
-    Bc = B.view(b, c, q, n)
-    Cc = C.view(b, c, q, n)
-    cum = a.cumsum(-1)  # (b, h, c, q)
-    # Intra-chunk: y_t += sum_{s<=t} (C_t . B_s) exp(cum_t - cum_s) x_s
-    seg = cum[..., :, None] - cum[..., None, :]  # (b, h, c, q, q)
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(seg.masked_fill(~causal, -math.inf))
-    cb = Cc @ Bc.transpose(-1, -2)  # (b, c, q, q), shared by all heads (one group)
-    y = (cb[:, None] * decay) @ xs  # (b, h, c, q, p)
-    # Chunk states: sum_s exp(cum_end - cum_s) x_s B_s^T
-    to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, c, q)
-    states = (xs * to_end[..., None]).transpose(-1, -2) @ Bc[:, None]  # (b, h, c, p, n)
-    chunk_decay = torch.exp(cum[..., -1])  # (b, h, c)
-    state = initial_state if initial_state is not None else x.new_zeros(b, h, p, n)
-    carried = []
-    for i in range(c):  # sequential over chunks only: c = L / chunk_size small steps
-        carried.append(state)
-        state = state * chunk_decay[:, :, i, None, None] + states[:, :, i]
-    prev = torch.stack(carried, dim=2)  # (b, h, c, p, n): state entering each chunk
-    y = y + (Cc[:, None] @ prev.transpose(-1, -2)) * torch.exp(cum)[..., None]  # (b, h, c, q, p)
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * q, h, p)[:, :length]
-    return y, state
+__all__ = ["SSMState", "SelectiveSSM", "diagonal_chunked_scan", "ssd_chunked_scan"]
 
 
+def _half_range(dtype: torch.dtype) -> float:
+    """Largest |exponent| we let a factored decay take: exp of it times a sum of products stays finite."""
+    return math.log(torch.finfo(dtype).max) - 25.0  # 63.7 in float32, 684 in float64
 
-def diagonal_chunked_scan(log_alpha: Tensor, inputs: Tensor, chunk_size: int, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Chunked scan of a diagonal recurrence s_t = exp(log_alpha_t) * s_{t-1} + inputs_t, one scalar state per channel.
+
+def _pad_time(t: Tensor, pad: int) -> Tensor:
+    """Append ``pad`` zero steps along dim 1 (zero step size means: no decay and no input, the state is kept)."""
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+
+
+def _carry_states(local: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass states across chunks: S_in[k+1] = decay[k] * S_in[k] + local[k], S_in[0] = initial.
 
     Args:
-        log_alpha: (b, l, d) log decays (<= 0).
-        inputs: (b, l, d) the B_t * U_t terms.
-        chunk_size: tokens per chunk (memory grows with b * l * chunk_size * d, so keep it small).
-        initial_state: (b, d) or None for zeros.
+        local: (b, c, *S) state each chunk builds from its own inputs, at its end.
+        decay: (b, c, *S-broadcastable) total decay of each chunk.
+        initial: (b, *S) state before the first chunk.
 
     Returns:
-        states s_t (b, l, d) and the final state (b, d).
+        starts: (b, c, *S) state entering each chunk; final: (b, *S) state after the last chunk.
     """
-    b, length, d = inputs.shape
-    pad = (-length) % chunk_size
-    if pad:  # padded steps have log-decay 0 and no input, so they leave the state unchanged
-        log_alpha = F.pad(log_alpha, (0, 0, 0, pad))
-        inputs = F.pad(inputs, (0, 0, 0, pad))
-    c, q = log_alpha.shape[1] // chunk_size, chunk_size
-    cum = log_alpha.view(b, c, q, d).cumsum(2)  # (b, c, q, d)
-    u = inputs.view(b, c, q, d)
-    causal = torch.ones(q, q, dtype=torch.bool, device=inputs.device).tril()[None, None, :, :, None]
-    decay = torch.exp((cum[:, :, :, None] - cum[:, :, None, :]).masked_fill(~causal, -math.inf))  # (b, c, q, q, d)
-    local = (decay * u[:, :, None]).sum(3)  # (b, c, q, d): the chunk's own contribution
-    state = initial_state if initial_state is not None else inputs.new_zeros(b, d)
-    carried = []
-    for i in range(c):
-        carried.append(state)
-        state = state * torch.exp(cum[:, i, -1]) + local[:, i, -1]
-    states = local + torch.exp(cum) * torch.stack(carried, dim=1)[:, :, None]
-    return states.reshape(b, c * q, d)[:, :length], state
+    # A loop over chunks (not time steps) on small tensors; unbind keeps its backward linear in the chunk count.
+    state, starts = initial, []
+    for loc, dec in zip(local.unbind(1), decay.unbind(1), strict=True):
+        starts.append(state)
+        state = state * dec + loc
+    return torch.stack(starts, dim=1), state
+
+
+def ssd_chunked_scan(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Chunked SSD scan (Mamba-2): S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t (no D skip).
+
+    Args:
+        x: (b, L, H, P) inputs per head.
+        dt: (b, L, H) positive step sizes.
+        A: (H,) negative decay rates.
+        B, C: (b, L, G, N) input and output projections; head h uses group h // (H / G).
+        chunk_size: tokens per chunk; L need not be a multiple (the tail is padded with zero steps).
+        initial_state: (b, H, P, N) state before the first token, or None for zeros.
+
+    Returns:
+        y: (b, L, H, P); final_state: (b, H, P, N).
+    """
+    b, seq_len, H, P = x.shape
+    G, N = B.shape[-2:]
+    Hg = H // G
+    if initial_state is None:
+        initial_state = x.new_zeros(b, H, P, N)
+    ell = min(chunk_size, seq_len)
+    pad = (-seq_len) % ell
+    x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
+    c = (seq_len + pad) // ell
+
+    acum = (dt * A).view(b, c, ell, H).cumsum(2)  # (b, c, l, H) log decay from the chunk start through t
+    last = acum[:, :, -1]  # (b, c, H) log decay of the whole chunk
+    xdt = (x * dt[..., None]).view(b, c, ell, H, P)
+    Bc = B.view(b, c, ell, G, N).transpose(2, 3)  # (b, c, G, l, N)
+    Cc = C.view(b, c, ell, G, N).transpose(2, 3)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, G, l, l): shared by the Hg heads of a group
+
+    def by_group(t: Tensor) -> Tensor:  # (b, c, l, H, P) -> (b, c, G, l, Hg*P), a view when G == 1
+        return t.reshape(b, c, ell, G, Hg * P).transpose(2, 3)
+
+    def by_head(t: Tensor) -> Tensor:  # inverse of by_group
+        return t.transpose(2, 3).reshape(b, c, ell, H, P)
+
+    # Within a chunk, exp(acum_t - acum_s) = exp(acum_t - m) * exp(m - acum_s) for any m: with m half the chunk's
+    # decay, both factors stay within exp(+-range/2), so when that fits the float type, the per-head decay moves
+    # onto x and y and all heads of a group share ONE causal (l x l) @ (l x Hg*P) product. Otherwise (a chunk
+    # decaying by more than ~exp(-127) in float32) fall back to exact per-head decay matrices.
+    factored = bool((-last).max() <= 2 * _half_range(x.dtype)) if last.numel() else True
+    if factored:
+        m = (0.5 * last).detach()[:, :, None]  # (b, c, 1, H); the result does not depend on m
+        xm = xdt * (m - acum).exp()[..., None]  # (b, c, l, H, P)
+        ydiag = CB.tril() @ by_group(xm)  # (b, c, G, l, Hg*P), still to be scaled by exp(acum - m)
+        local = Bc.transpose(-1, -2) @ by_group(xm)  # (b, c, G, N, Hg*P)
+        local = local.view(b, c, G, N, Hg, P) * (last[:, :, None] - m).exp().view(b, c, G, 1, Hg, 1)
+    else:
+        seg = acum.transpose(2, 3)[..., :, None] - acum.transpose(2, 3)[..., None, :]  # (b, c, H, l, l)
+        causal = torch.ones(ell, ell, dtype=torch.bool, device=x.device).tril()
+        decay = seg.masked_fill(~causal, -math.inf).exp()
+        mix = decay.view(b, c, G, Hg, ell, ell) * CB[:, :, :, None]  # (b, c, G, Hg, l, l)
+        ydiag = mix.view(b, c, H, ell, ell) @ xdt.transpose(2, 3)  # (b, c, H, l, P)
+        xe = xdt * (last[:, :, None] - acum).exp()[..., None]  # decay from t to the chunk end
+        local = (Bc.transpose(-1, -2) @ by_group(xe)).view(b, c, G, N, Hg, P)
+
+    init = initial_state.view(b, G, Hg, P, N).permute(0, 1, 4, 2, 3)  # (b, G, N, Hg, P)
+    starts, final = _carry_states(local, last.exp().view(b, c, G, 1, Hg, 1), init)  # (b, c, G, N, Hg, P)
+    final_state = final.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+
+    if factored:
+        starts = starts * m.exp().view(b, c, G, 1, Hg, 1)
+        y = ydiag + Cc @ starts.view(b, c, G, N, Hg * P)  # (b, c, G, l, Hg*P)
+        y = by_head(y) * (acum - m).exp()[..., None]
+    else:
+        yoff = by_head(Cc @ starts.view(b, c, G, N, Hg * P)) * acum.exp()[..., None]
+        y = ydiag.transpose(2, 3) + yoff
+    return y.reshape(b, c * ell, H, P)[:, :seq_len], final_state
+
+
+def _scan_within_chunks(alpha: Tensor, w: Tensor) -> Tensor:
+    """h_t = alpha_t h_{t-1} + w_t along dim 2 from h = 0, in log2(l) doubling steps (Hillis & Steele 1986).
+
+    Used by the diagonal scan when a chunk decays too much for the factored form; stable for any decay.
+    """
+    ell, shift = alpha.shape[2], 1
+    while shift < ell:
+        w = torch.cat([w[:, :, :shift], w[:, :, shift:] + alpha[:, :, shift:] * w[:, :, :-shift]], dim=2)
+        alpha = torch.cat([alpha[:, :, :shift], alpha[:, :, shift:] * alpha[:, :, :-shift]], dim=2)
+        shift *= 2
+    return w
+
+
+def diagonal_chunked_scan(
+    u: Tensor, log_alpha: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Chunked scan of one scalar state per channel: s_t = exp(log_alpha_t) s_{t-1} + B_t u_t, y_t = C_t s_t.
+
+    Args:
+        u, B, C: (b, L, D) inputs, input gates and output gates per channel.
+        log_alpha: (b, L, D) log decays (<= 0).
+        chunk_size: tokens per chunk; any L works.
+        initial_state: (b, D) state before the first token, or None for zeros.
+
+    Returns:
+        y: (b, L, D); final_state: (b, D).
+    """
+    b, seq_len, D = u.shape
+    if initial_state is None:
+        initial_state = u.new_zeros(b, D)
+    ell = min(chunk_size, seq_len)
+    pad = (-seq_len) % ell
+    u, log_alpha, B, C = (_pad_time(t, pad) for t in (u, log_alpha, B, C))
+    c = (seq_len + pad) // ell
+
+    acum = log_alpha.view(b, c, ell, D).cumsum(2)  # (b, c, l, D)
+    last = acum[:, :, -1]  # (b, c, D)
+    w = (B * u).view(b, c, ell, D)
+    if bool((-last).max() <= 2 * _half_range(u.dtype)) if last.numel() else True:
+        # Same factoring as the SSD scan: the in-chunk sum becomes a cumulative sum.
+        m = (0.5 * last).detach()[:, :, None]
+        h_local = (acum - m).exp() * (w * (m - acum).exp()).cumsum(2)  # (b, c, l, D)
+    else:
+        h_local = _scan_within_chunks(log_alpha.view(b, c, ell, D).exp(), w)
+    starts, final = _carry_states(h_local[:, :, -1], last.exp(), initial_state)  # (b, c, D)
+    h = h_local + acum.exp() * starts[:, :, None]
+    y = C * h.view(b, c * ell, D)
+    return y[:, :seq_len], final
 
 
 @dataclass
 class SSMState:
-    """conv: (B, d_conv - 1, conv_dim) last conv inputs; ssm: (B, H, P, N)."""
+    """Recurrent state of :class:`SelectiveSSM`.
+
+    Attributes:
+        conv: (B, d_conv - 1, conv_dim) the last d_conv - 1 inputs of the causal convolution.
+        ssm: (B, H, P, N) the SSM state; the diagonal variant has H = d_inner and P = N = 1.
+    """
 
     conv: Tensor
     ssm: Tensor
 
 
+_SSD_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"torch": ssd_chunked_scan}
+_DIAGONAL_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"torch": diagonal_chunked_scan}
+
+
 class SelectiveSSM(TriPathComponent):
-    """Mamba-2 selective SSM with a chunked SSD scan; its state is the conv buffer and the SSM state.
+    """Mamba-2 selective SSM mixer, the always-on backbone of every Hydra block.
+
+    in_proj -> (z, x, B, C, dt); causal depthwise conv + SiLU on (x, B, C); chunked scan with decay
+    exp(dt A), dt = softplus(dt_raw + dt_bias), A = -exp(A_log); skip D x; gated RMSNorm norm(y * silu(z));
+    out_proj. The ``diagonal`` variant keeps this block but scans one state per channel (see module docstring).
 
     Args:
         d_model: model width.
         layer_idx: index of the block holding this component.
-        d_state: state size N per head.
-        expand: inner width as a multiple of d_model.
-        headdim: channels P per head; must divide expand * d_model.
-        d_conv: width of the causal depthwise convolution.
-        chunk_size: scan chunk length Q (speed knob; results do not depend on it).
-        variant: "ssd" (Mamba-2, the default) or "diagonal": the paper's own equations, one scalar state per
-            channel, alpha_t = exp(-softplus(dt_t) * lambda), s_t = alpha_t s_{t-1} + B_t U_t,
-            y_t = C_t s_t + D U_t (d_state, headdim and d_conv are not used; keep chunk_size small, ~16, since
-            its scan holds a (Q x Q) decay per channel).
-        backend: "torch" (the chunked scan in PyTorch; CPU and GPU).
+        d_state: state size N per head (ssd only).
+        expand: inner width d_inner = expand * d_model.
+        headdim: channels per head P (ssd only); must divide d_inner.
+        d_conv: width of the causal depthwise convolution (1 disables mixing in it).
+        chunk_size: scan chunk length; 64 measured fastest on CPU at L = 8192, d_model = 512.
+        ngroups: groups of heads sharing B and C (ssd only); must divide the number of heads.
+        variant: "ssd" (Mamba-2, scalar decay per head) or "diagonal" (the paper's one state per channel).
+        backend: scan implementation; only "torch" for now.
+        segment_len: forward processes the sequence in pieces of this many tokens, carrying the state (same
+            result); bounds the size of temporaries, which CPU allocators handle much faster below ~32 MB.
+        dt_min, dt_max: range of the log-uniform initial step size.
+        a_init_range: range of the uniform initial decay rate -A (lambda for the diagonal variant).
+        norm_eps: epsilon of the gated RMSNorm.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
     gated_by_router: ClassVar[bool] = False
     layerscale_init: ClassVar[float] = 0.8
-    example_init_args: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 8}
+    example_init_args: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 8, "segment_len": 16}
 
     def __init__(
         self,
@@ -144,81 +242,155 @@ class SelectiveSSM(TriPathComponent):
         expand: int = 2,
         headdim: int = 64,
         d_conv: int = 4,
-        chunk_size: int = 128,
+        chunk_size: int = 64,
+        ngroups: int = 1,
         variant: Literal["ssd", "diagonal"] = "ssd",
         backend: Literal["torch"] = "torch",
+        segment_len: int = 2048,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        a_init_range: tuple[float, float] = (1.0, 16.0),
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__(d_model, layer_idx)
-        d_inner = expand * d_model
+        for name, value in (("d_state", d_state), ("expand", expand), ("headdim", headdim), ("d_conv", d_conv)):
+            if value <= 0:
+                raise ValueError(f"ssm: {name} must be positive, got {value}")
+        if chunk_size <= 0 or ngroups <= 0:
+            raise ValueError(f"ssm: chunk_size ({chunk_size}) and ngroups ({ngroups}) must be positive")
         if variant not in ("ssd", "diagonal"):
-            raise ValueError(f"ssm: unknown variant {variant!r}; available: 'ssd', 'diagonal'")
-        if chunk_size <= 0 or d_conv <= 1 or d_state <= 0 or expand <= 0:
-            raise ValueError(f"ssm: chunk_size ({chunk_size}), d_state ({d_state}), expand ({expand}) must be positive and d_conv ({d_conv}) > 1")
-        self.variant = variant
-        if variant == "diagonal":
-            self.d_inner, self.chunk_size = d_inner, chunk_size
-            self.proj = nn.Linear(d_model, 4 * d_inner, bias=False)  # (U, B, C, dt) per channel
-            dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-            self.lambda_log = nn.Parameter(torch.log(torch.empty(d_inner).uniform_(1, 16)))  # lambda > 0
-            self.D = nn.Parameter(torch.ones(d_inner))
-            for p in (self.dt_bias, self.lambda_log, self.D):
-                p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
-            self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-            return
-        if d_inner % headdim:
-            raise ValueError(f"ssm: headdim={headdim} must divide expand * d_model = {d_inner}")
-        if backend != "torch":
-            raise ValueError(f"ssm: unknown backend {backend!r}; available: 'torch'")
-        self.d_state, self.headdim, self.d_conv, self.chunk_size = d_state, headdim, d_conv, chunk_size
-        self.d_inner, self.n_heads = d_inner, d_inner // headdim
-        self.conv_dim = d_inner + 2 * d_state
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.n_heads, bias=False)
-        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=0)
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
-        self.D = nn.Parameter(torch.ones(self.n_heads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._hydra_no_weight_decay = True  # type: ignore[attr-defined]
-        self.norm = RMSNorm(d_inner)
+            raise ValueError(f"ssm: variant must be 'ssd' or 'diagonal', got {variant!r}")
+        if backend not in _SSD_BACKENDS:
+            raise ValueError(f"ssm: backend must be one of {sorted(_SSD_BACKENDS)}, got {backend!r}")
+        if segment_len <= 0 or segment_len % chunk_size:
+            raise ValueError(f"ssm: segment_len must be a positive multiple of chunk_size={chunk_size}, got {segment_len}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"ssm: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if len(a_init_range) != 2 or not 0 < a_init_range[0] <= a_init_range[1]:
+            raise ValueError(f"ssm: a_init_range must be (low, high) with 0 < low <= high, got {a_init_range}")
+        d_inner = expand * d_model
+        if variant == "ssd":
+            if d_inner % headdim:
+                raise ValueError(f"ssm: headdim={headdim} must divide d_inner = expand * d_model = {d_inner}")
+            if (d_inner // headdim) % ngroups:
+                raise ValueError(f"ssm: ngroups={ngroups} must divide the number of heads {d_inner // headdim}")
+            nheads, bc_width = d_inner // headdim, ngroups * d_state
+        else:  # one state per channel: every channel is its own head with its own B, C and dt
+            headdim, d_state, ngroups, nheads, bc_width = 1, 1, 1, d_inner, d_inner
+        self.variant, self.backend = variant, backend
+        self.d_inner, self.nheads, self.headdim, self.d_state, self.ngroups = d_inner, nheads, headdim, d_state, ngroups
+        self.d_conv, self.chunk_size, self.segment_len, self.norm_eps = d_conv, chunk_size, segment_len, norm_eps
+        self.conv_dim = d_inner + 2 * bc_width
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, (x, B, C), dt
+        self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.norm = RMSNorm(d_inner, eps=norm_eps)  # gated: norm(y * silu(z)), per group of channels
+
+        # Mamba-2 inits: dt log-uniform in [dt_min, dt_max] stored through the inverse softplus, A uniform.
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*a_init_range).log())
+        self.D = nn.Parameter(torch.ones(nheads))
+        for param in (self.dt_bias, self.A_log, self.D):
+            param._hydra_no_weight_decay = True  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, variant={self.variant}, d_inner={self.d_inner}, heads={self.nheads}, "
+            f"headdim={self.headdim}, d_state={self.d_state}, chunk_size={self.chunk_size}"
+        )
+
+    def active_parameters(self) -> int:
+        """Every parameter is used for every token."""
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        # Projections and conv, plus the scan: intra-chunk (C B^T and the (Q x Q) product with x), chunk
-        # states and their read-out, each about 2 * Q * N or 2 * P * N multiply-adds per head and token.
-        q = min(self.chunk_size, seq_len)
-        if self.variant == "diagonal":
-            return 2.0 * self.active_parameters() + 2 * q * self.d_inner
-        scan = 2 * (q * self.d_state + self.n_heads * q * self.headdim + 2 * self.n_heads * self.headdim * self.d_state)
-        return 2.0 * self.active_parameters() + scan
+        """Projections, convolution and the chunked scan, per token (a multiply-add counts 2)."""
+        proj = 2.0 * (self.in_proj.weight.numel() + self.out_proj.weight.numel())
+        conv = 2.0 * self.d_conv * self.conv_dim
+        ell = min(self.chunk_size, max(seq_len, 1))
+        if self.variant == "ssd":
+            hpn = self.nheads * self.headdim * self.d_state
+            # C B^T rows and the (l x l) @ (l x HP) intra-chunk product, B^T x into the chunk state, C S out of it.
+            scan = 2.0 * ell * (self.ngroups * self.d_state + self.d_inner) + 4.0 * hpn
+        else:
+            scan = 8.0 * self.d_inner  # cumulative sums, decays and gates: a few multiply-adds per channel
+        return proj + conv + scan
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> SSMState:
-        if self.variant == "diagonal":
-            return SSMState(torch.zeros(batch_size, 0, 0, device=device, dtype=dtype), torch.zeros(batch_size, self.d_inner, device=device, dtype=dtype))
-        return SSMState(torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device, dtype=dtype), torch.zeros(batch_size, self.n_heads, self.headdim, self.d_state, device=device, dtype=dtype))
+        return SSMState(
+            conv=torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype),
+        )
 
-    def _forward_diagonal(self, x: Tensor, state: SSMState | None) -> ComponentOutput:
-        u, b_in, c_out, dt = self.proj(x).chunk(4, dim=-1)  # (B, L, d_inner) each
-        log_alpha = -F.softplus(dt + self.dt_bias) * torch.exp(self.lambda_log)  # log alpha_t <= 0
-        states, final = diagonal_chunked_scan(log_alpha, b_in * u, self.chunk_size, None if state is None else state.ssm)
-        y = c_out * states + self.D * u
-        return ComponentOutput(update=self.out_proj(y), state=SSMState(x.new_zeros(x.shape[0], 0, 0), final))
+    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:  # (..., d_inner) -> (..., d_inner)
+        g = y * F.silu(z)
+        if self.ngroups == 1:
+            return self.norm(g)
+        g = g.unflatten(-1, (self.ngroups, self.d_inner // self.ngroups))  # Mamba-2 normalises each group alone
+        return F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2) * self.norm.weight
 
-    def forward(self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None) -> ComponentOutput:
-        if self.variant == "diagonal":
-            return self._forward_diagonal(x, state)
-        b, length, _ = x.shape
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        past = state.conv if state is not None else xbc.new_zeros(b, self.d_conv - 1, self.conv_dim)
-        padded = torch.cat([past, xbc], dim=1)  # (B, d_conv - 1 + L, conv_dim)
-        xbc = F.silu(self.conv(padded.transpose(1, 2)).transpose(1, 2))  # (B, L, conv_dim)
-        xs, Bm, Cm = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
-        A = -torch.exp(self.A_log)
-        xh = xs.view(b, length, self.n_heads, self.headdim)
-        y, final = ssd_chunked_scan(xh, dt, A, Bm, Cm, self.chunk_size, None if state is None else state.ssm)
-        y = y + xh * self.D[:, None]
-        y = self.norm(y.reshape(b, length, self.d_inner) * F.silu(z))
-        new_state = SSMState(padded[:, -(self.d_conv - 1):], final)
-        return ComponentOutput(update=self.out_proj(y), state=new_state)
+    def _segment(self, x: Tensor, state: SSMState | None) -> tuple[Tensor, SSMState]:
+        """One piece of the sequence: x (B, T, D) -> update (B, T, D) and the state after it."""
+        batch, seq_len, _ = x.shape
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        padded = torch.cat([state.conv, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
+        conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
+        xbc = F.conv1d(padded.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv_dim)
+        xbc = F.silu(xbc.transpose(1, 2))  # (B, T, conv_dim)
+        bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
+        xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
+        A = -self.A_log.exp()  # (H,)
+        if self.variant == "ssd":
+            y, ssm = _SSD_BACKENDS[self.backend](
+                xs.view(batch, seq_len, self.nheads, self.headdim),
+                dt,
+                A,
+                B.view(batch, seq_len, self.ngroups, self.d_state),
+                C.view(batch, seq_len, self.ngroups, self.d_state),
+                self.chunk_size,
+                state.ssm,
+            )  # (B, T, H, P), (B, H, P, N)
+            y = (y + xs.view_as(y) * self.D[:, None]).flatten(-2)
+        else:
+            y, ssm = _DIAGONAL_BACKENDS[self.backend](xs, dt * A, B, C, self.chunk_size, state.ssm.flatten(1))
+            y, ssm = y + xs * self.D, ssm.view_as(state.ssm)
+        return self.out_proj(self._gated_norm(y, z)), SSMState(conv_state, ssm)
+
+    def forward(
+        self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None
+    ) -> ComponentOutput:
+        pieces = []
+        for start in range(0, x.shape[1], self.segment_len):
+            out, state = self._segment(x[:, start : start + self.segment_len], state)
+            pieces.append(out)
+        if not pieces:  # empty sequence: nothing to do, the state is unchanged
+            return ComponentOutput(update=x.new_zeros(x.shape[0], 0, self.d_model), state=state)
+        return ComponentOutput(update=torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state=state)
+
+    def step(self, x_t: Tensor, state: SSMState, context: ComponentContext | None = None) -> ComponentOutput:
+        """The O(1) recurrent update for one token x_t (B, D)."""
+        batch = x_t.shape[0]
+        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
+        xbc = F.silu(torch.einsum("bkc,ck->bc", window, self.conv.weight[:, 0]) + self.conv.bias)
+        bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
+        xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
+        dt = F.softplus(dt + self.dt_bias)  # (B, H)
+        decay = torch.exp(-dt * self.A_log.exp())  # (B, H)
+        if self.variant == "ssd":
+            hg = self.nheads // self.ngroups
+            x_h = xs.view(batch, self.nheads, self.headdim)
+            B_h = B.view(batch, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(batch, self.nheads, 1, -1)
+            C_h = C.view(batch, self.ngroups, 1, self.d_state).expand(-1, -1, hg, -1).reshape(batch, self.nheads, -1, 1)
+            ssm = state.ssm * decay[..., None, None] + (x_h * dt[..., None])[..., None] * B_h  # (B, H, P, N)
+            y = ((ssm @ C_h)[..., 0] + x_h * self.D[:, None]).flatten(1)  # (B, d_inner)
+        else:
+            s = state.ssm.flatten(1) * decay + B * xs  # (B, d_inner)
+            ssm, y = s.view_as(state.ssm), C * s + self.D * xs
+        update = self.out_proj(self._gated_norm(y, z))
+        return ComponentOutput(update=update, state=SSMState(window[:, 1:].clone(), ssm))
