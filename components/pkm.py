@@ -13,12 +13,13 @@ so the memory is causal by construction and the block may run it on a gathered s
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 __all__ = ["ProductKeyMemory", "candidate_pairs", "product_topk", "slot_usage_stats"]
@@ -103,6 +104,9 @@ class ProductKeyMemory(TriPathComponent):
         value_lr_scale: learning-rate multiplier of the value table (the paper trains it with a larger rate),
             read by the trainer from the parameter's ``_hydra_lr_scale``.
         query_dropout: dropout on the normalised queries during training.
+        backend: scoring and top-k implementation. "torch": matmuls and ``topk`` (any device); "triton": our fused
+            kernel (:mod:`hydra_kit.components.kernels.pkm_topk`; needs triton and a CUDA device, and says why
+            when either is missing); "auto": triton for CUDA tensors when triton is installed, torch otherwise.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.MEMORY
@@ -126,6 +130,7 @@ class ProductKeyMemory(TriPathComponent):
         sparse_values: bool = False,
         value_lr_scale: float = 10.0,
         query_dropout: float = 0.0,
+        backend: Literal["auto", "torch", "triton"] = "auto",
     ) -> None:
         super().__init__(d_model, layer_idx)
         if heads <= 0:
@@ -142,7 +147,14 @@ class ProductKeyMemory(TriPathComponent):
             raise ValueError(f"pkm: value_lr_scale must be positive, got {value_lr_scale}")
         if not 0.0 <= query_dropout < 1.0:
             raise ValueError(f"pkm: query_dropout must lie in [0, 1), got {query_dropout}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"pkm: backend must be one of ['auto', 'torch', 'triton'], got {backend!r}")
+        if backend == "triton" and (reason := triton_unavailable_reason()) is not None:
+            raise ValueError(f"pkm: backend 'triton' is unavailable: {reason}. Use backend 'auto' or 'torch'.")
         self.heads, self.n_keys, self.d_key, self.top_k = heads, n_keys, d_key, top_k
+        self.backend = backend
+        # "auto" asks once whether triton is installed (without importing it); the device is checked per call.
+        self._auto_triton = backend == "auto" and triton_installed()
         self.n_slots = n_keys * n_keys
         self.d_value = d_model if d_value is None else d_value
         self.query_dropout = query_dropout
@@ -207,7 +219,11 @@ class ProductKeyMemory(TriPathComponent):
             slots: (..., heads, k) long slot indices (slot = i1 * n_keys + i2).
             scores: (..., heads, k) full-key scores q . [k1_i1, k2_i2], decreasing.
         """
-        q1, q2 = self.queries(x).chunk(2, dim=-1)  # (..., H, dk/2) each
+        q = self.queries(x)  # (..., H, dk)
+        if self.backend == "triton" or (self._auto_triton and q.is_cuda):
+            scores, slots = pkm_topk_triton(q, self.sub_keys, self.top_k, self.cand_rows, self.cand_cols)
+            return slots, scores
+        q1, q2 = q.chunk(2, dim=-1)  # (..., H, dk/2) each
         scores1 = torch.einsum("...hd,hnd->...hn", q1, self.sub_keys[:, 0])  # (..., H, n_keys)
         scores2 = torch.einsum("...hd,hnd->...hn", q2, self.sub_keys[:, 1])
         scores, slots = product_topk(scores1, scores2, self.top_k, self.cand_rows, self.cand_cols)  # (..., H, k)
@@ -229,5 +245,5 @@ class ProductKeyMemory(TriPathComponent):
         return (
             f"d_model={self.d_model}, layer_idx={self.layer_idx}, heads={self.heads}, n_keys={self.n_keys} "
             f"({self.n_slots} slots), d_key={self.d_key}, top_k={self.top_k}, d_value={self.d_value}, "
-            f"sparse_values={self.sparse_values}"
+            f"sparse_values={self.sparse_values}, backend={self.backend}"
         )
