@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -205,3 +206,44 @@ def test_no_tokens_by_slots_tensor_is_built() -> None:
     with _LargestOutput() as recorder, torch.no_grad():
         brute_force_topk(small, torch.randn(2, 64, 8))
     assert recorder.largest >= 2 * 64 * small.n_slots
+
+
+# Backend selection (the kernel's parity with the torch path is tested in tests/kernels/test_pkm_topk.py).
+
+
+def test_backend_name_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"pkm: backend must be one of \['auto', 'torch', 'triton'\], got 'cuda'"):
+        ProductKeyMemory(16, 0, **SMALL, backend="cuda")  # type: ignore[arg-type]
+
+
+def test_triton_backend_without_triton_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # what an environment without triton looks like to imports
+    with pytest.raises(ValueError, match=r"pkm: backend 'triton' is unavailable: triton is not installed.*kernels"):
+        ProductKeyMemory(16, 0, **SMALL, backend="triton")
+    auto = ProductKeyMemory(16, 0, **SMALL)  # "auto" (the default) falls back to torch without a word
+    assert auto.backend == "auto" and auto(torch.randn(1, 3, 16)).update.shape == (1, 3, 16)
+
+
+def test_triton_backend_without_gpu_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tests/kernels turns the interpreter on for this process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"pkm: backend 'triton' is unavailable: no CUDA GPU is visible"):
+        ProductKeyMemory(16, 0, **SMALL, backend="triton")
+    # "auto" on CPU tensors takes the torch path: bit-identical to backend "torch".
+    torch.manual_seed(7)
+    auto = ProductKeyMemory(16, 0, **SMALL)
+    plain = ProductKeyMemory(16, 0, **SMALL, backend="torch")
+    plain.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(auto(x).update, plain(x).update)
+    assert "backend=auto" in repr(auto)
+
+
+def test_triton_backend_on_cpu_tensors_fails_at_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = ProductKeyMemory(16, 0, **SMALL, backend="triton")  # the interpreter makes it constructible on CPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"pkm_topk_triton cannot run: the tensors are on cpu.*CUDA"):
+        module(torch.randn(1, 2, 16))
