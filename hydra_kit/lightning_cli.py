@@ -97,12 +97,13 @@ class HydraCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP (a broadcast from rank 0): every rank must ask
         if not trainer.is_global_zero:  # one report per run, not one per process
             return
         console = Console(highlight=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
             console.print("final validation: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
-        console.print(f"run directory: [bold]{trainer.log_dir}[/]")
+        console.print(f"run directory: [bold]{log_dir}[/]")
         paths = [cb.best_model_path for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path]
         console.print("checkpoints: " + (", ".join(paths) or "-"))

@@ -254,7 +254,9 @@ class HydraLM(L.LightningModule):
             raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item()))
         on_step = stage == "train"
         batch_size = input_ids.shape[0]
-        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        # sync_dist on every step too: under DDP the logged training loss is the mean over the ranks, i.e. the loss
+        # of the global batch (each rank sees the same number of answer tokens), not rank 0's share alone.
+        self.log(f"{stage}/loss", task_loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=True)
         metric = self.train_acc if stage == "train" else self.val_acc
         mask = targets != IGNORE_INDEX
         metric(out.logits[mask].argmax(-1), targets[mask])

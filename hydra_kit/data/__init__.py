@@ -1,10 +1,11 @@
 """Data: seeded synthetic tasks (one file per task) and data modules."""
 
 from hydra_kit.data.distant_premise import DistantPremise
+from hydra_kit.data.domain_mixture import DomainMixture
 from hydra_kit.data.fact_recall import FactRecall
 from hydra_kit.data.logic_chains import LogicChains
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.synthetic import SyntheticDataModule, SyntheticDataset
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
 
-__all__ = ["IGNORE_INDEX", "MQAR", "DistantPremise", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask"]
+__all__ = ["IGNORE_INDEX", "MQAR", "DistantPremise", "DomainMixture", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask"]

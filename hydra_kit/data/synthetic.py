@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
@@ -69,9 +69,17 @@ class SyntheticDataModule(L.LightningDataModule):
         dataset: Dataset[dict[str, torch.Tensor]] = SyntheticDataset(self.task, "train", self.train_size, self.seed + 1_000_003 * epoch)
         skip = self._resume_batches if epoch == self._resume_epoch else 0
         self._resume_epoch, self._resume_batches = -1, 0
-        if skip:
-            dataset = Subset(dataset, range(skip * self.batch_size, self.train_size))
-        return self._loader(dataset, drop_last=True)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if skip:  # under DDP each of the `world` ranks consumed batch_size examples per step
+            dataset = Subset(dataset, range(skip * self.batch_size * world, self.train_size))
+        if trainer is None or world == 1:
+            return self._loader(dataset, drop_last=True)
+        # Under DDP Lightning would inject a *shuffling* DistributedSampler into a training loader. Shard in order
+        # instead: in step k rank r reads examples (k * batch_size + j) * world + r, j < batch_size, so the ranks
+        # together read exactly batch k of one process with batch size batch_size * world.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed), drop_last=False)

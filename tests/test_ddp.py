@@ -1,0 +1,71 @@
+"""DDP on 2 CPU processes (gloo) follows the same loss curve as 1 process with the same global batch.
+
+Why the curves can agree: the synthetic data module shards the training stream in order (rank r of W reads
+examples r, r + W, ...; see ``SyntheticDataModule.train_dataloader``), so in every step the two ranks together
+read exactly the batch the single process reads; both runs start from the same seed (DDP also broadcasts rank
+0's weights); DDP averages the gradients of the per-rank mean losses, which is the gradient of the global mean
+because every MQAR example has the same number of answer tokens; and the logged ``train/loss`` is the mean over
+the ranks (``sync_dist``).
+
+What may still differ, and the tolerance: float32 sums taken in another order (the gradient all-reduce, the
+per-rank loss means), about 1e-6 on a loss of 4; and the router's usage-budget loss (HYDRA.md R4), a square
+of the mean gate that each rank computes over its own half of the batch, so its gradient differs from the
+one-process gradient by lambda * (rank mean - global mean), with lambda = 0.01 and gate means within 1e-3 of
+each other. A mixture-of-experts load-balance loss would differ the same way (not in this recipe). Measured on
+the development machine: at most 4.8e-7 over the 8 steps. The tolerance, 1e-4 absolute, is 200 times that,
+while the loss itself moves by at least 9e-3 from one step to the next (the test requires more than 10 times
+the tolerance), so it cannot hide a real divergence: a data-sharding error (Lightning's default shuffling
+sampler) already moved the first loss by 2.4e-2.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+STEPS = 8
+PER_DEVICE_BATCH = 8
+TOLERANCE = 1e-4
+
+
+def _recipe(tmp_path: Path, name: str, batch_size: int) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    recipe["data"]["init_args"]["batch_size"] = batch_size
+    recipe["trainer"].update(
+        max_steps=STEPS, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+        val_check_interval=None, limit_val_batches=0,
+    )
+    recipe["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": name}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _train_losses(tmp_path: Path, name: str) -> list[float]:
+    with open(tmp_path / "runs" / name / "version_0" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one = run_cli("fit", "--config", str(_recipe(tmp_path, "one", 2 * PER_DEVICE_BATCH)), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = run_cli(
+        "fit", "--config", str(_recipe(tmp_path, "ddp", PER_DEVICE_BATCH)),
+        "--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        cwd=tmp_path,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "distributed_backend=gloo" in ddp.stdout + ddp.stderr and "Starting with 2 processes" in ddp.stdout + ddp.stderr
+    assert ddp.stdout.count("run directory:") == 1  # one end-of-fit report, from rank 0
+    single, distributed = _train_losses(tmp_path, "one"), _train_losses(tmp_path, "ddp")
+    assert len(single) == len(distributed) == STEPS
+    worst = max(abs(a - b) for a, b in zip(single, distributed, strict=True))
+    assert worst <= TOLERANCE, f"DDP loss curve {distributed} differs from the 1-process curve {single} by {worst:.2e}"
+    # The comparison means something only if the curve moves by far more than the tolerance between steps.
+    assert min(abs(a - b) for a, b in zip(single, single[1:], strict=False)) > 10 * TOLERANCE, single
