@@ -15,6 +15,8 @@ Worked example (``MQAR(num_pairs=2, num_queries=2, num_keys=4, num_values=4)``, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
@@ -22,6 +24,10 @@ from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
 
 class MQAR(SyntheticTask):
     """Multi-query associative recall.
+
+    ``num_pairs`` and ``num_queries`` set the sequence length (``2 * num_pairs + 1 + num_queries``) and the
+    difficulty; a curriculum changes them during training through :meth:`with_params`. The key and value
+    vocabularies are fixed, since the model's embedding was sized for them.
 
     Args:
         num_pairs: key-value pairs listed per sequence.
@@ -43,6 +49,28 @@ class MQAR(SyntheticTask):
         self.num_keys, self.num_values = num_keys, num_values
         self.sep = 1 + num_keys + num_values
 
+    #: constructor arguments :meth:`with_params` may change (length and difficulty, not the vocabulary)
+    adjustable = ("num_pairs", "num_queries")
+
+    def params(self) -> dict[str, int]:
+        """The current values of the :attr:`adjustable` arguments."""
+        return {"num_pairs": self.num_pairs, "num_queries": self.num_queries}
+
+    def with_params(self, changes: Mapping[str, int]) -> MQAR:
+        """A copy of this task with some :attr:`adjustable` arguments changed (the curriculum hook).
+
+        Raises:
+            ValueError: an argument is not adjustable, or the combination is invalid (as in the constructor).
+        """
+        unknown = sorted(set(changes) - set(self.adjustable))
+        if unknown:
+            raise ValueError(f"MQAR: cannot change {', '.join(map(repr, unknown))} during training; adjustable: {', '.join(self.adjustable)}")
+        for key, value in changes.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"MQAR: {key} must be an integer, got {value!r}")
+        merged = {**self.params(), **changes}
+        return MQAR(merged["num_pairs"], merged["num_queries"], self.num_keys, self.num_values, self.heldout_buckets)
+
     @property
     def vocab_size(self) -> int:
         return self.sep + 1
@@ -59,4 +87,4 @@ class MQAR(SyntheticTask):
         input_ids = np.concatenate([pairs, [self.sep], keys[asked]]).astype(np.int64)
         targets = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         targets[2 * self.num_pairs + 1 :] = values[asked]
-        return Example(input_ids, targets, {"num_pairs": self.num_pairs})
+        return Example(input_ids, targets, {"num_pairs": self.num_pairs, "pairs": self.num_pairs})

@@ -50,3 +50,7 @@ def test_answers_are_targets_only_and_reachable():
 def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="num_queries"):
         MQAR(num_pairs=2, num_queries=3)
+
+
+def test_meta_names_the_number_of_pairs():
+    assert MQAR(num_pairs=5, num_queries=2).sample(0, "train", 0).meta["pairs"] == 5
