@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -12,17 +14,65 @@ from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
 
 
-class SyntheticDataset(Dataset[dict[str, torch.Tensor]]):
-    """``size`` examples of one split of a task; example i is generated when asked for, from (seed, split, i)."""
+class TaskSchedule:
+    """Which task (length, difficulty) each training example is drawn from: the curriculum hook's record.
 
-    def __init__(self, task: SyntheticTask, split: str, size: int, seed: int) -> None:
+    Training examples are numbered across epochs (example i of epoch e is number ``e * train_size + i``).
+    ``segments`` lists ``(first example number, task)`` in order; a change made while training takes effect at
+    the first example not yet drawn, so the examples already loaded ahead of the step stay as they were, and
+    the record (saved in checkpoints) makes a resumed run draw exactly the examples of an uninterrupted one.
+    """
+
+    def __init__(self, task: SyntheticTask) -> None:
+        self.segments: list[tuple[int, SyntheticTask]] = [(0, task)]
+        self.drawn = 0  # training examples drawn so far (by number), in this process
+
+    @property
+    def current(self) -> SyntheticTask:
+        """The task of the newest change (validation uses it)."""
+        return self.segments[-1][1]
+
+    def task_for(self, number: int) -> SyntheticTask:
+        """The task training example ``number`` is drawn from."""
+        starts = [start for start, _ in self.segments]
+        return self.segments[bisect.bisect_right(starts, number) - 1][1]
+
+    def change(self, task: SyntheticTask, start: int) -> None:
+        """Draw examples numbered ``start`` onwards from ``task`` (``start`` >= every earlier change)."""
+        if start < self.segments[-1][0]:
+            raise ValueError(f"task change at example {start} precedes the previous change at {self.segments[-1][0]}")
+        if start == self.segments[-1][0] and len(self.segments) > 1:
+            self.segments[-1] = (start, task)  # nothing was drawn from the previous change: replace it
+        elif start == 0:
+            self.segments = [(0, self.segments[0][1]), (0, task)]
+        else:
+            self.segments.append((start, task))
+
+
+class SyntheticDataset(Dataset[dict[str, torch.Tensor]]):
+    """``size`` examples of one split of a task; example i is generated when asked for, from (seed, split, i).
+
+    With a ``schedule``, training example i is drawn from the task the schedule assigns to number
+    ``offset + i`` (and recorded as drawn); validation examples from the schedule's current task.
+    """
+
+    def __init__(self, task: SyntheticTask, split: str, size: int, seed: int, schedule: TaskSchedule | None = None, offset: int = 0) -> None:
         self.task, self.split, self.size, self.seed = task, split, size, seed
+        self.schedule, self.offset = schedule, offset
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = self.task.sample(self.seed, self.split, index)
+        task = self.task
+        if self.schedule is not None:
+            if self.split == "train":
+                number = self.offset + index
+                task = self.schedule.task_for(number)
+                self.schedule.drawn = max(self.schedule.drawn, number + 1)
+            else:
+                task = self.schedule.current
+        example = task.sample(self.seed, self.split, index)
         return {"input_ids": torch.from_numpy(example.input_ids), "targets": torch.from_numpy(example.targets)}
 
 
@@ -50,7 +100,8 @@ class SyntheticDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size <= 0 or train_size <= 0 or val_size <= 0:
             raise ValueError(f"data: batch_size ({batch_size}), train_size ({train_size}) and val_size ({val_size}) must be positive")
-        self.task = task if task is not None else MQAR()
+        self.task = task if task is not None else MQAR()  # the current task (a curriculum may change it)
+        self.schedule = TaskSchedule(self.task)
         self.batch_size, self.train_size, self.val_size = batch_size, train_size, val_size
         self.seed, self.num_workers = seed, num_workers
         self._resume_epoch, self._resume_batches = -1, 0  # set by load_state_dict when a run resumes
@@ -66,7 +117,11 @@ class SyntheticDataModule(L.LightningDataModule):
         # Each epoch draws new examples: seed the stream with the epoch so no epoch repeats another. The examples
         # are already random, so they are read in order; a resumed run skips the batches it had consumed.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        dataset: Dataset[dict[str, torch.Tensor]] = SyntheticDataset(self.task, "train", self.train_size, self.seed + 1_000_003 * epoch)
+        offset = epoch * self.train_size
+        self.schedule.drawn = max(self.schedule.drawn, offset)
+        dataset: Dataset[dict[str, torch.Tensor]] = SyntheticDataset(
+            self.task, "train", self.train_size, self.seed + 1_000_003 * epoch, self.schedule, offset
+        )
         skip = self._resume_batches if epoch == self._resume_epoch else 0
         self._resume_epoch, self._resume_batches = -1, 0
         trainer = self.trainer
@@ -82,7 +137,7 @@ class SyntheticDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
-        return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed), drop_last=False)
+        return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed, self.schedule), drop_last=False)
 
     def test_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self.val_dataloader()
@@ -90,9 +145,48 @@ class SyntheticDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self.val_dataloader()
 
+    # ------------------------------------------------------------ curriculum hook
+    def task_params(self) -> dict[str, Any]:
+        """The current values of the task arguments a curriculum may change (empty if the task has none)."""
+        params = getattr(self.task, "params", None)
+        return dict(params()) if callable(params) else {}
+
+    def task_with(self, values: Mapping[str, Any]) -> SyntheticTask:
+        """The task with ``values`` changed, validated but not applied (the task's ``with_params``).
+
+        Raises:
+            ValueError: the task has no curriculum hook, an argument is not adjustable, or the values are invalid.
+        """
+        with_params = getattr(self.task, "with_params", None)
+        if not callable(with_params):
+            raise ValueError(f"{type(self.task).__name__} has no curriculum hook (params / with_params); its length and difficulty are fixed")
+        task = with_params(dict(values))
+        if task.vocab_size != self.task.vocab_size:
+            raise ValueError(f"the change {dict(values)} would change the vocabulary ({self.task.vocab_size} -> {task.vocab_size} ids)")
+        return task
+
+    def set_task_params(self, values: Mapping[str, Any]) -> None:
+        """Change the task's length or difficulty from the next training example not yet drawn on.
+
+        Validation uses the new task at once. With ``num_workers > 0`` the workers hold copies of the dataset,
+        so the change reaches training at the start of the next epoch (data loaders are rebuilt every epoch).
+        """
+        if all(self.task_params().get(k) == v for k, v in values.items()):
+            return
+        task = self.task_with(values)
+        start = self.schedule.drawn
+        if self.num_workers > 0:
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            start = max(start, (epoch + 1) * self.train_size)
+        start = -(-start // self.batch_size) * self.batch_size  # never inside a batch: its examples must stack
+        self.schedule.change(task, start)
+        self.task = task
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: where the training stream stands, so a resumed run sees the same batches."""
         state: dict[str, Any] = {"seed": self.seed}
+        if len(self.schedule.segments) > 1:
+            state["task_schedule"] = [(start, dict(t.params())) for start, t in self.schedule.segments[1:]]  # type: ignore[attr-defined]
         if self.trainer is not None:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
             state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)
@@ -102,4 +196,11 @@ class SyntheticDataModule(L.LightningDataModule):
         self.seed = int(state_dict.get("seed", self.seed))
         self._resume_epoch = int(state_dict.get("epoch", -1))
         self._resume_batches = int(state_dict.get("batches_done", 0))
+        base = self.schedule.segments[0][1]
+        self.schedule = TaskSchedule(base)
+        for start, params in state_dict.get("task_schedule", []):
+            self.schedule.change(base.with_params(params), int(start))  # type: ignore[attr-defined]
+        self.task = self.schedule.current
+        if self._resume_epoch >= 0:
+            self.schedule.drawn = self._resume_epoch * self.train_size + self._resume_batches * self.batch_size
 

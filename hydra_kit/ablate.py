@@ -1,0 +1,360 @@
+"""``hydra-kit ablate``: what each component instance is worth, by paired training runs or by knock-outs.
+
+::
+
+    hydra-kit ablate --drop pkm --drop sga,workspace --config recipes/full.yaml --seeds 3 --trainer.max_steps 300
+    hydra-kit ablate --mode knockout --ckpt_path runs/full/version_0/checkpoints/last.ckpt --drop pkm --drop sga
+
+``--mode train`` (default) trains the recipe as is and once per ``--drop`` (``a,b`` drops both in one run),
+each with the same seed and the same data stream (``seed_everything`` and the data module's ``seed``), and
+validates the final weights. A dropped instance is removed before the model is built (the model's ``dropped``
+hyper-parameter), so the ablated model allocates nothing for it, and its checkpoint reloads with
+``HydraLM.load_from_checkpoint``. Any instance of the recipe's ``model.components`` may be dropped, the router
+included: without it every gated component contributes with gate 1 and sparse global attention has no scores,
+so it is plain sliding-window attention. Model initialisation draws from the same seed, but removing an
+instance changes which random numbers the others receive: the paired runs share data, not initial weights.
+
+``--mode knockout`` loads one trained checkpoint and validates it as is and once per ``--drop`` with those
+instances switched off (:class:`hydra_kit.callbacks.KnockOut`): no retraining, parameters kept. The router
+cannot be knocked out (its gates are how the other components are weighted; drop it in train mode instead).
+The data and trainer settings come from the ``config.yaml`` that training saved beside the checkpoint's
+``checkpoints/`` folder (``--config`` overrides it), and the data module's state is restored from the
+checkpoint, so a curriculum-trained model is evaluated on the task of its last stage.
+
+``--seeds N`` repeats every run with N seeds, ``s + i`` for ``i`` in 0..N-1 where ``s`` is the recipe's
+``seed_everything`` (model initialisation) and, separately, its data seed (the example stream); it reports the
+mean and the standard deviation (N-1 denominator) of each metric; deltas are paired per seed (run - full with
+the same seed), then averaged.
+
+Outputs, in ``--out`` (default ``runs/ablate/<recipe stem>-<timestamp>/``): a rich table, ``ablate.csv`` (one
+row per configuration) and ``ablate.json`` (those rows plus every single run: seed, metrics, log directory,
+checkpoint). Metrics: total and active parameters (:meth:`HydraLM.parameter_report`; in knockout mode active
+parameters exclude the instances switched off), validation loss and accuracy (a final ``trainer.validate``),
+and tokens/s (:class:`hydra_kit.callbacks.Throughput`: training batches in train mode, validation batches in
+knockout mode). Every run logs and checkpoints into its own directory under ``--out``.
+
+Arguments after the known options are LightningCLI overrides applied to every run (``--trainer.max_steps 50``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+from rich.console import Console
+from rich.table import Table
+
+from hydra_kit.callbacks import Ablation, KnockOut, Throughput
+from hydra_kit.checkpoint import CheckpointError
+from hydra_kit.cli import check_recipes, load_recipe, merged_model_section
+from hydra_kit.lightning_cli import HydraCLI
+from hydra_kit.model import DEFAULT_COMPONENTS, HydraLM, default_registry
+from hydra_kit.recipe import RecipeError, resolve_components
+
+DEFAULT_RECIPE = "recipes/full.yaml"
+METRICS = ("val_loss", "val_acc", "tokens_per_s", "total_params", "active_params")
+FULL = "full"
+
+
+@dataclass
+class RunResult:
+    """One training run or one evaluation."""
+
+    label: str
+    dropped: list[str]
+    seed: int | None  # the seed index (0..N-1); the seeds used are seed_everything + index, data seed + index
+    val_loss: float
+    val_acc: float
+    tokens_per_s: float | None
+    total_params: int
+    active_params: int
+    log_dir: str | None = None
+    checkpoint: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- argument checks
+def parse_drops(values: list[str]) -> list[tuple[str, ...]]:
+    """``--drop`` values to drop sets: ``a,b`` is one set of two; duplicates removed, order kept."""
+    sets: list[tuple[str, ...]] = []
+    for value in values:
+        names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        if not names:
+            raise RecipeError(f"ablate: --drop {value!r} names no component instance")
+        if names not in sets:
+            sets.append(names)
+    return sets
+
+
+def recipe_instances(recipe: str, overrides: list[str]) -> tuple[list[str], set[str]]:
+    """The component instances a recipe builds (in recipe order) and which of them are routers."""
+    section = merged_model_section([recipe], overrides)
+    spec = dict(section.get("components") or DEFAULT_COMPONENTS)
+    for name in section.get("dropped") or []:
+        spec.pop(name, None)
+    resolved = resolve_components(spec, int(section.get("n_blocks", 4)), default_registry(), f"{recipe}: model.components")
+    return [r.name for r in resolved], {r.name for r in resolved if r.is_router}
+
+
+def check_drops(drops: list[tuple[str, ...]], valid: list[str], where: str, note: str = "") -> None:
+    """Fail before any run when a drop names something that is not an instance; the message lists the valid ones."""
+    unknown = sorted({n for names in drops for n in names} - set(valid))
+    if unknown:
+        raise RecipeError(f"ablate: unknown component instance(s) {unknown}; instances of {where}: {', '.join(valid)}{note}")
+
+
+# ------------------------------------------------------------------------------------------------- runs
+class _RunCLI(HydraCLI):
+    """HydraCLI for one run of an ablation: its own log directory, drop list and data seed."""
+
+    def __init__(self, args: list[str], *, run_dir: Path, label: str, dropped: list[str], seed: int | None) -> None:
+        self._run_dir, self._label, self._dropped, self._seed = run_dir, label, dropped, seed
+        super().__init__(args=args, run=False)
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config
+        if self._dropped:
+            config.model.dropped = list(dict.fromkeys([*(config.model.dropped or []), *self._dropped]))
+        data_args = config.data.get("init_args") if hasattr(config.data, "get") else None
+        if self._seed:
+            # Seed index i: model initialisation and the data stream (with its held-out split) both move by i,
+            # so seed 0 is exactly the recipe as written.
+            config.seed_everything = int(config.seed_everything or 0) + self._seed
+            if data_args is not None and "seed" in data_args:
+                data_args.seed = int(data_args.seed or 0) + self._seed
+        config.trainer.default_root_dir = str(self._run_dir)
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = logger.get("init_args") if hasattr(logger, "get") else None
+            if init is not None:  # TensorBoard/CSV-style loggers: <out>/<label>/version_<n>/
+                for key, value in (("save_dir", str(self._run_dir.parent)), ("name", self._label), ("version", None)):
+                    if key in init:
+                        init[key] = value
+
+
+def _cli_args(recipe: str, overrides: list[str]) -> list[str]:
+    return ["--config", recipe, *overrides]
+
+
+def _callbacks(trainer: Trainer) -> list[Callback]:
+    return trainer.callbacks  # type: ignore[attr-defined, no-any-return]
+
+
+def _label(dropped: tuple[str, ...] | list[str], prefix: str) -> str:
+    return f"{prefix}-{'+'.join(dropped)}" if dropped else FULL
+
+
+def train_run(recipe: str, overrides: list[str], dropped: tuple[str, ...], seed: int, out: Path) -> RunResult:
+    """Train one configuration with one seed, validate the final weights, and measure it."""
+    label = _label(dropped, "drop")
+    run_name = f"{label}-seed{seed}"
+    cli = _RunCLI(_cli_args(recipe, overrides), run_dir=out / run_name, label=run_name, dropped=list(dropped), seed=seed)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    throughput = Throughput()
+    _callbacks(trainer).append(throughput)
+    if dropped:
+        _callbacks(trainer).append(Ablation(list(dropped)))
+    trainer.fit(model, datamodule=datamodule)
+    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    report = model.parameter_report(throughput.seq_len or getattr(getattr(datamodule, "task", None), "seq_len", 1))
+    checkpoint = next((str(p) for cb in trainer.checkpoint_callbacks if (p := getattr(cb, "last_model_path", ""))), None)
+    return RunResult(
+        label=label,
+        dropped=list(dropped),
+        seed=seed,
+        val_loss=float(metrics["val/loss"]),
+        val_acc=float(metrics["val/acc"]),
+        tokens_per_s=throughput.tokens_per_s("train"),
+        total_params=report["total_params"],
+        active_params=report["active_params"],
+        log_dir=trainer.log_dir,
+        checkpoint=checkpoint,
+    )
+
+
+def run_config(ckpt_path: str) -> str | None:
+    """The ``config.yaml`` a training run saved beside the checkpoint's folder, if there is one."""
+    path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    return str(path) if path.is_file() else None
+
+
+def knockout_runs(recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console) -> list[RunResult]:
+    """Validate one checkpoint as is and with each drop set knocked out."""
+    if not Path(ckpt_path).is_file():
+        raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
+    try:
+        model = HydraLM.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt_path}: not a hydra-kit HydraLM checkpoint ({str(exc).splitlines()[0]})") from None
+    instances = [r.name for r in model.resolved]
+    routers = {r.name for r in model.resolved if r.is_router}
+    note = f" (routers {sorted(routers)} cannot be knocked out: drop them in --mode train)" if routers & {n for d in drops for n in d} else ""
+    check_drops(drops, [n for n in instances if n not in routers], ckpt_path, note)
+    # The recipe supplies the data module and trainer settings; its freshly built model is not used.
+    cli = _RunCLI(_cli_args(recipe, overrides), run_dir=out / "knockout", label="knockout", dropped=[], seed=None)
+    trainer, datamodule = cli.trainer, cli.datamodule
+    base_callbacks = list(_callbacks(trainer))
+    report = model.parameter_report(getattr(getattr(datamodule, "task", None), "seq_len", 1))
+    results = []
+    for names in [(), *drops]:
+        console.print(f"[bold]ablate[/]: validating {ckpt_path} " + (f"with {', '.join(names)} knocked out" if names else "as is"))
+        throughput = Throughput()
+        _callbacks(trainer)[:] = [*base_callbacks, throughput, KnockOut(list(names))]
+        # ckpt_path restores the data module's state too: a curriculum run is evaluated on its last stage's task.
+        metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+        off = sum(report["components"][n]["active_params"] for n in names if n in report["components"])
+        results.append(
+            RunResult(
+                label=_label(names, "knockout"),
+                dropped=list(names),
+                seed=None,
+                val_loss=float(metrics["val/loss"]),
+                val_acc=float(metrics["val/acc"]),
+                tokens_per_s=throughput.tokens_per_s("val"),
+                total_params=report["total_params"],
+                active_params=int(report["active_params"] - off),
+                log_dir=trainer.log_dir,
+                checkpoint=ckpt_path,
+            )
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------------- summary
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per configuration: mean and std of every metric and of its paired delta against the full run."""
+    labels = list(dict.fromkeys(r.label for r in results))
+    full = {r.seed: r for r in results if r.label == FULL}
+    rows = []
+    for label in labels:
+        runs = [r for r in results if r.label == label]
+        row: dict[str, Any] = {"label": label, "dropped": runs[0].dropped, "n": len(runs)}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_std"] = _mean_std([getattr(r, metric) for r in runs])
+            deltas: list[float | None] = []
+            for r in runs:
+                base = full.get(r.seed)
+                a, b = getattr(r, metric), None if base is None else getattr(base, metric)
+                deltas.append(None if a is None or b is None else a - b)
+            row[f"delta_{metric}"], row[f"delta_{metric}_std"] = _mean_std(deltas)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, std: float | None, spec: str, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = format(value, ("+" if signed else "") + spec)
+    return text + (f" ± {format(std, spec)}" if std is not None else "")
+
+
+def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, console: Console) -> None:
+    table = Table(title=title)
+    columns = ["run", "removed", "params", "active", "val loss", "Δ loss", "val acc", "Δ acc", f"{throughput_kind} tok/s", "Δ tok/s"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "removed") else "right")
+    for row in rows:
+        table.add_row(
+            row["label"],
+            ", ".join(row["dropped"]) or "-",
+            _fmt(row["total_params"], None, ",.0f"),
+            _fmt(row["active_params"], None, ",.0f"),
+            _fmt(row["val_loss"], row["val_loss_std"], ".4f"),
+            _fmt(row["delta_val_loss"], row["delta_val_loss_std"], ".4f", signed=True),
+            _fmt(row["val_acc"], row["val_acc_std"], ".4f"),
+            _fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True),
+            _fmt(row["tokens_per_s"], row["tokens_per_s_std"], ",.0f"),
+            _fmt(row["delta_tokens_per_s"], row["delta_tokens_per_s_std"], ",.0f", signed=True),
+        )
+    console.print(table)
+
+
+def write_outputs(rows: list[dict[str, Any]], results: list[RunResult], meta: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "ablate.json", out / "ablate.csv"
+    json_path.write_text(json.dumps({**meta, "rows": rows, "runs": [asdict(r) for r in results]}, indent=2))
+    fields = ["label", "dropped", "n"] + [f"{p}{m}{s}" for m in METRICS for p in ("", "delta_") for s in ("", "_std")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: row[k] for k in fields}, "dropped": "+".join(row["dropped"])})
+    return [csv_path, json_path]
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str]) -> int:
+    """Paired runs with and without component instances (or knock-outs of one checkpoint), with a table of deltas."""
+    parser = argparse.ArgumentParser(
+        prog="hydra-kit ablate",
+        description=main.__doc__,
+        epilog="Arguments after the known options are LightningCLI overrides for every run, e.g. --trainer.max_steps 50.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--drop", action="append", required=True, metavar="NAME[,NAME]", help="instances to remove in one run (repeatable)")
+    parser.add_argument(
+        "--config", "-c", default=None, help=f"recipe (train mode default {DEFAULT_RECIPE}; knockout mode default: the run's config.yaml)"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="repeat every run with seeds 0..N-1 (train mode)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/ablate/<recipe stem>-<timestamp>)")
+    parser.add_argument("--mode", choices=("train", "knockout"), default="train")
+    parser.add_argument("--ckpt_path", default=None, help="knockout mode: the trained checkpoint to evaluate")
+    args, overrides = parser.parse_known_args(argv)
+    if args.seeds < 1:
+        raise RecipeError(f"ablate: --seeds must be >= 1, got {args.seeds}")
+    if args.mode == "knockout" and (args.ckpt_path is None or args.seeds != 1):
+        raise RecipeError("ablate: --mode knockout needs --ckpt_path and evaluates one checkpoint (no --seeds)")
+    if args.mode == "train" and args.ckpt_path is not None:
+        raise RecipeError("ablate: --ckpt_path is for --mode knockout; train mode trains every run from scratch")
+    if args.config is None:
+        args.config = DEFAULT_RECIPE if args.mode == "train" else run_config(args.ckpt_path)
+        if args.config is None:
+            raise RecipeError(f"ablate: no config.yaml beside {args.ckpt_path}'s checkpoints/ folder; name the recipe it was trained with: --config RECIPE")
+    load_recipe(args.config)
+    check_recipes([args.config], overrides)
+    drops = parse_drops(args.drop)
+    stem = Path(args.config).stem
+    suffix = "" if args.mode == "train" else "-knockout"
+    out = Path(args.out or f"runs/ablate/{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    console = Console(highlight=False, width=None if Console().is_terminal else 160)
+    # hydra-kit's data modules restore their position themselves (see cli.run_lightning).
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+    if args.mode == "train":
+        instances, _ = recipe_instances(args.config, overrides)
+        check_drops(drops, instances, args.config)
+        configs: list[tuple[str, ...]] = [(), *drops]
+        results: list[RunResult] = []
+        total = len(configs) * args.seeds
+        for seed in range(args.seeds):
+            for dropped in configs:
+                what = f"without {', '.join(dropped)}" if dropped else "full recipe"
+                console.print(f"[bold]ablate[/]: run {len(results) + 1}/{total}: {what}, seed {seed}")
+                results.append(train_run(args.config, overrides, dropped, seed, out))
+        kind = "train"
+    else:
+        results = knockout_runs(args.config, overrides, args.ckpt_path, drops, out, console)
+        kind = "val"
+    rows = summarise(results)
+    meta = {"mode": args.mode, "recipe": args.config, "seeds": args.seeds, "ckpt_path": args.ckpt_path, "overrides": overrides, "throughput": kind}
+    title = f"ablation of {args.config} ({args.mode}, {args.seeds} seed{'s' if args.seeds > 1 else ''}; Δ = run - full)"
+    print_table(rows, title, kind, console)
+    for path in write_outputs(rows, results, meta, out):
+        console.print(f"wrote {path}")
+    return 0

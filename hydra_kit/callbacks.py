@@ -1,0 +1,492 @@
+"""Lightning callbacks for component studies: curriculum stages, knock-outs, ablation checks, throughput.
+
+* :class:`Curriculum` activates a model's parts in stages (HYDRA.md 1: "ablations and curriculum stages are
+  Lightning callbacks"). The paper (arXiv 2508.15099, v1/v2) only says it "outline[s] a staged curriculum
+  intended to stably activate the parts"; the number of stages and their contents are not recoverable, so a
+  curriculum is whatever the recipe says (``recipes/curriculum.yaml`` is one reading). Recipe form::
+
+      trainer:
+        callbacks:
+          - class_path: hydra_kit.callbacks.Curriculum
+            init_args:
+              stages:
+                - {name: backbone, at_step: 0, disable: [sga, pkm], data: {num_pairs: 2, num_queries: 2}}
+                - {name: attention, at_step: 200, enable: [sga], data: {num_pairs: 4}}
+                - {name: memory, when: {metric: val/acc, above: 0.5}, enable: [pkm], lr_scale: 0.5}
+
+* :class:`KnockOut` switches component instances off during validation/test only (no retraining).
+* :class:`Ablation` checks that instances removed with ``model.dropped`` really are gone, and says so.
+* :class:`Throughput` measures tokens per second of training and validation batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from hydra_kit.recipe import RecipeError
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _instances(model: L.LightningModule) -> tuple[set[str], set[str]]:
+    """(all instance names, router instance names) of a HydraLM; TypeError for other modules."""
+    resolved = getattr(model, "resolved", None)
+    if resolved is None or not hasattr(model, "set_knocked_out"):
+        raise TypeError(f"this callback needs a hydra_kit HydraLM, got {type(model).__name__}")
+    return {r.name for r in resolved}, {r.name for r in resolved if r.is_router}
+
+
+def instance_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Every parameter of instance ``name`` in every block: its weights, its LayerScale g, or the router's."""
+    params: list[nn.Parameter] = []
+    for block in getattr(model, "blocks", []):
+        if name in block.mixers:
+            params.extend(block.mixers[name].parameters())
+        if name in block.layerscale:
+            params.append(block.layerscale[name])
+        if block.router is not None and block.router_name == name:
+            params.extend(block.router.parameters())
+    return params
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids", next(iter(batch.values()), None))
+    if isinstance(batch, list | tuple) and batch:
+        batch = batch[0]
+    return batch.numel() if isinstance(batch, torch.Tensor) else 0
+
+
+# --------------------------------------------------------------------------------------------- throughput
+
+
+class Throughput(Callback):
+    """Tokens per second of training and validation batches, timed around each batch after the first few.
+
+    A training batch is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward and the
+    optimizer step, without data loading, validation or checkpointing, so the figure compares models rather
+    than input pipelines. The first ``warmup_batches`` of each kind are not timed (allocator and kernel warm-up);
+    when a run has no more batches than that, every batch is timed. Sanity-check batches are never timed.
+
+    Args:
+        warmup_batches: batches of each kind (train, validation) skipped before timing.
+    """
+
+    def __init__(self, warmup_batches: int = 2) -> None:
+        if warmup_batches < 0:
+            raise ValueError(f"Throughput: warmup_batches must be >= 0, got {warmup_batches}")
+        self.warmup_batches = warmup_batches
+        # kind -> [batches seen, timed seconds, timed tokens, seconds of all batches, tokens of all batches]
+        self._acc: dict[str, list[float]] = {"train": [0, 0.0, 0, 0.0, 0], "val": [0, 0.0, 0, 0.0, 0]}
+        self._start = 0.0
+        self.seq_len: int | None = None  # length of the last training batch
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":  # kernels are asynchronous: wait for them before reading the clock
+            torch.cuda.synchronize(pl_module.device)
+
+    def _begin(self, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def _end(self, kind: str, pl_module: L.LightningModule, batch: Any) -> None:
+        self._sync(pl_module)
+        elapsed, tokens = time.perf_counter() - self._start, _count_tokens(batch)
+        acc = self._acc[kind]
+        if acc[0] >= self.warmup_batches:
+            acc[1] += elapsed
+            acc[2] += tokens
+        acc[0] += 1
+        acc[3] += elapsed
+        acc[4] += tokens
+
+    def tokens_per_s(self, kind: str = "train") -> float | None:
+        """Measured tokens per second of ``train`` or ``val`` batches; None when no batch ran."""
+        seen, seconds, tokens, all_seconds, all_tokens = self._acc[kind]
+        if seconds <= 0:  # too few batches to skip the warm-up: use all of them
+            seconds, tokens = all_seconds, all_tokens
+        return tokens / seconds if seconds > 0 and seen else None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._begin(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._end("train", pl_module, batch)
+        if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+            self.seq_len = int(batch["input_ids"].shape[-1])
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._begin(pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._end("val", pl_module, batch)
+
+
+# ----------------------------------------------------------------------------------------- knock-out, drop
+
+
+class KnockOut(Callback):
+    """Switch component instances off while validating or testing, and back on afterwards (no retraining).
+
+    A knocked-out instance is not run and contributes nothing; its parameters stay (see
+    :meth:`hydra_kit.model.HydraLM.set_knocked_out`). Instances already switched off (by a curriculum stage)
+    stay off. The router cannot be knocked out: the block has no output path without it to remove.
+
+    Args:
+        names: component instance names, e.g. ``["pkm"]``.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self._saved: list[set[str]] | None = None
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        blocks: nn.ModuleList = pl_module.blocks  # type: ignore[assignment]
+        self._saved = [set(b.knocked_out) for b in blocks]  # type: ignore[arg-type]
+        pl_module.set_knocked_out(set().union(*self._saved) | set(self.names))  # type: ignore[operator]
+
+    def _end(self, pl_module: L.LightningModule) -> None:
+        if self._saved is not None:
+            for block, saved in zip(pl_module.blocks, self._saved, strict=True):  # type: ignore[arg-type]
+                block.knocked_out = saved
+            self._saved = None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._end(pl_module)
+
+
+class Ablation(Callback):
+    """Check at ``setup`` that the dropped component instances have no parameters in the model, and log them.
+
+    This callback removes nothing. The removal is the model's ``dropped`` hyper-parameter, applied before the
+    model is built (``--model.dropped '[pkm]'``; ``hydra-kit ablate`` sets it), so the ablated model never
+    allocates the instance and its checkpoint reloads as the same smaller model. The callback makes the
+    ablation visible in the run's log and fails loudly when a recipe names an ablation it does not apply.
+
+    Args:
+        drop: instance names that must be absent.
+    """
+
+    def __init__(self, drop: list[str]) -> None:
+        if not drop:
+            raise ValueError("Ablation: drop must name at least one component instance")
+        self.drop = list(drop)
+        self._reported = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        present = [n for n in self.drop if instance_parameters(pl_module, n)]
+        declared = set(pl_module.hparams.get("dropped") or [])
+        if present:
+            raise RecipeError(
+                f"Ablation: instance(s) {present} still have parameters in the model; an ablation removes them "
+                f"before the model is built: set model.dropped to include them (model.dropped is {sorted(declared)})"
+            )
+        if self._reported:
+            return
+        self._reported = True
+        total = sum(p.numel() for p in pl_module.parameters())
+        rank_zero_info(f"ablation: dropped {', '.join(self.drop)} (model.dropped = {sorted(declared)}); {total:,} parameters remain")
+
+
+# ------------------------------------------------------------------------------------------------ curriculum
+
+STAGE_KEYS = ("name", "at_step", "when", "enable", "disable", "freeze", "unfreeze", "data", "lr_scale")
+_NAME_LISTS = ("enable", "disable", "freeze", "unfreeze")
+LR_SCALE_KEY = "curriculum_lr_scale"  # kept in every optimizer param group, so it travels with optimizer state
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_stage(i: int, stage: Any) -> dict[str, Any]:
+    where = f"Curriculum: stage {i}"
+    if not isinstance(stage, dict):
+        raise RecipeError(f"{where}: expected a mapping with keys {', '.join(STAGE_KEYS)}; got {stage!r}")
+    unknown = sorted(set(stage) - set(STAGE_KEYS))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(STAGE_KEYS)}")
+    if "at_step" not in stage and "when" not in stage:
+        raise RecipeError(f"{where}: needs a trigger: at_step (a step) or when ({{metric: NAME, above|below: VALUE}})")
+    if "at_step" in stage and (not isinstance(stage["at_step"], int) or isinstance(stage["at_step"], bool) or stage["at_step"] < 0):
+        raise RecipeError(f"{where}: at_step must be an integer >= 0, got {stage['at_step']!r}")
+    if "when" in stage:
+        when = stage["when"]
+        if not isinstance(when, dict) or not isinstance(when.get("metric"), str) or set(when) - {"metric", "above", "below"}:
+            raise RecipeError(f"{where}: when must be {{metric: NAME, above: VALUE}} or {{metric: NAME, below: VALUE}}, got {when!r}")
+        bounds = [k for k in ("above", "below") if k in when]
+        if len(bounds) != 1 or not _is_number(when[bounds[0]]):
+            raise RecipeError(f"{where}: when needs exactly one of above/below with a finite number, got {when!r}")
+    for key in _NAME_LISTS:
+        names = stage.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RecipeError(f"{where}: {key} must be a list of component instance names, got {names!r}")
+    for a, b in (("enable", "disable"), ("freeze", "unfreeze")):
+        both = sorted(set(stage.get(a, [])) & set(stage.get(b, [])))
+        if both:
+            raise RecipeError(f"{where}: {both} both in {a} and {b}")
+    if "data" in stage and (not isinstance(stage["data"], dict) or not all(isinstance(k, str) for k in stage["data"])):
+        raise RecipeError(f"{where}: data must map task attribute names to values, got {stage['data']!r}")
+    if "lr_scale" in stage and (not _is_number(stage["lr_scale"]) or stage["lr_scale"] <= 0):
+        raise RecipeError(f"{where}: lr_scale must be a positive number, got {stage['lr_scale']!r}")
+    return dict(stage)
+
+
+class Curriculum(Callback):
+    """Training in stages: switch components on and off, freeze them, change the data, scale the learning rate.
+
+    Stages are reached in order. Stage ``i`` is reached at the start of the first training batch at which stage
+    ``i-1`` has been reached and its own trigger holds: ``at_step: N`` (``trainer.global_step >= N``, so the
+    batch of step N is the first trained under it) or ``when: {metric: M, above: V}`` (the newest value of ``M``
+    logged after the previous stage was reached is >= V; ``below``: <= V). Metrics named ``val/...`` are
+    read at the end of each validation, so such a stage is reached at the first batch after the validation
+    that met it; other metrics are read after every training batch. A value logged before the previous stage
+    (on its easier task, with fewer components) never triggers the next one. With both, whichever comes first. A stage may:
+
+    * ``disable`` / ``enable`` instances: a disabled instance is knocked out (not run, zero contribution,
+      parameters kept; :meth:`HydraLM.set_knocked_out` with the union of the disabled names).
+    * ``freeze`` / ``unfreeze`` instances: ``requires_grad`` of the instance's parameters in every block,
+      LayerScale g included (for the router: the router's parameters). Instances no stage names are untouched.
+    * ``data: {arg: value}``: change the task's length or difficulty through the data module's curriculum hook
+      (:meth:`hydra_kit.data.SyntheticDataModule.set_task_params`; for MQAR ``num_pairs`` and
+      ``num_queries``). Every stage's data is checked at ``setup``, against the task and the model's sequence
+      limit, before training starts. Examples are generated when a batch is loaded and Lightning loads batches
+      ahead, so the change takes effect at the first example not yet drawn: with ``num_workers: 0`` the batch
+      of step ``N + 1`` for a stage reached at step ``N`` (the data module records this, so a resumed run draws
+      the same examples). With worker processes it takes effect at the next epoch, and a warning says so.
+      Validation follows the current task.
+    * ``lr_scale: s``: multiply the learning rate of every parameter group by ``s`` (cumulative over stages).
+      The scale is applied to the LambdaLR scheduler's ``base_lrs`` and to each group's ``initial_lr`` and
+      current ``lr``, so warm-up and cosine decay continue on the scaled base; the total scale is recorded in
+      each param group (``curriculum_lr_scale``), so it is saved with the optimizer and never applied twice.
+
+    Effects are cumulative: the state after stage ``k`` is the composition of stages 0..k, recomputed and applied
+    as a whole whenever the position changes and at the start of fitting. The position is saved in checkpoints
+    (``state_dict``), so a resumed run continues in its stage with the same knock-outs, freezes, data and
+    learning rate scale. The current stage index (-1 before the first) is logged as ``curriculum/stage``. The
+    watched metric values (with their steps) are saved too, so a stage due at the first batch after a
+    validation is still reached on resume when the checkpoint was written before that batch.
+
+    Args:
+        stages: list of mappings with keys ``name`` (label), ``at_step``, ``when``, ``enable``, ``disable``,
+            ``freeze``, ``unfreeze``, ``data``, ``lr_scale``.
+    """
+
+    def __init__(self, stages: list[dict[str, Any]]) -> None:
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError("Curriculum: stages must be a non-empty list of stage mappings")
+        self.stages = [_validate_stage(i, s) for i, s in enumerate(stages)]
+        last_step, last_idx = -1, -1
+        for i, stage in enumerate(self.stages):
+            if "at_step" not in stage:
+                continue
+            if stage["at_step"] < last_step:  # equal steps are fine: those stages are reached together, in order
+                raise RecipeError(
+                    f"Curriculum: stages out of order: stage {i} at_step {stage['at_step']} comes after stage "
+                    f"{last_idx} at_step {last_step}; stages are reached in list order"
+                )
+            last_step, last_idx = stage["at_step"], i
+        self.position = 0  # number of stages reached
+        self._data_defaults: dict[str, Any] = {}
+        self._watched = sorted({s["when"]["metric"] for s in self.stages if "when" in s})
+        self._metrics: dict[str, tuple[int, float]] = {}  # watched metric -> (global step it was read at, value)
+        self._reached_step = -1  # global step at which the current stage was reached
+
+    # ---------------------------------------------------------------- state
+    @property
+    def stage_index(self) -> int:
+        """Index of the current stage; -1 before the first is reached."""
+        return self.position - 1
+
+    def state_dict(self) -> dict[str, Any]:
+        metrics = {k: [step, value] for k, (step, value) in self._metrics.items()}
+        return {"position": self.position, "n_stages": len(self.stages), "reached_step": self._reached_step, "metrics": metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = int(state_dict.get("position", 0))
+        if position > len(self.stages):
+            raise ValueError(f"Curriculum: the checkpoint reached stage {position - 1} but this curriculum has only {len(self.stages)} stages")
+        if state_dict.get("n_stages", len(self.stages)) != len(self.stages):
+            rank_zero_warn(f"Curriculum: the checkpoint's curriculum had {state_dict['n_stages']} stages, this one has {len(self.stages)}")
+        self.position = position
+        self._reached_step = int(state_dict.get("reached_step", -1))
+        self._metrics = {str(k): (int(v[0]), float(v[1])) for k, v in dict(state_dict.get("metrics", {})).items()}
+
+    # ------------------------------------------------------------ composition
+    def cumulative(self, position: int | None = None) -> dict[str, Any]:
+        """The combined effect of stages 0..position-1: disabled, frozen, thawed names, data values, lr scale."""
+        disabled: set[str] = set()
+        frozen: set[str] = set()
+        data: dict[str, Any] = {}
+        scale = 1.0
+        for stage in self.stages[: self.position if position is None else position]:
+            disabled = (disabled | set(stage.get("disable", []))) - set(stage.get("enable", []))
+            frozen = (frozen | set(stage.get("freeze", []))) - set(stage.get("unfreeze", []))
+            data.update(stage.get("data", {}))
+            scale *= float(stage.get("lr_scale", 1.0))
+        touched = {n for s in self.stages for n in (*s.get("freeze", []), *s.get("unfreeze", []))}
+        return {"disabled": disabled, "frozen": frozen, "thawed": touched - frozen, "data": data, "lr_scale": scale}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        names, routers = _instances(pl_module)
+        for i, s in enumerate(self.stages):
+            for key in _NAME_LISTS:
+                valid = names - routers if key in ("enable", "disable") else names
+                unknown = sorted(set(s.get(key, [])) - valid)
+                if unknown:
+                    extra = " (the router cannot be disabled; freeze it instead)" if set(unknown) & routers else ""
+                    raise RecipeError(f"Curriculum: stage {i}: {key}: unknown component instance(s) {unknown}; instances: {', '.join(sorted(valid))}{extra}")
+        data_keys = {k for s in self.stages for k in s.get("data", {})}
+        if data_keys:
+            datamodule = self._datamodule(trainer)
+            adjustable = datamodule.task_params()
+            task_name = type(datamodule.task).__name__
+            for i, s in enumerate(self.stages):
+                unknown = sorted(set(s.get("data", {})) - set(adjustable))
+                if unknown:
+                    raise RecipeError(
+                        f"Curriculum: stage {i}: data: {task_name} cannot change {', '.join(map(repr, unknown))}; "
+                        f"adjustable: {', '.join(adjustable) or 'none'}"
+                    )
+            self._data_defaults = {k: adjustable[k] for k in data_keys}
+            limit = getattr(pl_module, "max_seq_len", None)
+            for i in range(len(self.stages)):  # the data of every stage, as it will be in force, checked now
+                values = {**self._data_defaults, **self.cumulative(i + 1)["data"]}
+                try:
+                    task = datamodule.task_with(values)
+                except ValueError as exc:
+                    raise RecipeError(f"Curriculum: stage {i}: data {values} is not a valid {task_name}: {exc}") from None
+                if limit is not None and task.seq_len > limit:
+                    raise RecipeError(f"Curriculum: stage {i}: data {values} makes sequences of {task.seq_len} tokens; the model supports {limit}")
+            workers = getattr(datamodule, "num_workers", 0)
+            if workers:
+                rank_zero_warn(
+                    f"Curriculum: data changes reach the {workers} DataLoader workers only when the loader is recreated "
+                    "(the next epoch); use num_workers: 0 for changes at the stage's step"
+                )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the sanity check: a resumed run's position is loaded by now; stages due at this step are reached.
+        self._advance(trainer, pl_module, force_apply=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Again after Lightning restored optimizer and scheduler states (after on_fit_start): idempotent.
+        self._apply(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._advance(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._read_metrics(trainer, validation=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._read_metrics(trainer, validation=False)
+        pl_module.log("curriculum/stage", float(self.stage_index), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.position < len(self.stages):
+            when = self.stages[self.position].get("when")
+            if when and when["metric"] not in trainer.callback_metrics:
+                logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+                rank_zero_warn(f"Curriculum: stage {self.position} waited for metric {when['metric']!r}, which was never logged; logged: {logged}")
+
+    # -------------------------------------------------------------- mechanics
+    def _read_metrics(self, trainer: L.Trainer, validation: bool) -> None:
+        logged = trainer.callback_metrics
+        for name in self._watched:
+            if name in logged and name.startswith("val/") == validation:
+                self._metrics[name] = (trainer.global_step, float(logged[name]))
+
+    def _triggered(self, stage: dict[str, Any], trainer: L.Trainer) -> bool:
+        if "at_step" in stage and trainer.global_step >= stage["at_step"]:
+            return True
+        when = stage.get("when")
+        if not when:
+            return False
+        step, value = self._metrics.get(when["metric"], (-1, None))
+        if value is None or step <= self._reached_step:  # only values logged under the previous stage count
+            return False
+        return value >= when["above"] if "above" in when else value <= when["below"]
+
+    def _advance(self, trainer: L.Trainer, pl_module: L.LightningModule, force_apply: bool = False) -> None:
+        reached = []
+        while self.position < len(self.stages) and self._triggered(self.stages[self.position], trainer):
+            reached.append(self.position)
+            self.position += 1
+            self._reached_step = trainer.global_step
+        if reached or force_apply:
+            self._apply(trainer, pl_module)
+        for i in reached:
+            stage = self.stages[i]
+            label = f" ({stage['name']!r})" if "name" in stage else ""
+            changes = "; ".join(f"{k} {stage[k]}" for k in ("enable", "disable", "freeze", "unfreeze", "data", "lr_scale") if k in stage)
+            rank_zero_info(f"curriculum: stage {i}{label} reached at step {trainer.global_step}: {changes or 'no changes'}")
+
+    def _datamodule(self, trainer: L.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not all(callable(getattr(datamodule, m, None)) for m in ("task_params", "task_with", "set_task_params")):
+            raise RecipeError(
+                f"Curriculum: a stage sets data, but the data module {type(datamodule).__name__} has no curriculum hook "
+                "(task_params / task_with / set_task_params, as in hydra_kit.data.SyntheticDataModule)"
+            )
+        return datamodule
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Make the model, data and optimizer match the cumulative state of the stages reached (idempotent)."""
+        state = self.cumulative()
+        pl_module.set_knocked_out(state["disabled"])  # type: ignore[operator]
+        for names, flag in ((state["frozen"], False), (state["thawed"], True)):
+            for name in names:
+                for p in instance_parameters(pl_module, name):
+                    p.requires_grad_(flag)
+        if self._data_defaults:  # checked at setup, so this cannot fail mid-run
+            self._datamodule(trainer).set_task_params({**self._data_defaults, **state["data"]})
+        self._apply_lr_scale(trainer, state["lr_scale"])
+
+    def _apply_lr_scale(self, trainer: L.Trainer, scale: float) -> None:
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            base_lrs = getattr(scheduler, "base_lrs", None)
+            for i, group in enumerate(groups):
+                factor = scale / group.get(LR_SCALE_KEY, 1.0)
+                if factor != 1.0:
+                    group["lr"] *= factor
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= factor
+                    if base_lrs is not None:
+                        base_lrs[i] *= factor
+                group[LR_SCALE_KEY] = scale
+        scheduled = {id(g) for c in trainer.lr_scheduler_configs for g in c.scheduler.optimizer.param_groups}
+        for optimizer in trainer.optimizers:  # optimizers without a scheduler: scale their groups directly
+            for group in optimizer.param_groups:
+                if id(group) not in scheduled:
+                    factor = scale / group.get(LR_SCALE_KEY, 1.0)
+                    group["lr"] *= factor
+                    group[LR_SCALE_KEY] = scale
+

@@ -1,0 +1,219 @@
+"""Curriculum, KnockOut and Throughput callbacks: stage validation, exact stage effects per step, kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import HYDRA_KIT, quick_recipe, run_cli
+
+from hydra_kit.callbacks import Curriculum, KnockOut, Throughput, instance_parameters
+from hydra_kit.data import MQAR, SyntheticDataModule
+from hydra_kit.model import HydraLM
+from hydra_kit.recipe import RecipeError
+
+COMPONENTS = {
+    "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 16, "chunk_size": 8}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4, "globals_per_chunk": 1}},
+    "router": {"component": "router", "blocks": "all"},
+    "mlp": {"component": "mlp", "blocks": "all"},
+}
+
+
+def tiny_model() -> HydraLM:
+    return HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS, warmup_steps=2)
+
+
+def datamodule(pairs: int = 4) -> SyntheticDataModule:
+    return SyntheticDataModule(MQAR(num_pairs=pairs, num_queries=pairs), batch_size=4, train_size=4096, val_size=8)
+
+
+def trainer(tmp_path: Path, callbacks: list[L.Callback], steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks, default_root_dir=tmp_path,
+    )  # fmt: skip
+
+
+class Probe(L.Callback):
+    """Records, at the start of every training batch (after the curriculum ran), what the stages control."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        group = trainer.optimizers[0].param_groups[0]
+        self.rows.append(
+            {
+                "step": trainer.global_step,
+                "off": set().union(*(b.knocked_out for b in pl_module.blocks)),
+                "mlp_trainable": all(p.requires_grad for p in instance_parameters(pl_module, "mlp")),
+                "seq_len": batch["input_ids"].shape[1],
+                "lr_ratio": group["lr"] / (pl_module.hparams["lr"] * scheduler.lr_lambdas[0](trainer.global_step)),
+                "sga": [p.detach().clone() for p in instance_parameters(pl_module, "sga")],
+                "mlp": [p.detach().clone() for p in instance_parameters(pl_module, "mlp")],
+            }
+        )
+
+
+STAGES = [
+    {"name": "backbone", "at_step": 0, "disable": ["sga"], "data": {"num_pairs": 2, "num_queries": 2}},
+    {"name": "attention", "at_step": 4, "enable": ["sga"], "freeze": ["mlp"], "data": {"num_pairs": 3, "num_queries": 3}, "lr_scale": 0.5},
+    {"name": "thaw", "at_step": 8, "unfreeze": ["mlp"], "data": {"num_pairs": 4}},
+]
+
+
+def test_curriculum_changes_exactly_what_its_stages_say_at_their_steps(tmp_path):
+    probe = Probe()
+    curriculum = Curriculum(STAGES)
+    trainer(tmp_path, [curriculum, probe], 12).fit(tiny_model(), datamodule=datamodule(pairs=4))
+    rows = probe.rows
+    assert [r["step"] for r in rows] == list(range(12))
+    assert [r["off"] for r in rows] == [{"sga"}] * 4 + [set()] * 8
+    assert [r["mlp_trainable"] for r in rows] == [True] * 4 + [False] * 4 + [True] * 4
+    # The batch of step N was loaded before the stage was reached at step N: the change reaches step N+1.
+    assert [r["seq_len"] for r in rows] == [7] * 5 + [10] * 4 + [12] * 3
+    for row in rows:
+        assert row["lr_ratio"] == pytest.approx(1.0 if row["step"] < 4 else 0.5, rel=1e-9), row["step"]
+    # Knocked-out sga is not trained while off; frozen mlp does not move while frozen; both move otherwise.
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert same(rows[0]["sga"], rows[4]["sga"]) and not same(rows[4]["sga"], rows[6]["sga"])
+    assert same(rows[4]["mlp"], rows[8]["mlp"]) and not same(rows[8]["mlp"], rows[10]["mlp"])
+    assert not same(rows[0]["mlp"], rows[4]["mlp"])
+    assert curriculum.stage_index == 2 and curriculum.state_dict()["position"] == 3
+
+
+def test_metric_trigger_ignores_values_logged_before_the_previous_stage(tmp_path):
+    class Log(L.Callback):  # a metric that is high from the start: only values logged after stage 0 may count
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.callback_metrics["train/fake"] = torch.tensor(1.0)
+
+    probe = Probe()
+    stages = [{"at_step": 3, "disable": ["sga"]}, {"when": {"metric": "train/fake", "above": 0.5}, "enable": ["sga"]}]
+    trainer(tmp_path, [Log(), Curriculum(stages), probe], 6).fit(tiny_model(), datamodule=datamodule())
+    # stage 0 at step 3; the value read after batch 3 (logged under stage 0) reaches stage 1 at step 4
+    assert [r["off"] for r in probe.rows] == [set()] * 3 + [{"sga"}] + [set()] * 2
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([], "stages must be a non-empty list"),
+        ([{"enable": ["sga"]}], r"stage 0: needs a trigger: at_step"),
+        ([{"at_step": 0, "enabel": ["sga"]}], r"stage 0: unknown key\(s\) 'enabel'; valid: name, at_step, when, enable"),
+        ([{"at_step": -1}], "at_step must be an integer >= 0, got -1"),
+        ([{"when": {"metric": "val/acc"}}], "when needs exactly one of above/below"),
+        ([{"when": {"metric": "val/acc", "over": 1}}], r"when must be \{metric: NAME, above: VALUE\}"),
+        ([{"at_step": 0, "enable": ["sga"], "disable": ["sga"]}], r"\['sga'\] both in enable and disable"),
+        ([{"at_step": 0, "lr_scale": 0}], "lr_scale must be a positive number, got 0"),
+        ([{"at_step": 5}, {"at_step": 2}], "stages out of order: stage 1 at_step 2 comes after stage 0 at_step 5"),
+        ([{"at_step": 0, "freeze": "mlp"}], "freeze must be a list of component instance names"),
+    ],
+)
+def test_bad_stage_specs_are_explained(stages, message):
+    with pytest.raises(RecipeError, match=message):
+        Curriculum(stages)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"at_step": 0, "disable": ["pkm"]}, r"stage 0: disable: unknown component instance\(s\) \['pkm'\]; instances: mlp, sga, ssm"),
+        ({"at_step": 0, "disable": ["router"]}, "the router cannot be disabled; freeze it instead"),
+        ({"at_step": 0, "data": {"num_keys": 8}}, r"stage 0: data: MQAR cannot change 'num_keys'; adjustable: num_pairs, num_queries"),
+        ({"at_step": 0, "data": {"num_queries": 9}}, r"stage 0: data \{'num_queries': 9\} is not a valid MQAR: MQAR: num_queries must lie in 1..num_pairs \(4\)"),
+    ],
+)
+def test_stages_are_checked_against_model_and_data_before_training(tmp_path, stage, message):
+    probe = Probe()
+    with pytest.raises(RecipeError, match=message):
+        trainer(tmp_path, [Curriculum([stage]), probe], 2).fit(tiny_model(), datamodule=datamodule())
+    assert probe.rows == []  # nothing trained
+
+
+def test_knockout_switches_off_for_validation_only_and_throughput_counts_tokens(tmp_path):
+    model, data = tiny_model(), datamodule()
+    throughput = Throughput(warmup_batches=0)
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[throughput], limit_val_batches=2)
+    base = t.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
+    seen: list[set[str]] = []
+
+    class Spy(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.append(set(pl_module.blocks[1].knocked_out))
+
+    t2 = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[KnockOut(["sga"]), Spy()], limit_val_batches=2)
+    off = t2.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
+    assert seen == [{"sga"}, {"sga"}] and model.blocks[1].knocked_out == set()
+    assert off != base
+    assert throughput.tokens_per_s("val") > 0 and throughput._acc["val"][4] == 8 * 13  # 8 examples of 13 tokens
+
+
+def _curriculum_recipe(tmp_path: Path, name: str) -> Path:
+    path = quick_recipe(tmp_path, name, d_model=32)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["init_args"].update(batch_size=4, val_size=16)
+    recipe["trainer"].update(val_check_interval=100, num_sanity_val_steps=0)
+    recipe["trainer"]["callbacks"] = [
+        {
+            "class_path": "hydra_kit.callbacks.Curriculum",
+            "init_args": {
+                "stages": [
+                    {"name": "backbone", "at_step": 0, "disable": ["sga"], "data": {"num_pairs": 2, "num_queries": 2}},
+                    {"name": "attention", "at_step": 4, "enable": ["sga"], "data": {"num_pairs": 3, "num_queries": 3}, "lr_scale": 0.5},
+                    {"name": "full", "at_step": 10, "data": {"num_pairs": 4, "num_queries": 4}, "freeze": ["ssm"]},
+                ]
+            },
+        }
+    ]
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["global_step"])
+    except Exception:  # not written yet
+        return -1
+
+
+@pytest.mark.slow
+def test_curriculum_survives_sigkill_and_resume(tmp_path):
+    steps = ["--trainer.max_steps", "16", "--last_checkpoint.every_n_train_steps", "2"]
+    straight = _curriculum_recipe(tmp_path, "straight")
+    done = run_cli("fit", "--config", str(straight), *steps, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = _curriculum_recipe(tmp_path, "killed")
+    proc = subprocess.Popen([*HYDRA_KIT, "fit", "--config", str(killed), *steps], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while _step(last) < 6 and time.time() < deadline and proc.poll() is None:  # past stage 1, before stage 2
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    checkpoint = torch.load(last, weights_only=True)
+    interrupted_at = checkpoint["global_step"]
+    assert 6 <= interrupted_at < 10, f"killed at step {interrupted_at}: outside the window the test needs"
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("Curriculum"))
+    assert state["position"] == 2  # stages 0 and 1 reached
+    resumed = run_cli("fit", "--config", str(killed), *steps, "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "Restored all states" in output
+    assert re.findall(r"curriculum: stage (\d)", output) == ["2"], output[-3000:]  # only the stage still ahead
+    assert "stage 2 ('full') reached at step 10" in " ".join(output.split())
+    a = torch.load(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16
+    for key, value in a["state_dict"].items():  # same stages, data, learning rates and freezes as uninterrupted
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
