@@ -85,7 +85,9 @@ def parse_blocks(spec: Any, n_blocks: int, key: str) -> tuple[int, ...]:
             step = int(match.group(1))
             if step <= 0:
                 raise RecipeError(f"{key}: 'every N' needs N >= 1, got {spec!r}")
-            start = step - 1 if match.group(2) is None else int(match.group(2))
+            if match.group(2) is None:  # every N-th block: none when the model has fewer than N blocks
+                return tuple(range(step - 1, n_blocks, step))
+            start = int(match.group(2))
             if not -n_blocks <= start < n_blocks:
                 raise RecipeError(f"{key}: start block {start} is out of range for n_blocks={n_blocks}")
             return tuple(range(start % n_blocks, n_blocks, step))
