@@ -181,10 +181,36 @@ def train_run(recipe: str, overrides: list[str], dropped: tuple[str, ...], seed:
     )
 
 
-def run_config(ckpt_path: str) -> str | None:
+def run_config(ckpt_path: str) -> Path | None:
     """The ``config.yaml`` a training run saved beside the checkpoint's folder, if there is one."""
     path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-    return str(path) if path.is_file() else None
+    return path if path.is_file() else None
+
+
+def _serialisable(value: Any) -> Any:
+    """Drop what LightningCLI could not write (objects given as defaults, e.g. the checkpoint IO plugin)."""
+    if isinstance(value, dict):
+        return {k: _serialisable(v) for k, v in value.items() if not _unwritten(v)}
+    if isinstance(value, list):
+        kept = [_serialisable(v) for v in value if not _unwritten(v)]
+        return kept or None
+    return value
+
+
+def _unwritten(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("Unable to serialize instance")
+
+
+def recipe_from_run(config: Path, out: Path) -> str:
+    """A recipe made from a run's saved ``config.yaml``: defaults the CLI could not serialise are left to it."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text()) or {}
+    data.pop("ckpt_path", None)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run-config.yaml"
+    path.write_text(yaml.safe_dump(_serialisable(data), sort_keys=False))
+    return str(path)
 
 
 def knockout_runs(recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console) -> list[RunResult]:
@@ -323,15 +349,19 @@ def main(argv: list[str]) -> int:
     if args.mode == "train" and args.ckpt_path is not None:
         raise RecipeError("ablate: --ckpt_path is for --mode knockout; train mode trains every run from scratch")
     if args.config is None:
-        args.config = DEFAULT_RECIPE if args.mode == "train" else run_config(args.ckpt_path)
-        if args.config is None:
+        saved = None if args.mode == "train" else run_config(args.ckpt_path)
+        if args.mode == "knockout" and saved is None:
             raise RecipeError(f"ablate: no config.yaml beside {args.ckpt_path}'s checkpoints/ folder; name the recipe it was trained with: --config RECIPE")
+        stem = saved.parent.parent.name if saved is not None else Path(DEFAULT_RECIPE).stem
+    else:
+        stem = Path(args.config).stem
+    suffix = "" if args.mode == "train" else "-knockout"
+    out = Path(args.out or f"runs/ablate/{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.config is None:
+        args.config = DEFAULT_RECIPE if saved is None else recipe_from_run(saved, out)
     load_recipe(args.config)
     check_recipes([args.config], overrides)
     drops = parse_drops(args.drop)
-    stem = Path(args.config).stem
-    suffix = "" if args.mode == "train" else "-knockout"
-    out = Path(args.out or f"runs/ablate/{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}")
     console = Console(highlight=False, width=None if Console().is_terminal else 160)
     # hydra-kit's data modules restore their position themselves (see cli.run_lightning).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
@@ -353,7 +383,10 @@ def main(argv: list[str]) -> int:
         kind = "val"
     rows = summarise(results)
     meta = {"mode": args.mode, "recipe": args.config, "seeds": args.seeds, "ckpt_path": args.ckpt_path, "overrides": overrides, "throughput": kind}
-    title = f"ablation of {args.config} ({args.mode}, {args.seeds} seed{'s' if args.seeds > 1 else ''}; Δ = run - full)"
+    if args.mode == "train":
+        title = f"ablation of {args.config} (train, {args.seeds} seed{'s' if args.seeds > 1 else ''}; Δ = run - full)"
+    else:
+        title = f"knock-outs of {args.ckpt_path} (no retraining; Δ = run - as is)"
     print_table(rows, title, kind, console)
     for path in write_outputs(rows, results, meta, out):
         console.print(f"wrote {path}")

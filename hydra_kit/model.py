@@ -141,10 +141,12 @@ class HydraLM(L.LightningModule):
         blocks = []
         for idx in range(n_blocks):
             here = [r for r in self.resolved if idx in r.blocks]
-            try:
-                built = {r.name: r.build(d_model, idx) for r in here}
-            except ValueError as exc:
-                raise RecipeError(f"model.components: building block {idx} failed: {exc}") from None
+            built = {}
+            for r in here:
+                try:
+                    built[r.name] = r.build(d_model, idx)
+                except ValueError as exc:
+                    raise RecipeError(f"model.components.{r.name}.args: building block {idx} failed: {exc}") from None
             blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(d_model)
@@ -157,6 +159,12 @@ class HydraLM(L.LightningModule):
         """The longest sequence every component supports (None: unbounded)."""
         limits = [r.entry.cls.max_seq_len for r in self.resolved if r.entry.cls.max_seq_len is not None]
         return min(limits) if limits else None
+
+    def _length_bound(self) -> str:
+        """The component instance(s) that bound the sequence length, for error messages."""
+        limit = self.max_seq_len
+        names = [f"model.components.{r.name} ({r.entry.cls.__name__}, max_seq_len {limit})" for r in self.resolved if r.entry.cls.max_seq_len == limit]
+        return " and ".join(names) or "no component"
 
     def set_knocked_out(self, names: set[str] | list[str]) -> None:
         """Switch component instances off (not run, zero contribution) without removing their parameters.
@@ -181,7 +189,7 @@ class HydraLM(L.LightningModule):
         """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing)."""
         limit = self.max_seq_len
         if limit is not None and input_ids.shape[1] > limit:
-            raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens a component of this model supports")
+            raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens {self._length_bound()} supports")
         h = self.embed(input_ids)  # (B, L, D)
         aux: dict[str, Tensor] = {}
         stat_lists: dict[str, list[Tensor]] = defaultdict(list)
@@ -326,6 +334,11 @@ class HydraLM(L.LightningModule):
         needed = getattr(datamodule, "vocab_size", None)
         if needed is not None and needed > self.hparams["vocab_size"]:
             raise RecipeError(f"model.vocab_size is {self.hparams['vocab_size']} but the data uses {needed} token ids; set model.vocab_size >= {needed}")
+        # A sequence longer than a component supports is a recipe error: report it before training starts.
+        seq_len = getattr(getattr(datamodule, "task", None), "seq_len", None)
+        limit = self.max_seq_len
+        if isinstance(seq_len, int) and limit is not None and seq_len > limit:
+            raise RecipeError(f"data: the task makes sequences of {seq_len} tokens, longer than the {limit} tokens {self._length_bound()} supports")
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -1,0 +1,88 @@
+"""`hydra-kit ablate`: dropped instances do not exist, ablated checkpoints reload, the table comes from real runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import quick_recipe, run_cli
+
+from hydra_kit.cli import main
+from hydra_kit.model import HydraLM
+
+COMPONENTS = {
+    "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 16, "chunk_size": 8}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4, "globals_per_chunk": 1}},
+    "router": {"component": "router", "blocks": "all"},
+    "mlp": {"component": "mlp", "blocks": "all"},
+}
+
+
+def test_dropped_instance_has_no_parameters_flops_or_optimizer_state():
+    full = HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS)
+    ablated = HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS, dropped=["sga"])
+    assert any(".sga." in n for n, _ in full.named_parameters())
+    assert not any("sga" in n for n, _ in ablated.named_parameters())
+    full_report, report = full.parameter_report(64), ablated.parameter_report(64)
+    assert "sga" not in report["components"]
+    # sga's own parameters, its LayerScale g, and the router's gate column for it (weights d_model + bias)
+    assert full_report["total_params"] - report["total_params"] == full_report["components"]["sga"]["total_params"] + 1 + 33
+    assert report["flops_per_token"] < full_report["flops_per_token"]
+    optimizer = ablated.configure_optimizers()["optimizer"]
+    in_optimizer = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert in_optimizer == report["total_params"]
+    # the router's gates are sized for what the block holds: one gate fewer in block 1
+    assert ablated.blocks[1].gate_index.keys() == {"mlp"} and full.blocks[1].gate_index.keys() == {"sga", "mlp"}
+
+
+def test_unknown_drop_lists_the_instances(tmp_path, capsys):
+    recipe = quick_recipe(tmp_path)
+    assert main(["ablate", "--drop", "pkm", "--config", str(recipe), "--out", str(tmp_path / "a")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown component instance(s) ['pkm']; instances of" in err and "mlp, router, sga, ssm" in err
+    assert not (tmp_path / "a").exists()  # nothing ran
+
+
+def test_knockout_mode_needs_a_checkpoint(tmp_path, capsys):
+    assert main(["ablate", "--mode", "knockout", "--drop", "sga"]) == 2
+    assert "--mode knockout needs --ckpt_path" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ablate_table_from_real_runs_then_knockout_of_its_checkpoint(tmp_path):
+    recipe = quick_recipe(tmp_path, d_model=32)
+    out = tmp_path / "ablate"
+    steps = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--data.init_args.val_size", "16"]
+    result = run_cli("ablate", "--drop", "sga", "--config", str(recipe), "--out", str(out), *steps, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "drop-sga" in result.stdout and "Δ loss" in result.stdout
+    rows = list(csv.DictReader(open(out / "ablate.csv")))
+    assert [(r["label"], r["dropped"]) for r in rows] == [("full", ""), ("drop-sga", "sga")]
+    report = json.loads((out / "ablate.json").read_text())
+    full, drop = report["runs"]
+    assert full["total_params"] > drop["total_params"] and full["active_params"] > drop["active_params"]
+    assert rows[1]["delta_total_params"] == str(float(drop["total_params"] - full["total_params"]))
+    assert float(rows[1]["delta_val_loss"]) == pytest.approx(drop["val_loss"] - full["val_loss"])
+    for run in (full, drop):
+        assert run["tokens_per_s"] > 0 and 0 <= run["val_acc"] <= 1 and run["val_loss"] > 0
+    # The ablated run's checkpoint reloads as the smaller model, with its drop in the hyper-parameters.
+    reloaded = HydraLM.load_from_checkpoint(drop["checkpoint"], map_location="cpu", weights_only=True)
+    assert reloaded.hparams["dropped"] == ["sga"]
+    assert sum(p.numel() for p in reloaded.parameters()) == drop["total_params"]
+    assert not any("sga" in n for n in torch.load(drop["checkpoint"], weights_only=True)["state_dict"])
+
+    # Knock-out mode on the full run's checkpoint: same weights, sga switched off at evaluation only.
+    ko_out = tmp_path / "knockout"
+    result = run_cli("ablate", "--mode", "knockout", "--ckpt_path", full["checkpoint"], "--drop", "sga", "--out", str(ko_out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((ko_out / "ablate.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["full", "knockout-sga"]
+    as_is, knocked = runs
+    assert as_is["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)  # the same weights on the same held-out data
+    assert knocked["total_params"] == as_is["total_params"] and knocked["active_params"] < as_is["active_params"]
+    assert knocked["val_loss"] != as_is["val_loss"]
+    bad = run_cli("ablate", "--mode", "knockout", "--ckpt_path", full["checkpoint"], "--drop", "router", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "routers ['router'] cannot be knocked out: drop them in --mode train" in " ".join(bad.stderr.split())
