@@ -7,6 +7,8 @@ the run directory and the checkpoints are printed.
 
 from __future__ import annotations
 
+import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +42,24 @@ class HydraCLI(LightningCLI):
     """LightningCLI with HydraLM as the model and a data module chosen by the recipe."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            HydraLM,
-            LightningDataModule,
-            subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
+        try:
+            super().__init__(
+                HydraLM,
+                LightningDataModule,
+                subclass_mode_data=True,
+                trainer_defaults=TRAINER_DEFAULTS,
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+                run=run,
+            )
+        except RecipeError as exc:
+            # Raised while building the model or setting up the data, where the file is not known: name it here.
+            argv = list(sys.argv[1:] if args is None else args)
+            paths = [path for flag, path in itertools.pairwise(argv) if flag in ("--config", "-c")]
+            if paths and not any(str(exc).startswith(p) for p in paths):
+                raise RecipeError(f"{', '.join(paths)}: {exc}") from None
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoints: the best by validation loss, and "last.ckpt", rewritten atomically every few steps so

@@ -79,6 +79,9 @@ def _bad_recipe(tmp_path, mutate) -> str:
         (lambda r: r["model"]["components"]["mlp"].update(blocks=[7]), r"bad\.yaml: model\.components\.mlp\.blocks: block index 7 is out of range.*n_blocks=2"),
         (lambda r: r["model"].update(n_layers=3), r"bad\.yaml: model: unknown key\(s\) 'n_layers'; valid:.*n_blocks"),
         (lambda r: r["model"].update(d_model="wide"), r"bad\.yaml: model\.d_model: expected a positive integer, got 'wide'"),
+        # Caught while LightningCLI builds the model or sets up the data; the file is still named.
+        (lambda r: r["model"]["components"]["sga"]["args"].update(n_heads=3), r"bad\.yaml: model\.components\.sga\.args: building block 1 failed: sga: n_heads=3 must divide d_model=64"),
+        (lambda r: r["model"].update(vocab_size=10), r"bad\.yaml: model\.vocab_size is 10 but the data uses 66 token ids; set model\.vocab_size >= 66"),
     ],
 )
 def test_recipe_errors_name_file_key_and_choices(tmp_path, mutate, expected):

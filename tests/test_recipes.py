@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from fake_components import CumulativeMeanMixer
 
 from hydra_kit.cli import check_recipes, load_recipe, merged_model_section
 from hydra_kit.model import HydraLM
@@ -57,3 +58,31 @@ def test_summary_json_has_top_level_counts(tmp_path):
     report = json.loads(result.stdout)
     assert report["total_params"] > report["active_params"] > 0
     assert {"ssm", "sga", "moe", "workspace", "pkm", "router"} <= set(report["components"])
+
+
+class BoundedMixer(CumulativeMeanMixer):
+    """A correct mixer that supports at most 8 tokens (like a learned positional table would)."""
+
+    max_seq_len = 8
+
+
+def test_a_sequence_longer_than_a_component_supports_is_a_clear_error(monkeypatch):
+    import lightning as L
+
+    import hydra_kit.model
+    from hydra_kit.data import MQAR, SyntheticDataModule
+    from hydra_kit.recipe import RecipeError
+    from hydra_kit.registry import ComponentEntry, Registry
+
+    registry = Registry(dict(hydra_kit.model.default_registry().entries))
+    registry.entries["bounded"] = ComponentEntry("bounded", BoundedMixer, "hydra-kit-tests", "0", "test_recipes:BoundedMixer")
+    monkeypatch.setattr(hydra_kit.model, "default_registry", lambda third_party=None: registry)
+    model = HydraLM(vocab_size=72, d_model=16, n_blocks=1, components={"mix": {"component": "bounded"}, "mlp": {"component": "mlp"}})
+    assert model.max_seq_len == 8
+    with pytest.raises(ValueError, match=r"sequence of length 9 exceeds the 8 tokens model\.components\.mix \(BoundedMixer, max_seq_len 8\) supports"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    # Training on data longer than that fails before the first step, naming the data and the component.
+    data = SyntheticDataModule(MQAR(num_pairs=4, num_queries=4), batch_size=2, train_size=4, val_size=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RecipeError, match=rf"data: the task makes sequences of {data.task.seq_len} tokens, longer than the 8 tokens model\.components\.mix"):
+        trainer.fit(model, datamodule=data)
