@@ -71,3 +71,35 @@ def test_installed_first_party_components_are_discovered():
     registry = discover()
     for name in ("attention", "mlp", "router"):
         assert registry.entries[name].first_party
+
+
+def test_components_next_to_a_broken_plugin_still_work():
+    from hydra_kit.testing import check_component
+
+    registry = discover(entry_points=[entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9"), entry("cummean", "fake_components:CumulativeMeanMixer")])
+    check_component(registry.resolve("cummean").cls)  # loads, builds and passes the whole contract
+
+
+def _listed(capsys, argv: list[str]) -> str:
+    from hydra_kit import cli
+    from hydra_kit.model import configure_plugins
+
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        configure_plugins(third_party=True)  # main() sets the process-wide policy; later tests expect the default
+    return capsys.readouterr().out
+
+
+def test_no_plugins_option_and_environment_variable_hide_installed_third_party_components(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_KIT_NO_PLUGINS", raising=False)
+    third_party = sorted({e.distribution for e in discover().entries.values() if not e.first_party})
+    if not third_party:
+        pytest.skip("no third-party component is installed (CI installs plugins/hydra-kit-gla)")
+    assert all(d in _listed(capsys, ["components"]) for d in third_party)
+    for argv, env in ((["--no-plugins", "components"], None), (["components"], "1")):
+        if env is not None:
+            monkeypatch.setenv("HYDRA_KIT_NO_PLUGINS", env)
+        out = _listed(capsys, argv)
+        assert not any(d in out for d in third_party), out
+        assert "ssm" in out and "third-party plugins are disabled" in out
