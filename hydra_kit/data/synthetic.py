@@ -133,7 +133,7 @@ class SyntheticDataModule(L.LightningDataModule):
         # Under DDP Lightning would inject a *shuffling* DistributedSampler into a training loader. Shard in order
         # instead: in step k rank r reads examples (k * batch_size + j) * world + r, j < batch_size, so the ranks
         # together read exactly batch k of one process with batch size batch_size * world.
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)
+        sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
