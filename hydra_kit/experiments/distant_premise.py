@@ -1,0 +1,138 @@
+"""E4: a premise far beyond the attention window (paper Fig. 5, "sparse attention captures long-range dependencies").
+
+Every model is trained on :class:`~hydra_kit.data.DistantPremise` with the premise ``D`` tokens before its
+question, D drawn per example from ``--distances`` (all longer than Hydra's SGA window except possibly the
+first), among distractor premises of the same form, all at one sequence length (the longest distance plus
+the question). Evaluated per distance on held-out examples of that training instance:
+
+* accuracy at the answer position;
+* latency: median wall time (ms) of one batch-1 forward over the shortest sequence that holds a premise at
+  distance D (D + 2 tokens, or the distractors' minimum), i.e. the cost of looking D tokens back;
+* peak memory: peak RSS growth (MB) of that forward in a fresh subprocess (``hydra-kit bench``'s probe),
+  measured once per model and distance (it does not depend on the weights).
+
+Compared: Hydra, Hydra without SGA (the ``sga`` instance removed: no attention path at all, so only the SSM,
+the workspace and the memories can carry the premise), and a dense transformer of Hydra's total size.
+
+::
+
+    hydra-kit experiment distant-premise                                  # CPU default
+    hydra-kit experiment distant-premise --size full --distances 512 1024 2048 4096 8192 --steps 20000   # full (GPU)
+
+Outputs: ``distant_premise.csv`` (model, distance, accuracy/latency_ms/peak_mem_mb mean and std, n_examples,
+n_seeds), ``distant_premise.json``, ``distant_premise.png`` (three panels against distance).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+
+from hydra_kit.experiments import runner
+
+NAME = "distant_premise"
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {"steps": 250, "batch_size": 32, "distances": [16, 32, 64, 128], "distractors": 8, "num_values": 16},
+    "full": {"steps": 20000, "batch_size": 16, "distances": [512, 1024, 2048, 4096, 8192], "distractors": 32, "num_values": 32, "lr": 1e-3},
+}
+
+
+def main(argv: list[str], console: Console) -> int:
+    """Premise D tokens before the question: accuracy, latency and peak memory against D for three models."""
+    from hydra_kit.data import DistantPremise
+
+    parser = argparse.ArgumentParser(prog="hydra-kit experiment distant-premise", description=main.__doc__)
+    runner.add_common_arguments(parser)
+    parser.add_argument("--distances", type=int, nargs="+", default=None, help="premise-to-question distances D (tokens)")
+    parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
+    args = parser.parse_args(argv)
+    settings = runner.resolve_settings(args, NAME, DEFAULTS)
+    d = DEFAULTS[settings.size]
+    distances = sorted(set(args.distances or d["distances"]))
+    distractors = args.distractors if args.distractors is not None else d["distractors"]
+    num_keys = max(32, distractors + 1)
+    task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"])
+    console.print(
+        f"[bold]E4 distant premise[/]: distances {distances}, {distractors} distractor premises, length {task.seq_len}; "
+        f"{settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per distance"
+    )
+    examples = runner.eval_set(task, "distance", distances, settings.eval_per_level)
+    # The shortest sequence holding each distance: what a model pays to look D tokens back.
+    probes = {D: DistantPremise(distance=D, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"]) for D in distances}
+    probe_examples = {D: t.sample(runner.EVAL_SEED, "val", 0) for D, t in probes.items()}
+    hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
+    sga_names = [n for n, s in hydra["components"].items() if s.get("component") in ("sga", "SparseGlobalAttention")]
+    if not sga_names:
+        raise runner.RecipeError("experiment distant-premise: the Hydra recipe has no sga component instance to study")
+    window = (hydra["components"][sga_names[0]].get("args") or {}).get("window", 256)
+    transformer, _ = runner.dense_transformer(hydra)
+    specs = [
+        runner.ModelSpec("hydra", hydra, f"full layout, SGA window {window}"),
+        runner.ModelSpec("hydra - sga", runner.without(hydra, *sga_names), "sga instance removed"),
+        runner.ModelSpec("transformer", transformer, "dense attention + SwiGLU, total params matched"),
+    ]
+    counts = runner.describe_models(console, specs)
+    memory: dict[tuple[str, int], float | None] = {}
+
+    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+        rows = []
+        for D in distances:
+            cell = runner.evaluate(trained.model, examples[D])
+            if args.memory and (spec.label, D) not in memory:
+                memory[(spec.label, D)] = runner.peak_memory_mb(spec.config, probes[D].seq_len)
+            rows.append(
+                {
+                    "distance": D,
+                    "accuracy": cell.accuracy,
+                    "latency_ms": runner.latency_ms(trained.model, probe_examples[D]),
+                    "probe_seq_len": probes[D].seq_len,
+                    "peak_mem_mb": memory.get((spec.label, D)) if args.memory else None,
+                    "n_examples": cell.examples,
+                }
+            )
+        return rows
+
+    records, runs = runner.run_grid(console, specs, task, settings, measure)
+    summary = runner.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb"))
+    runner.print_table(
+        console,
+        f"E4 distant premise: held-out accuracy, latency and peak memory against distance (SGA window {window}; mean ± std over {settings.seeds} seeds)",
+        summary,
+        ("model", "distance"),
+        [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("peak MB", "peak_mem_mb", 1)],
+    )
+    extra = {
+        "task": {"distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "seq_len": task.seq_len,
+                 "sga_window": window, "chance": 1 / d["num_values"]},
+        "records": records,
+        "runs": runs,
+    }
+    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+    png = settings.out / f"{NAME}.png"
+    plot(png, summary, window)
+    runner.report_files(console, [csv_path, json_path, png])
+    return 0
+
+
+def plot(path: Any, summary: list[dict[str, Any]], window: int) -> None:
+    """Accuracy, latency and peak memory against distance, one line per model; the SGA window marked."""
+    plt = runner.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = (("accuracy", "held-out accuracy"), ("latency_ms", "latency (ms, batch 1, length D + 2)"), ("peak_mem_mb", "peak memory (MB)"))
+    for ax, (metric, label) in zip(axes, panels, strict=True):
+        for model in dict.fromkeys(r["model"] for r in summary):
+            rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r["distance"])
+            ax.errorbar([r["distance"] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3, label=model)
+        ax.axvline(window, color="gray", linestyle=":", label=f"SGA window {window}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("premise distance D (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("E4 distant premise")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

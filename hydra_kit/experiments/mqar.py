@@ -1,0 +1,71 @@
+"""E6: multi-query associative recall (Zoology's MQAR, arXiv 2312.04927), Hydra vs a size-matched transformer.
+
+Each number of key-value pairs is its own task instance (MQAR has one sequence length per instance), so
+every model is trained once per level; accuracy is over all query positions of the first ``--eval`` held-out
+examples (each example asks for every listed key: ``num_queries = num_pairs``).
+
+::
+
+    hydra-kit experiment mqar                      # CPU default: 8 pairs, 3 seeds
+    hydra-kit experiment mqar --size full --pairs 16 32 64 --steps 20000 --seeds 3   # the full size (GPU)
+
+Outputs: ``mqar.csv`` (model, pairs, accuracy mean/std, n_examples, n_seeds), ``mqar.json``, ``mqar.png``
+(accuracy against the number of pairs, as in Zoology's figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+
+from hydra_kit.data import MQAR
+from hydra_kit.experiments import runner
+
+NAME = "mqar"
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {"steps": 300, "batch_size": 32, "pairs": [8], "num_keys": 32, "num_values": 32},
+    "full": {"steps": 20000, "batch_size": 64, "pairs": [16, 32, 64], "num_keys": 256, "num_values": 256, "lr": 1e-3},
+}
+
+
+def main(argv: list[str], console: Console) -> int:
+    """Train Hydra and the transformer on MQAR at each number of pairs; accuracy table and figure."""
+    parser = argparse.ArgumentParser(prog="hydra-kit experiment mqar", description=main.__doc__)
+    runner.add_common_arguments(parser)
+    parser.add_argument("--pairs", type=int, nargs="+", default=None, help="numbers of key-value pairs (one trained model per value)")
+    args = parser.parse_args(argv)
+    settings = runner.resolve_settings(args, NAME, DEFAULTS)
+    d = DEFAULTS[settings.size]
+    pairs = args.pairs or d["pairs"]
+    num_keys, num_values = d["num_keys"], d["num_values"]
+    if max(pairs) > num_keys:
+        raise runner.RecipeError(f"experiment mqar: --pairs {max(pairs)} exceeds the {num_keys} keys of --size {settings.size}")
+    console.print(f"[bold]E6 MQAR[/]: pairs {pairs}, {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per cell")
+    vocab = MQAR(num_pairs=1, num_queries=1, num_keys=num_keys, num_values=num_values).vocab_size
+    hydra = runner.hydra_config(settings.size, vocab, settings.recipe)
+    transformer, _ = runner.dense_transformer(hydra)
+    specs = [runner.ModelSpec("hydra", hydra, "full layout"), runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched")]
+    counts = runner.describe_models(console, specs)
+    records, runs = [], []
+    for p in pairs:
+        task = MQAR(num_pairs=p, num_queries=p, num_keys=num_keys, num_values=num_values)
+        examples = [task.sample(runner.EVAL_SEED, "val", i) for i in range(settings.eval_per_level)]
+
+        def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int, p: int = p, examples: list = examples) -> list[dict[str, Any]]:
+            cell = runner.evaluate(trained.model, examples)
+            return [{"pairs": p, "accuracy": cell.accuracy, "n_examples": cell.examples, "n_answers": cell.answers}]
+
+        console.print(f"pairs = {p} (sequence length {task.seq_len}, chance {1 / num_values:.3f})")
+        r, t = runner.run_grid(console, specs, task, settings, measure)
+        records += r
+        runs += [dict(row, pairs=p) for row in t]
+    summary = runner.summarise(records, ("model", "pairs"), ("accuracy",))
+    runner.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {settings.seeds} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "records": records, "runs": runs}
+    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+    png = settings.out / f"{NAME}.png"
+    runner.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
+    runner.report_files(console, [csv_path, json_path, png])
+    return 0

@@ -1,0 +1,144 @@
+"""E3: product-key memory and selective retrieval, closed- vs open-book fact recall (paper Fig. 4).
+
+Every model is trained on :class:`~hydra_kit.data.FactRecall` in mixed mode (half the questions closed-book:
+the fact is only in the fixed table, so it must have been stored in the weights; half open-book: the fact is
+in the prompt, counterfactual half of the time, so it must be read). Evaluated per book on held-out prompts
+(new prompts about the same table: a closed-book fact never seen in training could not be recalled):
+
+* accuracy at the answer positions;
+* latency: median wall time of one batch-1 forward over a prompt of that book (prompts of both books have the
+  same length, so a difference would come from the model, not the input);
+* mean PKM gate: the router's ``gate_pkm`` statistic (``ModelOutput.stats["router.gate_pkm"]``), the mean over
+  all positions of the prompts of that book of the gate r^pkm (the paper's beta). The paper's claim is that it
+  opens for closed-book questions and stays low when the fact is in the prompt.
+
+Compared: Hydra, Hydra without PKM (the ``pkm`` instance removed), and a transformer of Hydra's total size.
+
+::
+
+    hydra-kit experiment pkm-recall                                          # CPU default
+    hydra-kit experiment pkm-recall --size full --num-facts 4096 --steps 20000   # full size (GPU)
+
+Outputs: ``pkm_recall.csv`` (model, book, accuracy/latency_ms/pkm_gate mean and std, n_examples, n_seeds),
+``pkm_recall.json``, ``pkm_recall.png`` (accuracy, latency and gate per book, one bar group per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from rich.console import Console
+
+from hydra_kit.experiments import runner
+
+NAME = "pkm_recall"
+GATE_STAT = "router.gate_pkm"
+BOOKS = ("closed", "open")
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {"steps": 300, "batch_size": 32, "num_facts": 64, "num_values": 16, "context_facts": 6, "num_queries": 2},
+    "full": {"steps": 20000, "batch_size": 64, "num_facts": 4096, "num_values": 64, "context_facts": 16, "num_queries": 2, "lr": 1e-3},
+}
+
+
+def main(argv: list[str], console: Console) -> int:
+    """Closed- vs open-book fact recall: accuracy, latency and mean PKM gate, with and without PKM."""
+    from hydra_kit.data import FactRecall
+
+    parser = argparse.ArgumentParser(prog="hydra-kit experiment pkm-recall", description=main.__doc__)
+    runner.add_common_arguments(parser)
+    parser.add_argument("--num-facts", type=int, default=None, help="subjects in the fixed fact table")
+    parser.add_argument("--num-values", type=int, default=None, help="value vocabulary (chance = 1 / num_values)")
+    parser.add_argument("--context-facts", type=int, default=None, help="distractor facts per prompt")
+    parser.add_argument("--table-seed", type=int, default=0, help="seed of the fact table")
+    args = parser.parse_args(argv)
+    settings = runner.resolve_settings(args, NAME, DEFAULTS)
+    d = DEFAULTS[settings.size]
+    task = FactRecall(
+        num_facts=args.num_facts or d["num_facts"],
+        num_values=args.num_values or d["num_values"],
+        table_seed=args.table_seed,
+        mode="mixed",
+        open_fraction=0.5,
+        num_queries=d["num_queries"],
+        context_facts=args.context_facts if args.context_facts is not None else d["context_facts"],
+    )
+    console.print(
+        f"[bold]E3 PKM recall[/]: {task.num_facts} facts, {task.num_values} values, {task.context_facts} context facts, length {task.seq_len}; "
+        f"{settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out prompts per book"
+    )
+    examples = runner.eval_set(task, "book", BOOKS, settings.eval_per_level)
+    hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
+    pkm_names = [n for n, s in hydra["components"].items() if s.get("component") in ("pkm", "ProductKeyMemory")]
+    if not pkm_names:
+        raise runner.RecipeError("experiment pkm-recall: the Hydra recipe has no pkm component instance to study")
+    transformer, _ = runner.dense_transformer(hydra)
+    specs = [
+        runner.ModelSpec("hydra", hydra, "full layout"),
+        runner.ModelSpec("hydra - pkm", runner.without(hydra, *pkm_names), "pkm instance removed"),
+        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched"),
+    ]
+    counts = runner.describe_models(console, specs)
+
+    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+        rows = []
+        for book in BOOKS:
+            cell = runner.evaluate(trained.model, examples[book])
+            gate_key = next((k for k in cell.stats if k.endswith("gate_" + pkm_names[0])), None)
+            rows.append(
+                {
+                    "book": book,
+                    "accuracy": cell.accuracy,
+                    "latency_ms": runner.latency_ms(trained.model, examples[book][0]),
+                    "pkm_gate": cell.stats[gate_key] if gate_key is not None else math.nan,
+                    "n_examples": cell.examples,
+                }
+            )
+        return rows
+
+    records, runs = runner.run_grid(console, specs, task, settings, measure)
+    summary = runner.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
+    runner.print_table(
+        console,
+        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {settings.seeds} seeds)",
+        summary,
+        ("model", "book"),
+        [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("mean PKM gate", "pkm_gate", 3)],
+    )
+    extra = {
+        "task": {"num_facts": task.num_facts, "num_values": task.num_values, "context_facts": task.context_facts, "num_queries": task.num_queries,
+                 "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": 1 / task.num_values},
+        "gate_stat": GATE_STAT,
+        "records": records,
+        "runs": runs,
+    }
+    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+    png = settings.out / f"{NAME}.png"
+    plot(png, summary)
+    runner.report_files(console, [csv_path, json_path, png])
+    return 0
+
+
+def plot(path: Any, summary: list[dict[str, Any]]) -> None:
+    """Three panels (accuracy, latency, mean PKM gate), closed and open book side by side per model."""
+    plt = runner.pyplot()
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    width = 0.38
+    for ax, (metric, label) in zip(axes, (("accuracy", "held-out accuracy"), ("latency_ms", "latency (ms, batch 1)"), ("pkm_gate", "mean PKM gate")), strict=True):
+        for j, book in enumerate(BOOKS):
+            rows = [next(r for r in summary if r["model"] == m and r["book"] == book) for m in models]
+            xs = [i + (j - 0.5) * width for i in range(len(models))]
+            values = [0.0 if math.isnan(r[f"{metric}_mean"]) else r[f"{metric}_mean"] for r in rows]
+            errors = [0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"] for r in rows]
+            ax.bar(xs, values, width, yerr=errors, capsize=3, label=f"{book} book")
+        ax.set_xticks(range(len(models)), models, rotation=15)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    axes[2].set_title("(no PKM: no gate)", fontsize=8)
+    fig.suptitle("E3 PKM recall: closed vs open book")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,553 @@
+"""The shared machinery of ``hydra-kit experiment``: build the compared models, train them, evaluate per level.
+
+Every experiment (E1, E3-E6 of HYDRA.md section 4; E2 is ``hydra-kit bench``) follows one protocol:
+
+1. **Models are recipes** (the ``model`` section of a recipe, as a dict): Hydra; Hydra with the component
+   under study removed (the recipe's ``dropped`` list, so the ablated model allocates nothing for it); and a
+   dense transformer (``attention`` + ``mlp`` components, same width and depth) whose SwiGLU hidden width is
+   chosen so its total (or, for E5, active) parameter count is within 5 percent of Hydra's
+   (:func:`dense_transformer`). The counts are reported with every result.
+2. **Training** uses the ordinary Lightning path: :class:`~hydra_kit.model.HydraLM` and
+   :class:`~hydra_kit.data.SyntheticDataModule` with a fresh example stream per seed (``seed_everything`` and the
+   data module's ``seed``), AdamW with warm-up and cosine decay, gradient clipping at 1.0, on the CPU.
+3. **Evaluation** draws the held-out split (``task.sample(EVAL_SEED, "val", i)``: the same examples for every
+   model and seed, disjoint from every training stream by the task's hash split), keeps the first
+   ``n_per_level`` examples of each difficulty level (the task's meta key) and scores accuracy at the answer
+   positions (argmax of the logits; an example with several answers counts each).
+4. **Aggregation**: mean and standard deviation (n - 1 denominator) over seeds per (model, level), a rich
+   table, ``<name>.csv`` (the summary), ``<name>.json`` (settings, parameter counts, every per-seed record, the
+   summary) and ``<name>.png`` (the figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from hydra_kit.data.synthetic import SyntheticDataModule
+from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.model import HydraLM, ModelOutput
+from hydra_kit.recipe import RecipeError
+
+# Seed of the held-out evaluation examples: the same for every model and training seed (paired comparison).
+EVAL_SEED = 1_000_000_007
+
+# The Hydra layout of recipes/full.yaml at the experiments' CPU size (d_model 64, 4 blocks): SSM everywhere,
+# sparse global attention every 2nd block (blocks 1 and 3), top-2 of 4 experts everywhere, the workspace after
+# the first SGA block and product-key memory in block 2, a router in every block.
+CPU_HYDRA: dict[str, Any] = {
+    "d_model": 64,
+    "n_blocks": 4,
+    "components": {
+        "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 16, "headdim": 16, "chunk_size": 16}},
+        "sga": {"component": "sga", "blocks": "every 2", "args": {"n_heads": 4, "window": 16, "max_global": 32, "globals_per_chunk": 2}},
+        "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2}},
+        "workspace": {"component": "workspace", "blocks": [1], "args": {"n_slots": 8, "chunk_size": 8}},
+        "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 16, "top_k": 8, "d_key": 32}},
+        "router": {"component": "router", "blocks": "all"},
+    },
+}
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FULL_RECIPE = REPO_ROOT / "recipes" / "full-29m.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ models
+@dataclass
+class ModelSpec:
+    """One compared model: a label and the HydraLM keyword arguments (a recipe's model section)."""
+
+    label: str
+    config: dict[str, Any]
+    note: str = ""
+
+
+def hydra_config(size: str, vocab_size: int, recipe: str | None = None) -> dict[str, Any]:
+    """The Hydra model section for an experiment: the CPU layout, ``recipes/full-29m.yaml`` or a given recipe.
+
+    Raises:
+        RecipeError: the recipe file is missing or has no model section.
+    """
+    if recipe is None and size == "cpu":
+        config = copy.deepcopy(CPU_HYDRA)
+    else:
+        from hydra_kit.cli import load_recipe
+
+        path = recipe or str(FULL_RECIPE)
+        section = load_recipe(path).get("model") or {}
+        if "init_args" in section:
+            section = section["init_args"] or {}
+        if "components" not in section:
+            raise RecipeError(f"{path}: model.components is missing; an experiment needs a Hydra recipe")
+        config = copy.deepcopy(section)
+    config["vocab_size"] = vocab_size
+    return config
+
+
+def without(config: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The recipe with component instances removed (HydraLM's ``dropped``), e.g. Hydra without its workspace.
+
+    Raises:
+        RecipeError: a name is not an instance of the recipe; the message lists the instances.
+    """
+    missing = [n for n in names if n not in config["components"]]
+    if missing:
+        raise RecipeError(f"experiment: cannot drop {missing}: not component instances of the recipe ({', '.join(config['components'])})")
+    out = copy.deepcopy(config)
+    out["dropped"] = sorted(set(out.get("dropped") or []) | set(names))
+    return out
+
+
+def count_parameters(config: dict[str, Any], seq_len: int = 256) -> dict[str, int]:
+    """Total and active (per-token) parameters of a model section, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = HydraLM(**config)
+    report = model.parameter_report(seq_len)
+    return {"total_params": int(report["total_params"]), "active_params": int(report["active_params"])}
+
+
+def _attention_heads(config: dict[str, Any]) -> int:
+    for spec in config["components"].values():
+        if spec.get("component") in ("sga", "attention") and "n_heads" in (spec.get("args") or {}):
+            return int(spec["args"]["n_heads"])
+    return 4
+
+
+def match_hidden(make: Callable[[int], dict[str, Any]], target: int, match: str, what: str, tolerance: float = 0.05) -> tuple[dict[str, Any], dict[str, int]]:
+    """The model section ``make(hidden)`` whose ``match`` count is closest to ``target``, hidden in steps of 16.
+
+    Raises:
+        RecipeError: no hidden width comes within ``tolerance`` of the target.
+    """
+    best: tuple[float, dict[str, Any], dict[str, int]] | None = None
+    for hidden in range(16, 16 * 1024 + 1, 16):
+        candidate = make(hidden)
+        counts = count_parameters(candidate)
+        gap = abs(counts[match] - target) / target
+        if best is None or gap < best[0]:
+            best = (gap, candidate, counts)
+        if counts[match] > target:
+            break
+    assert best is not None
+    if best[0] > tolerance:
+        raise RecipeError(f"experiment: no {what} matches the target {match} ({target:,}) within {tolerance:.0%} (best {best[2][match]:,})")
+    return best[1], best[2]
+
+
+def dense_transformer(config: dict[str, Any], match: str = "total_params") -> tuple[dict[str, Any], dict[str, int]]:
+    """A dense transformer (attention + SwiGLU MLP in every block) with Hydra's width and depth, size-matched.
+
+    The MLP's hidden width is chosen (steps of 16) so the transformer's ``match`` count is the closest to
+    Hydra's: ``total_params`` for an equal-size model, ``active_params`` for an equal-active-parameter one.
+
+    Returns:
+        The transformer's model section and its parameter counts.
+    """
+    target = count_parameters(config)[match]
+    d_model = int(config["d_model"])
+    base = {k: v for k, v in config.items() if k not in ("components", "dropped")}
+    heads = _attention_heads(config)
+
+    def make(hidden: int) -> dict[str, Any]:
+        return dict(
+            base,
+            components={
+                "attn": {"component": "attention", "blocks": "all", "args": {"n_heads": heads}},
+                "mlp": {"component": "mlp", "blocks": "all", "args": {"hidden_mult": hidden / d_model, "multiple_of": 16}},
+            },
+        )
+
+    return match_hidden(make, target, match, f"dense transformer of width {d_model}")
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainSettings:
+    """How each compared model is trained."""
+
+    steps: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 50
+
+
+@dataclass
+class TrainedModel:
+    """A trained model and what its training cost."""
+
+    model: HydraLM
+    seconds: float
+    final_loss: float | None
+
+
+def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings) -> TrainedModel:
+    """Train ``spec`` on ``task``'s training split with Lightning (CPU, float32, no logger, no checkpoints)."""
+    import lightning as L
+
+    # One experiment trains many models: Lightning's per-Trainer banners (accelerator, tips) would bury the table.
+    for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(logger_name).setLevel(logging.ERROR)
+    L.seed_everything(seed, workers=True, verbose=False)
+    config = dict(spec.config, lr=settings.lr, warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 4)))
+    model = HydraLM(**config)
+    data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=settings.steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*val_dataloader.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    loss = trainer.callback_metrics.get("train/loss")
+    model.eval()
+    return TrainedModel(model, seconds, None if loss is None else float(loss))
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def eval_set(task: SyntheticTask, level_key: str, levels: Sequence[Any], n_per_level: int, seed: int = EVAL_SEED) -> dict[Any, list[Example]]:
+    """The first ``n_per_level`` held-out examples of each level, in index order (deterministic).
+
+    Raises:
+        RecipeError: the task never produced some level (a level outside what the task generates).
+    """
+    wanted = {level: [] for level in levels}  # type: dict[Any, list[Example]]
+    limit = 200 * n_per_level * max(1, len(wanted))
+    for index in range(limit):
+        example = task.sample(seed, "val", index)
+        if level_key not in example.meta:
+            raise RecipeError(f"experiment: {type(task).__name__} examples have no meta key {level_key!r}; keys: {sorted(example.meta)}")
+        bucket = wanted.get(example.meta[level_key])
+        if bucket is not None and len(bucket) < n_per_level:
+            bucket.append(example)
+        if all(len(v) >= n_per_level for v in wanted.values()):
+            return wanted
+    short = {k: len(v) for k, v in wanted.items() if len(v) < n_per_level}
+    raise RecipeError(f"experiment: {type(task).__name__} gave too few held-out examples for {level_key} levels {short} after {limit} draws")
+
+
+def stack(examples: Sequence[Example]) -> tuple[Tensor, Tensor]:
+    """(B, L) input ids and targets of examples of one length."""
+    ids = torch.from_numpy(np.stack([e.input_ids for e in examples]))
+    targets = torch.from_numpy(np.stack([e.targets for e in examples]))
+    return ids, targets
+
+
+@dataclass
+class CellResult:
+    """Accuracy of one model on one level's examples, with the means of the model's stats over batches."""
+
+    correct: int
+    answers: int
+    examples: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.answers)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: HydraLM,
+    examples: Sequence[Example],
+    batch_size: int = 128,
+    on_batch: Callable[[ModelOutput, Tensor], None] | None = None,
+) -> CellResult:
+    """Accuracy at the answer positions of ``examples``; ``on_batch(output, input_ids)`` sees every forward."""
+    model.eval()
+    correct = answers = 0
+    stat_sums: dict[str, float] = {}
+    batches = 0
+    for start in range(0, len(examples), batch_size):
+        ids, targets = stack(examples[start : start + batch_size])
+        out = model(ids)
+        mask = targets != IGNORE_INDEX
+        correct += int((out.logits.argmax(-1)[mask] == targets[mask]).sum())
+        answers += int(mask.sum())
+        for k, v in out.stats.items():
+            stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+        batches += 1
+        if on_batch is not None:
+            on_batch(out, ids)
+    return CellResult(correct, answers, len(examples), {k: v / max(1, batches) for k, v in stat_sums.items()})
+
+
+@torch.inference_mode()
+def latency_ms(model: HydraLM, example: Example, repeats: int = 10) -> float:
+    """Median wall time (ms) of one forward over one example (batch 1), after two warm-up calls."""
+    model.eval()
+    ids = torch.from_numpy(example.input_ids)[None]
+    for _ in range(2):
+        model(ids)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def peak_memory_mb(config: dict[str, Any], seq_len: int) -> float | None:
+    """Peak RSS growth (MB) of one batch-1 inference forward of length ``seq_len`` in a fresh subprocess.
+
+    Uses ``hydra-kit bench``'s probe (:func:`hydra_kit.bench.measure_peak_memory`) on a temporary recipe, so
+    the activations and workspaces of the forward are measured, not the weights; None if the probe failed.
+    """
+    import tempfile
+
+    import yaml
+
+    from hydra_kit.bench import measure_peak_memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.yaml"
+        path.write_text(yaml.safe_dump({"model": config}), encoding="utf-8")
+        return measure_peak_memory(str(path), seq_len, "infer", 1, None)
+
+
+# -------------------------------------------------------------------------------------------- aggregation
+def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 denominator; 0 for a single value)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarise(records: list[dict[str, Any]], group: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per ``group`` value (e.g. model, level): ``<metric>_mean``, ``<metric>_std``, ``n_seeds``.
+
+    ``n_examples`` (examples per seed in the cell) is carried over when the records have it.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[g] for g in group), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        row: dict[str, Any] = dict(zip(group, key, strict=True))
+        for m in metrics:
+            mean, std = mean_std(r.get(m) for r in rs)
+            row[f"{m}_mean"], row[f"{m}_std"] = mean, std
+        if "n_examples" in rs[0]:
+            row["n_examples"] = rs[0]["n_examples"]
+        row["n_seeds"] = len({r["seed"] for r in rs})
+        rows.append(row)
+    return rows
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def print_table(console: Console, title: str, rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[tuple[str, str, int]]) -> None:
+    """A rich table: the key columns, then each metric as mean ± std (label, name, digits)."""
+    table = Table(title=title)
+    for k in keys:
+        table.add_column(k)
+    for label, _, _ in metrics:
+        table.add_column(label, justify="right")
+    extra = [c for c in ("n_examples", "n_seeds") if rows and c in rows[0]]
+    for c in extra:
+        table.add_column(c, justify="right")
+    for row in rows:
+        cells = [str(row[k]) for k in keys]
+        cells += [fmt(row[f"{name}_mean"], row[f"{name}_std"], digits) for _, name, digits in metrics]
+        cells += [str(row[c]) for c in extra]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def write_outputs(out: Path, name: str, summary: list[dict[str, Any]], payload: dict[str, Any]) -> tuple[Path, Path]:
+    """``<name>.csv`` (the summary rows) and ``<name>.json`` (payload plus the summary) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    json_path.write_text(json.dumps({**payload, "summary": summary}, indent=2, default=str), encoding="utf-8")
+    return csv_path, json_path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display).
+
+    Raises:
+        RecipeError: matplotlib is not installed (it comes with the ``dev`` and ``plots`` extras).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise RecipeError("experiment figures need matplotlib: pip install 'hydra-kit[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def errorbar_plot(
+    path: Path, summary: list[dict[str, Any]], x_key: str, metric: str, ylabel: str, title: str, xlabel: str | None = None, logx: bool = False,
+) -> None:
+    """One line per model: ``metric`` mean with std error bars against ``x_key``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for model in dict.fromkeys(r["model"] for r in summary):
+        rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r[x_key])
+        ax.errorbar([r[x_key] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3, label=model)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel or x_key)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+@dataclass
+class Settings:
+    """The common options of every experiment command (per-experiment defaults fill the Nones)."""
+
+    size: str
+    seeds: int
+    steps: int
+    batch_size: int
+    eval_per_level: int
+    out: Path
+    recipe: str | None
+    lr: float
+    threads: int = 1
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=("cpu", "full"), default="cpu", help="cpu: the default, minutes on 2 cores; full: the paper's scale (GPU)")
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 per model (default: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
+    parser.add_argument("--eval", dest="eval_per_level", type=int, default=None, help="held-out examples per reported cell (default: 500)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--recipe", default=None, help="Hydra recipe YAML to use instead of the size's default model")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/NAME)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: these small models are bound by per-op overhead, not FLOPs)"
+    )
+
+
+def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, dict[str, Any]]) -> Settings:
+    """Merge the command line over the experiment's defaults for ``--size``.
+
+    Raises:
+        RecipeError: a count is not positive.
+    """
+    d = defaults[args.size]
+    settings = Settings(
+        size=args.size,
+        seeds=args.seeds if args.seeds is not None else d.get("seeds", 3),
+        steps=args.steps if args.steps is not None else d["steps"],
+        batch_size=args.batch_size if args.batch_size is not None else d.get("batch_size", 32),
+        eval_per_level=args.eval_per_level if args.eval_per_level is not None else d.get("eval_per_level", 500),
+        out=args.out if args.out is not None else Path("runs") / "experiments" / name,
+        recipe=args.recipe,
+        lr=args.lr if args.lr is not None else d.get("lr", 3e-3),
+        threads=args.threads,
+    )
+    for key in ("seeds", "steps", "batch_size", "eval_per_level"):
+        if getattr(settings, key) <= 0:
+            raise RecipeError(f"experiment {name}: --{key.replace('_', '-')} must be positive, got {getattr(settings, key)}")
+    if settings.lr <= 0 or settings.threads <= 0:
+        raise RecipeError(f"experiment {name}: --lr ({settings.lr}) and --threads ({settings.threads}) must be positive")
+    torch.set_num_threads(settings.threads)
+    return settings
+
+
+def train_settings(settings: Settings) -> TrainSettings:
+    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr)
+
+
+def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
+    """Print and return the total and active parameter counts of the compared models."""
+    counts = {s.label: count_parameters(s.config) for s in specs}
+    table = Table(title="compared models")
+    for column in ("model", "total params", "active params", "note"):
+        table.add_column(column, justify="left" if column in ("model", "note") else "right")
+    for s in specs:
+        table.add_row(s.label, f"{counts[s.label]['total_params']:,}", f"{counts[s.label]['active_params']:,}", s.note)
+    console.print(table)
+    return counts
+
+
+Measure = Callable[[TrainedModel, ModelSpec, int], list[dict[str, Any]]]
+
+
+def run_grid(
+    console: Console, specs: Sequence[ModelSpec], task: SyntheticTask, settings: Settings, measure: Measure
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train every model for every seed on ``task`` and collect ``measure``'s records (model, seed added).
+
+    Returns:
+        The evaluation records and one training record per (model, seed): seconds, final training loss.
+    """
+    records: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for seed in range(settings.seeds):
+        for spec in specs:
+            trained = train(spec, task, seed, train_settings(settings))
+            rows = measure(trained, spec, seed)
+            for row in rows:
+                row.setdefault("model", spec.label)
+                row.setdefault("seed", seed)
+            records.extend(rows)
+            loss = "-" if trained.final_loss is None else f"{trained.final_loss:.3f}"
+            console.print(f"  seed {seed}  {spec.label:<24} trained {settings.steps} steps in {trained.seconds:6.1f} s, final train loss {loss}")
+            runs.append({"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss})
+    return records, runs
+
+
+def payload(name: str, settings: Settings, specs: Sequence[ModelSpec], counts: dict[str, dict[str, int]], extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body common to every experiment: settings, models (config and counts), extra fields."""
+    return {
+        "experiment": name,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
+        "eval_seed": EVAL_SEED,
+        "models": {s.label: {"note": s.note, **counts[s.label], "config": s.config} for s in specs},
+        **extra,
+    }
+
+
+def report_files(console: Console, paths: Sequence[Path]) -> None:
+    console.print("wrote " + "  ".join(str(p) for p in paths))
