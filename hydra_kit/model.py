@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
 
 from hydra_kit.block import TriPathBlock
 from hydra_kit.nn import RMSNorm
@@ -152,6 +153,8 @@ class HydraLM(L.LightningModule):
         self.norm = RMSNorm(d_model)
         self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)  # exp of the mean loss over the scored positions
+        self._bytes_per_token: float | None = None  # declared by byte-level data modules: enables val/bpb
 
     # ------------------------------------------------------------------ model
     @property
@@ -269,6 +272,14 @@ class HydraLM(L.LightningModule):
         mask = targets != IGNORE_INDEX
         metric(out.logits[mask].argmax(-1), targets[mask])
         self.log(f"{stage}/acc", metric, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        if stage == "val":
+            self.val_ppl(out.logits.float(), targets)
+            self.log("val/ppl", self.val_ppl, on_step=False, on_epoch=True, batch_size=batch_size)
+            if self._bytes_per_token:
+                # Bits per byte: the loss is a mean over scored tokens, so weighting each batch by its number of
+                # scored tokens makes the epoch value the mean over all scored bytes.
+                bpb = task_loss.detach() / (math.log(2) * self._bytes_per_token)
+                self.log("val/bpb", bpb, on_step=False, on_epoch=True, batch_size=int(mask.sum()), sync_dist=True)
         if stage == "train":
             for k, v in out.aux_losses.items():
                 self.log(f"aux/{k}", v, on_step=True, batch_size=batch_size)
@@ -332,6 +343,7 @@ class HydraLM(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(datamodule, "vocab_size", None)
+        self._bytes_per_token = getattr(datamodule, "bytes_per_token", None)
         if needed is not None and needed > self.hparams["vocab_size"]:
             raise RecipeError(f"model.vocab_size is {self.hparams['vocab_size']} but the data uses {needed} token ids; set model.vocab_size >= {needed}")
         # A sequence longer than a component supports is a recipe error: report it before training starts.

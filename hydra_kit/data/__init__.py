@@ -7,5 +7,6 @@ from hydra_kit.data.logic_chains import LogicChains
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.synthetic import SyntheticDataModule, SyntheticDataset
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.data.text import TextDataError, TextDataModule
 
-__all__ = ["IGNORE_INDEX", "MQAR", "DistantPremise", "DomainMixture", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask"]
+__all__ = ["IGNORE_INDEX", "MQAR", "DistantPremise", "DomainMixture", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask", "TextDataError", "TextDataModule"]
