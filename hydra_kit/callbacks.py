@@ -211,6 +211,27 @@ class Ablation(Callback):
 
 # ------------------------------------------------------------------------------------------------ curriculum
 
+
+def check_recipe_callbacks(path: str, recipe: dict[str, Any]) -> None:
+    """Validate the Curriculum stages of a recipe's ``trainer.callbacks`` before LightningCLI instantiates them.
+
+    jsonargparse would report a bad stage as a failed type match with a deep traceback; this names the file.
+
+    Raises:
+        RecipeError: ``<file>: trainer.callbacks[i]: Curriculum: stage ...``.
+    """
+    trainer = recipe.get("trainer") or {}
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+    for i, entry in enumerate(callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []):
+        if not isinstance(entry, dict) or str(entry.get("class_path", "")).rsplit(".", 1)[-1] != Curriculum.__name__:
+            continue
+        init_args = entry.get("init_args") or {}
+        try:
+            Curriculum(init_args.get("stages") if isinstance(init_args, dict) else None)  # type: ignore[arg-type]
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: trainer.callbacks[{i}]: {exc}") from None
+
+
 STAGE_KEYS = ("name", "at_step", "when", "enable", "disable", "freeze", "unfreeze", "data", "lr_scale")
 _NAME_LISTS = ("enable", "disable", "freeze", "unfreeze")
 LR_SCALE_KEY = "curriculum_lr_scale"  # kept in every optimizer param group, so it travels with optimizer state

@@ -135,6 +135,7 @@ def check_recipes(paths: list[str], argv: list[str]) -> None:
     """
     import inspect
 
+    from hydra_kit.callbacks import check_recipe_callbacks
     from hydra_kit.model import HydraLM, default_registry
     from hydra_kit.recipe import resolve_components
 
@@ -153,6 +154,7 @@ def check_recipes(paths: list[str], argv: list[str]) -> None:
                 raise RecipeError(f"{path}: model.{key}: expected a positive integer, got {model[key]!r}")
         if "components" in model:
             resolve_components(model["components"], n_blocks, default_registry(), f"{path}: model.components")
+        check_recipe_callbacks(path, recipe)
 
 
 # ------------------------------------------------------------------------------------------------ summary

@@ -217,3 +217,15 @@ def test_curriculum_survives_sigkill_and_resume(tmp_path):
     assert a["global_step"] == b["global_step"] == 16
     for key, value in a["state_dict"].items():  # same stages, data, learning rates and freezes as uninterrupted
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+
+
+def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_path, capsys):
+    from hydra_kit.cli import main
+
+    path = quick_recipe(tmp_path, "badstage")
+    recipe = yaml.safe_load(path.read_text())
+    recipe["trainer"]["callbacks"] = [{"class_path": "hydra_kit.callbacks.Curriculum", "init_args": {"stages": [{"at_step": 0, "disabel": ["sga"]}]}}]
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["fit", "--config", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "badstage.yaml: trainer.callbacks[0]: Curriculum: stage 0: unknown key(s) 'disabel'; valid: name, at_step" in err
