@@ -140,6 +140,9 @@ def test_cli_fit_on_text_logs_bits_per_byte_and_perplexity(tmp_path):
     assert values["bpb"] == pytest.approx(values["loss"] / math.log(2), rel=1e-3)
     assert values["ppl"] == pytest.approx(math.exp(values["loss"]), rel=1e-3)
     assert 0 < values["bpb"] < 8.5  # a byte needs at most 8 bits; a few steps already beat uniform
+    last = tmp_path / "runs" / "text" / "version_0" / "checkpoints" / "last.ckpt"
+    stream = torch.load(last, weights_only=True)["TextDataModule"]  # the stream position a resume starts from
+    assert stream["batches_done"] == 4 and stream["num_bytes"] == len(TextDataModule(str(text), seq_len=32).train_data)
 
 
 def test_cli_reports_a_missing_text_path_in_one_line(tmp_path):
