@@ -21,7 +21,8 @@ Token ids (``num_nodes = N``): PAD 0, nodes 1..N, ``->`` N+1, ``~>`` N+2, ``QUER
 Examples are left-padded with PAD to ``seq_len``, so a short-chain and a long-chain instance built with the
 same ``num_nodes`` and ``seq_len`` share one token layout and one held-out hash (the length-generalisation
 test set ``LogicChains(max_hops=8, seq_len=S)`` is disjoint from the training split of
-``LogicChains(max_hops=4, seq_len=S)``; examples with more hops differ in their query anyway).
+``LogicChains(max_hops=4, seq_len=S)``; examples with more hops differ in their query anyway). The amount
+of padding tells the number of facts, hence hops + extra, but never which node is the answer.
 
 Worked example (``LogicChains(num_nodes=8, min_hops=2, max_hops=2, num_distractors=2, max_extra=1)``, seed 0,
 train index 0)::
