@@ -179,10 +179,18 @@ class KnockOut(Callback):
 class Ablation(Callback):
     """Check at ``setup`` that the dropped component instances have no parameters in the model, and log them.
 
-    This callback removes nothing. The removal is the model's ``dropped`` hyper-parameter, applied before the
-    model is built (``--model.dropped '[pkm]'``; ``hydra-kit ablate`` sets it), so the ablated model never
-    allocates the instance and its checkpoint reloads as the same smaller model. The callback makes the
-    ablation visible in the run's log and fails loudly when a recipe names an ablation it does not apply.
+    The removal is the model's ``dropped`` hyper-parameter, applied before the model is built, so the ablated
+    model never allocates the instance (no parameters, FLOPs or optimizer state) and its checkpoint reloads as
+    the same smaller model. Listing this callback in a recipe is enough: hydra-kit's CLI adds its ``drop`` to
+    ``model.dropped`` before instantiating the model::
+
+        trainer:
+          callbacks:
+            - {class_path: hydra_kit.callbacks.Ablation, init_args: {drop: [pkm]}}
+
+    (``--model.dropped '[pkm]'`` and ``hydra-kit ablate --drop pkm`` do the same). At ``setup`` the callback
+    checks that the instances are really gone, fails loudly when they are not (a model built outside the CLI),
+    and logs the ablation.
 
     Args:
         drop: instance names that must be absent.
@@ -347,7 +355,7 @@ class Curriculum(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         position = int(state_dict.get("position", 0))
         if position > len(self.stages):
-            raise ValueError(f"Curriculum: the checkpoint reached stage {position - 1} but this curriculum has only {len(self.stages)} stages")
+            raise RecipeError(f"Curriculum: the checkpoint reached stage {position - 1} but this curriculum has only {len(self.stages)} stages")
         if state_dict.get("n_stages", len(self.stages)) != len(self.stages):
             rank_zero_warn(f"Curriculum: the checkpoint's curriculum had {state_dict['n_stages']} stages, this one has {len(self.stages)}")
         self.position = position

@@ -38,6 +38,18 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _apply_ablation_callbacks(config: Any) -> None:
+    """Add the instances named by ``hydra_kit.callbacks.Ablation`` callbacks to ``model.dropped``, before the model is built."""
+    callbacks = config["trainer"].get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+        if class_path.rsplit(".", 1)[-1] != "Ablation":
+            continue
+        drop = list((callback.get("init_args") or {}).get("drop") or [])
+        model = config["model"]
+        model["dropped"] = list(dict.fromkeys([*(model.get("dropped") or []), *drop]))
+
+
 class HydraCLI(LightningCLI):
     """LightningCLI with HydraLM as the model and a data module chosen by the recipe."""
 
@@ -89,8 +101,9 @@ class HydraCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
-        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of this recipe's runs, and log into its folder."""
+        """Apply recipe ablations to the model; resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of this recipe."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        _apply_ablation_callbacks(config)
         if config.get("ckpt_path") != "last":
             return
         logger = config["trainer"].get("logger")

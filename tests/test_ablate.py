@@ -86,3 +86,21 @@ def test_ablate_table_from_real_runs_then_knockout_of_its_checkpoint(tmp_path):
     bad = run_cli("ablate", "--mode", "knockout", "--ckpt_path", full["checkpoint"], "--drop", "router", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "routers ['router'] cannot be knocked out: drop them in --mode train" in " ".join(bad.stderr.split())
+
+
+def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path):
+    import yaml
+
+    from hydra_kit.callbacks import Ablation
+    from hydra_kit.lightning_cli import HydraCLI
+
+    path = quick_recipe(tmp_path, "ablated")
+    recipe = yaml.safe_load(path.read_text())
+    recipe["trainer"]["callbacks"] = [{"class_path": "hydra_kit.callbacks.Ablation", "init_args": {"drop": ["sga"]}}]
+    path.write_text(yaml.safe_dump(recipe))
+    cli = HydraCLI(args=["--config", str(path)], run=False)
+    assert cli.model.hparams["dropped"] == ["sga"]
+    assert not any("sga" in n for n, _ in cli.model.named_parameters())
+    assert any(isinstance(c, Ablation) for c in cli.trainer.callbacks)
+    with pytest.raises(Exception, match=r"Ablation: instance\(s\) \['sga'\] still have parameters"):
+        Ablation(["sga"]).setup(cli.trainer, HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS), "fit")
