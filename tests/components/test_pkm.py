@@ -226,7 +226,7 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch: pytest.M
 
 def test_triton_backend_without_gpu_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tests/kernels turns the interpreter on for this process
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would make triton usable on CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"pkm: backend 'triton' is unavailable: no CUDA GPU is visible"):
         ProductKeyMemory(16, 0, **SMALL, backend="triton")
