@@ -59,10 +59,18 @@ class LoadFailure:
 
 @dataclass
 class Registry:
-    """The discovered components by entry-point name, and the plugins that failed to load."""
+    """The discovered components by entry-point name, the plugins that failed to load, and those switched off.
+
+    Attributes:
+        entries: loaded components by entry-point name.
+        failures: plugins whose entry point failed to import.
+        skipped: entry-point name -> "distribution version" of third-party components not loaded because
+            third-party loading was off (named in errors, so a recipe using one says why it is unknown).
+    """
 
     entries: dict[str, ComponentEntry] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return sorted(self.entries)
@@ -88,6 +96,8 @@ class Registry:
             )
         failed = [f for f in self.failures if f.name == name]
         hint = f" ({failed[0].describe()})" if failed else ""
+        if name in self.skipped:
+            hint = f" (declared by {self.skipped[name]}, but third-party plugins are disabled: --no-plugins / HYDRA_KIT_NO_PLUGINS)"
         available = ", ".join(f"{e.name} ({e.cls.__name__})" for e in sorted(self.entries.values(), key=lambda e: e.name))
         raise ComponentRegistryError(f"unknown component {name!r}{hint}; available: {available}")
 
@@ -127,6 +137,7 @@ def discover(
     for ep in entry_points:
         distribution, version = _distribution_of(ep)
         if not third_party and _normalise(distribution) != _normalise(FIRST_PARTY_DISTRIBUTION):
+            registry.skipped[ep.name] = f"{distribution} {version}"
             continue
         existing = registry.entries.get(ep.name)
         if existing is not None:

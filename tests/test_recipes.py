@@ -86,3 +86,13 @@ def test_a_sequence_longer_than_a_component_supports_is_a_clear_error(monkeypatc
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(RecipeError, match=rf"data: the task makes sequences of {data.task.seq_len} tokens, longer than the 8 tokens model\.components\.mix"):
         trainer.fit(model, datamodule=data)
+
+
+@pytest.mark.parametrize(
+    ("spec", "n_blocks", "expected"),
+    [("every 3", 7, (2, 5)), ("every 3", 2, ()), ("every 1", 3, (0, 1, 2)), ("every 2 from 1", 5, (1, 3)), ("every 2 from -1", 4, (3,)), ([-1, 0, 0], 3, (0, 2)), ("none", 3, ())],
+)
+def test_placements(spec, n_blocks, expected):
+    from hydra_kit.recipe import parse_blocks
+
+    assert parse_blocks(spec, n_blocks, "k") == expected

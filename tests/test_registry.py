@@ -59,6 +59,8 @@ def test_third_party_switch_keeps_first_party_only():
     eps = [entry("cummean", "fake_components:CumulativeMeanMixer", "hydra-kit", "0.1.0"), entry("other", "fake_components:LookAheadMixer", "someone-else", "1.0")]
     assert discover(entry_points=eps, third_party=False).names() == ["cummean"]
     assert discover(entry_points=eps).names() == ["cummean", "other"]
+    with pytest.raises(ComponentRegistryError, match=r"unknown component 'other' \(declared by someone-else 1\.0, but third-party plugins are disabled"):
+        discover(entry_points=eps, third_party=False).resolve("other")
 
 
 def test_unknown_name_lists_available():
