@@ -19,19 +19,49 @@ from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath,
 
 @dataclass
 class KVCache:
-    """Keys and values of every past token.
+    """Keys and values of every past token, in a buffer with room to grow.
+
+    At inference (no autograd) new keys are written in place, so decoding one token costs O(1) copies plus
+    the attention itself; the buffer grows by whole blocks of ``KVCache.growth`` tokens when it is full,
+    as a serving system's preallocated cache would. A cache is append-only: continue from the state a call
+    returned, never from an older one (its buffer may have been written since). Under autograd every call
+    builds fresh tensors instead, because in-place writes would corrupt saved activations.
 
     Attributes:
-        keys: (B, H, T, hd) rotated keys.
-        values: (B, H, T, hd).
+        key_buffer: (B, H, capacity, hd) rotated keys; slots at and after ``length`` are unused.
+        value_buffer: (B, H, capacity, hd) values.
+        length: number of cached tokens.
     """
 
-    keys: Tensor
-    values: Tensor
+    key_buffer: Tensor
+    value_buffer: Tensor
+    length: int = 0
+
+    growth: ClassVar[int] = 256
 
     @property
-    def length(self) -> int:
-        return self.keys.shape[2]
+    def keys(self) -> Tensor:  # (B, H, length, hd)
+        return self.key_buffer[:, :, : self.length]
+
+    @property
+    def values(self) -> Tensor:  # (B, H, length, hd)
+        return self.value_buffer[:, :, : self.length]
+
+    def append(self, k: Tensor, v: Tensor) -> KVCache:
+        """The cache after appending k, v (B, H, L, hd); writes in place when autograd is off."""
+        need = self.length + k.shape[2]
+        if torch.is_grad_enabled():
+            return KVCache(torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2), need)
+        keys, values = self.key_buffer, self.value_buffer
+        if keys.shape[2] < need:  # grow to the next whole block with at least `growth` free slots
+            capacity = -(-(need + self.growth) // self.growth) * self.growth
+            keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[3])
+            values = values.new_empty(keys.shape)
+            keys[:, :, : self.length] = self.keys
+            values[:, :, : self.length] = self.values
+        keys[:, :, self.length : need] = k
+        values[:, :, self.length : need] = v
+        return KVCache(keys, values, need)
 
 
 class CausalSelfAttention(TriPathComponent):
@@ -65,7 +95,7 @@ class CausalSelfAttention(TriPathComponent):
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> KVCache:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return KVCache(empty, empty.clone())
+        return KVCache(empty, empty.clone(), 0)
 
     def forward(
         self, x: Tensor, context: ComponentContext | None = None, state: KVCache | None = None
@@ -75,13 +105,15 @@ class CausalSelfAttention(TriPathComponent):
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
-        if state is not None and past > 0:
-            k = torch.cat([state.keys, k], dim=2)
-            v = torch.cat([state.values, v], dim=2)
+        cache = None if state is None else state.append(k, v)
+        if cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
-            visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            if seq_len == 1:  # one decoding step sees every cached key: no mask needed
+                y = F.scaled_dot_product_attention(q, cache.keys, cache.values)
+            else:
+                visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
+                y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.d_model)  # (B, L, D)
-        return ComponentOutput(update=self.out(y), state=KVCache(k, v))
+        return ComponentOutput(update=self.out(y), state=cache if cache is not None else KVCache(k, v, seq_len))

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
 from hydra_kit.nn import RMSNorm
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
-__all__ = ["SSMState", "SelectiveSSM", "diagonal_chunked_scan", "ssd_chunked_scan"]
+__all__ = ["SSMState", "SelectiveSSM", "causal_depthwise_conv", "diagonal_chunked_scan", "ssd_chunked_scan"]
 
 
 def _half_range(dtype: torch.dtype) -> float:
@@ -84,6 +85,8 @@ def ssd_chunked_scan(
     Hg = H // G
     if initial_state is None:
         initial_state = x.new_zeros(b, H, P, N)
+    if seq_len == 0:
+        return x.new_zeros(x.shape), initial_state
     ell = min(chunk_size, seq_len)
     pad = (-seq_len) % ell
     x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
@@ -91,7 +94,6 @@ def ssd_chunked_scan(
 
     acum = (dt * A).view(b, c, ell, H).cumsum(2)  # (b, c, l, H) log decay from the chunk start through t
     last = acum[:, :, -1]  # (b, c, H) log decay of the whole chunk
-    xdt = (x * dt[..., None]).view(b, c, ell, H, P)
     Bc = B.view(b, c, ell, G, N).transpose(2, 3)  # (b, c, G, l, N)
     Cc = C.view(b, c, ell, G, N).transpose(2, 3)
     CB = Cc @ Bc.transpose(-1, -2)  # (b, c, G, l, l): shared by the Hg heads of a group
@@ -109,11 +111,13 @@ def ssd_chunked_scan(
     factored = bool((-last).max() <= 2 * _half_range(x.dtype)) if last.numel() else True
     if factored:
         m = (0.5 * last).detach()[:, :, None]  # (b, c, 1, H); the result does not depend on m
-        xm = xdt * (m - acum).exp()[..., None]  # (b, c, l, H, P)
+        # dt and the decay folded into one small (b, c, l, H) factor: one pass over x instead of two.
+        xm = x.view(b, c, ell, H, P) * (dt.view(b, c, ell, H) * (m - acum).exp())[..., None]  # (b, c, l, H, P)
         ydiag = CB.tril() @ by_group(xm)  # (b, c, G, l, Hg*P), still to be scaled by exp(acum - m)
         local = Bc.transpose(-1, -2) @ by_group(xm)  # (b, c, G, N, Hg*P)
         local = local.view(b, c, G, N, Hg, P) * (last[:, :, None] - m).exp().view(b, c, G, 1, Hg, 1)
     else:
+        xdt = (x * dt[..., None]).view(b, c, ell, H, P)
         seg = acum.transpose(2, 3)[..., :, None] - acum.transpose(2, 3)[..., None, :]  # (b, c, H, l, l)
         causal = torch.ones(ell, ell, dtype=torch.bool, device=x.device).tril()
         decay = seg.masked_fill(~causal, -math.inf).exp()
@@ -166,6 +170,8 @@ def diagonal_chunked_scan(
     b, seq_len, D = u.shape
     if initial_state is None:
         initial_state = u.new_zeros(b, D)
+    if seq_len == 0:
+        return u.new_zeros(u.shape), initial_state
     ell = min(chunk_size, seq_len)
     pad = (-seq_len) % ell
     u, log_alpha, B, C = (_pad_time(t, pad) for t in (u, log_alpha, B, C))
@@ -186,6 +192,29 @@ def diagonal_chunked_scan(
     return y[:, :seq_len], final
 
 
+def causal_depthwise_conv(padded: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Causal depthwise convolution as K shifted multiply-adds, channels last.
+
+    Same result as ``F.conv1d(..., groups=channels)`` on the transposed input, but its backward runs at memory
+    speed: on the 2-core CPU, PyTorch's depthwise ``convolution_backward`` took over 10x longer for
+    (8192 tokens, 1152 channels, K = 4) than this, which made it the largest single cost of a training step.
+
+    Args:
+        padded: (B, K - 1 + T, C) the previous K - 1 inputs followed by the T new ones.
+        weight: (C, K) taps; tap K - 1 multiplies the current token.
+        bias: (C,).
+
+    Returns:
+        (B, T, C).
+    """
+    taps = weight.shape[1]
+    length = padded.shape[1] - (taps - 1)
+    y = torch.addcmul(bias, padded[:, taps - 1 :], weight[:, taps - 1])
+    for k in range(taps - 1):
+        y = torch.addcmul(y, padded[:, k : k + length], weight[:, k])
+    return y
+
+
 @dataclass
 class SSMState:
     """Recurrent state of :class:`SelectiveSSM`.
@@ -199,8 +228,19 @@ class SSMState:
     ssm: Tensor
 
 
-_SSD_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"torch": ssd_chunked_scan}
-_DIAGONAL_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"torch": diagonal_chunked_scan}
+_SSD_BACKENDS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"torch": ssd_chunked_scan, "mamba_ssm": mamba_ssd_scan}
+BACKENDS = ("auto", "torch", "mamba_ssm")
+
+
+def _scan_backend(requested: str, variant: str, x: Tensor) -> str:
+    """The scan implementation for this call: "auto" takes mamba-ssm's fused kernels for CUDA tensors when they
+    can run, and the torch scan otherwise (always for the diagonal variant, which mamba-ssm does not cover)."""
+    if requested == "torch" or variant == "diagonal":
+        return "torch"
+    reason = unavailable_reason(x.device)
+    if requested == "mamba_ssm" and reason is not None:
+        raise RuntimeError(f"ssm: backend 'mamba_ssm' cannot run: {reason}")
+    return "mamba_ssm" if reason is None else "torch"
 
 
 class SelectiveSSM(TriPathComponent):
@@ -220,7 +260,10 @@ class SelectiveSSM(TriPathComponent):
         chunk_size: scan chunk length; 64 measured fastest on CPU at L = 8192, d_model = 512.
         ngroups: groups of heads sharing B and C (ssd only); must divide the number of heads.
         variant: "ssd" (Mamba-2, scalar decay per head) or "diagonal" (the paper's one state per channel).
-        backend: scan implementation; only "torch" for now.
+        backend: scan implementation. "torch": the chunked scan of this file, on any device. "mamba_ssm": the
+            fused Triton kernels of the mamba-ssm package (CUDA only, ssd variant; installed by
+            ``scripts/install-gpu.sh``); asking for it where it cannot run is an error saying why. "auto"
+            (default): mamba_ssm for CUDA tensors when it can run, torch otherwise.
         segment_len: forward processes the sequence in pieces of this many tokens, carrying the state (same
             result); bounds the size of temporaries, which CPU allocators handle much faster below ~32 MB.
         dt_min, dt_max: range of the log-uniform initial step size.
@@ -245,7 +288,7 @@ class SelectiveSSM(TriPathComponent):
         chunk_size: int = 64,
         ngroups: int = 1,
         variant: Literal["ssd", "diagonal"] = "ssd",
-        backend: Literal["torch"] = "torch",
+        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
         segment_len: int = 2048,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -260,8 +303,14 @@ class SelectiveSSM(TriPathComponent):
             raise ValueError(f"ssm: chunk_size ({chunk_size}) and ngroups ({ngroups}) must be positive")
         if variant not in ("ssd", "diagonal"):
             raise ValueError(f"ssm: variant must be 'ssd' or 'diagonal', got {variant!r}")
-        if backend not in _SSD_BACKENDS:
-            raise ValueError(f"ssm: backend must be one of {sorted(_SSD_BACKENDS)}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"ssm: backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if backend == "mamba_ssm":
+            if variant == "diagonal":
+                raise ValueError("ssm: backend 'mamba_ssm' implements the ssd variant only; use backend 'torch' or 'auto'")
+            reason = unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"ssm: backend 'mamba_ssm' is not available: {reason}")
         if segment_len <= 0 or segment_len % chunk_size:
             raise ValueError(f"ssm: segment_len must be a positive multiple of chunk_size={chunk_size}, got {segment_len}")
         if not 0 < dt_min <= dt_max:
@@ -339,14 +388,13 @@ class SelectiveSSM(TriPathComponent):
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         padded = torch.cat([state.conv, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
-        xbc = F.conv1d(padded.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv_dim)
-        xbc = F.silu(xbc.transpose(1, 2))  # (B, T, conv_dim)
+        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self.conv.bias))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
         A = -self.A_log.exp()  # (H,)
         if self.variant == "ssd":
-            y, ssm = _SSD_BACKENDS[self.backend](
+            y, ssm = _SSD_BACKENDS[_scan_backend(self.backend, self.variant, x)](
                 xs.view(batch, seq_len, self.nheads, self.headdim),
                 dt,
                 A,
@@ -357,7 +405,7 @@ class SelectiveSSM(TriPathComponent):
             )  # (B, T, H, P), (B, H, P, N)
             y = (y + xs.view_as(y) * self.D[:, None]).flatten(-2)
         else:
-            y, ssm = _DIAGONAL_BACKENDS[self.backend](xs, dt * A, B, C, self.chunk_size, state.ssm.flatten(1))
+            y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, state.ssm.flatten(1))
             y, ssm = y + xs * self.D, ssm.view_as(state.ssm)
         return self.out_proj(self._gated_norm(y, z)), SSMState(conv_state, ssm)
 

@@ -32,7 +32,7 @@ def ssd_reference(
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]  # (b, H, 1, 1)
         state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ct))
-    return torch.stack(ys, dim=1), state
+    return (torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)), state
 
 
 def diagonal_reference(
@@ -44,7 +44,7 @@ def diagonal_reference(
     for t in range(u.shape[1]):
         state = torch.exp(log_alpha[:, t]) * state + B[:, t] * u[:, t]
         ys.append(C[:, t] * state)
-    return torch.stack(ys, dim=1), state
+    return (torch.stack(ys, dim=1) if ys else u.new_zeros(u.shape)), state
 
 
 def layer_reference(module, x: Tensor) -> Tensor:

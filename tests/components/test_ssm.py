@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from ssm_reference import diagonal_reference, layer_reference, ssd_reference
 
-from hydra_kit.components.ssm import SelectiveSSM, diagonal_chunked_scan, ssd_chunked_scan
+from hydra_kit.components.ssm import SelectiveSSM, causal_depthwise_conv, diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.testing import check_component
 
 
@@ -24,7 +25,7 @@ def _ssd_inputs(length: int, *, heads: int = 4, groups: int = 2, seed: int = 0, 
     }
 
 
-@pytest.mark.parametrize("length", [1, 7, 16, 37])
+@pytest.mark.parametrize("length", [0, 1, 7, 16, 37])
 @pytest.mark.parametrize("chunk", [4, 16])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_ssd_scan_equals_reference(length, chunk, groups):
@@ -60,7 +61,7 @@ def test_ssd_scan_gradients_match_reference():
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=0, atol=1e-9, msg=f"gradient of {k}")
 
 
-@pytest.mark.parametrize("length", [1, 9, 23])
+@pytest.mark.parametrize("length", [0, 1, 9, 23])
 @pytest.mark.parametrize("log_alpha_scale", [1.0, 300.0])  # 300: chunks decay past the factored form's range
 def test_diagonal_scan_equals_reference(length, log_alpha_scale):
     gen = torch.Generator().manual_seed(length)
@@ -112,3 +113,31 @@ def test_bad_arguments_are_explained():
         SelectiveSSM(64, 0, segment_len=100)
     with pytest.raises(ValueError, match="ngroups=3 must divide"):
         SelectiveSSM(64, 0, headdim=32, ngroups=3)
+    with pytest.raises(ValueError, match="'mamba_ssm' implements the ssd variant only"):
+        SelectiveSSM(64, 0, variant="diagonal", backend="mamba_ssm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_mamba_backend_without_gpu_says_why_and_auto_falls_back():
+    with pytest.raises(ValueError, match="backend 'mamba_ssm' is not available: (mamba-ssm is not installed|no CUDA GPU)"):
+        SelectiveSSM(32, 0, backend="mamba_ssm")
+    torch.manual_seed(0)
+    auto, plain = SelectiveSSM(32, 0, headdim=16, d_state=8), SelectiveSSM(32, 0, headdim=16, d_state=8, backend="torch")
+    plain.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 10, 32)
+    torch.testing.assert_close(auto(x).update, plain(x).update, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("taps", [1, 4])
+def test_causal_depthwise_conv_equals_conv1d(taps):
+    gen = torch.Generator().manual_seed(taps)
+    padded = torch.randn(2, taps - 1 + 13, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, taps, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    ours = causal_depthwise_conv(padded, weight, bias)
+    ref = F.conv1d(padded.transpose(1, 2), weight[:, None], bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(ours.square().sum(), (padded, weight, bias))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (padded, weight, bias))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
