@@ -107,6 +107,8 @@ class ProductKeyMemory(TriPathComponent):
         backend: scoring and top-k implementation. "torch": matmuls and ``topk`` (any device); "triton": our fused
             kernel (:mod:`hydra_kit.components.kernels.pkm_topk`; needs triton and a CUDA device, and says why
             when either is missing); "auto": triton for CUDA tensors when triton is installed, torch otherwise.
+            The default is "torch": the kernel is verified against it only in triton's CPU interpreter so far,
+            never compiled on a GPU, so a GPU run opts in with "auto" or "triton".
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.MEMORY
@@ -130,7 +132,7 @@ class ProductKeyMemory(TriPathComponent):
         sparse_values: bool = False,
         value_lr_scale: float = 10.0,
         query_dropout: float = 0.0,
-        backend: Literal["auto", "torch", "triton"] = "auto",
+        backend: Literal["auto", "torch", "triton"] = "torch",
     ) -> None:
         super().__init__(d_model, layer_idx)
         if heads <= 0:

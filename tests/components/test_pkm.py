@@ -220,7 +220,7 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "triton", None)  # what an environment without triton looks like to imports
     with pytest.raises(ValueError, match=r"pkm: backend 'triton' is unavailable: triton is not installed.*kernels"):
         ProductKeyMemory(16, 0, **SMALL, backend="triton")
-    auto = ProductKeyMemory(16, 0, **SMALL)  # "auto" (the default) falls back to torch without a word
+    auto = ProductKeyMemory(16, 0, **SMALL, backend="auto")  # falls back to torch without a word
     assert auto.backend == "auto" and auto(torch.randn(1, 3, 16)).update.shape == (1, 3, 16)
 
 
@@ -232,7 +232,7 @@ def test_triton_backend_without_gpu_says_why(monkeypatch: pytest.MonkeyPatch) ->
         ProductKeyMemory(16, 0, **SMALL, backend="triton")
     # "auto" on CPU tensors takes the torch path: bit-identical to backend "torch".
     torch.manual_seed(7)
-    auto = ProductKeyMemory(16, 0, **SMALL)
+    auto = ProductKeyMemory(16, 0, **SMALL, backend="auto")
     plain = ProductKeyMemory(16, 0, **SMALL, backend="torch")
     plain.load_state_dict(auto.state_dict())
     x = torch.randn(2, 5, 16)
