@@ -227,28 +227,33 @@ def main(argv: list[str], console: Console) -> int:
             rows.append({"domain": "all", "accuracy": float(np.mean([r["accuracy"] for r in rows])), "n_examples": sum(r["n_examples"] for r in rows)})
         return rows
 
-    records, runs = runner.run_grid(console, specs, task, settings, measure)
-    summary = runner.summarise(records, ("model", "domain"), ("accuracy", "nmi_answer", "nmi_all"))
+    def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
+        summary = runner.summarise(records, ("model", "domain"), ("accuracy", "nmi_answer", "nmi_all"))
+        heatmaps = mean_heatmaps(routing, "hydra")
+        extra = {
+            "task": {"domains": list(task.domains), "seq_len": task.seq_len, "num_symbols": task.num_symbols, "chance": 1 / task.num_symbols},
+            "nmi": "I(D;E) / mean(H(D), H(E)) over top-k assignments, per MoE layer",
+            "routing": routing,
+            "heatmaps": {k: v.tolist() for k, v in heatmaps.items()},
+            "records": records,
+            "runs": runs,
+        }
+        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        png = settings.out / f"{NAME}.png"
+        plot(png, summary, heatmaps, list(task.domains))
+        return summary, [csv_path, json_path, png]
+
+    records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
+    summary, paths = write(records, runs)
     runner.print_table(
         console,
-        f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over {settings.seeds} seeds)",
+        f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over {len({r['seed'] for r in records})} seeds)",
         summary,
         ("model", "domain"),
         [("accuracy", "accuracy", 3), ("NMI answer pos.", "nmi_answer", 3), ("NMI all pos.", "nmi_all", 3)],
     )
-    heatmaps = mean_heatmaps(routing, "hydra")
-    extra = {
-        "task": {"domains": list(task.domains), "seq_len": task.seq_len, "num_symbols": task.num_symbols, "chance": 1 / task.num_symbols},
-        "nmi": "I(D;E) / mean(H(D), H(E)) over top-k assignments, per MoE layer",
-        "routing": routing,
-        "heatmaps": {k: v.tolist() for k, v in heatmaps.items()},
-        "records": records,
-        "runs": runs,
-    }
-    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
-    png = settings.out / f"{NAME}.png"
-    plot(png, summary, heatmaps, list(task.domains))
-    runner.report_files(console, [csv_path, json_path, png])
+    runner.report_files(console, paths)
     return 0
 
 

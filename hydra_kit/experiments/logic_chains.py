@@ -76,19 +76,25 @@ def main(argv: list[str], console: Console) -> int:
             rows.append({"hops": hops, "accuracy": cell.accuracy, "n_examples": cell.examples, "trained_length": hops <= train_hops})
         return rows
 
-    records, runs = runner.run_grid(console, specs, train_task, settings, measure)
-    summary = runner.summarise(records, ("model", "hops"), ("accuracy",))
-    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {settings.seeds} seeds)"
+    def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
+        summary = runner.summarise(records, ("model", "hops"), ("accuracy",))
+        extra = {
+            "task": {"num_nodes": num_nodes, "distractors": distractors, "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "chance": 1 / num_nodes},
+            "records": records,
+            "runs": runs,
+        }
+        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        png = settings.out / f"{NAME}.png"
+        plot(png, summary, train_hops, 1 / num_nodes)
+        return summary, [csv_path, json_path, png]
+
+    records, runs = runner.run_grid(console, specs, train_task, settings, measure, on_seed=write)
+    summary, paths = write(records, runs)
+    seeds_done = len({r["seed"] for r in records})
+    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds)"
     runner.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
-    extra = {
-        "task": {"num_nodes": num_nodes, "distractors": distractors, "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "chance": 1 / num_nodes},
-        "records": records,
-        "runs": runs,
-    }
-    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
-    png = settings.out / f"{NAME}.png"
-    plot(png, summary, train_hops, 1 / num_nodes)
-    runner.report_files(console, [csv_path, json_path, png])
+    runner.report_files(console, paths)
     return 0
 
 

@@ -97,26 +97,31 @@ def main(argv: list[str], console: Console) -> int:
             )
         return rows
 
-    records, runs = runner.run_grid(console, specs, task, settings, measure)
-    summary = runner.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
+    def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
+        summary = runner.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
+        extra = {
+            "task": {"num_facts": task.num_facts, "num_values": task.num_values, "context_facts": task.context_facts, "num_queries": task.num_queries,
+                     "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": 1 / task.num_values},
+            "gate_stat": GATE_STAT,
+            "records": records,
+            "runs": runs,
+        }
+        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        png = settings.out / f"{NAME}.png"
+        plot(png, summary)
+        return summary, [csv_path, json_path, png]
+
+    records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
+    summary, paths = write(records, runs)
     runner.print_table(
         console,
-        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {settings.seeds} seeds)",
+        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {len({r['seed'] for r in records})} seeds)",
         summary,
         ("model", "book"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("mean PKM gate", "pkm_gate", 3)],
     )
-    extra = {
-        "task": {"num_facts": task.num_facts, "num_values": task.num_values, "context_facts": task.context_facts, "num_queries": task.num_queries,
-                 "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": 1 / task.num_values},
-        "gate_stat": GATE_STAT,
-        "records": records,
-        "runs": runs,
-    }
-    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
-    png = settings.out / f"{NAME}.png"
-    plot(png, summary)
-    runner.report_files(console, [csv_path, json_path, png])
+    runner.report_files(console, paths)
     return 0
 
 

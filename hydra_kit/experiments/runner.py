@@ -131,20 +131,27 @@ def _attention_heads(config: dict[str, Any]) -> int:
 
 
 def match_hidden(make: Callable[[int], dict[str, Any]], target: int, match: str, what: str, tolerance: float = 0.05) -> tuple[dict[str, Any], dict[str, int]]:
-    """The model section ``make(hidden)`` whose ``match`` count is closest to ``target``, hidden in steps of 16.
+    """The model section ``make(hidden)`` whose ``match`` count is closest to ``target``, hidden a multiple of 16.
 
     Raises:
         RecipeError: no hidden width comes within ``tolerance`` of the target.
     """
+    # The count grows with the hidden width: bisect for the first width at or above the target, then take
+    # the closer of it and the width below.
+    lo, hi = 1, 1024  # hidden = 16 * step
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_parameters(make(16 * mid))[match] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
     best: tuple[float, dict[str, Any], dict[str, int]] | None = None
-    for hidden in range(16, 16 * 1024 + 1, 16):
-        candidate = make(hidden)
+    for step in sorted({max(1, lo - 1), lo}):
+        candidate = make(16 * step)
         counts = count_parameters(candidate)
         gap = abs(counts[match] - target) / target
         if best is None or gap < best[0]:
             best = (gap, candidate, counts)
-        if counts[match] > target:
-            break
     assert best is not None
     if best[0] > tolerance:
         raise RecipeError(f"experiment: no {what} matches the target {match} ({target:,}) within {tolerance:.0%} (best {best[2][match]:,})")
@@ -515,9 +522,17 @@ Measure = Callable[[TrainedModel, ModelSpec, int], list[dict[str, Any]]]
 
 
 def run_grid(
-    console: Console, specs: Sequence[ModelSpec], task: SyntheticTask, settings: Settings, measure: Measure
+    console: Console,
+    specs: Sequence[ModelSpec],
+    task: SyntheticTask,
+    settings: Settings,
+    measure: Measure,
+    on_seed: Callable[[list[dict[str, Any]], list[dict[str, Any]]], object] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train every model for every seed on ``task`` and collect ``measure``'s records (model, seed added).
+
+    ``on_seed(records, runs)`` is called after each complete seed (every model trained and measured), so the
+    output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
 
     Returns:
         The evaluation records and one training record per (model, seed): seconds, final training loss.
@@ -535,6 +550,8 @@ def run_grid(
             loss = "-" if trained.final_loss is None else f"{trained.final_loss:.3f}"
             console.print(f"  seed {seed}  {spec.label:<24} trained {settings.steps} steps in {trained.seconds:6.1f} s, final train loss {loss}")
             runs.append({"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss})
+        if on_seed is not None:
+            on_seed(records, runs)
     return records, runs
 
 
