@@ -31,7 +31,9 @@ row per configuration) and ``ablate.json`` (those rows plus every single run: se
 checkpoint). Metrics: total and active parameters (:meth:`HydraLM.parameter_report`; in knockout mode active
 parameters exclude the instances switched off), validation loss and accuracy (a final ``trainer.validate``),
 and tokens/s (:class:`hydra_kit.callbacks.Throughput`: training batches in train mode, validation batches in
-knockout mode). Every run logs and checkpoints into its own directory under ``--out``.
+knockout mode, after ``--warmup_batches`` untimed batches of each run; knockout mode also runs one untimed
+validation first; when a run has no more batches than that, all are timed). Throughput is measured in the
+same process, one run after the other: on a shared or busy machine its deltas are noise unless runs are long. Every run logs and checkpoints into its own directory under ``--out``.
 
 Arguments after the known options are LightningCLI overrides applied to every run (``--trainer.max_steps 50``).
 """
@@ -153,13 +155,13 @@ def _label(dropped: tuple[str, ...] | list[str], prefix: str) -> str:
     return f"{prefix}-{'+'.join(dropped)}" if dropped else FULL
 
 
-def train_run(recipe: str, overrides: list[str], dropped: tuple[str, ...], seed: int, out: Path) -> RunResult:
+def train_run(recipe: str, overrides: list[str], dropped: tuple[str, ...], seed: int, out: Path, warmup_batches: int = 5) -> RunResult:
     """Train one configuration with one seed, validate the final weights, and measure it."""
     label = _label(dropped, "drop")
     run_name = f"{label}-seed{seed}"
     cli = _RunCLI(_cli_args(recipe, overrides), run_dir=out / run_name, label=run_name, dropped=list(dropped), seed=seed)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    throughput = Throughput()
+    throughput = Throughput(warmup_batches)
     _callbacks(trainer).append(throughput)
     if dropped:
         _callbacks(trainer).append(Ablation(list(dropped)))
@@ -213,7 +215,9 @@ def recipe_from_run(config: Path, out: Path) -> str:
     return str(path)
 
 
-def knockout_runs(recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console) -> list[RunResult]:
+def knockout_runs(
+    recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console, warmup_batches: int = 5
+) -> list[RunResult]:
     """Validate one checkpoint as is and with each drop set knocked out."""
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
@@ -230,10 +234,14 @@ def knockout_runs(recipe: str, overrides: list[str], ckpt_path: str, drops: list
     trainer, datamodule = cli.trainer, cli.datamodule
     base_callbacks = list(_callbacks(trainer))
     report = model.parameter_report(getattr(getattr(datamodule, "task", None), "seq_len", 1))
+    # One untimed pass first: the first validation of a process pays one-off costs (allocator, thread pool,
+    # first calls) that would otherwise be charged to the "as is" row and inflate every delta.
+    _callbacks(trainer)[:] = list(base_callbacks)
+    trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     results = []
     for names in [(), *drops]:
         console.print(f"[bold]ablate[/]: validating {ckpt_path} " + (f"with {', '.join(names)} knocked out" if names else "as is"))
-        throughput = Throughput()
+        throughput = Throughput(warmup_batches)
         _callbacks(trainer)[:] = [*base_callbacks, throughput, KnockOut(list(names))]
         # ckpt_path restores the data module's state too: a curriculum run is evaluated on its last stage's task.
         metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
@@ -341,6 +349,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/ablate/<recipe stem>-<timestamp>)")
     parser.add_argument("--mode", choices=("train", "knockout"), default="train")
     parser.add_argument("--ckpt_path", default=None, help="knockout mode: the trained checkpoint to evaluate")
+    parser.add_argument("--warmup_batches", type=int, default=5, help="batches of each run not timed for tokens/s (default 5)")
     args, overrides = parser.parse_known_args(argv)
     if args.seeds < 1:
         raise RecipeError(f"ablate: --seeds must be >= 1, got {args.seeds}")
@@ -376,10 +385,10 @@ def main(argv: list[str]) -> int:
             for dropped in configs:
                 what = f"without {', '.join(dropped)}" if dropped else "full recipe"
                 console.print(f"[bold]ablate[/]: run {len(results) + 1}/{total}: {what}, seed {seed}")
-                results.append(train_run(args.config, overrides, dropped, seed, out))
+                results.append(train_run(args.config, overrides, dropped, seed, out, args.warmup_batches))
         kind = "train"
     else:
-        results = knockout_runs(args.config, overrides, args.ckpt_path, drops, out, console)
+        results = knockout_runs(args.config, overrides, args.ckpt_path, drops, out, console, args.warmup_batches)
         kind = "val"
     rows = summarise(results)
     meta = {"mode": args.mode, "recipe": args.config, "seeds": args.seeds, "ckpt_path": args.ckpt_path, "overrides": overrides, "throughput": kind}
