@@ -306,10 +306,81 @@ def print_table(records: list[Record], names: list[str], roof: float | None, con
             console.print(f"[dim]{r.model} L={r.seq_len} forward time by component (time at matmul roof / measured forward): {parts}[/]")
 
 
-def write_outputs(records: list[Record], out: Path, json_path: str | None, roof: float) -> list[Path]:
+@dataclass
+class TargetCheck:
+    """One speed or memory target of issue #7 / #9, read from the records of this run."""
+
+    target: str
+    measured: float | None
+    bound: float
+    higher_is_better: bool
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured >= self.bound if self.higher_is_better else self.measured <= self.bound
+
+
+def check_targets(records: list[Record], names: list[str]) -> list[TargetCheck]:
+    """The project's targets for the first recipe against the second, where this run measured what they need.
+
+    Ratios only ever compare numbers of this run. A target whose lengths or modes were not run is left out.
+    """
+    if len(names) < 2:
+        return []
+    a, b = names[0], names[1]
+    by_key = {(r.model, r.seq_len, r.mode): r for r in records}
+
+    def get(model: str, seq_len: int, mode: str) -> Record | None:
+        return by_key.get((model, seq_len, mode))
+
+    def ratio(seq_len: int, mode: str) -> float | None:
+        ra, rb = get(a, seq_len, mode), get(b, seq_len, mode)
+        return None if ra is None or rb is None else ra.tokens_per_s / rb.tokens_per_s
+
+    checks: list[TargetCheck] = []
+    for seq_len, mode, bound in ((8192, "infer", 3.0), (16384, "infer", 5.0), (8192, "train", 2.5), (16384, "decode", 5.0)):
+        if (r := ratio(seq_len, mode)) is not None:
+            label = f"{mode} tokens/s {a}/{b} at L={seq_len}" + (" (128 tokens after the prompt)" if mode == "decode" else "")
+            checks.append(TargetCheck(label, r, bound, True))
+    for mode in ("infer", "train"):
+        for seq_len in sorted({r.seq_len for r in records if r.mode == mode}):
+            ra, rb = get(a, seq_len, mode), get(b, seq_len, mode)
+            if ra and rb and ra.peak_mem_mb is not None and rb.peak_mem_mb:
+                checks.append(TargetCheck(f"{mode} peak memory {a}/{b} at L={seq_len}", ra.peak_mem_mb / rb.peak_mem_mb, 1.0, False))
+        r8, r16 = get(a, 8192, mode), get(a, 16384, mode)
+        if r8 and r16 and r8.peak_mem_mb and r16.peak_mem_mb is not None:
+            checks.append(TargetCheck(f"{mode} peak memory of {a}, L=16384 / L=8192", r16.peak_mem_mb / r8.peak_mem_mb, 2.2, False))
+    r2, r16 = get(a, 2048, "infer"), get(a, 16384, "infer")
+    if r2 and r16:
+        checks.append(TargetCheck(f"infer tokens/s of {a}, L=16384 / L=2048 (linear scaling)", r16.tokens_per_s / r2.tokens_per_s, 0.8, True))
+    ra, rb = get(a, 16384, "decode"), get(b, 16384, "decode")
+    if ra and rb and ra.cache_mb is not None and rb.cache_mb:
+        checks.append(TargetCheck(f"decode cache bytes {a}/{b} after L=16384", ra.cache_mb / rb.cache_mb, 0.1, False))
+    return checks
+
+
+def print_targets(checks: list[TargetCheck], console: Console) -> None:
+    if not checks:
+        return
+    table = Table(title="targets (measured in this run; never adjusted)")
+    for column in ("target", "measured", "bound", "met"):
+        table.add_column(column)
+    for c in checks:
+        sign = ">=" if c.higher_is_better else "<="
+        met = "-" if c.met is None else ("[green]yes[/]" if c.met else "[red]no[/]")
+        table.add_row(c.target, "-" if c.measured is None else f"{c.measured:.2f}", f"{sign} {c.bound:g}", met)
+    console.print(table)
+
+
+def write_outputs(
+    records: list[Record], out: Path, json_path: str | None, roof: float, checks: list[TargetCheck] | None = None
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in records]
-    payload = {"matmul_gflops": roof, "threads": torch.get_num_threads(), "records": rows}
+    targets = [{**asdict(c), "met": c.met} for c in checks or []]
+    payload = {"matmul_gflops": roof, "threads": torch.get_num_threads(), "records": rows, "targets": targets}
     written = [out / "bench.json", out / "bench.csv"]
     (out / "bench.json").write_text(json.dumps(payload, indent=2))
     if json_path:
@@ -373,7 +444,10 @@ def main(argv: list[str]) -> int:
     console = Console(highlight=False)
     out = Path(args.out or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     records, roof = run_bench(args, console)
-    print_table(records, [Path(r).stem for r in args.recipes], roof, console)
-    for path in write_outputs(records, out, args.json, roof):
+    names = [Path(r).stem for r in args.recipes]
+    print_table(records, names, roof, console)
+    checks = check_targets(records, names)
+    print_targets(checks, console)
+    for path in write_outputs(records, out, args.json, roof, checks):
         console.print(f"wrote {path}")
     return 0
