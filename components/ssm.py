@@ -45,6 +45,14 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
 
 
+def _split_chunks(chunk_size: int, *ts: Tensor) -> tuple[int, int, list[Tensor]]:
+    """Chunk length l (at most the sequence length), chunk count c and the inputs padded along dim 1 to c * l."""
+    seq_len = ts[0].shape[1]
+    ell = min(chunk_size, seq_len)
+    pad = (-seq_len) % ell
+    return ell, (seq_len + pad) // ell, [_pad_time(t, pad) for t in ts]
+
+
 def _carry_states(local: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
     """Pass states across chunks: S_in[k+1] = decay[k] * S_in[k] + local[k], S_in[0] = initial.
 
@@ -87,10 +95,7 @@ def ssd_chunked_scan(
         initial_state = x.new_zeros(b, H, P, N)
     if seq_len == 0:
         return x.new_zeros(x.shape), initial_state
-    ell = min(chunk_size, seq_len)
-    pad = (-seq_len) % ell
-    x, dt, B, C = (_pad_time(t, pad) for t in (x, dt, B, C))
-    c = (seq_len + pad) // ell
+    ell, c, (x, dt, B, C) = _split_chunks(chunk_size, x, dt, B, C)
 
     acum = (dt * A).view(b, c, ell, H).cumsum(2)  # (b, c, l, H) log decay from the chunk start through t
     last = acum[:, :, -1]  # (b, c, H) log decay of the whole chunk
@@ -172,10 +177,7 @@ def diagonal_chunked_scan(
         initial_state = u.new_zeros(b, D)
     if seq_len == 0:
         return u.new_zeros(u.shape), initial_state
-    ell = min(chunk_size, seq_len)
-    pad = (-seq_len) % ell
-    u, log_alpha, B, C = (_pad_time(t, pad) for t in (u, log_alpha, B, C))
-    c = (seq_len + pad) // ell
+    ell, c, (u, log_alpha, B, C) = _split_chunks(chunk_size, u, log_alpha, B, C)
 
     acum = log_alpha.view(b, c, ell, D).cumsum(2)  # (b, c, l, D)
     last = acum[:, :, -1]  # (b, c, D)
