@@ -48,7 +48,18 @@ def main(argv: list[str], console: Console) -> int:
     transformer, _ = runner.dense_transformer(hydra)
     specs = [runner.ModelSpec("hydra", hydra, "full layout"), runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched")]
     counts = runner.describe_models(console, specs)
-    records, runs = [], []
+    records: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+
+    def write(done: list[dict[str, Any]], done_runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Summarise what has finished (earlier levels plus this level's seeds) and (re)write the outputs."""
+        summary = runner.summarise(done, ("model", "pairs"), ("accuracy",))
+        extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "records": done, "runs": done_runs}
+        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        png = settings.out / f"{NAME}.png"
+        runner.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
+        return summary, [csv_path, json_path, png]
+
     for p in pairs:
         task = MQAR(num_pairs=p, num_queries=p, num_keys=num_keys, num_values=num_values)
         examples = [task.sample(runner.EVAL_SEED, "val", i) for i in range(settings.eval_per_level)]
@@ -57,15 +68,15 @@ def main(argv: list[str], console: Console) -> int:
             cell = runner.evaluate(trained.model, examples)
             return [{"pairs": p, "accuracy": cell.accuracy, "n_examples": cell.examples, "n_answers": cell.answers}]
 
+        def partial(r: list[dict[str, Any]], t: list[dict[str, Any]], p: int = p, before: tuple = (records, runs)) -> None:
+            write(before[0] + r, before[1] + [dict(row, pairs=p) for row in t])
+
         console.print(f"pairs = {p} (sequence length {task.seq_len}, chance {1 / num_values:.3f})")
-        r, t = runner.run_grid(console, specs, task, settings, measure)
+        r, t = runner.run_grid(console, specs, task, settings, measure, on_seed=partial)
         records += r
         runs += [dict(row, pairs=p) for row in t]
-    summary = runner.summarise(records, ("model", "pairs"), ("accuracy",))
-    runner.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {settings.seeds} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
-    extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "records": records, "runs": runs}
-    csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
-    png = settings.out / f"{NAME}.png"
-    runner.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
-    runner.report_files(console, [csv_path, json_path, png])
+    summary, paths = write(records, runs)
+    seeds_done = len({r["seed"] for r in records})
+    runner.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    runner.report_files(console, paths)
     return 0
