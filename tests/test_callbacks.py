@@ -215,8 +215,15 @@ def test_curriculum_survives_sigkill_and_resume(tmp_path):
     a = torch.load(tmp_path / "runs" / "straight" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 16
-    for key, value in a["state_dict"].items():  # same stages, data, learning rates and freezes as uninterrupted
-        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+    # The same stages, the same recorded data schedule, the same learning rates as the uninterrupted run ...
+    assert a["callbacks"]["Curriculum"] == b["callbacks"]["Curriculum"]
+    assert a["SyntheticDataModule"] == b["SyntheticDataModule"]
+    assert a["SyntheticDataModule"]["task_schedule"] == [(0, {"num_pairs": 2, "num_queries": 2}), (20, {"num_pairs": 3, "num_queries": 3}), (44, {"num_pairs": 4, "num_queries": 4})]
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
+    # ... and the same weights. Usually bit for bit; CPU kernels in two processes have been seen to round one ulp
+    # apart (7e-8), so allow 1e-6: one step on another batch, stage or learning rate moves weights by ~1e-3.
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=f"{key} differs after resume")
 
 
 def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_path, capsys):
