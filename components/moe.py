@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.nn import SwiGLU
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
@@ -126,6 +127,9 @@ class MixtureOfExperts(TriPathComponent):
         capacity_window: tokens per capacity window (absolute positions, per example).
         load_balance_weight: weight of the Switch load-balance loss E * sum_e f_e P_e (1 when balanced).
         z_loss_weight: weight of the router z-loss mean(logsumexp(logits)^2).
+        recompute: under autograd, keep only the block input and the routing for backward and run the dispatch
+            and the experts again there (same gradients; the gathered tokens and expert activations are the
+            largest activations of the layer).
 
     Chunk routing: chunk c - 1's mean, not the whole prefix's, because a prefix mean stops moving after a few
     thousand tokens and would freeze the routing of long sequences. All tokens of a chunk share the summary's
@@ -166,6 +170,7 @@ class MixtureOfExperts(TriPathComponent):
         capacity_window: int = 512,
         load_balance_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
+        recompute: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx)
         if n_experts <= 0:
@@ -196,6 +201,7 @@ class MixtureOfExperts(TriPathComponent):
         if capacity_factor is not None:
             self.capacity = math.ceil(capacity_factor * capacity_window * top_k / n_experts)
         self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
+        self.recompute = recompute
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, expert_hidden) for _ in range(n_experts))
         # Chunk 0 has no past to summarise: a learned summary lets it learn its own preferred experts. Random like a
@@ -315,13 +321,18 @@ class MixtureOfExperts(TriPathComponent):
         if keep is not None:
             active = keep[..., None].expand_as(expert_idx) if active is None else active & keep[..., None]
 
-        update = dispatch(
+        dispatch_args = (
             x.reshape(batch * seq_len, self.d_model),
             self.experts,
             expert_idx.reshape(-1, self.top_k),
             weight.reshape(-1, self.top_k),
             None if active is None else active.reshape(-1, self.top_k),
-        ).view(batch, seq_len, self.d_model)  # (B, L, D)
+        )
+        if self.recompute and torch.is_grad_enabled():
+            update = checkpoint(dispatch, *dispatch_args, use_reentrant=False)
+        else:
+            update = dispatch(*dispatch_args)
+        update = update.view(batch, seq_len, self.d_model)  # (B, L, D)
 
         # Switch load balance: f_e (fraction of assignments, no gradient) times P_e (mean probability, gradient).
         # Minimal (= 1) when both are uniform; up to E / k when all tokens go to the same k experts.

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.nn import RotaryEmbedding, apply_rotary
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
@@ -136,6 +137,8 @@ class SparseGlobalAttention(TriPathComponent):
             while 1 token in 16 is promoted. 0 turns globals off.
         max_global: most recent globals a query can see (0 turns globals off).
         rope_base: rotary frequency base.
+        recompute: under autograd, rebuild each block's local + global key copies and masks in backward
+            instead of saving them (same gradients, a fraction of the activation memory).
 
     ``context.keep`` (inference): skipped tokens issue no query (the kept queries of each block are gathered,
     so attention and the query/output projections run on them only) but still provide keys and values.
@@ -161,6 +164,7 @@ class SparseGlobalAttention(TriPathComponent):
         globals_per_chunk: int = 16,
         max_global: int = 512,
         rope_base: float = 10000.0,
+        recompute: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx)
         if n_heads <= 0 or d_model % n_heads or (d_model // n_heads) % 2:
@@ -178,6 +182,7 @@ class SparseGlobalAttention(TriPathComponent):
         self.window = window
         self.globals_per_chunk = globals_per_chunk
         self.max_global = max_global
+        self.recompute = recompute
         # Separate query projection: skipped tokens (context.keep) need keys and values but no query.
         self.q = nn.Linear(d_model, d_model, bias=False)
         self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -368,7 +373,11 @@ class SparseGlobalAttention(TriPathComponent):
             # under autograd: every pass's inputs are saved anyway, and the backward of each pass's slices
             # would allocate full-size gradients. Results do not depend on the grouping.
             group = n_blocks if torch.is_grad_enabled() else max(1, self.queries_per_pass // w)
-            if group >= n_blocks:
+            if self.recompute and torch.is_grad_enabled():
+                # Save the queries and the key grid, not the per-block key copies and masks: they are rebuilt
+                # (cheap gathers) when backward needs them.
+                y = checkpoint(self._attend, q, k_grid, v_grid, q_pos, windows, c0, 0, n_blocks, use_reentrant=False)
+            elif group >= n_blocks:
                 y = self._attend(q, k_grid, v_grid, q_pos, windows, c0, 0, n_blocks)  # (B, nb, H, Q, hd)
             else:
                 y = q.new_empty(q.shape)

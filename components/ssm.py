@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
 from hydra_kit.nn import RMSNorm
@@ -271,6 +272,9 @@ class SelectiveSSM(TriPathComponent):
         dt_min, dt_max: range of the log-uniform initial step size.
         a_init_range: range of the uniform initial decay rate -A (lambda for the diagonal variant).
         norm_eps: epsilon of the gated RMSNorm.
+        recompute: under autograd, save only the input projection of each segment and recompute the
+            convolution, scan and gated norm in backward (same gradients). Hydra-29M, one 8K-token training
+            step: peak memory 4.4 GB with it, 6.9 GB without (``hydra-kit bench``'s probe, docs/benchmarks.md).
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
@@ -296,6 +300,7 @@ class SelectiveSSM(TriPathComponent):
         dt_max: float = 0.1,
         a_init_range: tuple[float, float] = (1.0, 16.0),
         norm_eps: float = 1e-5,
+        recompute: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx)
         for name, value in (("d_state", d_state), ("expand", expand), ("headdim", headdim), ("d_conv", d_conv)):
@@ -331,6 +336,7 @@ class SelectiveSSM(TriPathComponent):
         self.variant, self.backend = variant, backend
         self.d_inner, self.nheads, self.headdim, self.d_state, self.ngroups = d_inner, nheads, headdim, d_state, ngroups
         self.d_conv, self.chunk_size, self.segment_len, self.norm_eps = d_conv, chunk_size, segment_len, norm_eps
+        self.recompute = recompute
         self.conv_dim = d_inner + 2 * bc_width
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, (x, B, C), dt
         self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
@@ -382,13 +388,19 @@ class SelectiveSSM(TriPathComponent):
         g = g.unflatten(-1, (self.ngroups, self.d_inner // self.ngroups))  # Mamba-2 normalises each group alone
         return F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2) * self.norm.weight
 
-    def _segment(self, x: Tensor, state: SSMState | None) -> tuple[Tensor, SSMState]:
-        """One piece of the sequence: x (B, T, D) -> update (B, T, D) and the state after it."""
-        batch, seq_len, _ = x.shape
-        if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        padded = torch.cat([state.conv, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
+    def _mix(self, proj: Tensor, conv_in: Tensor, ssm_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Everything between the two projections, for one piece of the sequence.
+
+        Args:
+            proj: (B, T, d_inner + conv_dim + H) the input projection (z, x B C, dt).
+            conv_in, ssm_in: the state before the piece (:class:`SSMState` fields).
+
+        Returns:
+            the gated, normalised scan output (B, T, d_inner), and the conv and SSM states after the piece.
+        """
+        batch, seq_len, _ = proj.shape
+        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
         xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self.conv.bias))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
@@ -396,20 +408,33 @@ class SelectiveSSM(TriPathComponent):
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
         A = -self.A_log.exp()  # (H,)
         if self.variant == "ssd":
-            y, ssm = _SSD_BACKENDS[_scan_backend(self.backend, self.variant, x)](
+            y, ssm = _SSD_BACKENDS[_scan_backend(self.backend, self.variant, proj)](
                 xs.view(batch, seq_len, self.nheads, self.headdim),
                 dt,
                 A,
                 B.view(batch, seq_len, self.ngroups, self.d_state),
                 C.view(batch, seq_len, self.ngroups, self.d_state),
                 self.chunk_size,
-                state.ssm,
+                ssm_in,
             )  # (B, T, H, P), (B, H, P, N)
-            y = (y + xs.view_as(y) * self.D[:, None]).flatten(-2)
+            y = torch.addcmul(y, xs.view_as(y), self.D[:, None]).flatten(-2)  # + D x
         else:
-            y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, state.ssm.flatten(1))
-            y, ssm = y + xs * self.D, ssm.view_as(state.ssm)
-        return self.out_proj(self._gated_norm(y, z)), SSMState(conv_state, ssm)
+            y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, ssm_in.flatten(1))
+            y, ssm = torch.addcmul(y, xs, self.D), ssm.view_as(ssm_in)
+        return self._gated_norm(y, z), conv_state, ssm
+
+    def _segment(self, x: Tensor, state: SSMState | None) -> tuple[Tensor, SSMState]:
+        """One piece of the sequence: x (B, T, D) -> update (B, T, D) and the state after it."""
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        proj = self.in_proj(x)
+        if self.recompute and torch.is_grad_enabled():
+            # Keep only the projection for backward and run the conv, scan and norm again there (what mamba-ssm's
+            # fused kernels do): about a quarter of the activation memory, for one more pass of the cheap part.
+            normed, conv_state, ssm = checkpoint(self._mix, proj, state.conv, state.ssm, use_reentrant=False)
+        else:
+            normed, conv_state, ssm = self._mix(proj, state.conv, state.ssm)
+        return self.out_proj(normed), SSMState(conv_state, ssm)
 
     def forward(
         self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None

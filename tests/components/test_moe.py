@@ -301,3 +301,19 @@ def test_active_parameters_and_flops() -> None:
     assert module.flops_per_token(1024) == 2 * module.active_parameters()
     chunked = MixtureOfExperts(512, 0, routing="chunk", chunk_size=64)
     assert chunked.flops_per_token(1024) < module.flops_per_token(1024)
+
+
+def test_recompute_in_backward_gives_the_same_gradients():
+    torch.manual_seed(0)
+    args = {"n_experts": 4, "top_k": 2, "expert_hidden": 8}
+    plain, recomputed = MixtureOfExperts(16, 0, **args, recompute=False).double(), MixtureOfExperts(16, 0, **args, recompute=True).double()
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    grads = []
+    for layer in (plain, recomputed):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        (out.update.square().sum() + sum(out.aux_losses.values())).backward()
+        grads.append([xi.grad, *(p.grad for p in layer.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -141,3 +141,19 @@ def test_causal_depthwise_conv_equals_conv1d(taps):
     ref_grads = torch.autograd.grad(ref.square().sum(), (padded, weight, bias))
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["ssd", "diagonal"])
+def test_recompute_in_backward_gives_the_same_gradients(variant):
+    torch.manual_seed(0)
+    args = {"d_state": 8, "headdim": 8, "chunk_size": 4, "segment_len": 8, "variant": variant}
+    plain, recomputed = SelectiveSSM(16, 0, **args, recompute=False).double(), SelectiveSSM(16, 0, **args, recompute=True).double()
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 19, 16, dtype=torch.float64)
+    grads = []
+    for layer in (plain, recomputed):
+        xi = x.clone().requires_grad_(True)
+        layer(xi).update.square().sum().backward()
+        grads.append([xi.grad, *(p.grad for p in layer.parameters())])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
