@@ -79,7 +79,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
 
     Args:
         x: (N, D) tokens.
-        experts: E modules mapping (n, D) -> (n, D).
+        experts: E modules mapping (n, D) and a row scale (n, 1) to (n, D) (:class:`hydra_kit.nn.SwiGLU`).
         expert_idx: (N, k) long expert of each assignment.
         weight: (N, k) gate weight of each assignment.
         active: (N, k) bool, assignments to compute (False: dropped by capacity or token skipped); None = all.
@@ -97,13 +97,16 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     assignment = order if chosen is None else chosen[order]  # (M,) index into the N*k assignments
     token = assignment // top_k  # (M,)
     counts = torch.bincount(flat_e, minlength=len(experts)).tolist()  # one host sync: slice sizes
-    xs = x[token]  # (M, D), grouped by expert
-    outs = [expert(part) for expert, part in zip(experts, xs.split(counts), strict=True) if part.shape[0]]
+    xs = x.index_select(0, token)  # (M, D), grouped by expert
+    gate = weight.reshape(-1)[assignment, None].to(x.dtype)  # (M, 1)
     out = x.new_zeros(n_tokens, x.shape[-1])  # (N, D)
+    # The gate scales each expert's narrow hidden activation (no separate weighting pass over (M, D) outputs),
+    # and one index_add combines them: on CPU, one call per expert was 20x slower than a single one.
+    parts = zip(experts, xs.split(counts), gate.split(counts), strict=True)
+    outs = [expert(part, row_scale=part_gate) for expert, part, part_gate in parts if part.shape[0]]
     if not outs:
         return out
-    ys = torch.cat(outs) * weight.reshape(-1)[assignment, None].to(x.dtype)  # (M, D)
-    return out.index_add(0, token, ys)
+    return out.index_add_(0, token, torch.cat(outs))
 
 
 class MixtureOfExperts(TriPathComponent):

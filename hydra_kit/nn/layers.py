@@ -40,6 +40,14 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., d_model) -> (..., d_model)
+    def forward(self, x: Tensor, row_scale: Tensor | None = None) -> Tensor:
+        """(..., d_model) -> (..., d_model); ``row_scale`` (..., 1) multiplies each row's output.
+
+        The scale is applied to the hidden activation, where the tensor is narrowest (``down`` is linear, so
+        the result is the same): a mixture of experts weights its outputs this way for free.
+        """
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        hidden = F.silu(gate) * up
+        if row_scale is not None:
+            hidden = hidden * row_scale
+        return self.down(hidden)
