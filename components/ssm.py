@@ -274,7 +274,8 @@ class SelectiveSSM(TriPathComponent):
         norm_eps: epsilon of the gated RMSNorm.
         recompute: under autograd, save only the input projection of each segment and recompute the
             convolution, scan and gated norm in backward (same gradients). Hydra-29M, one 8K-token training
-            step: peak memory 4.4 GB with it, 6.9 GB without (``hydra-kit bench``'s probe, docs/benchmarks.md).
+            step, peak memory by ``hydra-kit bench``'s probe: 6.6 GB without it, 4.4 GB with it, 3.5 GB when sparse
+            attention and the experts recompute too (their default); the transformer of equal size: 3.6 GB.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
