@@ -31,7 +31,6 @@ commands:
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
   generate --ckpt_path CKPT ...     stream tokens from a checkpoint (--prompt TEXT or --prompt-ids ...)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
-  experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
 
@@ -300,10 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             from hydra_kit.bench import main as bench_main
 
             return bench_main(rest)
-        if command == "experiment":
-            from hydra_kit.experiments import main as experiment_main
-
-            return experiment_main(rest)
         if command == "ablate":
             from hydra_kit.ablate import main as ablate_main
 
