@@ -56,35 +56,47 @@ class Record:
     cache_mb: float | None = None  # decode: bytes held by the recurrent state / key-value cache after the prompt
 
 
-def matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 1536, repeats: int = 5, device: torch.device | None = None) -> float:
     """Measured float32 matmul rate of this machine (median of repeats), the compute roof of the run."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        n = 8192  # large enough to fill a GPU
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def build_model(recipe: str) -> HydraLM:
+def build_model(recipe: str, device: torch.device | None = None) -> HydraLM:
     check_recipes([recipe], [])
     torch.manual_seed(0)
     model = HydraLM(**merged_model_section([recipe]))
-    return model.float()
+    return model.float().to(device or torch.device("cpu"))
 
 
 def make_tokens(model: HydraLM, seq_len: int, batch: int, text: bytes | None) -> torch.Tensor:
     vocab = model.hparams["vocab_size"]
+    device = model.embed.weight.device
     if text is None:
-        return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seq_len))
+        return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seq_len)).to(device)
     if vocab < 256:
         raise ValueError(f"--text needs byte-level models (vocab_size >= 256); this recipe has vocab_size={vocab}")
     need = batch * seq_len
     if len(text) < need:
         text = text * (need // max(1, len(text)) + 1)
-    return torch.frombuffer(bytearray(text[:need]), dtype=torch.uint8).long().view(batch, seq_len)
+    return torch.frombuffer(bytearray(text[:need]), dtype=torch.uint8).long().view(batch, seq_len).to(device)
 
 
 DECODE_TOKENS = 128
@@ -129,7 +141,7 @@ def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], Non
     def run_train() -> None:
         out = model(tokens)
         loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        loss = loss + sum(out.aux_losses.values(), torch.zeros(()))
+        loss = loss + sum(out.aux_losses.values(), torch.zeros((), device=tokens.device))
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -225,11 +237,23 @@ def _memory_probe(recipe: str, seq_len: int, mode: str, batch: int, text_path: s
     return max(peak[0], _rss_mb()) - before
 
 
+def gpu_peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
+    """Peak allocated CUDA memory (MB) of one step above what was allocated before it (the weights, the inputs)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    roof = matmul_gflops()
-    console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {torch.get_num_threads()} threads")
-    models = {Path(r).stem: build_model(r) for r in args.recipes}
+    roof = matmul_gflops(device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
+    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
     paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []
@@ -249,8 +273,10 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                     run()
             for _ in range(args.repeats):  # interleaved, so drift hits every model alike
                 for name, run in runs.items():
+                    synchronize(device)
                     start = time.perf_counter()
                     run()
+                    synchronize(device)
                     timings[name].append(time.perf_counter() - start)
             for name, model in models.items():
                 seconds = statistics.median(timings[name])
@@ -260,11 +286,14 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                 record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], flops / seconds / 1e9)
                 if mode == "decode":
                     record.cache_mb = cache[name] / 2**20
-                if mode == "infer" and args.breakdown:
+                if mode == "infer" and args.breakdown and device.type == "cpu":  # hook timers need a synchronous device
                     record.breakdown = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
                     record.roof_seconds = {k: v["flops_per_token"] * tokens / (roof * 1e9) for k, v in report["components"].items()}
                 if args.memory and mode != "decode":
-                    record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
+                    if device.type == "cuda":
+                        record.peak_mem_mb = gpu_peak_memory_mb(runs[name], device)
+                    else:
+                        record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
                 records.append(record)
                 mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
                 console.print(f"  {name:>18} L={seq_len:>6} {mode:>5}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s  peak {mem}")
@@ -435,6 +464,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model, length and mode (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="gpu: models and tokens on the first CUDA device, CUDA peak memory")
     parser.add_argument("--text", default=None, help="a text file: benchmark on its bytes instead of random tokens")
     parser.add_argument("--json", default=None, help="also write the records as a JSON list to this path")
     parser.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
@@ -442,6 +472,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
     args = parser.parse_args(argv)
     console = Console(highlight=False)
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        Console(stderr=True, highlight=False).print(
+            f"[bold red]error:[/] --accelerator gpu needs a CUDA device; torch {torch.__version__} "
+            f"(CUDA build {torch.version.cuda}) sees none. On a GPU machine, install with scripts/install-gpu.sh."
+        )
+        return 2
     out = Path(args.out or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     records, roof = run_bench(args, console)
     names = [Path(r).stem for r in args.recipes]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -61,3 +63,10 @@ def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     payload = json.loads((out / "bench.json").read_text())
     assert payload["matmul_gflops"] > 0 and isinstance(payload["targets"], list)
     assert (out / "bench.csv").read_text().startswith("model,seq_len,mode,tokens_per_s")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_accelerator_without_gpu_says_why(capsys):
+    assert main(["--accelerator", "gpu", "--seq_lens", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "--accelerator gpu needs a CUDA device" in err and "install-gpu.sh" in err

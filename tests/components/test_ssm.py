@@ -119,7 +119,7 @@ def test_bad_arguments_are_explained():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_mamba_backend_without_gpu_says_why_and_auto_falls_back():
-    with pytest.raises(ValueError, match="backend 'mamba_ssm' is not available: (mamba-ssm is not installed|no CUDA GPU)"):
+    with pytest.raises(ValueError, match=r"backend 'mamba_ssm' is not available: (mamba-ssm is not installed|no CUDA GPU)"):
         SelectiveSSM(32, 0, backend="mamba_ssm")
     torch.manual_seed(0)
     auto, plain = SelectiveSSM(32, 0, headdim=16, d_state=8), SelectiveSSM(32, 0, headdim=16, d_state=8, backend="torch")
