@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from recompute_check import assert_recompute_keeps_gradients
 from torch import Tensor, nn
 
 from hydra_kit.components import moe as moe_module
@@ -304,16 +305,4 @@ def test_active_parameters_and_flops() -> None:
 
 
 def test_recompute_in_backward_gives_the_same_gradients():
-    torch.manual_seed(0)
-    args = {"n_experts": 4, "top_k": 2, "expert_hidden": 8}
-    plain, recomputed = MixtureOfExperts(16, 0, **args, recompute=False).double(), MixtureOfExperts(16, 0, **args, recompute=True).double()
-    recomputed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 11, 16, dtype=torch.float64)
-    grads = []
-    for layer in (plain, recomputed):
-        xi = x.clone().requires_grad_(True)
-        out = layer(xi)
-        (out.update.square().sum() + sum(out.aux_losses.values())).backward()
-        grads.append([xi.grad, *(p.grad for p in layer.parameters())])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_recompute_keeps_gradients(MixtureOfExperts, {"n_experts": 4, "top_k": 2, "expert_hidden": 8}, length=11)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from recompute_check import assert_recompute_keeps_gradients
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -338,15 +339,6 @@ def test_memory_check_catches_dense_attention() -> None:
 
 
 def test_recompute_in_backward_gives_the_same_gradients():
-    torch.manual_seed(0)
-    args = {"n_heads": 2, "window": 4, "globals_per_chunk": 1, "max_global": 3}
-    plain, recomputed = SparseGlobalAttention(16, 0, **args, recompute=False).double(), SparseGlobalAttention(16, 0, **args, recompute=True).double()
-    recomputed.load_state_dict(plain.state_dict())
-    x, score = torch.randn(2, 18, 16, dtype=torch.float64), torch.randn(2, 18, dtype=torch.float64)
-    grads = []
-    for layer in (plain, recomputed):
-        xi, si = x.clone().requires_grad_(True), score.clone().requires_grad_(True)
-        layer(xi, ComponentContext(global_score=si)).update.square().sum().backward()
-        grads.append([xi.grad, si.grad, *(p.grad for p in layer.parameters())])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_recompute_keeps_gradients(
+        SparseGlobalAttention, {"n_heads": 2, "window": 4, "globals_per_chunk": 1, "max_global": 3}, length=18, scored=True
+    )
