@@ -153,8 +153,8 @@ def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
     handles = []
-    for block in model.blocks:
-        modules = dict(block.mixers.items())
+    for block in model.tri_path_blocks:
+        modules: dict[str, torch.nn.Module] = dict(block.components())
         if block.router is not None and block.router_name is not None:
             modules[block.router_name] = block.router
         for name, module in modules.items():
@@ -186,7 +186,7 @@ def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float
     finally:
         for h in handles:
             h.remove()
-        for block in model.blocks:
+        for block in model.tri_path_blocks:
             if block.router is not None and "route" in vars(block.router):
                 del block.router.route
     shares = {name: t / total for name, t in spent.items()}

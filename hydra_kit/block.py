@@ -12,7 +12,7 @@ A block holds only the components its recipe places there; an absent component c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,8 @@ class TriPathBlock(nn.Module):
         gated: names of the components the router gates (ignored without a router).
     """
 
+    router: RouterComponent | None  # registered as a submodule; declared so the type checker knows it
+
     def __init__(
         self,
         d_model: int,
@@ -77,8 +79,12 @@ class TriPathBlock(nn.Module):
         # they are not run at all and contribute nothing.
         self.knocked_out: set[str] = set()
 
+    def components(self) -> dict[str, TriPathComponent]:
+        """The block's non-router components by instance name (an nn.ModuleDict yields them as plain Modules)."""
+        return cast("dict[str, TriPathComponent]", dict(self.mixers.items()))
+
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        return {n: c.init_state(batch_size, device=device, dtype=dtype) for n, c in self.mixers.items()}
+        return {n: c.init_state(batch_size, device=device, dtype=dtype) for n, c in self.components().items()}
 
     def _run_gathered(self, component: TriPathComponent, u: Tensor, keep: Tensor) -> ComponentOutput:
         """Run a pointwise component on the kept tokens only and scatter the result back (B, L, D)."""
@@ -101,7 +107,7 @@ class TriPathBlock(nn.Module):
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         y = x
-        for name, component in self.mixers.items():
+        for name, component in self.components().items():
             if name in self.knocked_out:
                 out.state[name] = None if state is None else state[name]
                 continue

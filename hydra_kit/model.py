@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -24,6 +24,7 @@ from torchmetrics.text import Perplexity
 from hydra_kit.block import TriPathBlock
 from hydra_kit.nn import RMSNorm
 from hydra_kit.optim import DenseSparseAdam
+from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, discover
 
@@ -169,6 +170,11 @@ class HydraLM(L.LightningModule):
         names = [f"model.components.{r.name} ({r.entry.cls.__name__}, max_seq_len {limit})" for r in self.resolved if r.entry.cls.max_seq_len == limit]
         return " and ".join(names) or "no component"
 
+    @property
+    def tri_path_blocks(self) -> list[TriPathBlock]:
+        """The blocks, typed (an nn.ModuleList yields them as plain Modules)."""
+        return cast("list[TriPathBlock]", list(self.blocks))
+
     def set_knocked_out(self, names: set[str] | list[str]) -> None:
         """Switch component instances off (not run, zero contribution) without removing their parameters.
 
@@ -179,14 +185,14 @@ class HydraLM(L.LightningModule):
         unknown = sorted(set(names) - known)
         if unknown:
             raise RecipeError(f"knock-out: unknown component instance(s) {unknown}; instances: {', '.join(sorted(known))}")
-        for block in self.blocks:
+        for block in self.tri_path_blocks:
             block.knocked_out = set(names) & set(block.mixers)
 
     def init_state(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
         """Per-block recurrent state before the first token."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.blocks]
+        return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.tri_path_blocks]
 
     def forward(self, input_ids: Tensor, state: list[dict[str, Any]] | None = None) -> ModelOutput:
         """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing)."""
@@ -197,7 +203,7 @@ class HydraLM(L.LightningModule):
         aux: dict[str, Tensor] = {}
         stat_lists: dict[str, list[Tensor]] = defaultdict(list)
         new_state = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.tri_path_blocks):
             out = block(h, None if state is None else state[i])
             h = out.hidden
             for k, v in out.aux_losses.items():
@@ -300,7 +306,7 @@ class HydraLM(L.LightningModule):
 
             return record
 
-        handles = [c.register_forward_hook(hook(n, b.layer_idx)) for b in self.blocks for n, c in b.mixers.items()]
+        handles = [c.register_forward_hook(hook(n, b.layer_idx)) for b in self.tri_path_blocks for n, c in b.components().items()]
         try:
             with torch.no_grad():
                 if not torch.isfinite(self.embed(input_ids)).all():
@@ -352,7 +358,7 @@ class HydraLM(L.LightningModule):
         if isinstance(seq_len, int) and limit is not None and seq_len > limit:
             raise RecipeError(f"data: the task makes sequences of {seq_len} tokens, longer than the {limit} tokens {self._length_bound()} supports")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:  # Lightning's optimizer + scheduler config dict
         hp = self.hparams
         groups: dict[tuple[float, float, bool], list[nn.Parameter]] = defaultdict(list)
         for param in self.parameters():
@@ -362,10 +368,10 @@ class HydraLM(L.LightningModule):
             sparse = bool(getattr(param, "_hydra_sparse_grad", False))
             groups[(getattr(param, "_hydra_lr_scale", 1.0), decay, sparse)].append(param)
         dense = [{"params": ps, "lr": hp["lr"] * scale, "weight_decay": wd} for (scale, wd, sp), ps in groups.items() if not sp]
-        sparse = [{"params": ps, "lr": hp["lr"] * scale} for (scale, _, sp), ps in groups.items() if sp]
+        sparse_groups = [{"params": ps, "lr": hp["lr"] * scale} for (scale, _, sp), ps in groups.items() if sp]
         optimizer: torch.optim.Optimizer
-        if sparse:
-            optimizer = DenseSparseAdam(dense, sparse, lr=hp["lr"], betas=tuple(hp["betas"]))
+        if sparse_groups:
+            optimizer = DenseSparseAdam(dense, sparse_groups, lr=hp["lr"], betas=tuple(hp["betas"]))
         else:
             optimizer = torch.optim.AdamW(dense, lr=hp["lr"], betas=tuple(hp["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
@@ -386,10 +392,10 @@ class HydraLM(L.LightningModule):
         """Total and active (per-token) parameters and forward FLOPs per token, per instance and per block."""
         per_instance: dict[str, dict[str, float]] = defaultdict(lambda: {"total_params": 0, "active_params": 0, "flops_per_token": 0.0})
         per_block = []
-        for block in self.blocks:
+        for block in self.tri_path_blocks:
             row: dict[str, Any] = {"block": block.layer_idx, "components": {}}
             shared = sum(p.numel() for p in block.norm.parameters()) + len(block.layerscale)
-            comps = dict(block.mixers.items())
+            comps: dict[str, TriPathComponent] = dict(block.components())
             if block.router is not None and block.router_name is not None:
                 comps[block.router_name] = block.router
             for name, comp in comps.items():

@@ -9,6 +9,7 @@ rate schedulers drive both.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,23 +35,24 @@ class DenseSparseAdam(Optimizer):
         # Optimizer.__init__ is not called: the children own the parameters. Give the base class what its
         # hooks and schedulers read.
         self.defaults = dict(self.dense.defaults)
-        self._optimizer_step_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_step_post_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable[..., Any]] = {}
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable[..., Any]] = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     @property
     def _children(self) -> list[Optimizer]:
         return [o for o in (self.dense, self.sparse) if o is not None]
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    # The base class stores these as attributes; here they are views of the two children's.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         return [g for o in self._children for g in o.param_groups]
 
-    @property  # type: ignore[override]
-    def state(self) -> dict[Any, Any]:
+    @property
+    def state(self) -> dict[Any, Any]:  # type: ignore[override]
         return {k: v for o in self._children for k, v in o.state.items()}
 
     @torch.no_grad()

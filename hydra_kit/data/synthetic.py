@@ -189,7 +189,7 @@ class SyntheticDataModule(L.LightningDataModule):
             state["task_schedule"] = [(start, dict(t.params())) for start, t in self.schedule.segments[1:]]  # type: ignore[attr-defined]
         if self.trainer is not None:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)
+            state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)  # type: ignore[attr-defined]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
