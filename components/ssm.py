@@ -238,8 +238,8 @@ BACKENDS = ("auto", "torch", "mamba_ssm")
 def _scan_backend(requested: str, variant: str, x: Tensor) -> str:
     """The scan implementation for this call: "auto" takes mamba-ssm's fused kernels for CUDA tensors when they
     can run, and the torch scan otherwise (always for the diagonal variant, which mamba-ssm does not cover)."""
-    if requested == "torch" or variant == "diagonal":
-        return "torch"
+    if requested == "torch" or variant == "diagonal" or (requested == "auto" and x.device.type != "cuda"):
+        return "torch"  # decided without probing the mamba-ssm install: this runs once per segment and layer
     reason = unavailable_reason(x.device)
     if requested == "mamba_ssm" and reason is not None:
         raise RuntimeError(f"ssm: backend 'mamba_ssm' cannot run: {reason}")
