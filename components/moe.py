@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.nn import SwiGLU
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["MixtureOfExperts", "MoEState", "Routing", "dispatch"]
 
@@ -320,7 +320,7 @@ class MixtureOfExperts(TriPathComponent):
         logits, probs, expert_idx, weight = routing.logits, routing.probs, routing.expert_idx, routing.weight
         active = routing.fits  # (B, L, k) or None
         stats: dict[str, Tensor] = {}
-        if active is not None:  # fraction of assignments dropped by the capacity (before keep)
+        if active is not None and collects_aux(context):  # fraction of assignments dropped by the capacity (before keep)
             stats["dropped_frac"] = 1.0 - active.to(x.dtype).mean()
         keep = None if context is None else context.keep  # (B, L) bool
         if keep is not None:
@@ -339,6 +339,8 @@ class MixtureOfExperts(TriPathComponent):
             update = dispatch(*dispatch_args)
         update = update.view(batch, seq_len, self.d_model)  # (B, L, D)
 
+        if not collects_aux(context):
+            return ComponentOutput(update=update, state=routing.state)
         # Switch load balance: f_e (fraction of assignments, no gradient) times P_e (mean probability, gradient).
         # Minimal (= 1) when both are uniform; up to E / k when all tokens go to the same k experts.
         routed = F.one_hot(expert_idx, self.n_experts).sum(dim=2).flatten(0, 1)  # (B*L, E) 0/1
@@ -355,6 +357,31 @@ class MixtureOfExperts(TriPathComponent):
             entropy = -torch.special.xlogy(probs, probs).sum(-1).mean()
             stats["router_entropy"] = entropy.to(x.dtype)
         return ComponentOutput(update=update, aux_losses=aux, stats=stats, state=routing.state)
+
+    def step(self, x_t: Tensor, state: MoEState | None, context: ComponentContext | None = None) -> ComponentOutput:
+        """One token x_t (B, D). A single sequence decoding without statistics calls its k experts directly.
+
+        The sorted dispatch of :func:`dispatch` (argsort, counts, gather, scatter) is what makes a batch of tokens
+        efficient; for one token it is pure overhead, several times the cost of the k small expert matmuls. Batches,
+        stateful routing and calls that want the auxiliary losses go through ``forward``, which returns the same
+        update.
+        """
+        if self.stateful or x_t.shape[0] != 1 or collects_aux(context):
+            return super().step(x_t, state, context)
+        keep = None if context is None else context.keep
+        if keep is not None and not bool(keep[0]):
+            return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
+        logits = self.router(x_t)[0]  # (E,)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        top_p, expert_idx = logits.softmax(dim=-1).topk(self.top_k)  # (k,)
+        weight = (top_p / top_p.sum()).to(x_t.dtype)
+        update = None
+        for j, e in enumerate(expert_idx.tolist()):  # in order of probability, as dispatch sums its k slots
+            out = self.experts[e](x_t, row_scale=weight[j : j + 1, None])  # (1, D)
+            update = out if update is None else update + out
+        assert update is not None
+        return ComponentOutput(update=update)
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity is None else f"capacity={self.capacity}/{self.capacity_window} tokens"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["ProductKeyMemory", "candidate_pairs", "product_topk", "slot_usage_stats"]
 
@@ -241,7 +241,8 @@ class ProductKeyMemory(TriPathComponent):
         y = y.view(batch, seq_len, self.d_value)  # (B, L, dv)
         if self.out is not None:
             y = self.out(y)  # (B, L, D)
-        return ComponentOutput(update=y, stats=slot_usage_stats(slots, weights, self.n_slots))
+        stats = slot_usage_stats(slots, weights, self.n_slots) if collects_aux(context) else {}
+        return ComponentOutput(update=y, stats=stats)
 
     def extra_repr(self) -> str:
         return (

@@ -82,14 +82,14 @@ class TokenRouter(RouterComponent):
     def active_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def route(self, x: Tensor) -> RouterOutput:
+    def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
         if self.gate_proj is None:
             raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
         gates = torch.sigmoid(self.gate_proj(x) / self.temperature)  # (B, L, G)
         score = self.score_proj(x).squeeze(-1)  # (B, L)
         aux: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
-        if self.gate_names:
+        if self.gate_names and collect_aux:
             usage = gates.flatten(0, 1).mean(0)  # (G,)
             aux["budget"] = self.budget_weight * (usage - self.rho.to(usage)).square().sum()
             for name, value in zip(self.gate_names, usage.detach(), strict=True):

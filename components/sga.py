@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.nn import RotaryEmbedding, apply_rotary
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "select_globals"]
 
@@ -336,7 +336,7 @@ class SparseGlobalAttention(TriPathComponent):
             chunk_k, chunk_v = (g[:, w:].view(batch, n_blocks, w, h, hd) for g in (k_grid, v_grid))
             g_keys, g_values, g_scores, g_pos = self._promote(state, chunk_k, chunk_v, chunk_scores, chunk_start)
             done = g_scores[:, n_old : n_old + n_done * k]
-            if (done > NEG_INF).any():
+            if collects_aux(context) and (done > NEG_INF).any():
                 stats["global_gate"] = torch.sigmoid(done[done > NEG_INF]).mean().detach()
 
         # Queries: whole blocks when every grid slot is a real, kept token; otherwise gather per block only the

@@ -22,15 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
+from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 
 @dataclass
 class WorkspaceState:
-    """slots: (B, S, D_ws) after the last complete chunk; pending: (B, n, D) inputs of the incomplete chunk."""
+    """The slots after the last complete chunk and the inputs of the incomplete one.
+
+    Attributes:
+        slots: (B, S, D_ws).
+        pending: (B, n, D) inputs of the incomplete chunk, n < chunk_size.
+        read_kv: (B, S, 2 D_ws) the read keys and values of ``slots``, cached by ``step`` (they change only when
+            a chunk is written, so a decoded token need not recompute them); None when not computed yet.
+    """
 
     slots: Tensor
     pending: Tensor
+    read_kv: Tensor | None = None
 
 
 class WorkspaceMemory(TriPathComponent):
@@ -103,9 +111,31 @@ class WorkspaceMemory(TriPathComponent):
             read = F.scaled_dot_product_attention(query, keys, values)  # (B, C, Q, Ds)
             query = query + self.hop(read)
         update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
-        stats = {"write_gate": torch.stack(gates).mean().detach()} if gates else {}
+        stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
         new_state = WorkspaceState(slots, tokens[:, n_full * q :])
         return ComponentOutput(update=update, stats=stats, state=new_state)
+
+    def step(self, x_t: Tensor, state: WorkspaceState, context: ComponentContext | None = None) -> ComponentOutput:
+        """One token x_t (B, D): read the slots in ``read_hops`` hops, then add x_t to the pending chunk.
+
+        Same result as ``forward`` on a length-1 input; the slots' read keys and values are cached in the state.
+        """
+        read_kv = self.read_kv(state.slots) if state.read_kv is None else state.read_kv  # (B, S, 2 Ds)
+        keys, values = read_kv.chunk(2, dim=-1)  # (B, S, Ds) each
+        query = self.read_query(x_t)[:, None]  # (B, 1, Ds)
+        read = query
+        for _ in range(self.read_hops):
+            read = F.scaled_dot_product_attention(query, keys, values)  # (B, 1, Ds)
+            query = query + self.hop(read)
+        update = self.out(read[:, 0])  # (B, D)
+        pending = torch.cat([state.pending, x_t[:, None]], dim=1)  # (B, n + 1, D)
+        stats: dict[str, Tensor] = {}
+        if pending.shape[1] < self.chunk_size:
+            return ComponentOutput(update=update, state=WorkspaceState(state.slots, pending, read_kv))
+        slots, gate = self._write(state.slots, pending)  # the chunk is complete: write it
+        if collects_aux(context):
+            stats["write_gate"] = gate.detach()
+        return ComponentOutput(update=update, stats=stats, state=WorkspaceState(slots, pending[:, :0]))
 
     def flops_per_token(self, seq_len: int) -> float:
         d, ds, s, q = self.d_model, self.d_slot, self.n_slots, self.chunk_size

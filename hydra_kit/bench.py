@@ -112,7 +112,7 @@ def decode_fn(model: HydraLM, prompt: torch.Tensor) -> tuple[Callable[[], None],
 
     model.eval()
     with torch.inference_mode():
-        prefill = model(prompt, model.init_state(prompt.shape[0]))
+        prefill = model(prompt, model.init_state(prompt.shape[0]), collect_aux=False)
     first = prefill.logits[:, -1].argmax(-1)
     cache_bytes = state_nbytes(prefill.state)
 
@@ -120,7 +120,7 @@ def decode_fn(model: HydraLM, prompt: torch.Tensor) -> tuple[Callable[[], None],
         state, token = copy.deepcopy(prefill.state), first
         with torch.inference_mode():
             for _ in range(DECODE_TOKENS):
-                out = model(token[:, None], state)
+                out = model(token[:, None], state, collect_aux=False)
                 state, token = out.state, out.logits[:, -1].argmax(-1)
 
     return run, cache_bytes
@@ -170,9 +170,9 @@ def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float
             if module is block.router:  # routers are called through route(), not forward()
                 original = module.route
 
-                def timed_route(x: torch.Tensor, original: Any = original, name: str = name) -> Any:
+                def timed_route(x: torch.Tensor, original: Any = original, name: str = name, **kwargs: Any) -> Any:
                     start = time.perf_counter()
-                    result = original(x)
+                    result = original(x, **kwargs)
                     spent[name] += time.perf_counter() - start
                     return result
 

@@ -93,15 +93,19 @@ class TriPathBlock(nn.Module):
         update[keep] = out.update[0]
         return ComponentOutput(update, out.aux_losses, out.stats, None)
 
-    def forward(self, x: Tensor, state: dict[str, Any] | None = None) -> BlockOutput:
-        """Apply the block to x (B, L, D), continuing from ``state`` when given."""
+    def forward(self, x: Tensor, state: dict[str, Any] | None = None, *, collect_aux: bool = True) -> BlockOutput:
+        """Apply the block to x (B, L, D), continuing from ``state`` when given.
+
+        ``collect_aux=False`` (decoding) lets the components skip their auxiliary losses and statistics; the
+        hidden state and the recurrent state are the same either way.
+        """
         u = self.norm(x)
         out = BlockOutput(hidden=x)
         gates: Tensor | None = None
         score: Tensor | None = None
         threshold = 0.0
         if self.router is not None:
-            routed = self.router.route(u)
+            routed = self.router.route(u, collect_aux=collect_aux)
             gates, score = routed.gates, routed.global_score  # (B, L, G), (B, L)
             threshold = self.router.gate_threshold if not self.training else 0.0
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
@@ -118,18 +122,21 @@ class TriPathBlock(nn.Module):
             elif state is not None and x.shape[1] == 1:
                 # Decoding one token: the component's dedicated recurrent step (O(1) for SSM and memories).
                 step_context = ComponentContext(
-                    global_score=None if score is None else score[:, 0], keep=None if keep is None else keep[:, 0]
+                    global_score=None if score is None else score[:, 0],
+                    keep=None if keep is None else keep[:, 0],
+                    collect_aux=collect_aux,
                 )
                 stepped = component.step(u[:, 0], state[name], step_context)
                 result = ComponentOutput(stepped.update[:, None], stepped.aux_losses, stepped.stats, stepped.state)
             else:
-                context = ComponentContext(global_score=score, keep=keep)
+                context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux)
                 result = component(u, context, None if state is None else state[name])
             update = result.update
+            scale = self.layerscale[name]
             if gate is not None:
                 weight = gate if keep is None else gate * keep
-                update = update * weight.unsqueeze(-1).to(update.dtype)
-            y = y + self.layerscale[name] * update
+                scale = scale * weight.unsqueeze(-1).to(update.dtype)  # (B, L, 1): g_c * r_t^c
+            y = torch.addcmul(y, update, scale)
             out.aux_losses.update({f"{name}.{k}": v for k, v in result.aux_losses.items()})
             out.stats.update({f"{name}.{k}": v for k, v in result.stats.items()})
             out.state[name] = result.state

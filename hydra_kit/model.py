@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from hydra_kit.block import TriPathBlock
-from hydra_kit.nn import RMSNorm
+from hydra_kit.nn import RMSNorm, store_tall_linears_column_major
 from hydra_kit.optim import DenseSparseAdam
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
@@ -151,6 +151,8 @@ class HydraLM(L.LightningModule):
                     raise RecipeError(f"model.components.{r.name}.args: building block {idx} failed: {exc}") from None
             blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
         self.blocks = nn.ModuleList(blocks)
+        # Decoding is bound by streaming the weights; tall matrices stream faster column-major (hydra_kit.nn.layout).
+        store_tall_linears_column_major(self.blocks)
         self.norm = RMSNorm(d_model)
         self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
@@ -194,8 +196,12 @@ class HydraLM(L.LightningModule):
         dtype = dtype or self.embed.weight.dtype
         return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.tri_path_blocks]
 
-    def forward(self, input_ids: Tensor, state: list[dict[str, Any]] | None = None) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing)."""
+    def forward(self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True) -> ModelOutput:
+        """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing).
+
+        ``collect_aux=False`` (decoding) skips the auxiliary losses and statistics: the output then has empty
+        ``aux_losses`` and ``stats``, and the same logits and state.
+        """
         limit = self.max_seq_len
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens {self._length_bound()} supports")
@@ -204,7 +210,7 @@ class HydraLM(L.LightningModule):
         stat_lists: dict[str, list[Tensor]] = defaultdict(list)
         new_state = []
         for i, block in enumerate(self.tri_path_blocks):
-            out = block(h, None if state is None else state[i])
+            out = block(h, None if state is None else state[i], collect_aux=collect_aux)
             h = out.hidden
             for k, v in out.aux_losses.items():
                 aux[k] = aux[k] + v if k in aux else v
@@ -212,7 +218,7 @@ class HydraLM(L.LightningModule):
                 stat_lists[k].append(v)
             new_state.append(out.state)
         logits = F.linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
-        stats = {k: torch.stack(v).mean() for k, v in stat_lists.items()}
+        stats = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in stat_lists.items()}
         return ModelOutput(logits, aux, stats, new_state)
 
     @torch.inference_mode()
@@ -245,7 +251,7 @@ class HydraLM(L.LightningModule):
             raise ValueError(f"generate: prompt token ids must lie in [0, {vocab}); got {int(prompt.min())}..{int(prompt.max())}")
         self.eval()
         state = self.init_state(prompt.shape[0])
-        out = self(prompt, state)
+        out = self(prompt, state, collect_aux=False)
         state, logits = out.state, out.logits[:, -1]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -257,7 +263,7 @@ class HydraLM(L.LightningModule):
                     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
                 token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
             yield token
-            out = self(token[:, None], state)
+            out = self(token[:, None], state, collect_aux=False)
             state, logits = out.state, out.logits[:, -1]
 
     # --------------------------------------------------------------- training

@@ -40,6 +40,7 @@ __all__ = [
     "RouterComponent",
     "RouterOutput",
     "TriPathComponent",
+    "collects_aux",
 ]
 
 
@@ -62,10 +63,18 @@ class ComponentContext:
         keep: (B, L) bool, only at inference with a router gate threshold: False marks tokens whose gate for
             this component is below the threshold. The block zeroes their contribution whatever the component
             does; a component that honours ``keep`` skips their work (e.g. issues no attention query).
+        collect_aux: False when the caller discards auxiliary losses and statistics (decoding): the component
+            may then skip computing them and return empty dicts. The update and the state must not change.
     """
 
     global_score: Tensor | None = None
     keep: Tensor | None = None
+    collect_aux: bool = True
+
+
+def collects_aux(context: ComponentContext | None) -> bool:
+    """Whether the caller wants auxiliary losses and statistics (no context: yes)."""
+    return context is None or context.collect_aux
 
 
 @dataclass
@@ -171,6 +180,7 @@ class TriPathComponent(nn.Module, abc.ABC):
             step_context = ComponentContext(
                 global_score=None if context.global_score is None else context.global_score[:, None],
                 keep=None if context.keep is None else context.keep[:, None],
+                collect_aux=context.collect_aux,
             )
         out = self.forward(x_t[:, None], step_context, state)
         return ComponentOutput(out.update[:, 0], out.aux_losses, out.stats, out.state)
@@ -196,8 +206,11 @@ class RouterComponent(TriPathComponent):
         """Create one gate per name, in this order."""
 
     @abc.abstractmethod
-    def route(self, x: Tensor) -> RouterOutput:
-        """Compute gates (B, L, G) and the global-token score (B, L) from the block input x (B, L, D)."""
+    def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
+        """Compute gates (B, L, G) and the global-token score (B, L) from the block input x (B, L, D).
+
+        With ``collect_aux=False`` (decoding) the router may skip its auxiliary losses and statistics.
+        """
 
     def forward(
         self, x: Tensor, context: ComponentContext | None = None, state: Any = None

@@ -14,6 +14,8 @@ Each property is a separate function so a failure says which one broke:
 * causality: changing inputs after position t leaves outputs up to t unchanged;
 * chunked processing with the carried state equals one full forward, and so does token-by-token ``step``;
 * ``forward`` with ``init_state`` equals ``forward`` without a state;
+* with ``collect_aux=False`` (decoding) ``forward`` and ``step`` give the same updates and states, also for a
+  single sequence (where components may take a dedicated fast path);
 * gradients are finite and reach the parameters;
 * auxiliary losses and stats are scalars, stats are detached.
 
@@ -40,6 +42,7 @@ __all__ = [
     "check_outputs_well_formed",
     "check_router",
     "check_step_equals_full",
+    "check_without_aux",
 ]
 
 ComponentFactory = Callable[..., TriPathComponent]
@@ -53,10 +56,10 @@ def _name(component: TriPathComponent) -> str:
     return type(component).__name__
 
 
-def _context(score: Tensor | None, start: int = 0, stop: int | None = None) -> ComponentContext:
+def _context(score: Tensor | None, start: int = 0, stop: int | None = None, collect_aux: bool = True) -> ComponentContext:
     if score is None:
-        return ComponentContext()
-    return ComponentContext(global_score=score[:, start:stop])
+        return ComponentContext(collect_aux=collect_aux)
+    return ComponentContext(global_score=score[:, start:stop], collect_aux=collect_aux)
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
@@ -140,20 +143,32 @@ def check_chunked_equals_full(
         )
 
 
-def check_step_equals_full(component: TriPathComponent, x: Tensor, score: Tensor, atol: float) -> None:
-    """Token-by-token step from init_state equals the full forward."""
+def check_step_equals_full(component: TriPathComponent, x: Tensor, score: Tensor, atol: float, collect_aux: bool = True) -> None:
+    """Token-by-token step from init_state equals the full forward (asking for aux losses or not)."""
     full = component(x, _context(score)).update
     state = component.init_state(x.shape[0], device=x.device, dtype=x.dtype)
     steps = []
     for t in range(x.shape[1]):
-        out = component.step(x[:, t], state, ComponentContext(global_score=score[:, t]))
+        out = component.step(x[:, t], state, ComponentContext(global_score=score[:, t], collect_aux=collect_aux))
         if out.update.shape != x[:, t].shape:
             raise ConformanceError(f"{_name(component)}.step returned shape {tuple(out.update.shape)}")
         steps.append(out.update)
         state = out.state
     diff = _max_diff(full, torch.stack(steps, dim=1))
     if diff > atol:
-        raise ConformanceError(f"{_name(component)}: step-by-step differs from the full forward by {diff:.3e}")
+        how = "" if collect_aux else " with collect_aux=False"
+        raise ConformanceError(
+            f"{_name(component)}: step-by-step{how} (batch {x.shape[0]}) differs from the full forward by {diff:.3e}"
+        )
+
+
+def check_without_aux(component: TriPathComponent, x: Tensor, score: Tensor, atol: float) -> None:
+    """``collect_aux=False`` may drop aux losses and stats but must not change the update."""
+    full = component(x, _context(score)).update
+    lean = component(x, _context(score, collect_aux=False)).update
+    diff = _max_diff(full, lean)
+    if diff > atol:
+        raise ConformanceError(f"{_name(component)}: forward with collect_aux=False changed the update by {diff:.3e}")
 
 
 def check_gradients(component: TriPathComponent, x: Tensor, score: Tensor) -> None:
@@ -197,6 +212,10 @@ def check_router(router: RouterComponent, x: Tensor, gate_names: Sequence[str], 
     x2 = x.clone()
     x2[:, t + 1 :] += 5.0
     out2 = router.route(x2)
+    lean = router.route(x, collect_aux=False)
+    lean_diff = max(_max_diff(out.gates, lean.gates), _max_diff(out.global_score, lean.global_score))
+    if lean_diff > atol:
+        raise ConformanceError(f"{name}: route(collect_aux=False) changed gates or scores by {lean_diff:.3e}")
     diff = max(_max_diff(out.gates[:, : t + 1], out2.gates[:, : t + 1]), _max_diff(out.global_score[:, : t + 1], out2.global_score[:, : t + 1]))
     if diff > atol:
         raise ConformanceError(f"{name} is not causal: future inputs changed gates or scores by {diff:.3e}")
@@ -254,7 +273,11 @@ def check_component(
     x, score = _inputs(batch, seq_len, d_model, torch.float64, seed)
     check_causality(component, x, score, positions=(0, seq_len // 3, seq_len - 2), atol=atol)
     check_chunked_equals_full(component, x, score, boundaries, atol)
+    check_without_aux(component, x, score, atol)
     if check_step:
-        check_step_equals_full(component, x[:, : min(seq_len, 24)], score[:, : min(seq_len, 24)], atol)
+        steps = min(seq_len, 24)
+        check_step_equals_full(component, x[:, :steps], score[:, :steps], atol)
+        for rows in (slice(None), slice(0, 1)):  # a batch and a single sequence, without aux losses
+            check_step_equals_full(component, x[rows, :steps], score[rows, :steps], atol, collect_aux=False)
     component.train()
     check_gradients(component, x, score)

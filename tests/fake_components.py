@@ -46,5 +46,13 @@ class ForgetfulMixer(CumulativeMeanMixer):
         return super().forward(x, context, None)
 
 
+class StepDriftMixer(CumulativeMeanMixer):
+    """Broken on purpose: ``step`` adds 1e-3 to what ``forward`` gives for the same token and state."""
+
+    def step(self, x_t: Tensor, state: Any, context: ComponentContext | None = None) -> ComponentOutput:
+        out = super().step(x_t, state, context)
+        return ComponentOutput(out.update + 1e-3, state=out.state)
+
+
 class NotAComponent(nn.Module):
     """An nn.Module that does not implement the contract."""
