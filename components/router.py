@@ -85,7 +85,8 @@ class TokenRouter(RouterComponent):
     def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
         if self.gate_proj is None:
             raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
-        gates = torch.sigmoid(self.gate_proj(x) / self.temperature)  # (B, L, G)
+        logits = self.gate_proj(x)  # (B, L, G)
+        gates = torch.sigmoid(logits if self.temperature == 1.0 else logits / self.temperature)
         score = self.score_proj(x).squeeze(-1)  # (B, L)
         aux: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}

@@ -422,13 +422,14 @@ class SparseGlobalAttention(TriPathComponent):
         keep = None if context is None else context.keep
         pos = state.offset
         key, value = self.kv(x_t).view(batch, 2, h, hd).unbind(1)  # (B, H, hd)
-        position = torch.tensor([pos], device=x_t.device)
-        keys = torch.cat([state.keys, self._rotate(key[:, None], position)], 1)  # (B, n + 1, H, hd)
+        cos, sin = self.rotary(torch.tensor([pos], device=x_t.device))  # (1, hd / 2), shared by key and query
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
+        keys = torch.cat([state.keys, apply_rotary(key, cos, sin)[:, None]], 1)  # (B, n + 1, H, hd)
         values = torch.cat([state.values, value[:, None]], 1)
         if keep is not None and not bool(keep.any()):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query
         else:
-            q = self._rotate(self.q(x_t).view(batch, 1, h, hd), position)[:, 0]  # (B, H, hd)
+            q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd)
             logits = torch.einsum("bhd,bthd->bht", q, keys) * hd**-0.5  # (B, H, n + 1): all local keys visible
             n_local = logits.shape[-1]
             if score is not None and self.uses_globals and state.global_keys.shape[1] > 0:

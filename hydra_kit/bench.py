@@ -433,6 +433,9 @@ def write_outputs(
             points = [(r.seq_len, getattr(r, metric)) for r in group if getattr(r, metric)]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=f"{model} ({mode})")
+        if not ax.lines:  # nothing measured for this metric (e.g. decode only: no peak memory)
+            plt.close(fig)
+            continue
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")

@@ -111,6 +111,10 @@ class TriPathBlock(nn.Module):
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         y = x
+        decoding = state is not None and x.shape[1] == 1
+        if decoding:  # one token: each component's dedicated recurrent step (O(1) for the SSM and memories)
+            u_t = u[:, 0]  # (B, D)
+            score_t = None if score is None else score[:, 0]  # (B,)
         for name, component in self.components().items():
             if name in self.knocked_out:
                 out.state[name] = None if state is None else state[name]
@@ -119,14 +123,10 @@ class TriPathBlock(nn.Module):
             keep = gate >= threshold if gate is not None and threshold > 0 else None
             if keep is not None and component.pointwise:
                 result = self._run_gathered(component, u, keep)
-            elif state is not None and x.shape[1] == 1:
-                # Decoding one token: the component's dedicated recurrent step (O(1) for SSM and memories).
-                step_context = ComponentContext(
-                    global_score=None if score is None else score[:, 0],
-                    keep=None if keep is None else keep[:, 0],
-                    collect_aux=collect_aux,
-                )
-                stepped = component.step(u[:, 0], state[name], step_context)
+            elif decoding:
+                assert state is not None
+                step_context = ComponentContext(score_t, None if keep is None else keep[:, 0], collect_aux)
+                stepped = component.step(u_t, state[name], step_context)
                 result = ComponentOutput(stepped.update[:, None], stepped.aux_losses, stepped.stats, stepped.state)
             else:
                 context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux)
