@@ -102,28 +102,39 @@ def make_tokens(model: HydraLM, seq_len: int, batch: int, text: bytes | None) ->
 DECODE_TOKENS = 128
 
 
-def decode_fn(model: HydraLM, prompt: torch.Tensor) -> tuple[Callable[[], None], int]:
-    """A closure that decodes DECODE_TOKENS greedy tokens after a prefilled prompt, and the cache size in bytes.
+class DecodeRun:
+    """Greedy decoding of DECODE_TOKENS tokens after a prefilled prompt, restartable from the same context.
 
-    The prompt is processed once, outside the timing; each call starts from a copy of that state, so every
+    The prompt is processed once, at construction. :meth:`reset` (untimed) gives the next run a fresh copy of
+    the state after the prompt, so copying a large key/value cache is never counted as decoding time, and every
     repeat decodes after exactly the same context.
+
+    Attributes:
+        cache_bytes: bytes held by the recurrent state or key/value cache after the prompt.
     """
-    import copy
 
-    model.eval()
-    with torch.inference_mode():
-        prefill = model(prompt, model.init_state(prompt.shape[0]), collect_aux=False)
-    first = prefill.logits[:, -1].argmax(-1)
-    cache_bytes = state_nbytes(prefill.state)
+    def __init__(self, model: HydraLM, prompt: torch.Tensor) -> None:
+        model.eval()
+        self.model = model
+        with torch.inference_mode():
+            self.prefill = model(prompt, model.init_state(prompt.shape[0]), collect_aux=False)
+        self.first = self.prefill.logits[:, -1].argmax(-1)
+        self.cache_bytes = state_nbytes(self.prefill.state)
+        self.state: Any = None
 
-    def run() -> None:
-        state, token = copy.deepcopy(prefill.state), first
+    def reset(self) -> None:
+        import copy
+
+        self.state = copy.deepcopy(self.prefill.state)
+
+    def __call__(self) -> None:
+        if self.state is None:
+            self.reset()
+        state, token, self.state = self.state, self.first, None
         with torch.inference_mode():
             for _ in range(DECODE_TOKENS):
-                out = model(token[:, None], state, collect_aux=False)
+                out = self.model(token[:, None], state, collect_aux=False)
                 state, token = out.state, out.logits[:, -1].argmax(-1)
-
-    return run, cache_bytes
 
 
 def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -261,11 +272,12 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
         for mode in args.modes:
             timings: dict[str, list[float]] = defaultdict(list)
             cache: dict[str, int] = {}
-            runs = {}
+            runs: dict[str, Callable[[], None]] = {}
             for name, m in models.items():
                 tokens_in = make_tokens(m, seq_len, args.batch, text)
                 if mode == "decode":
-                    runs[name], cache[name] = decode_fn(m, tokens_in)
+                    decode = DecodeRun(m, tokens_in)
+                    runs[name], cache[name] = decode, decode.cache_bytes
                 else:
                     runs[name] = step_fn(m, tokens_in, mode)
             for run in runs.values():  # warm-up: allocator, caches, lazy init
@@ -273,6 +285,8 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                     run()
             for _ in range(args.repeats):  # interleaved, so drift hits every model alike
                 for name, run in runs.items():
+                    if isinstance(run, DecodeRun):
+                        run.reset()  # untimed: a fresh copy of the state after the prompt
                     synchronize(device)
                     start = time.perf_counter()
                     run()

@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import report, runner
 
 NAME = "distant_premise"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -97,34 +97,34 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = runner.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb"))
+        summary = report.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb"))
         extra = {
             "task": {"distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "seq_len": task.seq_len,
                      "sga_window": window, "chance": 1 / d["num_values"]},
             "records": records,
             "runs": runs,
         }
-        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
         plot(png, summary, window)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
-    runner.print_table(
+    report.print_table(
         console,
         f"E4 distant premise: held-out accuracy, latency and peak memory against distance (SGA window {window}; mean ± std over {len({r['seed'] for r in records})} seeds)",
         summary,
         ("model", "distance"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("peak MB", "peak_mem_mb", 1)],
     )
-    runner.report_files(console, paths)
+    report.report_files(console, paths)
     return 0
 
 
 def plot(path: Any, summary: list[dict[str, Any]], window: int) -> None:
     """Accuracy, latency and peak memory against distance, one line per model; the SGA window marked."""
-    plt = runner.pyplot()
+    plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("accuracy", "held-out accuracy"), ("latency_ms", "latency (ms, batch 1, length D + 2)"), ("peak_mem_mb", "peak memory (MB)"))
     for ax, (metric, label) in zip(axes, panels, strict=True):

@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import report, runner
 
 NAME = "expert_specialisation"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -229,7 +229,7 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = runner.summarise(records, ("model", "domain"), ("accuracy", "nmi_answer", "nmi_all"))
+        summary = report.summarise(records, ("model", "domain"), ("accuracy", "nmi_answer", "nmi_all"))
         heatmaps = mean_heatmaps(routing, "hydra")
         extra = {
             "task": {"domains": list(task.domains), "seq_len": task.seq_len, "num_symbols": task.num_symbols, "chance": 1 / task.num_symbols},
@@ -239,21 +239,21 @@ def main(argv: list[str], console: Console) -> int:
             "records": records,
             "runs": runs,
         }
-        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
         plot(png, summary, heatmaps, list(task.domains))
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
-    runner.print_table(
+    report.print_table(
         console,
         f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over {len({r['seed'] for r in records})} seeds)",
         summary,
         ("model", "domain"),
         [("accuracy", "accuracy", 3), ("NMI answer pos.", "nmi_answer", 3), ("NMI all pos.", "nmi_all", 3)],
     )
-    runner.report_files(console, paths)
+    report.report_files(console, paths)
     return 0
 
 
@@ -286,7 +286,7 @@ def mean_heatmaps(routing: list[dict[str, Any]], model: str) -> dict[str, np.nda
 
 def plot(path: Any, summary: list[dict[str, Any]], heatmaps: dict[str, np.ndarray], domains: list[str]) -> None:
     """Accuracy per domain and model (left) and one domain x expert heatmap per MoE layer of Hydra."""
-    plt = runner.pyplot()
+    plt = report.pyplot()
     n = len(heatmaps)
     fig, axes = plt.subplots(1, 1 + n, figsize=(5 + 2.6 * n, 3.8), squeeze=False)
     ax = axes[0][0]

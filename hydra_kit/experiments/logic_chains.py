@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import report, runner
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,13 +78,13 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = runner.summarise(records, ("model", "hops"), ("accuracy",))
+        summary = report.summarise(records, ("model", "hops"), ("accuracy",))
         extra = {
             "task": {"num_nodes": num_nodes, "distractors": distractors, "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "chance": 1 / num_nodes},
             "records": records,
             "runs": runs,
         }
-        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
         plot(png, summary, train_hops, 1 / num_nodes)
         return summary, [csv_path, json_path, png]
@@ -93,14 +93,14 @@ def main(argv: list[str], console: Console) -> int:
     summary, paths = write(records, runs)
     seeds_done = len({r["seed"] for r in records})
     title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds)"
-    runner.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
-    runner.report_files(console, paths)
+    report.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
+    report.report_files(console, paths)
     return 0
 
 
 def plot(path: Any, summary: list[dict[str, Any]], train_hops: int, chance: float) -> None:
     """Accuracy against proof length per model, the trained range marked (the paper's Fig. 2, honestly)."""
-    plt = runner.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for model in dict.fromkeys(r["model"] for r in summary):
         rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r["hops"])

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from hydra_kit.data import MQAR
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import report, runner
 
 NAME = "mqar"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -53,11 +53,11 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(done: list[dict[str, Any]], done_runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise what has finished (earlier levels plus this level's seeds) and (re)write the outputs."""
-        summary = runner.summarise(done, ("model", "pairs"), ("accuracy",))
+        summary = report.summarise(done, ("model", "pairs"), ("accuracy",))
         extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "records": done, "runs": done_runs}
-        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        runner.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
+        report.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
         return summary, [csv_path, json_path, png]
 
     for p in pairs:
@@ -77,6 +77,6 @@ def main(argv: list[str], console: Console) -> int:
         runs += [dict(row, pairs=p) for row in t]
     summary, paths = write(records, runs)
     seeds_done = len({r["seed"] for r in records})
-    runner.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
-    runner.report_files(console, paths)
+    report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    report.report_files(console, paths)
     return 0

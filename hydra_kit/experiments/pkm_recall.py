@@ -31,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import report, runner
 
 NAME = "pkm_recall"
 GATE_STAT = "router.gate_pkm"
@@ -99,7 +99,7 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = runner.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
+        summary = report.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
         extra = {
             "task": {"num_facts": task.num_facts, "num_values": task.num_values, "context_facts": task.context_facts, "num_queries": task.num_queries,
                      "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": 1 / task.num_values},
@@ -107,27 +107,27 @@ def main(argv: list[str], console: Console) -> int:
             "records": records,
             "runs": runs,
         }
-        csv_path, json_path = runner.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
+        csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
         plot(png, summary)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
-    runner.print_table(
+    report.print_table(
         console,
         f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {len({r['seed'] for r in records})} seeds)",
         summary,
         ("model", "book"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("mean PKM gate", "pkm_gate", 3)],
     )
-    runner.report_files(console, paths)
+    report.report_files(console, paths)
     return 0
 
 
 def plot(path: Any, summary: list[dict[str, Any]]) -> None:
     """Three panels (accuracy, latency, mean PKM gate), closed and open book side by side per model."""
-    plt = runner.pyplot()
+    plt = report.pyplot()
     models = list(dict.fromkeys(r["model"] for r in summary))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     width = 0.38

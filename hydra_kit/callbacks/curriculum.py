@@ -1,223 +1,16 @@
-"""Lightning callbacks for component studies: curriculum stages, knock-outs, ablation checks, throughput.
-
-* :class:`Curriculum` activates a model's parts in stages (HYDRA.md 1: "ablations and curriculum stages are
-  Lightning callbacks"). The paper (arXiv 2508.15099, v1/v2) only says it "outline[s] a staged curriculum
-  intended to stably activate the parts"; the number of stages and their contents are not recoverable, so a
-  curriculum is whatever the recipe says (``recipes/curriculum.yaml`` is one reading). Recipe form::
-
-      trainer:
-        callbacks:
-          - class_path: hydra_kit.callbacks.Curriculum
-            init_args:
-              stages:
-                - {name: backbone, at_step: 0, disable: [sga, pkm], data: {num_pairs: 2, num_queries: 2}}
-                - {name: attention, at_step: 200, enable: [sga], data: {num_pairs: 4}}
-                - {name: memory, when: {metric: val/acc, above: 0.5}, enable: [pkm], lr_scale: 0.5}
-
-* :class:`KnockOut` switches component instances off during validation/test only (no retraining).
-* :class:`Ablation` checks that instances removed with ``model.dropped`` really are gone, and says so.
-* :class:`Throughput` measures tokens per second of training and validation batches.
-"""
+"""Staged training as a Lightning callback: components on and off, frozen, data difficulty, learning rate."""
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
+from hydra_kit.callbacks.instances import instance_names, instance_parameters
 from hydra_kit.recipe import RecipeError
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def _instances(model: L.LightningModule) -> tuple[set[str], set[str]]:
-    """(all instance names, router instance names) of a HydraLM; TypeError for other modules."""
-    resolved = getattr(model, "resolved", None)
-    if resolved is None or not hasattr(model, "set_knocked_out"):
-        raise TypeError(f"this callback needs a hydra_kit HydraLM, got {type(model).__name__}")
-    return {r.name for r in resolved}, {r.name for r in resolved if r.is_router}
-
-
-def instance_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Every parameter of instance ``name`` in every block: its weights, its LayerScale g, or the router's."""
-    params: list[nn.Parameter] = []
-    for block in getattr(model, "blocks", []):
-        if name in block.mixers:
-            params.extend(block.mixers[name].parameters())
-        if name in block.layerscale:
-            params.append(block.layerscale[name])
-        if block.router is not None and block.router_name == name:
-            params.extend(block.router.parameters())
-    return params
-
-
-def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, dict):
-        batch = batch.get("input_ids", next(iter(batch.values()), None))
-    if isinstance(batch, list | tuple) and batch:
-        batch = batch[0]
-    return batch.numel() if isinstance(batch, torch.Tensor) else 0
-
-
-# --------------------------------------------------------------------------------------------- throughput
-
-
-class Throughput(Callback):
-    """Tokens per second of training and validation batches, timed around each batch after the first few.
-
-    A training batch is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward and the
-    optimizer step, without data loading, validation or checkpointing, so the figure compares models rather
-    than input pipelines. The first ``warmup_batches`` of each kind are not timed (allocator and kernel warm-up);
-    when a run has no more batches than that, every batch is timed. Sanity-check batches are never timed.
-
-    Args:
-        warmup_batches: batches of each kind (train, validation) skipped before timing.
-    """
-
-    def __init__(self, warmup_batches: int = 2) -> None:
-        if warmup_batches < 0:
-            raise ValueError(f"Throughput: warmup_batches must be >= 0, got {warmup_batches}")
-        self.warmup_batches = warmup_batches
-        # kind -> [batches seen, timed seconds, timed tokens, seconds of all batches, tokens of all batches]
-        self._acc: dict[str, list[float]] = {"train": [0, 0.0, 0, 0.0, 0], "val": [0, 0.0, 0, 0.0, 0]}
-        self._start = 0.0
-        self.seq_len: int | None = None  # length of the last training batch
-
-    def _sync(self, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":  # kernels are asynchronous: wait for them before reading the clock
-            torch.cuda.synchronize(pl_module.device)
-
-    def _begin(self, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
-        self._start = time.perf_counter()
-
-    def _end(self, kind: str, pl_module: L.LightningModule, batch: Any) -> None:
-        self._sync(pl_module)
-        elapsed, tokens = time.perf_counter() - self._start, _count_tokens(batch)
-        acc = self._acc[kind]
-        if acc[0] >= self.warmup_batches:
-            acc[1] += elapsed
-            acc[2] += tokens
-        acc[0] += 1
-        acc[3] += elapsed
-        acc[4] += tokens
-
-    def tokens_per_s(self, kind: str = "train") -> float | None:
-        """Measured tokens per second of ``train`` or ``val`` batches; None when no batch ran."""
-        seen, seconds, tokens, all_seconds, all_tokens = self._acc[kind]
-        if seconds <= 0:  # too few batches to skip the warm-up: use all of them
-            seconds, tokens = all_seconds, all_tokens
-        return tokens / seconds if seconds > 0 and seen else None
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._begin(pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._end("train", pl_module, batch)
-        if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
-            self.seq_len = int(batch["input_ids"].shape[-1])
-
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not trainer.sanity_checking:
-            self._begin(pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if not trainer.sanity_checking:
-            self._end("val", pl_module, batch)
-
-
-# ----------------------------------------------------------------------------------------- knock-out, drop
-
-
-class KnockOut(Callback):
-    """Switch component instances off while validating or testing, and back on afterwards (no retraining).
-
-    A knocked-out instance is not run and contributes nothing; its parameters stay (see
-    :meth:`hydra_kit.model.HydraLM.set_knocked_out`). Instances already switched off (by a curriculum stage)
-    stay off. The router cannot be knocked out: the block has no output path without it to remove.
-
-    Args:
-        names: component instance names, e.g. ``["pkm"]``.
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = list(names)
-        self._saved: list[set[str]] | None = None
-
-    def _start(self, pl_module: L.LightningModule) -> None:
-        blocks: nn.ModuleList = pl_module.blocks  # type: ignore[assignment]
-        self._saved = [set(b.knocked_out) for b in blocks]  # type: ignore[arg-type]
-        pl_module.set_knocked_out(set().union(*self._saved) | set(self.names))  # type: ignore[operator]
-
-    def _end(self, pl_module: L.LightningModule) -> None:
-        if self._saved is not None:
-            for block, saved in zip(pl_module.blocks, self._saved, strict=True):  # type: ignore[arg-type]
-                block.knocked_out = saved
-            self._saved = None
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._end(pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._end(pl_module)
-
-
-class Ablation(Callback):
-    """Check at ``setup`` that the dropped component instances have no parameters in the model, and log them.
-
-    The removal is the model's ``dropped`` hyper-parameter, applied before the model is built, so the ablated
-    model never allocates the instance (no parameters, FLOPs or optimizer state) and its checkpoint reloads as
-    the same smaller model. Listing this callback in a recipe is enough: hydra-kit's CLI adds its ``drop`` to
-    ``model.dropped`` before instantiating the model::
-
-        trainer:
-          callbacks:
-            - {class_path: hydra_kit.callbacks.Ablation, init_args: {drop: [pkm]}}
-
-    (``--model.dropped '[pkm]'`` and ``hydra-kit ablate --drop pkm`` do the same). At ``setup`` the callback
-    checks that the instances are really gone, fails loudly when they are not (a model built outside the CLI),
-    and logs the ablation.
-
-    Args:
-        drop: instance names that must be absent.
-    """
-
-    def __init__(self, drop: list[str]) -> None:
-        if not drop:
-            raise ValueError("Ablation: drop must name at least one component instance")
-        self.drop = list(drop)
-        self._reported = False
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        present = [n for n in self.drop if instance_parameters(pl_module, n)]
-        declared = set(pl_module.hparams.get("dropped") or [])
-        if present:
-            raise RecipeError(
-                f"Ablation: instance(s) {present} still have parameters in the model; an ablation removes them "
-                f"before the model is built: set model.dropped to include them (model.dropped is {sorted(declared)})"
-            )
-        if self._reported:
-            return
-        self._reported = True
-        total = sum(p.numel() for p in pl_module.parameters())
-        rank_zero_info(f"ablation: dropped {', '.join(self.drop)} (model.dropped = {sorted(declared)}); {total:,} parameters remain")
-
-
-# ------------------------------------------------------------------------------------------------ curriculum
 
 
 def check_recipe_callbacks(path: str, recipe: dict[str, Any]) -> None:
@@ -381,7 +174,7 @@ class Curriculum(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        names, routers = _instances(pl_module)
+        names, routers = instance_names(pl_module)
         for i, s in enumerate(self.stages):
             for key in _NAME_LISTS:
                 valid = names - routers if key in ("enable", "disable") else names
@@ -518,4 +311,3 @@ class Curriculum(Callback):
                     factor = scale / group.get(LR_SCALE_KEY, 1.0)
                     group["lr"] *= factor
                     group[LR_SCALE_KEY] = scale
-
