@@ -99,3 +99,30 @@ def test_ddp_run_resumed_from_its_checkpoint_follows_the_uninterrupted_run(tmp_p
     assert sorted(second_half) == list(range(half, STEPS)), second_half  # only the steps after the checkpoint ran
     worst = max(abs(second_half[s] - straight[s]) for s in second_half)
     assert worst <= TOLERANCE, f"resumed DDP losses {second_half} differ from the uninterrupted run {straight} by {worst:.2e}"
+
+
+@pytest.mark.slow
+def test_ddp_curriculum_changes_the_data_at_the_same_step_as_one_process(tmp_path, ddp_run):
+    """A curriculum stage that lengthens the task mid-run: under DDP every rank switches at the same global batch
+    (otherwise batches of different lengths would not stack, or the curves would part), as in one process."""
+    stages = [{"name": "longer", "at_step": 3, "data": {"num_pairs": 6}}]
+    curriculum = [{"class_path": "hydra_kit.callbacks.Curriculum", "init_args": {"stages": stages}}]
+
+    def with_curriculum(path: Path) -> Path:
+        recipe = yaml.safe_load(path.read_text())
+        recipe["trainer"]["callbacks"] = curriculum
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    one = run_cli("fit", "--config", str(with_curriculum(_recipe(tmp_path, "one", 2 * PER_DEVICE_BATCH))), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = run_cli("fit", "--config", str(with_curriculum(_recipe(tmp_path, "ddp", PER_DEVICE_BATCH))), *DDP_ARGS, cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single, distributed = _train_losses(tmp_path, "one"), _train_losses(tmp_path, "ddp")
+    assert sorted(single) == sorted(distributed) == list(range(STEPS))
+    worst = max(abs(single[s] - distributed[s]) for s in single)
+    assert worst <= TOLERANCE, f"DDP curriculum losses {distributed} differ from one process {single} by {worst:.2e}"
+    # The stage did change the data: the same run without the curriculum agrees before the change, not after it.
+    plain = _train_losses(ddp_run[0], "ddp")
+    assert max(abs(plain[s] - distributed[s]) for s in range(3)) <= TOLERANCE
+    assert abs(plain[STEPS - 1] - distributed[STEPS - 1]) > 10 * TOLERANCE, (plain, distributed)

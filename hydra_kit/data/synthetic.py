@@ -125,7 +125,7 @@ class SyntheticDataModule(L.LightningDataModule):
         skip = self._resume_batches if epoch == self._resume_epoch else 0
         self._resume_epoch, self._resume_batches = -1, 0
         trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
+        world = self._world_size()
         if skip:  # under DDP each of the `world` ranks consumed batch_size examples per step
             dataset = Subset(dataset, range(skip * self.batch_size * world, self.train_size))
         if trainer is None or world == 1:
@@ -178,7 +178,10 @@ class SyntheticDataModule(L.LightningDataModule):
         if self.num_workers > 0:
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             start = max(start, (epoch + 1) * self.train_size)
-        start = -(-start // self.batch_size) * self.batch_size  # never inside a batch: its examples must stack
+        # Never inside a global batch: a batch's examples must stack, and under DDP every rank must switch at the
+        # same step (in step k the ranks together read examples k * batch_size * world ... (k + 1) * ... - 1).
+        global_batch = self.batch_size * self._world_size()
+        start = -(-start // global_batch) * global_batch
         self.schedule.change(task, start)
         self.task = task
 
@@ -201,6 +204,9 @@ class SyntheticDataModule(L.LightningDataModule):
         for start, params in state_dict.get("task_schedule", []):
             self.schedule.change(base.with_params(params), int(start))  # type: ignore[attr-defined]
         self.task = self.schedule.current
-        if self._resume_epoch >= 0:
-            self.schedule.drawn = self._resume_epoch * self.train_size + self._resume_batches * self.batch_size
+        if self._resume_epoch >= 0:  # every rank had read batches_done batches of its share
+            self.schedule.drawn = self._resume_epoch * self.train_size + self._resume_batches * self.batch_size * self._world_size()
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
