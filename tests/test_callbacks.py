@@ -237,3 +237,20 @@ def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_pa
     assert main(["fit", "--config", str(path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "badstage.yaml: trainer.callbacks[0]: Curriculum: stage 0: unknown key(s) 'disabel'; valid: name, at_step" in err
+
+
+def test_best_checkpoint_is_the_best_of_the_current_stage(tmp_path):
+    """A harder stage has a higher validation loss: "best" must start over there, not stay in the easy stage."""
+    stages = [{"at_step": 0, "data": {"num_pairs": 1, "num_queries": 1}}, {"at_step": 20, "data": {"num_pairs": 6, "num_queries": 6}}]
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1, filename="best-{step}")
+    torch.manual_seed(0)
+    trainer_ = L.Trainer(
+        max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, val_check_interval=10, limit_val_batches=2, callbacks=[Curriculum(stages), best],
+    )  # fmt: skip
+    trainer_.fit(tiny_model(), datamodule())
+    files = sorted(p.name for p in tmp_path.glob("best-step=*.ckpt"))
+    # Validations at steps 10 and 20 ran on the 1-pair task, 30 and 40 on the 6-pair one; the easy stage's best
+    # file stays on disk, the tracked best is from the last stage.
+    assert re.search(r"best-step=(30|40)\.ckpt$", best.best_model_path), (best.best_model_path, files)
+    assert any(re.fullmatch(r"best-step=(10|20)\.ckpt", f) for f in files), files

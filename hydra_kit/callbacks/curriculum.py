@@ -6,7 +6,8 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from hydra_kit.callbacks.instances import instance_names, instance_parameters
@@ -106,7 +107,9 @@ class Curriculum(Callback):
     Effects are cumulative: the state after stage ``k`` is the composition of stages 0..k, recomputed and applied
     as a whole whenever the position changes and at the start of fitting. The position is saved in checkpoints
     (``state_dict``), so a resumed run continues in its stage with the same knock-outs, freezes, data and
-    learning rate scale. The current stage index (-1 before the first) is logged as ``curriculum/stage``. The
+    learning rate scale. Checkpoints that monitor a metric start over at every stage reached, so the "best"
+    checkpoint is the best of the current stage (a harder stage's loss does not compare with an easier one's);
+    earlier stages' best files stay on disk. The current stage index (-1 before the first) is logged as ``curriculum/stage``. The
     watched metric values (with their steps) are saved too, so a stage due at the first batch after a
     validation is still reached on resume when the checkpoint was written before that batch.
 
@@ -263,11 +266,29 @@ class Curriculum(Callback):
             self._reached_step = trainer.global_step
         if reached or force_apply:
             self._apply(trainer, pl_module)
+        if reached:
+            self._restart_best_checkpoints(trainer)
         for i in reached:
             stage = self.stages[i]
             label = f" ({stage['name']!r})" if "name" in stage else ""
             changes = "; ".join(f"{k} {stage[k]}" for k in ("enable", "disable", "freeze", "unfreeze", "data", "lr_scale") if k in stage)
             rank_zero_info(f"curriculum: stage {i}{label} reached at step {trainer.global_step}: {changes or 'no changes'}")
+
+    @staticmethod
+    def _restart_best_checkpoints(trainer: L.Trainer) -> None:
+        """Monitored checkpoints start over at a new stage: "best" then means the best of the current stage.
+
+        A stage changes the task or the model, so its validation loss does not compare with an earlier stage's
+        (a harder task has a higher loss): kept across stages, the "best" checkpoint would stay in the easiest
+        stage forever. Files already written stay on disk, so each finished stage leaves its best behind.
+        """
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
+                callback.best_k_models = {}
+                callback.kth_best_model_path = ""
+                callback.kth_value = torch.tensor(float("inf") if callback.mode == "min" else float("-inf"))
+                callback.best_model_score = None
+                callback.best_model_path = ""
 
     def _datamodule(self, trainer: L.Trainer) -> Any:
         datamodule = getattr(trainer, "datamodule", None)
