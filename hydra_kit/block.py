@@ -11,6 +11,8 @@ A block holds only the components its recipe places there; an absent component c
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from hydra_kit.nn import RMSNorm
-from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, TriPathComponent
+from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, RouterOutput, TriPathComponent
 
 
 @dataclass
@@ -75,6 +77,8 @@ class TriPathBlock(nn.Module):
         self.gate_index = {n: i for i, n in enumerate(n for n in self.mixers if n in gated)} if self.router else {}
         if self.router is not None:
             self.router.configure_gates(list(self.gate_index))
+        # The optional keyword of RouterComponent.route; routers written without it are called without it.
+        self._route_takes_collect_aux = self.router is not None and "collect_aux" in inspect.signature(self.router.route).parameters
         # Instances switched off without removing their parameters (knock-out evaluation, curriculum stages):
         # they are not run at all and contribute nothing.
         self.knocked_out: set[str] = set()
@@ -105,7 +109,8 @@ class TriPathBlock(nn.Module):
         score: Tensor | None = None
         threshold = 0.0
         if self.router is not None:
-            routed = self.router.route(u, collect_aux=collect_aux)
+            route: Callable[..., RouterOutput] = self.router.route  # the optional keyword is not in the base signature
+            routed = route(u, collect_aux=collect_aux) if self._route_takes_collect_aux else route(u)
             gates, score = routed.gates, routed.global_score  # (B, L, G), (B, L)
             threshold = self.router.gate_threshold if not self.training else 0.0
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})

@@ -206,10 +206,11 @@ class RouterComponent(TriPathComponent):
         """Create one gate per name, in this order."""
 
     @abc.abstractmethod
-    def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
+    def route(self, x: Tensor) -> RouterOutput:
         """Compute gates (B, L, G) and the global-token score (B, L) from the block input x (B, L, D).
 
-        With ``collect_aux=False`` (decoding) the router may skip its auxiliary losses and statistics.
+        A router may also accept a keyword-only ``collect_aux: bool = True``: the block then passes False when
+        decoding, and the router may skip its auxiliary losses and statistics (routers without it keep working).
         """
 
     def forward(

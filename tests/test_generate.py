@@ -112,3 +112,25 @@ def test_generate_cli_streams_text_from_a_text_recipe_checkpoint(tmp_path):
     assert result.stdout.rstrip("\n") == bytes(expected).decode("utf-8", errors="replace")
     bad = run_cli("generate", "--ckpt_path", str(ckpt), "--prompt-ids", "300", cwd=tmp_path)
     assert bad.returncode != 0 and "outside the model's vocabulary [0, 256)" in bad.stderr
+
+
+def test_a_router_without_the_collect_aux_keyword_still_works(monkeypatch):
+    """``collect_aux`` is an optional keyword of ``RouterComponent.route``: routers written without it keep working."""
+    import hydra_kit.model
+    from hydra_kit.components.router import TokenRouter
+    from hydra_kit.protocol import RouterOutput
+    from hydra_kit.registry import ComponentEntry, Registry
+
+    class PlainRouter(TokenRouter):
+        def route(self, x: torch.Tensor) -> RouterOutput:  # type: ignore[override]
+            return super().route(x)
+
+    registry = Registry(dict(hydra_kit.model.default_registry().entries))
+    registry.entries["plain_router"] = ComponentEntry("plain_router", PlainRouter, "hydra-kit-tests", "0", "test_generate:PlainRouter")
+    monkeypatch.setattr(hydra_kit.model, "default_registry", lambda third_party=None: registry)
+    components = {**copy.deepcopy(EVERY_COMPONENT), "router": {"component": "plain_router", "blocks": "all"}}
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=40, d_model=32, n_blocks=3, components=components).double().eval()
+    check_component(PlainRouter)
+    ids = torch.randint(0, 40, (1, 20))
+    torch.testing.assert_close(decode_logits(model, ids, 4, collect_aux=False), model(ids).logits, rtol=0, atol=1e-10)
