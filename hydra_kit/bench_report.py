@@ -1,0 +1,191 @@
+"""What ``hydra-kit bench`` reports: the measurement records, the ratio table, the target checks, the files.
+
+Every number here is read from the records of one run; nothing is adjusted. A target whose lengths or modes
+were not measured is left out rather than guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class Record:
+    """One measurement row."""
+
+    model: str
+    seq_len: int
+    mode: str  # "infer" (prefill forward), "train" (forward + backward) or "decode" (128 tokens after seq_len)
+    tokens_per_s: float
+    seconds: float
+    repeats: list[float]
+    gflops: float
+    peak_mem_mb: float | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)  # component instance -> share of forward time
+    roof_seconds: dict[str, float] = field(default_factory=dict)  # component instance -> time at the matmul roof
+    cache_mb: float | None = None  # decode: bytes held by the recurrent state / key-value cache after the prompt
+
+
+def print_table(records: list[Record], names: list[str], roof: float | None, console: Console) -> None:
+    by_key = {(r.model, r.seq_len, r.mode): r for r in records}
+    table = Table(title="throughput (tokens/s) and memory (MB: peak for infer/train, cache for decode)" + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
+    table.add_column("L", justify="right")
+    table.add_column("mode")
+    for name in names:
+        table.add_column(f"{name} tok/s", justify="right")
+        table.add_column(f"{name} MB", justify="right")
+    if len(names) >= 2:
+        table.add_column(f"speed {names[0]}/{names[1]}", justify="right")
+        table.add_column(f"memory {names[0]}/{names[1]}", justify="right")
+    for seq_len in sorted({r.seq_len for r in records}):
+        for mode in sorted({r.mode for r in records}):
+            rows = [by_key.get((n, seq_len, mode)) for n in names]
+            if any(r is None for r in rows):
+                continue
+            cells = [str(seq_len), mode]
+            for r in rows:
+                assert r is not None
+                memory = r.cache_mb if r.mode == "decode" else r.peak_mem_mb
+                cells += [f"{r.tokens_per_s:,.1f}", "-" if memory is None else f"{memory:,.1f}"]
+            if len(rows) >= 2:
+                a, b = rows[0], rows[1]
+                assert a is not None and b is not None
+                cells.append(f"{a.tokens_per_s / b.tokens_per_s:.2f}x")
+                ma, mb = (a.cache_mb, b.cache_mb) if mode == "decode" else (a.peak_mem_mb, b.peak_mem_mb)
+                cells.append("-" if ma is None or not mb else f"{ma / mb:.2f}")
+            table.add_row(*cells)
+    console.print(table)
+    for r in records:
+        if r.breakdown:
+            parts = ", ".join(f"{k} {v:.0%}" + (f" (roof {r.roof_seconds[k] / r.seconds:.0%})" if k in r.roof_seconds else "") for k, v in sorted(r.breakdown.items(), key=lambda kv: -kv[1]))
+            console.print(f"[dim]{r.model} L={r.seq_len} forward time by component (time at matmul roof / measured forward): {parts}[/]")
+
+
+@dataclass
+class TargetCheck:
+    """One speed or memory target of issue #7 / #9, read from the records of this run."""
+
+    target: str
+    measured: float | None
+    bound: float
+    higher_is_better: bool
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured >= self.bound if self.higher_is_better else self.measured <= self.bound
+
+
+def check_targets(records: list[Record], names: list[str]) -> list[TargetCheck]:
+    """The project's targets for the first recipe against the second, where this run measured what they need.
+
+    Ratios only ever compare numbers of this run. A target whose lengths or modes were not run is left out.
+    """
+    if len(names) < 2:
+        return []
+    a, b = names[0], names[1]
+    by_key = {(r.model, r.seq_len, r.mode): r for r in records}
+
+    def get(model: str, seq_len: int, mode: str) -> Record | None:
+        return by_key.get((model, seq_len, mode))
+
+    def ratio(seq_len: int, mode: str) -> float | None:
+        ra, rb = get(a, seq_len, mode), get(b, seq_len, mode)
+        return None if ra is None or rb is None else ra.tokens_per_s / rb.tokens_per_s
+
+    checks: list[TargetCheck] = []
+    for seq_len, mode, bound in ((8192, "infer", 3.0), (16384, "infer", 5.0), (8192, "train", 2.5), (16384, "decode", 5.0)):
+        if (r := ratio(seq_len, mode)) is not None:
+            label = f"{mode} tokens/s {a}/{b} at L={seq_len}" + (" (128 tokens after the prompt)" if mode == "decode" else "")
+            checks.append(TargetCheck(label, r, bound, True))
+    for mode in ("infer", "train"):
+        for seq_len in sorted({r.seq_len for r in records if r.mode == mode}):
+            ra, rb = get(a, seq_len, mode), get(b, seq_len, mode)
+            if ra and rb and ra.peak_mem_mb is not None and rb.peak_mem_mb:
+                checks.append(TargetCheck(f"{mode} peak memory {a}/{b} at L={seq_len}", ra.peak_mem_mb / rb.peak_mem_mb, 1.0, False))
+        r8, r16 = get(a, 8192, mode), get(a, 16384, mode)
+        if r8 and r16 and r8.peak_mem_mb and r16.peak_mem_mb is not None:
+            checks.append(TargetCheck(f"{mode} peak memory of {a}, L=16384 / L=8192", r16.peak_mem_mb / r8.peak_mem_mb, 2.2, False))
+    r2, r16 = get(a, 2048, "infer"), get(a, 16384, "infer")
+    if r2 and r16:
+        checks.append(TargetCheck(f"infer tokens/s of {a}, L=16384 / L=2048 (linear scaling)", r16.tokens_per_s / r2.tokens_per_s, 0.8, True))
+    ra, rb = get(a, 16384, "decode"), get(b, 16384, "decode")
+    if ra and rb and ra.cache_mb is not None and rb.cache_mb:
+        checks.append(TargetCheck(f"decode cache bytes {a}/{b} after L=16384", ra.cache_mb / rb.cache_mb, 0.1, False))
+    return checks
+
+
+def print_targets(checks: list[TargetCheck], console: Console) -> None:
+    if not checks:
+        return
+    table = Table(title="targets (measured in this run; never adjusted)")
+    for column in ("target", "measured", "bound", "met"):
+        table.add_column(column)
+    for c in checks:
+        sign = ">=" if c.higher_is_better else "<="
+        met = "-" if c.met is None else ("[green]yes[/]" if c.met else "[red]no[/]")
+        table.add_row(c.target, "-" if c.measured is None else f"{c.measured:.2f}", f"{sign} {c.bound:g}", met)
+    console.print(table)
+
+
+def write_outputs(
+    records: list[Record], out: Path, json_path: str | None, roof: float, checks: list[TargetCheck] | None = None
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in records]
+    targets = [{**asdict(c), "met": c.met} for c in checks or []]
+    payload = {"matmul_gflops": roof, "threads": torch.get_num_threads(), "records": rows, "targets": targets}
+    written = [out / "bench.json", out / "bench.csv"]
+    (out / "bench.json").write_text(json.dumps(payload, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+        written.append(Path(json_path))
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb", "cache_mb"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in writer.fieldnames})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    for metric, label in (("tokens_per_s", "tokens / s"), ("peak_mem_mb", "peak memory (MB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (model, mode), group in sorted(_group(records).items()):
+            points = [(r.seq_len, getattr(r, metric)) for r in group if getattr(r, metric)]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{model} ({mode})")
+        if not ax.lines:  # nothing measured for this metric (e.g. decode only: no peak memory)
+            plt.close(fig)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        path = out / f"bench_{'throughput' if metric == 'tokens_per_s' else 'memory'}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _group(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.model, r.mode)].append(r)
+    return groups
