@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from hydra_kit.nn import RotaryEmbedding, apply_rotary
+from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
+from hydra_kit.nn.decode_attention import decode_attention
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 
@@ -85,8 +86,8 @@ class CausalSelfAttention(TriPathComponent):
             raise ValueError(f"attention: n_heads={n_heads} must be positive and divide d_model={d_model}")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model, bias=False)
+        self.out = Linear(d_model, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -109,7 +110,8 @@ class CausalSelfAttention(TriPathComponent):
         if cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
             if seq_len == 1:  # one decoding step sees every cached key: no mask needed
-                y = F.scaled_dot_product_attention(q, cache.keys, cache.values)
+                fast = decode_attention(q[:, :, 0], [(cache.keys, cache.values, None)], self.head_dim**-0.5)
+                y = F.scaled_dot_product_attention(q, cache.keys, cache.values) if fast is None else fast[:, :, None]
             else:
                 visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
                 y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
+from hydra_kit.nn import Linear
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["ProductKeyMemory", "candidate_pairs", "product_topk", "slot_usage_stats"]
@@ -161,7 +162,7 @@ class ProductKeyMemory(TriPathComponent):
         self.d_value = d_model if d_value is None else d_value
         self.query_dropout = query_dropout
 
-        self.query = nn.Linear(d_model, heads * d_key, bias=False)
+        self.query = Linear(d_model, heads * d_key, bias=False)
         # Per-head, per-channel affine after a per-query LayerNorm: the role of the paper's BatchNorm affine,
         # without batch statistics (which would mix examples and break causality at inference).
         self.query_gain = nn.Parameter(torch.ones(heads, d_key))
@@ -173,7 +174,7 @@ class ProductKeyMemory(TriPathComponent):
         # gathered rows; on CPU it is ~10x faster forward and 2.5-8x faster forward+backward than embedding+einsum.
         self.values = nn.EmbeddingBag(self.n_slots, self.d_value, mode="sum", sparse=sparse_values)
         nn.init.normal_(self.values.weight, std=self.d_value**-0.5)
-        self.out = nn.Linear(self.d_value, d_model, bias=False) if self.d_value != d_model else None
+        self.out = Linear(self.d_value, d_model, bias=False) if self.d_value != d_model else None
         for param in (self.query_gain, self.query_bias, self.values.weight):
             param._hydra_no_weight_decay = True  # type: ignore[attr-defined]
         self.values.weight._hydra_lr_scale = value_lr_scale  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from hydra_kit.nn import Linear
 from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
 
 
@@ -60,13 +61,13 @@ class TokenRouter(RouterComponent):
         self.budget_weight = budget_weight
         self.target_usage = target_usage
         self.gate_names: list[str] = []
-        self.gate_proj: nn.Linear | None = None  # created by configure_gates, once the gated names are known
-        self.score_proj = nn.Linear(d_model, 1, bias=False)  # w_g of R3
+        self.gate_proj: Linear | None = None  # created by configure_gates, once the gated names are known
+        self.score_proj = Linear(d_model, 1, bias=False)  # w_g of R3
         self.register_buffer("rho", torch.zeros(0), persistent=False)
 
     def configure_gates(self, names: list[str]) -> None:
         self.gate_names = list(names)
-        self.gate_proj = nn.Linear(self.d_model, len(names))
+        self.gate_proj = Linear(self.d_model, len(names))
         # Small weights and zero bias: every gate starts near sigmoid(0) = 0.5 (HYDRA.md 3.2).
         nn.init.normal_(self.gate_proj.weight, std=0.02 / self.d_model**0.5)
         nn.init.zeros_(self.gate_proj.bias)

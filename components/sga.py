@@ -27,10 +27,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.nn import RotaryEmbedding, apply_rotary
+from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
+from hydra_kit.nn.decode_attention import decode_attention
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "select_globals"]
@@ -184,9 +185,9 @@ class SparseGlobalAttention(TriPathComponent):
         self.max_global = max_global
         self.recompute = recompute
         # Separate query projection: skipped tokens (context.keep) need keys and values but no query.
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.q = Linear(d_model, d_model, bias=False)
+        self.kv = Linear(d_model, 2 * d_model, bias=False)
+        self.out = Linear(d_model, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim, rope_base)
 
     @property
@@ -430,16 +431,22 @@ class SparseGlobalAttention(TriPathComponent):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query
         else:
             q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd)
-            logits = torch.einsum("bhd,bthd->bht", q, keys) * hd**-0.5  # (B, H, n + 1): all local keys visible
-            n_local = logits.shape[-1]
-            if score is not None and self.uses_globals and state.global_keys.shape[1] > 0:
-                g_logits = torch.einsum("bhd,bghd->bhg", q, state.global_keys) * hd**-0.5
-                visible = (state.global_scores > NEG_INF) & (pos > state.global_pos + w)  # (B, G)
-                logits = torch.cat([logits, g_logits.masked_fill(~visible[:, None], NEG_INF)], -1)
-            probs = logits.softmax(-1)
-            y = torch.einsum("bht,bthd->bhd", probs[..., :n_local], values)
-            if probs.shape[-1] > n_local:
-                y = y + torch.einsum("bhg,bghd->bhd", probs[..., n_local:], state.global_values)
+            reads_globals = score is not None and self.uses_globals and state.global_keys.shape[1] > 0
+            visible = (state.global_scores > NEG_INF) & (pos > state.global_pos + w) if reads_globals else None  # (B, G)
+            sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
+            if visible is not None:
+                sets.append((state.global_keys.transpose(1, 2), state.global_values.transpose(1, 2), visible))
+            y = decode_attention(q, sets, hd**-0.5)  # (B, H, hd); None: not a CPU float32 inference step
+            if y is None:
+                logits = torch.einsum("bhd,bthd->bht", q, keys) * hd**-0.5  # (B, H, n + 1)
+                n_local = logits.shape[-1]
+                if visible is not None:
+                    g_logits = torch.einsum("bhd,bghd->bhg", q, state.global_keys) * hd**-0.5
+                    logits = torch.cat([logits, g_logits.masked_fill(~visible[:, None], NEG_INF)], -1)
+                probs = logits.softmax(-1)
+                y = torch.einsum("bht,bthd->bhd", probs[..., :n_local], values)
+                if probs.shape[-1] > n_local:
+                    y = y + torch.einsum("bhg,bghd->bhd", probs[..., n_local:], state.global_values)
             update = self.out(y.reshape(batch, -1))
             if keep is not None:
                 update = update * keep[:, None].to(update.dtype)

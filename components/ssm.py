@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
-from hydra_kit.nn import RMSNorm
+from hydra_kit.components.kernels.ssm_step import ssm_step_cpu
+from hydra_kit.nn import Linear, RMSNorm
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 __all__ = ["SSMState", "SelectiveSSM", "causal_depthwise_conv", "diagonal_chunked_scan", "ssd_chunked_scan"]
@@ -339,9 +340,9 @@ class SelectiveSSM(TriPathComponent):
         self.d_conv, self.chunk_size, self.segment_len, self.norm_eps = d_conv, chunk_size, segment_len, norm_eps
         self.recompute = recompute
         self.conv_dim = d_inner + 2 * bc_width
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, (x, B, C), dt
+        self.in_proj = Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, (x, B, C), dt
         self.conv = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=True)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.out_proj = Linear(d_inner, d_model, bias=False)
         self.norm = RMSNorm(d_inner, eps=norm_eps)  # gated: norm(y * silu(z)), per group of channels
 
         # Mamba-2 inits: dt log-uniform in [dt_min, dt_max] stored through the inverse softplus, A uniform.
@@ -455,7 +456,16 @@ class SelectiveSSM(TriPathComponent):
         broadcasting instead of expanded copies of B and C, and the state update as one fused multiply-add.
         """
         batch = x_t.shape[0]
-        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        proj = self.in_proj(x_t)  # (B, d_inner + conv_dim + H)
+        if self.variant == "ssd":
+            fused = ssm_step_cpu(
+                proj, state.conv, state.ssm, self.conv.weight[:, 0], self.conv.bias, self.dt_bias, self.A_log, self.D,
+                self.norm.weight, self.norm_eps, d_inner=self.d_inner, groups=self.ngroups, d_state=self.d_state,
+            )  # fmt: skip
+            if fused is not None:  # the same step as below, as one C call (CPU, float32, no autograd)
+                normed, conv, ssm = fused
+                return ComponentOutput(update=self.out_proj(normed), state=SSMState(conv, ssm))
+        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
         xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at the last position
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner

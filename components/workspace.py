@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.nn import Linear
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 
@@ -65,15 +66,15 @@ class WorkspaceMemory(TriPathComponent):
         self.n_slots, self.d_slot, self.chunk_size, self.read_hops = n_slots, d_slot, chunk_size, read_hops
         self.initial_slots = nn.Parameter(torch.randn(n_slots, d_slot) * d_slot**-0.5)
         # write: slots query the chunk's tokens
-        self.write_query = nn.Linear(d_slot, d_slot, bias=False)
-        self.write_kv = nn.Linear(d_model, 2 * d_slot, bias=False)
-        self.write_gate = nn.Linear(2 * d_slot, d_slot)
+        self.write_query = Linear(d_slot, d_slot, bias=False)
+        self.write_kv = Linear(d_model, 2 * d_slot, bias=False)
+        self.write_gate = Linear(2 * d_slot, d_slot)
         nn.init.constant_(self.write_gate.bias, -1.0)  # start conservative: slots change slowly
         # read: tokens query the slots, several hops
-        self.read_query = nn.Linear(d_model, d_slot, bias=False)
-        self.read_kv = nn.Linear(d_slot, 2 * d_slot, bias=False)
-        self.hop = nn.Linear(d_slot, d_slot, bias=False)
-        self.out = nn.Linear(d_slot, d_model, bias=False)
+        self.read_query = Linear(d_model, d_slot, bias=False)
+        self.read_kv = Linear(d_slot, 2 * d_slot, bias=False)
+        self.hop = Linear(d_slot, d_slot, bias=False)
+        self.out = Linear(d_slot, d_model, bias=False)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> WorkspaceState:
         slots = self.initial_slots.to(device=device, dtype=dtype).expand(batch_size, -1, -1)

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from hydra_kit.block import TriPathBlock
-from hydra_kit.nn import RMSNorm, store_tall_linears_column_major
+from hydra_kit.nn import RMSNorm, linear
 from hydra_kit.optim import DenseSparseAdam
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
@@ -151,8 +151,6 @@ class HydraLM(L.LightningModule):
                     raise RecipeError(f"model.components.{r.name}.args: building block {idx} failed: {exc}") from None
             blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
         self.blocks = nn.ModuleList(blocks)
-        # Decoding is bound by streaming the weights; tall matrices stream faster column-major (hydra_kit.nn.layout).
-        store_tall_linears_column_major(self.blocks)
         self.norm = RMSNorm(d_model)
         self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
@@ -217,7 +215,7 @@ class HydraLM(L.LightningModule):
             for k, v in out.stats.items():
                 stat_lists[k].append(v)
             new_state.append(out.state)
-        logits = F.linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
+        logits = linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
         stats = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in stat_lists.items()}
         return ModelOutput(logits, aux, stats, new_state)
 

@@ -164,34 +164,3 @@ def test_token_by_token_decoding_matches_full_forward():
         logits.append(out.logits)
         state = out.state
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=0, atol=1e-10)
-
-
-def test_tall_weights_are_column_major_through_training_and_checkpoints(tmp_path):
-    from hydra_kit.nn import store_tall_linears_column_major
-
-    comps = {"ssm": {"component": "ssm", "args": {"d_state": 8, "headdim": 8}}, "mlp": {"component": "mlp"}}
-    model = small_model(comps)
-    in_proj = model.blocks[0].mixers["ssm"].in_proj.weight  # (out, in) with out > in
-    out_proj = model.blocks[0].mixers["ssm"].out_proj.weight  # wide: stays row-major
-    assert in_proj.shape[0] > in_proj.shape[1] and in_proj.stride() == (1, in_proj.shape[0])
-    assert out_proj.is_contiguous()
-    # The same numbers in the row-major layout give the same outputs.
-    row_major = copy.deepcopy(model)
-    for p in row_major.parameters():
-        p.data = p.data.contiguous()
-    ids = torch.randint(0, 40, (2, 9))
-    torch.testing.assert_close(model(ids).logits, row_major(ids).logits)
-    # Gradients and optimiser states take the parameter's strides, so a step keeps the layout.
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(ids).logits.square().mean().backward()
-    assert in_proj.grad is not None and in_proj.grad.stride() == in_proj.stride()
-    optimizer.step()
-    assert in_proj.stride() == (1, in_proj.shape[0])
-    # A state dict loads into the column-major storage of a fresh model.
-    path = tmp_path / "weights.pt"
-    torch.save(model.state_dict(), path)
-    fresh = small_model(comps)
-    fresh.load_state_dict(torch.load(path, weights_only=True))
-    fresh_in_proj = fresh.blocks[0].mixers["ssm"].in_proj.weight
-    assert fresh_in_proj.stride() == in_proj.stride() and torch.equal(fresh_in_proj, in_proj)
-    assert store_tall_linears_column_major(fresh) == 0  # already in place: nothing to do

@@ -1,7 +1,7 @@
-"""Small building blocks shared by the core and by components (norms, rotary embeddings, SwiGLU, weight layout)."""
+"""Small building blocks shared by the core and by components (norms, rotary embeddings, SwiGLU, decoding linear)."""
 
+from hydra_kit.nn.decode_linear import Linear, linear
 from hydra_kit.nn.layers import RMSNorm, SwiGLU
-from hydra_kit.nn.layout import store_tall_linears_column_major
 from hydra_kit.nn.rotary import RotaryEmbedding, apply_rotary
 
-__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary", "store_tall_linears_column_major"]
+__all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary", "linear"]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.nn.decode_linear import Linear
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned gain (Zhang & Sennrich 2019, arXiv 1910.07467).
@@ -37,8 +39,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__()
         self.d_hidden = d_hidden
-        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
-        self.down = nn.Linear(d_hidden, d_model, bias=False)
+        self.gate_up = Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: Tensor, row_scale: Tensor | None = None) -> Tensor:
         """(..., d_model) -> (..., d_model); ``row_scale`` (..., 1) multiplies each row's output.

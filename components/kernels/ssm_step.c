@@ -1,0 +1,82 @@
+/* One decoding step of the Mamba-2 (SSD) selective SSM between its two projections, in one call.
+ *
+ * The PyTorch reference is SelectiveSSM.step (components/ssm.py), which this must match: per sequence b,
+ *   conv:   xbc = silu(bias + sum_j w[c, j] * window[j, c]), window = (last d_conv - 1 inputs, this input)
+ *   dt:     dt_h = softplus(dt_h + dt_bias_h), decay_h = exp(-dt_h * exp(A_log_h))
+ *   state:  S_h[p, n] = decay_h * S_h[p, n] + dt_h * x[h, p] * B[g(h), n]
+ *   output: y[h, p] = sum_n S_h[p, n] * C[g(h), n] + D_h * x[h, p]
+ *   norm:   out = rmsnorm(y * silu(z)) * norm_weight, per group of d_inner / norm_groups channels.
+ * The new conv window and SSM state go to fresh buffers: the state passed in is left as it was. */
+
+#include <math.h>
+#include <stddef.h>
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* torch.nn.functional.softplus with beta 1 and threshold 20 */
+static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+void hk_ssm_step(const float *proj,       /* (B, d_inner + conv_dim + H): z, x B C, dt */
+                 const float *conv_in,    /* (B, K - 1, conv_dim) */
+                 const float *conv_w,     /* (conv_dim, K) */
+                 const float *conv_b,     /* (conv_dim) */
+                 const float *dt_bias,    /* (H) */
+                 const float *a_log,      /* (H) */
+                 const float *d_skip,     /* (H) */
+                 const float *ssm_in,     /* (B, H, P, N) */
+                 const float *norm_w,     /* (d_inner) */
+                 float eps, float *out,   /* (B, d_inner) normalised, gated output */
+                 float *conv_out,         /* (B, K - 1, conv_dim) */
+                 float *ssm_out,          /* (B, H, P, N) */
+                 float *act,              /* scratch (conv_dim) */
+                 long batch, long d_inner, long conv_dim, long heads, long headdim, long d_state, long groups,
+                 long d_conv, long norm_groups) {
+    const long width = d_inner + conv_dim + heads, heads_per_group = heads / groups;
+    const long group_width = d_inner / norm_groups;
+    for (long b = 0; b < batch; b++) {
+        const float *z = proj + b * width, *xbc = z + d_inner, *dt = xbc + conv_dim;
+        const float *window = conv_in + b * (d_conv - 1) * conv_dim;
+        float *window_out = conv_out + b * (d_conv - 1) * conv_dim, *o = out + b * d_inner;
+        const float *xs = act, *bmat = act + d_inner, *cmat = bmat + groups * d_state;
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (long c = 0; c < conv_dim; c++) {
+                const float *wc = conv_w + c * d_conv;
+                float v = conv_b[c] + wc[d_conv - 1] * xbc[c];
+                for (long j = 0; j < d_conv - 1; j++) v += wc[j] * window[j * conv_dim + c];
+                act[c] = silu(v);
+                for (long j = 0; j + 1 < d_conv - 1; j++) window_out[j * conv_dim + c] = window[(j + 1) * conv_dim + c];
+                if (d_conv > 1) window_out[(d_conv - 2) * conv_dim + c] = xbc[c];
+            }
+#pragma omp for schedule(static)
+            for (long h = 0; h < heads; h++) {
+                const float step = softplus(dt[h] + dt_bias[h]);
+                const float decay = expf(step * -expf(a_log[h]));
+                const long g = h / heads_per_group;
+                const float *bg = bmat + g * d_state, *cg = cmat + g * d_state;
+                for (long p = 0; p < headdim; p++) {
+                    const long row = h * headdim + p;
+                    const float *s_in = ssm_in + (b * heads * headdim + row) * d_state;
+                    float *s_out = ssm_out + (b * heads * headdim + row) * d_state;
+                    const float u = xs[row] * step;
+                    float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+                    for (long n = 0; n < d_state; n++) {
+                        const float s = s_in[n] * decay + u * bg[n];
+                        s_out[n] = s;
+                        y += s * cg[n];
+                    }
+                    o[row] = (y + d_skip[h] * xs[row]) * silu(z[row]); /* gated, normalised below */
+                }
+            }
+        }
+        for (long g = 0; g < norm_groups; g++) {
+            float *og = o + g * group_width;
+            float sq = 0.0f;
+            for (long i = 0; i < group_width; i++) sq += og[i] * og[i];
+            const float scale = 1.0f / sqrtf(sq / (float)group_width + eps);
+            for (long i = 0; i < group_width; i++) og[i] = og[i] * scale * norm_w[g * group_width + i];
+        }
+    }
+}

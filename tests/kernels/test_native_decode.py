@@ -1,0 +1,181 @@
+"""The C decoding kernels (hydra_kit.nn.native and the components' step kernels) against their PyTorch paths.
+
+Every kernel has a PyTorch path computing the same thing; here each is run both ways on the same inputs
+(``native_kernels(False)`` forces the PyTorch path). CI machines have a C compiler, so a kernel that fails to build
+fails here rather than silently decoding on the slow path.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hydra_kit.components.kernels import moe_step, ssm_step
+from hydra_kit.components.moe import MixtureOfExperts
+from hydra_kit.components.ssm import SelectiveSSM
+from hydra_kit.nn import Linear, decode_attention, decode_linear, native
+from hydra_kit.protocol import ComponentContext
+
+LIBRARIES = [decode_linear.LIBRARY, decode_attention.LIBRARY, ssm_step.LIBRARY, moe_step.LIBRARY]
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on PATH")
+
+
+@needs_compiler
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.source.name)
+def test_every_kernel_builds_on_a_machine_with_a_compiler(library: native.NativeLibrary) -> None:
+    assert library.unavailable_reason() is None
+
+
+def test_a_kernel_that_does_not_build_says_why_and_callers_fall_back(tmp_path: Path) -> None:
+    source = tmp_path / "broken.c"
+    source.write_text("void hk_broken(void) { this is not C }\n")
+    library = native.NativeLibrary(source, {"hk_broken": []})
+    assert library.load() is None
+    reason = library.unavailable_reason()
+    assert reason is not None and "broken.c" in reason
+    assert native._compiler() is None or "error" in reason
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_kernel_equals_f_linear(rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    layer = Linear(200, 77, bias=bias)
+    x = torch.randn(rows, 1, 200, generator=gen)
+    with torch.no_grad():
+        fast = layer(x)
+        with native.native_kernels(False):
+            reference = layer(x)
+    assert fast.shape == (rows, 1, 77)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_the_pytorch_path_under_autograd_and_for_many_rows() -> None:
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+    assert layer(x).grad_fn is not None  # autograd: F.linear, differentiable
+    with torch.no_grad():
+        torch.testing.assert_close(layer(torch.randn(decode_linear.MAX_KERNEL_ROWS + 1, 16)).shape, torch.Size([9, 8]))
+        assert not native.usable(torch.randn(4, 16).t())  # non-contiguous
+        assert not native.usable(x.double())
+    with torch.no_grad(), native.native_kernels(False):
+        assert not native.usable(x)
+    assert native.enabled()
+
+
+@needs_compiler
+def test_decode_attention_equals_sdpa_over_masked_strided_sets() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, hd = 2, 3, 16
+    window_k, window_v = torch.randn(2, batch, 10, heads, hd, generator=gen)  # (B, n, H, hd) buffers
+    cache_k, cache_v = torch.randn(2, batch, heads, 40, hd, generator=gen)  # (B, H, capacity, hd)
+    window_mask = torch.rand(batch, 10, generator=gen) > 0.4
+    q = torch.randn(batch, heads, hd, generator=gen)
+    sets = [(window_k.transpose(1, 2), window_v.transpose(1, 2), window_mask), (cache_k[:, :, :25], cache_v[:, :, :25], None)]
+    with torch.no_grad():
+        fast = decode_attention.decode_attention(q, sets, hd**-0.5)
+    keys = torch.cat([window_k.transpose(1, 2), cache_k[:, :, :25]], 2)
+    values = torch.cat([window_v.transpose(1, 2), cache_v[:, :, :25]], 2)
+    mask = torch.cat([window_mask, torch.ones(batch, 25, dtype=torch.bool)], 1)
+    reference = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None])[:, :, 0]
+    assert fast is not None
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    # A (sequence, head) that sees no key gets zeros, not NaN.
+    with torch.no_grad():
+        hidden = decode_attention.decode_attention(q, [(sets[0][0], sets[0][1], torch.zeros(batch, 10, dtype=torch.bool))], 1.0)
+    assert hidden is not None and torch.equal(hidden, torch.zeros_like(q))
+
+
+def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return module.eval()
+
+
+@needs_compiler
+@pytest.mark.parametrize("args", [{}, {"ngroups": 2}, {"d_conv": 2}], ids=["default", "two-groups", "short-conv"])
+def test_ssm_step_kernel_equals_the_pytorch_step(args: dict[str, int]) -> None:
+    ssm = _perturbed(SelectiveSSM(64, 0, d_state=16, headdim=16, **args), 0)
+    x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for flag in (True, False):
+        with torch.no_grad(), native.native_kernels(flag):
+            state, updates = ssm.init_state(2, device=x.device, dtype=x.dtype), []
+            for t in range(24):
+                out = ssm.step(x[:, t], state)
+                updates.append(out.update)
+                state = out.state
+        runs[flag] = torch.stack(updates, 1), state
+    (fast, fast_state), (reference, reference_state) = runs[True], runs[False]
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(fast_state.ssm, reference_state.ssm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_state.conv, reference_state.conv, rtol=0, atol=0)
+
+
+@needs_compiler
+def test_ssm_step_kernel_leaves_the_state_it_was_given_unchanged() -> None:
+    ssm = _perturbed(SelectiveSSM(32, 0, d_state=8, headdim=8), 2)
+    with torch.no_grad():
+        state = ssm.step(torch.randn(1, 32), ssm.init_state(1, device=torch.device("cpu"), dtype=torch.float32)).state
+        before = copy.deepcopy(state)
+        ssm.step(torch.randn(1, 32), state)
+    assert torch.equal(state.ssm, before.ssm) and torch.equal(state.conv, before.conv)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("n_experts", "top_k"), [(8, 2), (4, 1), (6, 3)])
+def test_moe_step_kernel_equals_the_pytorch_step(n_experts: int, top_k: int) -> None:
+    moe = _perturbed(MixtureOfExperts(48, 0, n_experts=n_experts, top_k=top_k, expert_hidden=20), 3)
+    lean = ComponentContext(collect_aux=False)
+    x = torch.randn(1, 30, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = torch.stack([moe.step(x[:, t], None, lean).update for t in range(30)], 1)
+        with native.native_kernels(False):
+            reference = torch.stack([moe.step(x[:, t], None, lean).update for t in range(30)], 1)
+        weights = moe.expert_weights()
+        picks = [moe_step.moe_step_cpu(x[:, t], moe.router.weight, *weights, top_k) for t in range(30)]
+        expected = torch.stack([moe.router(x[0, t]).softmax(-1).topk(top_k).indices for t in range(30)])
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    assert all(p is not None for p in picks)
+    assert torch.equal(torch.stack([p[1] for p in picks if p is not None]), expected)
+
+
+@needs_compiler
+def test_moe_kernel_reads_the_weights_after_a_state_dict_is_assigned() -> None:
+    moe = _perturbed(MixtureOfExperts(32, 0, n_experts=4, top_k=2, expert_hidden=16), 5)
+    other = _perturbed(MixtureOfExperts(32, 0, n_experts=4, top_k=2, expert_hidden=16), 6)
+    lean = ComponentContext(collect_aux=False)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        moe.step(x, None, lean)  # fills the cached weight lists
+        moe.load_state_dict(other.state_dict(), assign=True)  # replaces the Parameter objects
+        after = moe.step(x, None, lean).update
+        with native.native_kernels(False):
+            expected = other.step(x, None, lean).update
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("recipe", ["recipes/tiny.yaml", "recipes/transformer.yaml"])
+def test_whole_model_decoding_is_the_same_with_and_without_kernels(recipe: str) -> None:
+    from hydra_kit.bench import build_model
+
+    model = build_model(str(Path(__file__).resolve().parents[2] / recipe)).eval()
+    prompt = torch.randint(0, model.hparams["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(7))
+    tokens = {}
+    for flag in (True, False):
+        with native.native_kernels(flag):
+            tokens[flag] = torch.stack(list(model.generate(prompt, 24, temperature=0)), 1)
+    assert torch.equal(tokens[True], tokens[False])
+
+
+def test_compiler_lookup_is_only_a_path_search() -> None:
+    assert native._compiler() in {shutil.which("cc"), shutil.which("gcc"), shutil.which("clang")}
