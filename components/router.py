@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from hydra_kit.components.kernels.router_step import router_step_cpu
 from hydra_kit.nn import Linear
 from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
 
@@ -86,6 +87,10 @@ class TokenRouter(RouterComponent):
     def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
         if self.gate_proj is None:
             raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
+        if not collect_aux and self.gate_names:
+            fused = router_step_cpu(x, self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight, self.temperature)
+            if fused is not None:  # decoding: the same gates and score in one C call (CPU, float32, no autograd)
+                return RouterOutput(gates=fused[0], global_score=fused[1], aux_losses={}, stats={})
         logits = self.gate_proj(x)  # (B, L, G)
         gates = torch.sigmoid(logits if self.temperature == 1.0 else logits / self.temperature)
         score = self.score_proj(x).squeeze(-1)  # (B, L)

@@ -456,16 +456,16 @@ class SelectiveSSM(TriPathComponent):
         broadcasting instead of expanded copies of B and C, and the state update as one fused multiply-add.
         """
         batch = x_t.shape[0]
-        proj = self.in_proj(x_t)  # (B, d_inner + conv_dim + H)
         if self.variant == "ssd":
             fused = ssm_step_cpu(
-                proj, state.conv, state.ssm, self.conv.weight[:, 0], self.conv.bias, self.dt_bias, self.A_log, self.D,
-                self.norm.weight, self.norm_eps, d_inner=self.d_inner, groups=self.ngroups, d_state=self.d_state,
+                x_t, self.in_proj.weight, self.out_proj.weight, state.conv, state.ssm, self.conv.weight[:, 0],
+                self.conv.bias, self.dt_bias, self.A_log, self.D, self.norm.weight, self.norm_eps,
+                d_inner=self.d_inner, groups=self.ngroups, d_state=self.d_state,
             )  # fmt: skip
             if fused is not None:  # the same step as below, as one C call (CPU, float32, no autograd)
-                normed, conv, ssm = fused
-                return ComponentOutput(update=self.out_proj(normed), state=SSMState(conv, ssm))
-        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+                update, conv, ssm = fused
+                return ComponentOutput(update=update, state=SSMState(conv, ssm))
+        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
         xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at the last position
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner

@@ -1,12 +1,16 @@
-/* One decoding step of the Mamba-2 (SSD) selective SSM between its two projections, in one call.
+/* One decoding step of the Mamba-2 (SSD) selective SSM, both projections included, in one call.
  *
  * The PyTorch reference is SelectiveSSM.step (components/ssm.py), which this must match: per sequence b,
+ *   proj:   (z, x B C, dt) = W_in u
  *   conv:   xbc = silu(bias + sum_j w[c, j] * window[j, c]), window = (last d_conv - 1 inputs, this input)
  *   dt:     dt_h = softplus(dt_h + dt_bias_h), decay_h = exp(-dt_h * exp(A_log_h))
  *   state:  S_h[p, n] = decay_h * S_h[p, n] + dt_h * x[h, p] * B[g(h), n]
  *   output: y[h, p] = sum_n S_h[p, n] * C[g(h), n] + D_h * x[h, p]
- *   norm:   out = rmsnorm(y * silu(z)) * norm_weight, per group of d_inner / norm_groups channels.
- * The new conv window and SSM state go to fresh buffers: the state passed in is left as it was. */
+ *   norm:   g = rmsnorm(y * silu(z)) * norm_weight, per group of d_inner / norm_groups channels
+ *   out:    W_out g.
+ * The new conv window and SSM state go to fresh buffers: the state passed in is left as it was. One parallel
+ * region per sequence: the threads split the rows of each projection (each streams its block of the weight
+ * once, as in hydra_kit/nn/decode_linear.c), the channels of the conv and the heads of the state update. */
 
 #include <math.h>
 #include <stddef.h>
@@ -16,7 +20,18 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 /* torch.nn.functional.softplus with beta 1 and threshold 20 */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
-void hk_ssm_step(const float *proj,       /* (B, d_inner + conv_dim + H): z, x B C, dt */
+static inline float dot(const float *a, const float *b, long n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void hk_ssm_step(const float *u,          /* (B, D) the normalised block input */
+                 const float *w_in,       /* (d_inner + conv_dim + H, D) */
+                 const float *w_out,      /* (D, d_inner) */
+                 float *proj,             /* scratch (d_inner + conv_dim + H): z, x B C, dt */
+                 float *gated,            /* scratch (d_inner) */
                  const float *conv_in,    /* (B, K - 1, conv_dim) */
                  const float *conv_w,     /* (conv_dim, K) */
                  const float *conv_b,     /* (conv_dim) */
@@ -25,21 +40,23 @@ void hk_ssm_step(const float *proj,       /* (B, d_inner + conv_dim + H): z, x B
                  const float *d_skip,     /* (H) */
                  const float *ssm_in,     /* (B, H, P, N) */
                  const float *norm_w,     /* (d_inner) */
-                 float eps, float *out,   /* (B, d_inner) normalised, gated output */
+                 float eps, float *out,   /* (B, D) the update */
                  float *conv_out,         /* (B, K - 1, conv_dim) */
                  float *ssm_out,          /* (B, H, P, N) */
                  float *act,              /* scratch (conv_dim) */
                  long batch, long d_inner, long conv_dim, long heads, long headdim, long d_state, long groups,
-                 long d_conv, long norm_groups) {
+                 long d_conv, long norm_groups, long d_model) {
     const long width = d_inner + conv_dim + heads, heads_per_group = heads / groups;
     const long group_width = d_inner / norm_groups;
     for (long b = 0; b < batch; b++) {
-        const float *z = proj + b * width, *xbc = z + d_inner, *dt = xbc + conv_dim;
+        const float *z = proj, *xbc = z + d_inner, *dt = xbc + conv_dim, *ub = u + b * d_model;
         const float *window = conv_in + b * (d_conv - 1) * conv_dim;
-        float *window_out = conv_out + b * (d_conv - 1) * conv_dim, *o = out + b * d_inner;
+        float *window_out = conv_out + b * (d_conv - 1) * conv_dim, *o = gated;
         const float *xs = act, *bmat = act + d_inner, *cmat = bmat + groups * d_state;
 #pragma omp parallel
         {
+#pragma omp for schedule(static)
+            for (long r = 0; r < width; r++) proj[r] = dot(w_in + r * d_model, ub, d_model);
 #pragma omp for schedule(static)
             for (long c = 0; c < conv_dim; c++) {
                 const float *wc = conv_w + c * d_conv;
@@ -70,13 +87,14 @@ void hk_ssm_step(const float *proj,       /* (B, d_inner + conv_dim + H): z, x B
                     o[row] = (y + d_skip[h] * xs[row]) * silu(z[row]); /* gated, normalised below */
                 }
             }
-        }
-        for (long g = 0; g < norm_groups; g++) {
-            float *og = o + g * group_width;
-            float sq = 0.0f;
-            for (long i = 0; i < group_width; i++) sq += og[i] * og[i];
-            const float scale = 1.0f / sqrtf(sq / (float)group_width + eps);
-            for (long i = 0; i < group_width; i++) og[i] = og[i] * scale * norm_w[g * group_width + i];
+#pragma omp single
+            for (long g = 0; g < norm_groups; g++) {
+                float *og = o + g * group_width;
+                const float scale = 1.0f / sqrtf(dot(og, og, group_width) / (float)group_width + eps);
+                for (long i = 0; i < group_width; i++) og[i] = og[i] * scale * norm_w[g * group_width + i];
+            }
+#pragma omp for schedule(static)
+            for (long r = 0; r < d_model; r++) out[b * d_model + r] = dot(w_out + r * d_inner, o, d_inner);
         }
     }
 }

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.nn import native
 from hydra_kit.nn.decode_linear import Linear
 
 
@@ -23,7 +27,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., dim) -> (..., dim)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+# Past a few rows F.rms_norm's fixed cost no longer matters.
+MAX_KERNEL_ROWS = 8
+_NORM_LIBRARY = native.NativeLibrary(
+    Path(__file__).with_name("decode_norm.c"),
+    {"hk_rms_norm": [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]},
+)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``F.rms_norm`` over the last dimension of x (..., dim) with gain weight (dim,); a C loop for a few rows."""
+    dim = x.shape[-1]
+    rows = x.numel() // dim if dim else 0
+    if 0 < rows <= MAX_KERNEL_ROWS and native.usable(x, weight):
+        library = _NORM_LIBRARY.load()
+        if library is not None:
+            y = torch.empty_like(x)
+            library.hk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, dim, eps)
+            return y
+    return F.rms_norm(x, (dim,), weight, eps)
 
 
 class SwiGLU(nn.Module):

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hydra_kit.components.kernels import moe_step, ssm_step
+from hydra_kit.components.kernels import moe_step, router_step, ssm_step
 from hydra_kit.components.moe import MixtureOfExperts
 from hydra_kit.components.ssm import SelectiveSSM
-from hydra_kit.nn import Linear, decode_attention, decode_linear, native
+from hydra_kit.nn import Linear, decode_attention, decode_linear, layers, native
 from hydra_kit.protocol import ComponentContext
 
-LIBRARIES = [decode_linear.LIBRARY, decode_attention.LIBRARY, ssm_step.LIBRARY, moe_step.LIBRARY]
+LIBRARIES = [decode_linear.LIBRARY, decode_attention.LIBRARY, layers._NORM_LIBRARY, ssm_step.LIBRARY, moe_step.LIBRARY, router_step.LIBRARY]
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on PATH")
 
 
@@ -179,3 +179,32 @@ def test_whole_model_decoding_is_the_same_with_and_without_kernels(recipe: str) 
 
 def test_compiler_lookup_is_only_a_path_search() -> None:
     assert native._compiler() in {shutil.which("cc"), shutil.which("gcc"), shutil.which("clang")}
+
+
+@needs_compiler
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_router_kernel_equals_the_pytorch_route(temperature: float) -> None:
+    from hydra_kit.components.router import TokenRouter
+
+    router = TokenRouter(40, 0, temperature=temperature)
+    router.configure_gates(["a", "b", "c"])
+    router = _perturbed(router, 8)
+    u = torch.randn(2, 1, 40, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fast = router.route(u, collect_aux=False)
+        with native.native_kernels(False):
+            reference = router.route(u, collect_aux=False)
+    assert fast.gates.shape == reference.gates.shape == (2, 1, 3) and fast.global_score.shape == (2, 1)
+    torch.testing.assert_close(fast.gates, reference.gates, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.global_score, reference.global_score, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_rms_norm_kernel_equals_f_rms_norm() -> None:
+    from hydra_kit.nn import RMSNorm
+
+    norm = _perturbed(RMSNorm(96, eps=1e-5), 10)
+    x = torch.randn(3, 1, 96, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        fast = norm(x)
+    torch.testing.assert_close(fast, F.rms_norm(x, (96,), norm.weight, 1e-5), rtol=1e-5, atol=1e-6)
