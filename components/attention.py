@@ -15,6 +15,7 @@ from torch import Tensor
 
 from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
 from hydra_kit.nn.decode_attention import decode_attention
+from hydra_kit.nn.decode_rotary import qkv_rotary
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 
@@ -103,9 +104,13 @@ class CausalSelfAttention(TriPathComponent):
     ) -> ComponentOutput:
         batch, seq_len, _ = x.shape
         past = 0 if state is None else state.length
-        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
+        fused = qkv_rotary(x[:, 0], self.qkv.weight, None, self.rotary.inv_freq, self.n_heads, past) if seq_len == 1 else None
+        if fused is not None:  # one decoding token: projection and rotation in one C call (CPU, float32, no autograd)
+            q, k, v = fused[:, :, :, None].unbind(1)  # (B, H, 1, hd)
+        else:
+            q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
         cache = None if state is None else state.append(k, v)
         if cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.

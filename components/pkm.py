@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.components.kernels.pkm_step import pkm_read_cpu
 from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
 from hydra_kit.nn import Linear
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
@@ -234,6 +235,13 @@ class ProductKeyMemory(TriPathComponent):
 
     def forward(self, x: Tensor, context: ComponentContext | None = None, state: Any = None) -> ComponentOutput:
         batch, seq_len, _ = x.shape
+        if not collects_aux(context) and not self.training:
+            read = pkm_read_cpu(
+                x, self.query.weight, self.query_gain, self.query_bias, self.sub_keys, self.values.weight,
+                self.cand_rows, self.cand_cols, self.top_k,
+            )  # fmt: skip
+            if read is not None:  # decoding: the lookup and read below in one C call (CPU, float32, no autograd)
+                return ComponentOutput(update=read if self.out is None else self.out(read))
         slots, scores = self.lookup(x)  # (B, L, H, k)
         weights = scores.softmax(dim=-1)  # (B, L, H, k)
         # One bag per token over all heads' reads: the heads' outputs are summed, as in the paper.

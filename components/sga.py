@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
 from hydra_kit.nn.decode_attention import decode_attention
+from hydra_kit.nn.decode_rotary import qkv_rotary
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "select_globals"]
@@ -422,15 +423,20 @@ class SparseGlobalAttention(TriPathComponent):
         score = None if context is None or context.global_score is None else context.global_score.to(x_t.dtype)
         keep = None if context is None else context.keep
         pos = state.offset
-        key, value = self.kv(x_t).view(batch, 2, h, hd).unbind(1)  # (B, H, hd)
-        cos, sin = self.rotary(torch.tensor([pos], device=x_t.device))  # (1, hd / 2), shared by key and query
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
-        keys = torch.cat([state.keys, apply_rotary(key, cos, sin)[:, None]], 1)  # (B, n + 1, H, hd)
+        qkv = qkv_rotary(x_t, self.q.weight, self.kv.weight, self.rotary.inv_freq, h, pos)  # (B, 3, H, hd)
+        if qkv is not None:  # one C call (CPU, float32, no autograd): the projections and rotations below
+            q, key, value = qkv.unbind(1)
+        else:
+            key, value = self.kv(x_t).view(batch, 2, h, hd).unbind(1)  # (B, H, hd)
+            cos, sin = self.rotary(torch.tensor([pos], device=x_t.device))  # (1, hd / 2), shared by key and query
+            cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
+            key = apply_rotary(key, cos, sin)
+            q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd); unused by skipped tokens
+        keys = torch.cat([state.keys, key[:, None]], 1)  # (B, n + 1, H, hd)
         values = torch.cat([state.values, value[:, None]], 1)
         if keep is not None and not bool(keep.any()):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query
         else:
-            q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd)
             reads_globals = score is not None and self.uses_globals and state.global_keys.shape[1] > 0
             visible = (state.global_scores > NEG_INF) & (pos > state.global_pos + w) if reads_globals else None  # (B, G)
             sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible

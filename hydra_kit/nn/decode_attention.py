@@ -48,6 +48,7 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor 
     Returns:
         (B, H, hd); zeros for a (sequence, head) that sees no key.
     """
+    q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
     if not native.usable(q) or not all(
         _strided_ok(k) and _strided_ok(v) and k.stride() == v.stride() and k.shape == v.shape
         and (m is None or (m.dtype is torch.bool and m.is_contiguous() and m.shape == (k.shape[0], k.shape[2])))

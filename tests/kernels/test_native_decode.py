@@ -164,17 +164,23 @@ def test_moe_kernel_reads_the_weights_after_a_state_dict_is_assigned() -> None:
 
 
 @needs_compiler
-@pytest.mark.parametrize("recipe", ["recipes/tiny.yaml", "recipes/transformer.yaml"])
+@pytest.mark.parametrize("recipe", ["recipes/full.yaml", "recipes/transformer.yaml"])
 def test_whole_model_decoding_is_the_same_with_and_without_kernels(recipe: str) -> None:
     from hydra_kit.bench import build_model
 
-    model = build_model(str(Path(__file__).resolve().parents[2] / recipe)).eval()
-    prompt = torch.randint(0, model.hparams["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(7))
-    tokens = {}
+    model = _perturbed(build_model(str(Path(__file__).resolve().parents[2] / recipe)), 15)
+    ids = torch.randint(0, model.hparams["vocab_size"], (1, 72), generator=torch.Generator().manual_seed(7))
+    logits = {}
     for flag in (True, False):
-        with native.native_kernels(flag):
-            tokens[flag] = torch.stack(list(model.generate(prompt, 24, temperature=0)), 1)
-    assert torch.equal(tokens[True], tokens[False])
+        with torch.inference_mode(), native.native_kernels(flag):
+            out = model(ids[:, :40], model.init_state(1), collect_aux=False)
+            steps, state = [], out.state
+            for t in range(40, 72):  # teacher-forced one-token steps
+                out = model(ids[:, t : t + 1], state, collect_aux=False)
+                steps.append(out.logits)
+                state = out.state
+        logits[flag] = torch.cat(steps, 1)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
 
 
 def test_compiler_lookup_is_only_a_path_search() -> None:
@@ -208,3 +214,39 @@ def test_rms_norm_kernel_equals_f_rms_norm() -> None:
     with torch.no_grad():
         fast = norm(x)
     torch.testing.assert_close(fast, F.rms_norm(x, (96,), norm.weight, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("split", [False, True], ids=["one-weight", "q-and-kv-weights"])
+def test_qkv_rotary_kernel_equals_projection_then_rope(split: bool) -> None:
+    from hydra_kit.nn import RotaryEmbedding, apply_rotary
+    from hydra_kit.nn.decode_rotary import qkv_rotary
+
+    gen = torch.Generator().manual_seed(12)
+    batch, heads, hd, d_model, pos = 2, 3, 8, 20, 16_383
+    weight = torch.randn(3 * heads * hd, d_model, generator=gen)
+    x = torch.randn(batch, d_model, generator=gen)
+    rotary = RotaryEmbedding(hd)
+    parts = (weight[: heads * hd], weight[heads * hd :]) if split else (weight, None)
+    with torch.no_grad():
+        fast = qkv_rotary(x, *parts, rotary.inv_freq, heads, pos)
+    q, k, v = (x @ weight.t()).view(batch, 3, heads, hd).unbind(1)
+    cos, sin = rotary(torch.tensor([pos]))
+    reference = torch.stack([apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v], 1)
+    assert fast is not None
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize(("n_keys", "top_k", "d_value"), [(16, 8, None), (12, 12, 24)])
+def test_pkm_kernel_equals_the_pytorch_read(n_keys: int, top_k: int, d_value: int | None) -> None:
+    from hydra_kit.components.pkm import ProductKeyMemory
+
+    pkm = _perturbed(ProductKeyMemory(32, 0, heads=3, n_keys=n_keys, top_k=top_k, d_key=16, d_value=d_value), 13)
+    x = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(14))
+    lean = ComponentContext(collect_aux=False)
+    with torch.no_grad():
+        fast = pkm(x, lean).update
+        with native.native_kernels(False):
+            reference = pkm(x, lean).update
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,80 @@
+/* One token per sequence through the product-key memory, in one call (ProductKeyMemory.forward, components/pkm.py):
+ *   q_h = layernorm(W_q x)_h * gain_h + bias_h                   per head h, split into halves (q1, q2)
+ *   the k best sub-keys of each half (s1 = q1 . K1, s2 = q2 . K2), then the k best of the candidate pairs
+ *   (rows[i], cols[i]) by s1 + s2: the exact top-k of the n_keys^2 product keys (candidate_pairs in pkm.py)
+ *   y = sum_h sum_j softmax_j(score_hj) * V[slot_hj]             slot = i1 * n_keys + i2
+ * Selection keeps the larger score and, between equal scores, the lower index. Output projection (if any) is
+ * the caller's. Scratch per call: heads * (d_key + 2 * n_keys + 2 * k + n_candidates) floats and 2 * k longs. */
+
+#include <math.h>
+
+static inline float dot(const float *a, const float *b, long n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+#define MAX_SELECT 4096 /* pkm_step.py sends n_keys and candidate counts above this to the PyTorch path */
+
+/* The k largest of v[0..n) in decreasing order: their values and indices. */
+static void top_k(const float *v, long n, long k, float *best, long *index) {
+    unsigned char taken[MAX_SELECT] = {0};
+    for (long j = 0; j < k; j++) {
+        long pick = -1;
+        for (long i = 0; i < n; i++)
+            if (!taken[i] && (pick < 0 || v[i] > v[pick])) pick = i;
+        taken[pick] = 1;
+        index[j] = pick;
+        best[j] = v[pick];
+    }
+}
+
+void hk_pkm_step(const float *x,         /* (B, D) */
+                 const float *w_query,   /* (H * dk, D) */
+                 const float *gain,      /* (H, dk) */
+                 const float *bias,      /* (H, dk) */
+                 const float *sub_keys,  /* (H, 2, n_keys, dk / 2) */
+                 const float *values,    /* (n_keys^2, d_value) */
+                 const long *rows,       /* (P) */
+                 const long *cols,       /* (P) */
+                 float *out,             /* (B, d_value) */
+                 float *scratch, long *index_scratch, long batch, long d_model, long heads, long d_key,
+                 long n_keys, long k, long n_candidates, long d_value, float eps) {
+    const long half = d_key / 2, per_head = d_key + 2 * n_keys + 2 * k + n_candidates;
+    for (long b = 0; b < batch; b++) {
+        const float *xb = x + b * d_model;
+        float *yb = out + b * d_value;
+        for (long d = 0; d < d_value; d++) yb[d] = 0.0f;
+        for (long h = 0; h < heads; h++) {
+            float *q = scratch + h * per_head, *s1 = q + d_key, *s2 = s1 + n_keys, *best1 = s2 + n_keys;
+            float *best2 = best1 + k, *cand = best2 + k;
+            long *idx1 = index_scratch, *idx2 = index_scratch + k, *pick = index_scratch + 2 * k;
+            float mean = 0.0f, var = 0.0f;
+            for (long d = 0; d < d_key; d++) mean += q[d] = dot(w_query + (h * d_key + d) * d_model, xb, d_model);
+            mean /= (float)d_key;
+            for (long d = 0; d < d_key; d++) var += (q[d] - mean) * (q[d] - mean);
+            const float inv = 1.0f / sqrtf(var / (float)d_key + eps);
+            for (long d = 0; d < d_key; d++) q[d] = (q[d] - mean) * inv * gain[h * d_key + d] + bias[h * d_key + d];
+            const float *k1 = sub_keys + h * 2 * n_keys * half, *k2 = k1 + n_keys * half;
+            for (long i = 0; i < n_keys; i++) {
+                s1[i] = dot(q, k1 + i * half, half);
+                s2[i] = dot(q + half, k2 + i * half, half);
+            }
+            top_k(s1, n_keys, k, best1, idx1);
+            top_k(s2, n_keys, k, best2, idx2);
+            for (long c = 0; c < n_candidates; c++) cand[c] = best1[rows[c]] + best2[cols[c]];
+            float *score = s1; /* s1 is no longer needed: reuse it for the k final scores */
+            top_k(cand, n_candidates, k, score, pick);
+            const float peak = score[0]; /* the selection is in decreasing order */
+            float norm = 0.0f;
+            for (long j = 0; j < k; j++) norm += score[j] = expf(score[j] - peak);
+            for (long j = 0; j < k; j++) {
+                const float *v = values + (idx1[rows[pick[j]]] * n_keys + idx2[cols[pick[j]]]) * d_value;
+                const float p = score[j] / norm;
+#pragma omp simd
+                for (long d = 0; d < d_value; d++) yb[d] += p * v[d];
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+/* Query, key and value of one token per sequence, rotary embedding included, in one call.
+ *
+ * out[b] = (W x_b) for the rows of W_a followed by the rows of W_b (the caller's layout: rows of queries, then
+ * keys, then values, each H heads of hd), and the first 2 * H * hd rows (queries and keys) rotated by RoPE at
+ * absolute position pos: per head, pairs (i, i + hd/2) turn by pos * inv_freq[i] (hydra_kit/nn/rotary.py). */
+
+#include <math.h>
+
+static inline float dot(const float *a, const float *b, long n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void hk_qkv_rotary(const float *x,        /* (B, D) */
+                   const float *w_a,      /* (rows_a, D) */
+                   const float *w_b,      /* (rows_b, D) or NULL */
+                   const float *inv_freq, /* (hd / 2) */
+                   float *out,            /* (B, rows_a + rows_b) */
+                   long batch, long d_model, long rows_a, long rows_b, long heads, long head_dim, long pos) {
+    const long rows = rows_a + rows_b, half = head_dim / 2;
+    for (long b = 0; b < batch; b++) {
+        const float *xb = x + b * d_model;
+        float *ob = out + b * rows;
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (long r = 0; r < rows; r++)
+                ob[r] = dot(r < rows_a ? w_a + r * d_model : w_b + (r - rows_a) * d_model, xb, d_model);
+#pragma omp for schedule(static)
+            for (long h = 0; h < 2 * heads; h++) {
+                float *v = ob + h * head_dim;
+                for (long i = 0; i < half; i++) {
+                    const float angle = (float)pos * inv_freq[i], c = cosf(angle), s = sinf(angle);
+                    const float x1 = v[i], x2 = v[i + half];
+                    v[i] = x1 * c - x2 * s;
+                    v[i + half] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+}
