@@ -458,7 +458,7 @@ class SelectiveSSM(TriPathComponent):
         batch = x_t.shape[0]
         if self.variant == "ssd":
             fused = ssm_step_cpu(
-                x_t, self.in_proj.weight, self.out_proj.weight, state.conv, state.ssm, self.conv.weight[:, 0],
+                x_t, self.in_proj.weight, self.out_proj.weight, state.conv, state.ssm, self.conv.weight,
                 self.conv.bias, self.dt_bias, self.A_log, self.D, self.norm.weight, self.norm_eps,
                 d_inner=self.d_inner, groups=self.ngroups, d_state=self.d_state,
             )  # fmt: skip

@@ -47,7 +47,7 @@ def ssm_step_cpu(
         in_weight: (d_inner + conv_dim + H, D) the input projection (to z, x B C, dt); out_weight: (D, d_inner).
         conv_state: (B, d_conv - 1, conv_dim) last inputs of the causal conv.
         ssm_state: (B, H, P, N).
-        conv_weight: (conv_dim, d_conv); conv_bias (conv_dim,); dt_bias, a_log, d_skip: (H,).
+        conv_weight: (conv_dim, 1, d_conv), the depthwise Conv1d weight; conv_bias (conv_dim,); dt_bias, a_log, d_skip: (H,).
         norm_weight: (d_inner,) gain of the gated RMSNorm (normalised per group of d_inner / groups channels).
 
     Returns:
@@ -60,7 +60,7 @@ def ssm_step_cpu(
     if library is None:
         return None
     batch, heads, headdim, _ = ssm_state.shape
-    conv_dim, d_conv = conv_weight.shape
+    conv_dim, d_conv = conv_weight.shape[0], conv_weight.shape[-1]
     d_model = u.shape[1]
     out = u.new_empty(batch, d_model)
     conv_out, ssm_out = torch.empty_like(conv_state), torch.empty_like(ssm_state)

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from hydra_kit.nn import native
 
-__all__ = ["LIBRARY", "qkv_rotary"]
+__all__ = ["LIBRARY", "MAX_HALF_WIDTH", "qkv_rotary"]
+
+MAX_HALF_WIDTH = 512  # the kernel's rotary table lives on its stack: head widths up to 1024
 
 _l, _p = ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(Path(__file__).with_name("decode_rotary.c"), {"hk_qkv_rotary": [_p] * 5 + [_l] * 7})
@@ -31,7 +33,7 @@ def qkv_rotary(x: Tensor, weight_a: Tensor, weight_b: Tensor | None, inv_freq: T
         inv_freq: (hd / 2,) rotary frequencies.
     """
     weights = (weight_a,) if weight_b is None else (weight_a, weight_b)
-    if not native.usable(x, inv_freq, *weights):
+    if inv_freq.shape[0] > MAX_HALF_WIDTH or not native.usable(x, inv_freq, *weights):
         return None
     library = LIBRARY.load()
     if library is None:
