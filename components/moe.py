@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.components.kernels.moe_step import moe_step_cpu
 from hydra_kit.nn import Linear, SwiGLU
+from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["MixtureOfExperts", "MoEState", "Routing", "dispatch"]
@@ -112,7 +113,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     return slots.view(n_tokens, top_k, -1).sum(1)
 
 
-class MixtureOfExperts(TriPathComponent):
+class MixtureOfExperts(CachedParameters, TriPathComponent):
     """Top-k mixture of SwiGLU experts with sparse dispatch, token or causal chunk routing, optional capacity.
 
     Args:
@@ -210,7 +211,6 @@ class MixtureOfExperts(TriPathComponent):
         self.recompute = recompute
         self.router = Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, expert_hidden) for _ in range(n_experts))
-        self._expert_weights: tuple[list[Tensor], list[Tensor]] | None = None  # see expert_weights()
         # Chunk 0 has no past to summarise: a learned summary lets it learn its own preferred experts. Random like a
         # token (a zero start would tie every logit and always pick experts 0..k-1).
         self.start_summary = nn.Parameter(torch.randn(d_model)) if routing == "chunk" else None
@@ -373,7 +373,9 @@ class MixtureOfExperts(TriPathComponent):
         keep = None if context is None else context.keep
         if keep is not None and not bool(keep[0]):
             return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
-        fused = moe_step_cpu(x_t, self.router.weight, *self.expert_weights(), self.top_k)
+        # Collecting the 2E expert weights through the module tree costs more than the kernel: they are cached.
+        (router, gate_up, down), suit_kernel = self.kernel_parameters(lambda: (self.router.weight, *self.expert_weights()))
+        fused = moe_step_cpu(x_t, router, gate_up, down, self.top_k, weights_checked=True) if suit_kernel else None
         if fused is not None:  # the same as below in one C call (CPU, float32, no autograd)
             return ComponentOutput(update=fused[0])
         logits = self.router(x_t)[0]  # (E,)
@@ -389,24 +391,8 @@ class MixtureOfExperts(TriPathComponent):
         return ComponentOutput(update=update)
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters.
-
-        Collecting them through the module tree costs about 25 us, a third of a decoding step's MoE, so the lists
-        are kept. They hold the Parameter objects, whose storage moves with ``.to()`` and loading; the lists
-        are rebuilt after ``_apply`` (device and dtype moves) and after loading a state dict, the two ways a
-        Parameter object can be replaced.
-        """
-        if self._expert_weights is None:
-            self._expert_weights = ([e.gate_up.weight for e in self.experts], [e.down.weight for e in self.experts])
-        return self._expert_weights
-
-    def _apply(self, fn: Any, recurse: bool = True) -> MixtureOfExperts:
-        self._expert_weights = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._expert_weights = None
-        super()._load_from_state_dict(*args, **kwargs)
+        """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""
+        return [e.gate_up.weight for e in self.experts], [e.down.weight for e in self.experts]
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity is None else f"capacity={self.capacity}/{self.capacity_window} tokens"

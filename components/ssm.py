@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
 from hydra_kit.components.kernels.ssm_step import ssm_step_cpu
 from hydra_kit.nn import Linear, RMSNorm
+from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 __all__ = ["SSMState", "SelectiveSSM", "causal_depthwise_conv", "diagonal_chunked_scan", "ssd_chunked_scan"]
@@ -247,7 +248,7 @@ def _scan_backend(requested: str, variant: str, x: Tensor) -> str:
     return "mamba_ssm" if reason is None else "torch"
 
 
-class SelectiveSSM(TriPathComponent):
+class SelectiveSSM(CachedParameters, TriPathComponent):
     """Mamba-2 selective SSM mixer, the always-on backbone of every Hydra block.
 
     in_proj -> (z, x, B, C, dt); causal depthwise conv + SiLU on (x, B, C); chunked scan with decay
@@ -449,6 +450,11 @@ class SelectiveSSM(TriPathComponent):
             return ComponentOutput(update=x.new_zeros(x.shape[0], 0, self.d_model), state=state)
         return ComponentOutput(update=torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state=state)
 
+    def _step_parameters(self) -> tuple[Tensor, ...]:
+        """The parameters the C step reads, in its argument order (cached by :meth:`kernel_parameters`)."""
+        w = (self.in_proj.weight, self.out_proj.weight, self.conv.weight, self.conv.bias, self.dt_bias, self.A_log)
+        return (*w, self.D, self.norm.weight)
+
     def step(self, x_t: Tensor, state: SSMState, context: ComponentContext | None = None) -> ComponentOutput:
         """The O(1) recurrent update for one token x_t (B, D).
 
@@ -456,11 +462,11 @@ class SelectiveSSM(TriPathComponent):
         broadcasting instead of expanded copies of B and C, and the state update as one fused multiply-add.
         """
         batch = x_t.shape[0]
-        if self.variant == "ssd":
+        params, suit_kernel = self.kernel_parameters(self._step_parameters)
+        if self.variant == "ssd" and suit_kernel:
             fused = ssm_step_cpu(
-                x_t, self.in_proj.weight, self.out_proj.weight, state.conv, state.ssm, self.conv.weight,
-                self.conv.bias, self.dt_bias, self.A_log, self.D, self.norm.weight, self.norm_eps,
-                d_inner=self.d_inner, groups=self.ngroups, d_state=self.d_state,
+                x_t, *params[:2], state.conv, state.ssm, *params[2:], self.norm_eps, d_inner=self.d_inner,
+                groups=self.ngroups, d_state=self.d_state, weights_checked=True,
             )  # fmt: skip
             if fused is not None:  # the same step as below, as one C call (CPU, float32, no autograd)
                 update, conv, ssm = fused

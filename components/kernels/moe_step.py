@@ -27,7 +27,12 @@ LIBRARY = native.NativeLibrary(Path(__file__).with_name("moe_step.c"), {"hk_moe_
 
 
 def moe_step_cpu(
-    x_t: Tensor, router_weight: Tensor, gate_up: Sequence[Tensor], down: Sequence[Tensor], top_k: int
+    x_t: Tensor,
+    router_weight: Tensor,
+    gate_up: Sequence[Tensor],
+    down: Sequence[Tensor],
+    top_k: int,
+    weights_checked: bool = False,
 ) -> tuple[Tensor, Tensor] | None:
     """The MoE update of one token, or None when the kernel cannot take these tensors.
 
@@ -37,11 +42,14 @@ def moe_step_cpu(
         gate_up: E weights (2F, D) (gate rows first, then up rows, as :class:`hydra_kit.nn.SwiGLU` stores them).
         down: E weights (D, F).
         top_k: experts per token.
+        weights_checked: the caller has checked that every weight is contiguous float32 on the CPU
+            (:class:`hydra_kit.nn.native.CachedParameters`); only x_t is checked here.
 
     Returns:
         the update (1, D) and the chosen experts (k,) long, in decreasing probability.
     """
-    if x_t.shape[0] != 1 or top_k > MAX_TOP_K or not native.usable(x_t, router_weight, *gate_up, *down):
+    weights = () if weights_checked else (router_weight, *gate_up, *down)
+    if x_t.shape[0] != 1 or top_k > MAX_TOP_K or not native.usable(x_t, *weights):
         return None
     library = LIBRARY.load()
     if library is None:

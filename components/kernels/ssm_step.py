@@ -39,6 +39,7 @@ def ssm_step_cpu(
     d_inner: int,
     groups: int,
     d_state: int,
+    weights_checked: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """One SSD step, or None when the kernel cannot take these tensors.
 
@@ -49,12 +50,14 @@ def ssm_step_cpu(
         ssm_state: (B, H, P, N).
         conv_weight: (conv_dim, 1, d_conv), the depthwise Conv1d weight; conv_bias (conv_dim,); dt_bias, a_log, d_skip: (H,).
         norm_weight: (d_inner,) gain of the gated RMSNorm (normalised per group of d_inner / groups channels).
+        weights_checked: the caller has checked that every parameter is contiguous float32 on the CPU
+            (:class:`hydra_kit.nn.native.CachedParameters`); only the token and the state are checked here.
 
     Returns:
         the update (B, D), the new conv state and the new SSM state (fresh tensors; the inputs are not modified).
     """
-    tensors = (u, in_weight, out_weight, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight)
-    if not native.usable(*tensors):
+    checked = (u, conv_state, ssm_state) if weights_checked else (u, in_weight, out_weight, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight)
+    if not native.usable(*checked):
         return None
     library = LIBRARY.load()
     if library is None:
@@ -67,10 +70,10 @@ def ssm_step_cpu(
     scratch = u.new_empty(2 * (d_inner + conv_dim) + heads)  # projection, gated output, conv output
     proj, gated, act = scratch.split([d_inner + conv_dim + heads, d_inner, conv_dim])
     library.hk_ssm_step(
-        *(t.data_ptr() for t in (u, in_weight, out_weight, proj, gated, conv_state, conv_weight, conv_bias)),
-        *(t.data_ptr() for t in (dt_bias, a_log, d_skip, ssm_state, norm_weight)),
-        eps,
-        *(t.data_ptr() for t in (out, conv_out, ssm_out, act)),
-        batch, d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups, d_model,
+        u.data_ptr(), in_weight.data_ptr(), out_weight.data_ptr(), proj.data_ptr(), gated.data_ptr(),
+        conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(), a_log.data_ptr(),
+        d_skip.data_ptr(), ssm_state.data_ptr(), norm_weight.data_ptr(), eps, out.data_ptr(), conv_out.data_ptr(),
+        ssm_out.data_ptr(), act.data_ptr(), batch, d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups,
+        d_model,
     )  # fmt: skip
     return out, conv_out, ssm_out

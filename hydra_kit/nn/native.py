@@ -29,14 +29,16 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "CachedParameters",
     "NativeLibrary",
     "enabled",
     "native_kernels",
@@ -156,3 +158,38 @@ class NativeLibrary:
 def ptr(t: Tensor | None) -> int | None:
     """The address of a tensor's first element, for a ctypes call (None for a missing tensor)."""
     return None if t is None else t.data_ptr()
+
+
+class CachedParameters(nn.Module):
+    """Mixin for a module whose decoding step hands the same parameters to a kernel on every token.
+
+    Reaching a parameter through the module tree costs about 1 us per attribute (``nn.Module.__getattr__``),
+    and checking that it suits a kernel about as much again: for a step that passes a dozen weights that is
+    more than the kernel's own fixed cost. :meth:`kernel_parameters` builds the tuple once, together with
+    whether every entry is contiguous float32 on the CPU, and keeps it until the parameters can have changed
+    identity or storage: a device or dtype move (``_apply``) or a state-dict load (``assign=True`` replaces
+    the Parameter objects). Code that assigns ``param.data`` directly must call :meth:`clear_kernel_parameters`.
+    """
+
+    _kernel_parameters: tuple[tuple[Any, ...], bool] | None = None
+
+    def kernel_parameters(self, build: Callable[[], tuple[Any, ...]]) -> tuple[tuple[Any, ...], bool]:
+        """The cached ``build()`` and whether every tensor in it (lists flattened) suits the kernels."""
+        if self._kernel_parameters is None:
+            params = build()
+            flat = [t for p in params for t in (p if isinstance(p, list | tuple) else [p]) if isinstance(t, Tensor)]
+            suits = all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in flat)
+            self.__dict__["_kernel_parameters"] = (params, suits)
+        assert self._kernel_parameters is not None
+        return self._kernel_parameters
+
+    def clear_kernel_parameters(self) -> None:
+        self.__dict__["_kernel_parameters"] = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self.clear_kernel_parameters()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_kernel_parameters()
+        super()._load_from_state_dict(*args, **kwargs)

@@ -250,3 +250,27 @@ def test_pkm_kernel_equals_the_pytorch_read(n_keys: int, top_k: int, d_value: in
         with native.native_kernels(False):
             reference = pkm(x, lean).update
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_cached_kernel_parameters_follow_dtype_moves_and_loads() -> None:
+    ssm = _perturbed(SelectiveSSM(32, 0, d_state=8, headdim=8), 16)
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        state = ssm.init_state(1, device=x.device, dtype=x.dtype)
+        ssm.step(x, state)  # builds the cache in float32
+        assert ssm.kernel_parameters(ssm._step_parameters)[1]
+        ssm.double()  # a dtype move: the cache is rebuilt, and float64 is not for the kernels
+        assert not ssm.kernel_parameters(ssm._step_parameters)[1]
+        state64 = ssm.init_state(1, device=x.device, dtype=torch.float64)
+        out = ssm.step(x.double(), state64).update
+        reference = ssm(x.double()[:, None]).update[:, 0]
+    torch.testing.assert_close(out, reference)
+    other = _perturbed(SelectiveSSM(32, 0, d_state=8, headdim=8), 17)
+    with torch.no_grad():
+        ssm.float().load_state_dict(other.state_dict(), assign=True)
+        fresh = ssm.init_state(1, device=x.device, dtype=x.dtype)
+        fast = ssm.step(x, fresh).update
+        with native.native_kernels(False):
+            expected = other.step(x, fresh).update
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
