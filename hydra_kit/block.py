@@ -116,7 +116,7 @@ class TriPathBlock(nn.Module):
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         decoding = state is not None and x.shape[1] == 1
-        if decoding and threshold == 0:
+        if decoding and threshold == 0 and state is not None:
             return self._step(x, u, gates, score, state, collect_aux, out)
         y = x
         if decoding:  # one token: each component's dedicated recurrent step (O(1) for the SSM and memories)

@@ -48,7 +48,7 @@ def pkm_read_cpu(
         eps: epsilon of the query LayerNorm.
     """
     heads, _, n_keys, half = sub_keys.shape
-    d_model, (n_slots, d_value) = x.shape[-1], values.shape
+    d_model, d_value = x.shape[-1], values.shape[1]
     tokens, n_candidates = x.numel() // d_model, rows.shape[0]
     if not 0 < tokens <= MAX_ROWS or max(n_keys, n_candidates) > MAX_SELECT or top_k > n_keys:
         return None
