@@ -56,6 +56,12 @@ class SGAState:
         global_scores: (B, G) their scores; -inf marks an empty slot (a chunk with too few scored tokens).
         global_pos: (B, G) long absolute positions.
         offset: number of tokens processed so far.
+        key_buffer, value_buffer: (B, capacity, H, hd) or None. At inference :meth:`SparseGlobalAttention.step`
+            keeps the window in these buffers, with ``keys`` and ``values`` views of them from index ``start``,
+            and writes each new token's key and value in place after the view (a copy of the window once per
+            ``window`` tokens instead of once per token). Like a key/value cache, such a state is append-only:
+            continue from the state a step returned, never twice from the same one.
+        start: index of ``keys[:, 0]`` in the buffers.
     """
 
     keys: Tensor
@@ -66,6 +72,9 @@ class SGAState:
     global_scores: Tensor
     global_pos: Tensor
     offset: int
+    key_buffer: Tensor | None = None
+    value_buffer: Tensor | None = None
+    start: int = 0
 
 
 def select_globals(chunk_scores: Tensor, per_chunk: int) -> Tensor:
@@ -416,6 +425,28 @@ class SparseGlobalAttention(TriPathComponent):
             new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
         return ComponentOutput(update=update, stats=stats, state=new_state)
 
+    def _append(
+        self, state: SGAState, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
+        """The window with one more token: keys, values (B, n + 1, H, hd), and the buffers they live in.
+
+        Under autograd, a concatenation (in-place writes would corrupt saved activations). At inference, an
+        in-place write after the window's view of its buffer, which is reallocated with room for ``window`` more
+        tokens when full or missing (the state came from ``forward`` or ``init_state``).
+        """
+        n = state.keys.shape[1]
+        if torch.is_grad_enabled():
+            return torch.cat([state.keys, key[:, None]], 1), torch.cat([state.values, value[:, None]], 1), None, None, 0
+        key_buffer, value_buffer, start = state.key_buffer, state.value_buffer, state.start
+        if key_buffer is None or value_buffer is None or start + n >= key_buffer.shape[1]:
+            batch, _, h, hd = state.keys.shape
+            key_buffer = key.new_empty(batch, n + self.window + 1, h, hd)
+            value_buffer = torch.empty_like(key_buffer)
+            key_buffer[:, :n], value_buffer[:, :n], start = state.keys, state.values, 0
+        key_buffer[:, start + n] = key
+        value_buffer[:, start + n] = value
+        return key_buffer[:, start : start + n + 1], value_buffer[:, start : start + n + 1], key_buffer, value_buffer, start
+
     def step(self, x_t: Tensor, state: SGAState, context: ComponentContext | None = None) -> ComponentOutput:
         """One token x_t (B, D): one query against the window and the visible globals; O(window + max_global)."""
         batch = x_t.shape[0]
@@ -432,8 +463,7 @@ class SparseGlobalAttention(TriPathComponent):
             cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
             key = apply_rotary(key, cos, sin)
             q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd); unused by skipped tokens
-        keys = torch.cat([state.keys, key[:, None]], 1)  # (B, n + 1, H, hd)
-        values = torch.cat([state.values, value[:, None]], 1)
+        keys, values, key_buffer, value_buffer, start = self._append(state, key, value)  # (B, n + 1, H, hd) each
         if keep is not None and not bool(keep.any()):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query
         else:
@@ -458,15 +488,19 @@ class SparseGlobalAttention(TriPathComponent):
                 update = update * keep[:, None].to(update.dtype)
 
         s_t = x_t.new_full((batch,), NEG_INF) if score is None else score
+        dropped = max(0, keys.shape[1] - w)  # the window slides once it is full
         new_state = SGAState(
-            keys=keys[:, -w:],
-            values=values[:, -w:],
+            keys=keys[:, dropped:],
+            values=values[:, dropped:],
             partial_scores=torch.cat([state.partial_scores, s_t[:, None]], 1),
             global_keys=state.global_keys,
             global_values=state.global_values,
             global_scores=state.global_scores,
             global_pos=state.global_pos,
             offset=pos + 1,
+            key_buffer=key_buffer,
+            value_buffer=value_buffer,
+            start=start + dropped,
         )
         if new_state.partial_scores.shape[1] == w:  # the chunk is complete: promote its globals
             if self.uses_globals:

@@ -113,7 +113,7 @@ class WorkspaceMemory(TriPathComponent):
             query = query + self.hop(read)
         update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
         stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
-        new_state = WorkspaceState(slots, tokens[:, n_full * q :])
+        new_state = WorkspaceState(slots, tokens[:, n_full * q :].clone())  # clone: a slice would pin all of tokens
         return ComponentOutput(update=update, stats=stats, state=new_state)
 
     def step(self, x_t: Tensor, state: WorkspaceState, context: ComponentContext | None = None) -> ComponentOutput:

@@ -92,7 +92,8 @@ class DecodeRun:
     repeat decodes after exactly the same context.
 
     Attributes:
-        cache_bytes: bytes held by the recurrent state or key/value cache after the prompt.
+        cache_bytes: bytes held by the recurrent state or key/value cache: the larger of its size after the
+            prompt and after the last decoded token (buffers may grow while decoding).
     """
 
     def __init__(self, model: HydraLM, prompt: torch.Tensor) -> None:
@@ -101,8 +102,14 @@ class DecodeRun:
         with torch.inference_mode():
             self.prefill = model(prompt, model.init_state(prompt.shape[0]), collect_aux=False)
         self.first = self.prefill.logits[:, -1].argmax(-1)
-        self.cache_bytes = state_nbytes(self.prefill.state)
+        self.prompt_cache_bytes = state_nbytes(self.prefill.state)
         self.state: Any = None
+        self.final_state: Any = None
+
+    @property
+    def cache_bytes(self) -> int:
+        final = 0 if self.final_state is None else state_nbytes(self.final_state)
+        return max(self.prompt_cache_bytes, final)
 
     def reset(self) -> None:
         import copy
@@ -117,6 +124,7 @@ class DecodeRun:
             for _ in range(DECODE_TOKENS):
                 out = self.model(token[:, None], state, collect_aux=False)
                 state, token = out.state, out.logits[:, -1].argmax(-1)
+        self.final_state = state
 
 
 def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -253,13 +261,12 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
     for seq_len in args.seq_lens:
         for mode in args.modes:
             timings: dict[str, list[float]] = defaultdict(list)
-            cache: dict[str, int] = {}
             runs: dict[str, Callable[[], None]] = {}
             for name, m in models.items():
                 tokens_in = make_tokens(m, seq_len, args.batch, text)
                 if mode == "decode":
                     decode = DecodeRun(m, tokens_in)
-                    runs[name], cache[name] = decode, decode.cache_bytes
+                    runs[name] = decode
                 else:
                     runs[name] = step_fn(m, tokens_in, mode)
             for run in runs.values():  # warm-up: allocator, caches, lazy init
@@ -281,7 +288,9 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                 flops = report["flops_per_token"] * tokens * (3 if mode == "train" else 1)
                 record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], flops / seconds / 1e9)
                 if mode == "decode":
-                    record.cache_mb = cache[name] / 2**20
+                    decoded = runs[name]
+                    assert isinstance(decoded, DecodeRun)
+                    record.cache_mb = decoded.cache_bytes / 2**20
                 if mode == "infer" and args.breakdown and device.type == "cpu":  # hook timers need a synchronous device
                     record.breakdown = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
                     record.roof_seconds = {k: v["flops_per_token"] * tokens / (roof * 1e9) for k, v in report["components"].items()}

@@ -83,16 +83,28 @@ class ModelOutput:
 
 
 def state_nbytes(state: Any) -> int:
-    """Bytes held by the tensors of a (nested) recurrent state: the decoding cache size."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_nbytes(v) for v in state)
-    if hasattr(state, "__dataclass_fields__"):
-        return sum(state_nbytes(getattr(state, f)) for f in state.__dataclass_fields__)
-    return 0
+    """Bytes of memory held by the tensors of a (nested) recurrent state: the decoding cache size.
+
+    Counts each storage once and whole: a view into a preallocated buffer holds the entire buffer.
+    """
+    storages: dict[int, int] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, Tensor):
+            storage = node.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(node, dict):
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, list | tuple):
+            for v in node:
+                visit(v)
+        elif hasattr(node, "__dataclass_fields__"):
+            for f in node.__dataclass_fields__:
+                visit(getattr(node, f))
+
+    visit(state)
+    return sum(storages.values())
 
 
 class HydraLM(L.LightningModule):

@@ -134,3 +134,23 @@ def test_a_router_without_the_collect_aux_keyword_still_works(monkeypatch):
     check_component(PlainRouter)
     ids = torch.randint(0, 40, (1, 20))
     torch.testing.assert_close(decode_logits(model, ids, 4, collect_aux=False), model(ids).logits, rtol=0, atol=1e-10)
+
+
+def test_recurrent_state_size_does_not_grow_with_the_prompt() -> None:
+    # Counted per storage (hydra_kit.model.state_nbytes): a state that kept a slice of the prompt's activations
+    # (the workspace's pending tokens once did, 33 MB after a 16K prompt) would grow with the prompt length.
+    from hydra_kit.model import state_nbytes
+
+    components = {
+        "ssm": {"component": "ssm", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
+        "workspace": {"component": "workspace", "args": {"n_slots": 4, "chunk_size": 8}},
+        "pkm": {"component": "pkm", "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 8}},
+        "router": {"component": "router"},
+    }
+    model = HydraLM(vocab_size=40, d_model=32, n_blocks=2, components=components).eval()
+    sizes = []
+    for length in (36, 396):
+        ids = torch.randint(0, 40, (1, length))
+        with torch.inference_mode():
+            sizes.append(state_nbytes(model(ids, model.init_state(1), collect_aux=False).state))
+    assert sizes[0] == sizes[1] > 0

@@ -342,3 +342,18 @@ def test_recompute_in_backward_gives_the_same_gradients():
     assert_recompute_keeps_gradients(
         SparseGlobalAttention, {"n_heads": 2, "window": 4, "globals_per_chunk": 1, "max_global": 3}, length=18, scored=True
     )
+
+
+def test_inference_step_writes_in_place_after_the_window_it_was_given() -> None:
+    # Append-only, like a key/value cache: the new token goes after the old state's view, never into it.
+    m = build()
+    x, score = inputs(1, 30, 16)
+    with torch.no_grad():
+        state = m.init_state(1, device=x.device, dtype=x.dtype)
+        for t in range(20):
+            state = m.step(x[:, t], state, ComponentContext(global_score=score[:, t])).state
+        before = state.keys.clone(), state.values.clone()
+        after = m.step(x[:, 20], state, ComponentContext(global_score=score[:, 20])).state
+    assert torch.equal(state.keys, before[0]) and torch.equal(state.values, before[1])
+    assert after.key_buffer is not None and after.keys.data_ptr() != state.keys.data_ptr()
+    assert torch.equal(after.keys[:, :-1], before[0][:, 1:])  # the window slid by one token
