@@ -33,9 +33,16 @@ from rich.console import Console
 from hydra_kit.bench_report import Record, check_targets, print_table, print_targets, write_outputs
 from hydra_kit.cli import check_recipes, merged_model_section
 from hydra_kit.model import HydraLM, state_nbytes
+from hydra_kit.nn import native
+from hydra_kit.nn.decode_linear import LIBRARY as LINEAR_LIBRARY
 
 DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+
+
+def native_unavailable_reason() -> str | None:
+    """Why the C decoding kernels cannot run on this machine (the matrix-vector one stands for all), or None."""
+    return LINEAR_LIBRARY.unavailable_reason()
 
 
 def synchronize(device: torch.device) -> None:
@@ -250,10 +257,14 @@ def gpu_peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
 
 def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    native.set_enabled(args.cpu_kernels == "on")
+    if args.cpu_kernels == "on" and device.type == "cpu" and (reason := native_unavailable_reason()) is not None:
+        console.print(f"[yellow]{reason}[/]")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
+    console.print(f"C decoding kernels (hydra_kit.nn.native): {'on' if native.enabled() else 'off'}, for every model")
     models = {Path(r).stem: build_model(r, device) for r in args.recipes}
     paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
@@ -321,6 +332,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
+    parser.add_argument(
+        "--cpu-kernels", choices=["on", "off"], default="on",
+        help="C decoding kernels (hydra_kit.nn.native) for every model; off: PyTorch ops only",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(highlight=False)
     if args.accelerator == "gpu" and not torch.cuda.is_available():

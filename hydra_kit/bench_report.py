@@ -16,6 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hydra_kit.nn import native
+
 
 @dataclass
 class Record:
@@ -143,7 +145,13 @@ def write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in records]
     targets = [{**asdict(c), "met": c.met} for c in checks or []]
-    payload = {"matmul_gflops": roof, "threads": torch.get_num_threads(), "records": rows, "targets": targets}
+    payload = {
+        "matmul_gflops": roof,
+        "threads": torch.get_num_threads(),
+        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.nn.native (both models alike)
+        "records": rows,
+        "targets": targets,
+    }
     written = [out / "bench.json", out / "bench.csv"]
     (out / "bench.json").write_text(json.dumps(payload, indent=2))
     if json_path:

@@ -10,6 +10,7 @@ import yaml
 from conftest import REPO
 
 from hydra_kit.bench import Record, check_targets, main
+from hydra_kit.nn import native
 
 
 def _record(model: str, seq_len: int, mode: str, tokens_per_s: float, mem: float | None = None, cache: float | None = None) -> Record:
@@ -62,7 +63,14 @@ def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     assert all(r["cache_mb"] > 0 for r in rows if r["mode"] == "decode")
     payload = json.loads((out / "bench.json").read_text())
     assert payload["matmul_gflops"] > 0 and isinstance(payload["targets"], list)
+    assert payload["cpu_kernels"] is True
     assert (out / "bench.csv").read_text().startswith("model,seq_len,mode,tokens_per_s")
+    # The same decode comparison on PyTorch ops only; the switch is restored for the rest of the process.
+    off = tmp_path / "off"
+    decode_only = ["--recipes", str(REPO / "recipes/tiny.yaml"), str(baseline), "--seq_lens", "32", "--modes", "decode"]
+    assert main([*decode_only, "--repeats", "1", "--warmup", "0", "--out", str(off), "--cpu-kernels", "off"]) == 0
+    assert json.loads((off / "bench.json").read_text())["cpu_kernels"] is False
+    native.set_enabled(True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
