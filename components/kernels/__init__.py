@@ -1,4 +1,4 @@
-"""Optional GPU kernels behind the components, each with the PyTorch path it must match (HYDRA.md 1, 3.3, 3.7).
+"""Optional kernels behind the components, each with the PyTorch path it must match (HYDRA.md 1, 3.3, 3.7).
 
 Nothing here imports triton or mamba-ssm at import time: each kernel module loads its accelerator on first use,
 and each exposes an ``*unavailable_reason`` function that says, in words, why it cannot run on this machine
@@ -8,4 +8,10 @@ and each exposes an ``*unavailable_reason`` function that says, in words, why it
   backward in PyTorch from the selected indices).
 - :mod:`.mamba_ssd`: the Mamba-2 chunked SSD scan of the mamba-ssm package, behind the signature of
   ``hydra_kit.components.ssm.ssd_chunked_scan``.
+
+CPU decoding kernels, C compiled on first use by :mod:`hydra_kit.nn.native` (a wrapper returns None when a
+kernel cannot take its tensors, and the component runs its PyTorch step):
+
+- :mod:`.ssm_step`, :mod:`.moe_step`, :mod:`.router_step`, :mod:`.pkm_step`: the one-token step of the SSM, the
+  mixture of experts, the router and the product-key memory read, each as one call.
 """
