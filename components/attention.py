@@ -115,8 +115,7 @@ class CausalSelfAttention(TriPathComponent):
         if cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
             if seq_len == 1:  # one decoding step sees every cached key: no mask needed
-                fast = decode_attention(q[:, :, 0], [(cache.keys, cache.values, None)], self.head_dim**-0.5)
-                y = F.scaled_dot_product_attention(q, cache.keys, cache.values) if fast is None else fast[:, :, None]
+                y = decode_attention(q[:, :, 0], [(cache.keys, cache.values, None)], self.head_dim**-0.5)[:, :, None]
             else:
                 visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
                 y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)

@@ -472,17 +472,7 @@ class SparseGlobalAttention(TriPathComponent):
             sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
             if visible is not None:
                 sets.append((state.global_keys.transpose(1, 2), state.global_values.transpose(1, 2), visible))
-            y = decode_attention(q, sets, hd**-0.5)  # (B, H, hd); None: not a CPU float32 inference step
-            if y is None:
-                logits = torch.einsum("bhd,bthd->bht", q, keys) * hd**-0.5  # (B, H, n + 1)
-                n_local = logits.shape[-1]
-                if visible is not None:
-                    g_logits = torch.einsum("bhd,bghd->bhg", q, state.global_keys) * hd**-0.5
-                    logits = torch.cat([logits, g_logits.masked_fill(~visible[:, None], NEG_INF)], -1)
-                probs = logits.softmax(-1)
-                y = torch.einsum("bht,bthd->bhd", probs[..., :n_local], values)
-                if probs.shape[-1] > n_local:
-                    y = y + torch.einsum("bhg,bghd->bhd", probs[..., n_local:], state.global_values)
+            y = decode_attention(q, sets, hd**-0.5)  # (B, H, hd): the C kernel, or the same in PyTorch
             update = self.out(y.reshape(batch, -1))
             if keep is not None:
                 update = update * keep[:, None].to(update.dtype)

@@ -5,8 +5,8 @@ new token and its globals. ``decode_attention.c`` streams each set's keys once a
 vectorised softmax, the weighted sum), with no copy of the cache into one tensor and no per-set launch. On our CPUs
 PyTorch's ``scaled_dot_product_attention`` with a single query reads a 16K-token cache at 15-20 GB/s and
 matmul-softmax-matmul at 18-25 GB/s (noisy); see ``docs/benchmarks.md``. Both models use this same kernel when
-it can run, so the comparison stays like for like; otherwise :func:`decode_attention` returns None and the
-caller runs its PyTorch path (the reference the tests hold the kernel to).
+it can run, so the comparison stays like for like; otherwise :func:`decode_attention` computes the same in
+PyTorch (:func:`decode_attention_reference`, the reference the tests hold the kernel to).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hydra_kit.nn import native
 
-__all__ = ["LIBRARY", "decode_attention"]
+__all__ = ["LIBRARY", "decode_attention", "decode_attention_reference"]
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(
@@ -35,8 +35,18 @@ def _strided_ok(t: Tensor) -> bool:
     return t.dtype is torch.float32 and t.is_cpu and t.dim() == 4 and t.stride(-1) == 1
 
 
-def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor | None:
-    """softmax(scale * q k^T) v over the visible keys of all sets, or None when the kernel cannot run.
+def decode_attention_reference(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
+    """:func:`decode_attention` in PyTorch ops: any device, dtype and autograd (a head that sees no key gets NaN)."""
+    logits = []
+    for keys, _, mask in sets:
+        scores = torch.einsum("bhd,bhnd->bhn", q, keys) * scale  # (B, H, n)
+        logits.append(scores if mask is None else scores.masked_fill(~mask[:, None], float("-inf")))
+    probs = torch.cat(logits, -1).softmax(-1).split([k.shape[2] for k, _, _ in sets], -1)
+    return sum((torch.einsum("bhn,bhnd->bhd", p, v) for p, (_, v, _) in zip(probs, sets, strict=True)), q.new_zeros(q.shape))
+
+
+def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
+    """softmax(scale * q k^T) v over the visible keys of all sets: the C kernel where it can run, else PyTorch.
 
     Args:
         q: (B, H, hd) one query per sequence and head.
@@ -46,18 +56,16 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor 
         scale: multiplies the scores (usually hd ** -0.5).
 
     Returns:
-        (B, H, hd); zeros for a (sequence, head) that sees no key.
+        (B, H, hd); the kernel gives zeros for a (sequence, head) that sees no key.
     """
+    library = LIBRARY.load() if native.usable(q) else None
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
-    if not native.usable(q) or not all(
+    if library is None or not all(
         _strided_ok(k) and _strided_ok(v) and k.stride() == v.stride() and k.shape == v.shape
         and (m is None or (m.dtype is torch.bool and m.is_contiguous() and m.shape == (k.shape[0], k.shape[2])))
         for k, v, m in sets
     ):  # fmt: skip
-        return None
-    library = LIBRARY.load()
-    if library is None:
-        return None
+        return decode_attention_reference(q, sets, scale)
     batch, heads, head_dim = q.shape
     lengths = [k.shape[2] for k, _, _ in sets]
     total = sum(lengths)

@@ -274,3 +274,15 @@ def test_cached_kernel_parameters_follow_dtype_moves_and_loads() -> None:
         with native.native_kernels(False):
             expected = other.step(x, fresh).update
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reference_equals_sdpa_in_float64() -> None:
+    gen = torch.Generator().manual_seed(18)
+    keys, values = torch.randn(2, 2, 3, 12, 8, dtype=torch.float64, generator=gen)
+    mask = torch.rand(2, 12, generator=gen) > 0.3
+    mask[:, 0] = True
+    q = torch.randn(2, 3, 8, dtype=torch.float64, generator=gen)
+    out = decode_attention.decode_attention(q, [(keys[:, :, :5], values[:, :, :5], None), (keys[:, :, 5:], values[:, :, 5:], mask[:, 5:])], 0.3)
+    full_mask = torch.cat([torch.ones(2, 5, dtype=torch.bool), mask[:, 5:]], 1)
+    reference = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=full_mask[:, None, None], scale=0.3)[:, :, 0]
+    torch.testing.assert_close(out, reference)
