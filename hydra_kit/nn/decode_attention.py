@@ -58,8 +58,8 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
     Returns:
         (B, H, hd); the kernel gives zeros for a (sequence, head) that sees no key.
     """
-    library = LIBRARY.load() if native.usable(q) else None
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
+    library = LIBRARY.load() if native.usable(q) else None
     if library is None or not all(
         _strided_ok(k) and _strided_ok(v) and k.stride() == v.stride() and k.shape == v.shape
         and (m is None or (m.dtype is torch.bool and m.is_contiguous() and m.shape == (k.shape[0], k.shape[2])))
