@@ -2,23 +2,48 @@
  *
  * out[b, h] = sum_t p_t v_t with p = softmax_t(scale * q[b, h] . k_t) over the unmasked keys of every set: the
  * decoding step of dense attention (one set: the key/value cache) and of sparse global attention (the window,
- * the new token, the globals). Three passes per (b, h): the scores (streaming the keys once), their exponentials
- * (a vectorised loop over a buffer in cache), the weighted sum of the values (streaming the values once).
- * Threads split the (b, h) pairs. A set's keys and values share one layout, given by strides in floats. */
+ * the new token, the globals). A set's keys and values share one layout, given by strides in floats. Two ways to
+ * split the work between threads, chosen by the layout so that each thread reads memory front to back:
+ *
+ * - hk_attention_by_head, for head-major caches ((B, H, n, hd): the keys of one head side by side, as in dense
+ *   attention's cache): one (sequence, head) per work item, three passes: the scores (streaming the keys once),
+ *   their exponentials, the weighted sum of the values (streaming the values once).
+ * - hk_attention_by_key, for key-major caches ((B, n, H, hd): all heads of a key side by side, as in SGA's window
+ *   and globals): split-K, as in flash-decoding. A work item is a tile of keys of one set and one sequence, for
+ *   every head, read one contiguous row per key; a second pass rescales the tiles' partial sums to the maximum
+ *   over all tiles and divides by the total weight. Splitting such a cache by heads made each thread read
+ *   256-byte pieces 2 KB apart, at 7 GB/s.
+ *
+ * A (sequence, head) that sees no key gets zeros rather than NaN. */
 
 #include <math.h>
 #include <stddef.h>
 
-void hk_decode_attention(const float *q,                    /* (B, H, hd) */
-                         float *out,                        /* (B, H, hd) */
-                         float *scores,                     /* scratch (B * H * total keys) */
-                         long batch, long heads, long head_dim, float scale, long n_sets,
-                         const float *const *keys,          /* per set: address of key (0, 0, 0) */
-                         const float *const *values,        /* per set: address of value (0, 0, 0) */
-                         const long *lengths,               /* per set: number of keys */
-                         const long *strides,               /* per set: batch, head and key strides */
-                         const unsigned char *const *masks, /* per set: (B, n) visible keys, or NULL: all */
-                         long total) {
+static inline float dot(const float *a, const float *b, long n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* o += p * v over one head's features */
+static inline void accumulate(float *restrict o, float p, const float *restrict v, long n) {
+#pragma omp simd
+    for (long d = 0; d < n; d++) o[d] += p * v[d];
+}
+
+static inline long tiles(long n, long tile) { return (n + tile - 1) / tile; }
+
+void hk_attention_by_head(const float *q,                    /* (B, H, hd) */
+                          float *out,                        /* (B, H, hd) */
+                          float *scores,                     /* scratch (B * H * total keys) */
+                          long batch, long heads, long head_dim, float scale, long n_sets,
+                          const float *const *keys,          /* per set: address of key (0, 0, 0) */
+                          const float *const *values,        /* per set: address of value (0, 0, 0) */
+                          const long *lengths,               /* per set: number of keys */
+                          const long *strides,               /* per set: batch, head and key strides */
+                          const unsigned char *const *masks, /* per set: (B, n) visible keys, or NULL: all */
+                          long total) {
 #pragma omp parallel for schedule(static)
     for (long bh = 0; bh < batch * heads; bh++) {
         const long b = bh / heads, h = bh % heads;
@@ -29,21 +54,14 @@ void hk_decode_attention(const float *q,                    /* (B, H, hd) */
             const long step = strides[3 * set + 2];
             const unsigned char *mask = masks[set] ? masks[set] + b * lengths[set] : NULL;
             for (long t = 0; t < lengths[set]; t++) {
-                float dot = -INFINITY;
-                if (!mask || mask[t]) {
-                    const float *kt = k + t * step;
-                    dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (long d = 0; d < head_dim; d++) dot += qv[d] * kt[d];
-                    dot *= scale;
-                }
-                s[at + t] = dot;
-                peak = dot > peak ? dot : peak;
+                const float score = !mask || mask[t] ? scale * dot(qv, k + t * step, head_dim) : -INFINITY;
+                s[at + t] = score;
+                peak = score > peak ? score : peak;
             }
         }
         float *o = out + bh * head_dim;
         for (long d = 0; d < head_dim; d++) o[d] = 0.0f;
-        if (peak == -INFINITY) continue; /* nothing visible: a zero output rather than NaN */
+        if (peak == -INFINITY) continue;
         float norm = 0.0f;
 #pragma omp simd reduction(+ : norm)
         for (long t = 0; t < total; t++) {
@@ -53,14 +71,85 @@ void hk_decode_attention(const float *q,                    /* (B, H, hd) */
         for (long set = 0, at = 0; set < n_sets; at += lengths[set], set++) {
             const float *v = values[set] + b * strides[3 * set] + h * strides[3 * set + 1];
             const long step = strides[3 * set + 2];
-            for (long t = 0; t < lengths[set]; t++) {
-                const float p = s[at + t];
-                if (p == 0.0f) continue;
-                const float *vt = v + t * step;
-#pragma omp simd
-                for (long d = 0; d < head_dim; d++) o[d] += p * vt[d];
-            }
+            for (long t = 0; t < lengths[set]; t++)
+                if (s[at + t] != 0.0f) accumulate(o, s[at + t], v + t * step, head_dim);
         }
         for (long d = 0; d < head_dim; d++) o[d] /= norm;
+    }
+}
+
+void hk_attention_by_key(const float *q,                    /* (B, H, hd) */
+                         float *out,                        /* (B, H, hd) */
+                         float *scratch,                    /* (B * tiles_per_sequence * H * (2 + hd + tile)) */
+                         long batch, long heads, long head_dim, float scale, long n_sets,
+                         const float *const *keys,          /* per set: address of key (0, 0, 0) */
+                         const float *const *values,        /* per set: address of value (0, 0, 0) */
+                         const long *lengths,               /* per set: number of keys */
+                         const long *strides,               /* per set: batch, head and key strides */
+                         const unsigned char *const *masks, /* per set: (B, n) visible keys, or NULL: all */
+                         long tile,                         /* keys per work item */
+                         long tiles_per_sequence) {
+    const long item_floats = heads * (2 + head_dim + tile); /* per item: maxima, weight sums, outputs, scores */
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long item = 0; item < batch * tiles_per_sequence; item++) {
+            const long b = item / tiles_per_sequence;
+            long at = item % tiles_per_sequence, set = 0;
+            while (at >= tiles(lengths[set], tile)) at -= tiles(lengths[set++], tile);
+            const long first = at * tile, n = lengths[set] - first < tile ? lengths[set] - first : tile;
+            const long head_stride = strides[3 * set + 1], key_stride = strides[3 * set + 2];
+            const float *k = keys[set] + b * strides[3 * set] + first * key_stride;
+            const float *v = values[set] + b * strides[3 * set] + first * key_stride;
+            const unsigned char *mask = masks[set] ? masks[set] + b * lengths[set] + first : NULL;
+            float *peak = scratch + item * item_floats, *weight = peak + heads, *o = weight + heads;
+            float *s = o + heads * head_dim; /* (H, tile) */
+            const float *qb = q + b * heads * head_dim;
+            for (long h = 0; h < heads; h++) peak[h] = -INFINITY;
+            for (long t = 0; t < n; t++) {
+                const float *kt = k + t * key_stride;
+                const int visible = !mask || mask[t];
+                for (long h = 0; h < heads; h++) {
+                    const float score = visible ? scale * dot(qb + h * head_dim, kt + h * head_stride, head_dim) : -INFINITY;
+                    s[h * tile + t] = score;
+                    peak[h] = score > peak[h] ? score : peak[h];
+                }
+            }
+            for (long h = 0; h < heads; h++) {
+                float total = 0.0f, *sh = s + h * tile;
+                const float top = peak[h] == -INFINITY ? 0.0f : peak[h]; /* all masked: every exp(-inf) is 0 */
+#pragma omp simd reduction(+ : total)
+                for (long t = 0; t < n; t++) {
+                    sh[t] = expf(sh[t] - top);
+                    total += sh[t];
+                }
+                weight[h] = total;
+            }
+            for (long i = 0; i < heads * head_dim; i++) o[i] = 0.0f;
+            for (long t = 0; t < n; t++) {
+                if (mask && !mask[t]) continue;
+                const float *vt = v + t * key_stride;
+                for (long h = 0; h < heads; h++) accumulate(o + h * head_dim, s[h * tile + t], vt + h * head_stride, head_dim);
+            }
+        }
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < batch * heads; bh++) {
+            const long b = bh / heads, h = bh % heads;
+            const float *items = scratch + b * tiles_per_sequence * item_floats;
+            float top = -INFINITY, total = 0.0f, *ob = out + bh * head_dim;
+            for (long i = 0; i < tiles_per_sequence; i++) top = items[i * item_floats + h] > top ? items[i * item_floats + h] : top;
+            for (long d = 0; d < head_dim; d++) ob[d] = 0.0f;
+            if (top == -INFINITY) continue;
+            for (long i = 0; i < tiles_per_sequence; i++) {
+                const float *it = items + i * item_floats;
+                if (it[h] == -INFINITY) continue;
+                const float rescale = expf(it[h] - top);
+                const float *oh = it + 2 * heads + h * head_dim;
+                total += rescale * it[heads + h];
+#pragma omp simd
+                for (long d = 0; d < head_dim; d++) ob[d] += rescale * oh[d];
+            }
+            for (long d = 0; d < head_dim; d++) ob[d] /= total;
+        }
     }
 }

@@ -2,7 +2,8 @@
 
 Dense attention decoding one token reads its whole key/value cache; sparse global attention reads its window, the
 new token and its globals. ``decode_attention.c`` streams each set's keys once and values once (scores, a
-vectorised softmax, the weighted sum), with no copy of the cache into one tensor and no per-set launch. On our CPUs
+vectorised softmax, the weighted sum), with no copy of the cache into one tensor and no per-set launch; its threads
+split a head-major cache (dense attention's) by heads and a key-major one (SGA's) by tiles of keys. On our CPUs
 PyTorch's ``scaled_dot_product_attention`` with a single query reads a 16K-token cache at 15-20 GB/s and
 matmul-softmax-matmul at 18-25 GB/s (noisy); see ``docs/benchmarks.md``. Both models use this same kernel when
 it can run, so the comparison stays like for like; otherwise :func:`decode_attention` computes the same in
@@ -25,10 +26,14 @@ __all__ = ["LIBRARY", "decode_attention", "decode_attention_reference"]
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(
     Path(__file__).with_name("decode_attention.c"),
-    {"hk_decode_attention": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _p, _p, _p, _p, _l]},
+    {
+        "hk_attention_by_head": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _p, _p, _p, _p, _l],
+        "hk_attention_by_key": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _p, _p, _p, _p, _l, _l],
+    },
 )
 
 KeySet = tuple[Tensor, Tensor, Tensor | None]
+MIN_TILE, MAX_TILE = 64, 2048
 
 
 def _strided_ok(t: Tensor) -> bool:
@@ -68,15 +73,21 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
         return decode_attention_reference(q, sets, scale)
     batch, heads, head_dim = q.shape
     lengths = [k.shape[2] for k, _, _ in sets]
-    total = sum(lengths)
-    out = q.new_empty(batch, heads, head_dim)
-    scores = q.new_empty(batch * heads * max(total, 1))
     n = len(sets)
     addresses, longs = ctypes.c_void_p * n, ctypes.c_long * n
-    library.hk_decode_attention(
-        q.data_ptr(), out.data_ptr(), scores.data_ptr(), batch, heads, head_dim, scale, n,
-        addresses(*(k.data_ptr() for k, _, _ in sets)), addresses(*(v.data_ptr() for _, v, _ in sets)),
-        longs(*lengths), (ctypes.c_long * (3 * n))(*(s for k, _, _ in sets for s in k.stride()[:3])),
-        addresses(*(None if m is None else m.data_ptr() for _, _, m in sets)), total,
+    layout = (
+        addresses(*(k.data_ptr() for k, _, _ in sets)), addresses(*(v.data_ptr() for _, v, _ in sets)), longs(*lengths),
+        (ctypes.c_long * (3 * n))(*(s for k, _, _ in sets for s in k.stride()[:3])),
+        addresses(*(None if m is None else m.data_ptr() for _, _, m in sets)),
     )  # fmt: skip
+    out = q.new_empty(batch, heads, head_dim)
+    if all(k.stride(1) >= k.stride(2) for k, _, _ in sets):  # head-major: each thread streams whole heads
+        scores = q.new_empty(max(1, batch * heads * sum(lengths)))
+        library.hk_attention_by_head(q.data_ptr(), out.data_ptr(), scores.data_ptr(), batch, heads, head_dim, scale, n, *layout, sum(lengths))
+        return out
+    # Key-major: tiles of keys. About eight per sequence keep both threads busy; longer ones cost nothing.
+    tile = min(MAX_TILE, max(MIN_TILE, -(-sum(lengths) // 8)))
+    tiles = sum(-(-length // tile) for length in lengths)  # work items per sequence
+    scratch = q.new_empty(max(1, batch * tiles * heads * (2 + head_dim + tile)))  # per item: maxima, sums, outputs, scores
+    library.hk_attention_by_key(q.data_ptr(), out.data_ptr(), scratch.data_ptr(), batch, heads, head_dim, scale, n, *layout, tile, tiles)
     return out

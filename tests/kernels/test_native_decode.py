@@ -69,27 +69,37 @@ def test_linear_takes_the_pytorch_path_under_autograd_and_for_many_rows() -> Non
     assert native.enabled()
 
 
+def _attention_by_sdpa(q: torch.Tensor, sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    keys, values = torch.cat([k for k, _, _ in sets], 2), torch.cat([v for _, v, _ in sets], 2)
+    mask = torch.cat([torch.ones(k.shape[0], k.shape[2], dtype=torch.bool) if m is None else m for k, _, m in sets], 1)
+    return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None])[:, :, 0]
+
+
 @needs_compiler
-def test_decode_attention_equals_sdpa_over_masked_strided_sets() -> None:
+@pytest.mark.parametrize("lengths", [(10, 25), (300, 150)], ids=["short", "many-tiles"])
+def test_decode_attention_equals_sdpa_over_masked_strided_sets(lengths: tuple[int, int]) -> None:
     gen = torch.Generator().manual_seed(0)
     batch, heads, hd = 2, 3, 16
-    window_k, window_v = torch.randn(2, batch, 10, heads, hd, generator=gen)  # (B, n, H, hd) buffers
-    cache_k, cache_v = torch.randn(2, batch, heads, 40, hd, generator=gen)  # (B, H, capacity, hd)
-    window_mask = torch.rand(batch, 10, generator=gen) > 0.4
+    n_window, n_cache = lengths
+    window_k, window_v = torch.randn(2, batch, n_window + 7, heads, hd, generator=gen)  # (B, n, H, hd) buffers
+    cache_k, cache_v = torch.randn(2, batch, heads, n_cache + 15, hd, generator=gen)  # (B, H, capacity, hd)
+    window_mask = torch.rand(batch, n_window, generator=gen) > 0.4
+    window_mask[0, : n_window // 2] = False  # whole tiles of keys that nobody sees
     q = torch.randn(batch, heads, hd, generator=gen)
-    sets = [(window_k.transpose(1, 2), window_v.transpose(1, 2), window_mask), (cache_k[:, :, :25], cache_v[:, :, :25], None)]
-    with torch.no_grad():
-        fast = decode_attention.decode_attention(q, sets, hd**-0.5)
-    keys = torch.cat([window_k.transpose(1, 2), cache_k[:, :, :25]], 2)
-    values = torch.cat([window_v.transpose(1, 2), cache_v[:, :, :25]], 2)
-    mask = torch.cat([window_mask, torch.ones(batch, 25, dtype=torch.bool)], 1)
-    reference = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None])[:, :, 0]
-    assert fast is not None
-    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
-    # A (sequence, head) that sees no key gets zeros, not NaN.
-    with torch.no_grad():
-        hidden = decode_attention.decode_attention(q, [(sets[0][0], sets[0][1], torch.zeros(batch, 10, dtype=torch.bool))], 1.0)
-    assert hidden is not None and torch.equal(hidden, torch.zeros_like(q))
+    window = (window_k[:, 3 : 3 + n_window].transpose(1, 2), window_v[:, 3 : 3 + n_window].transpose(1, 2), window_mask)
+    cache = (cache_k[:, :, :n_cache], cache_v[:, :, :n_cache], None)
+    # key-major and head-major sets together (split by keys), and a head-major cache alone (split by heads)
+    for sets in ([window, cache], [cache], [window]):
+        with torch.no_grad():
+            fast = decode_attention.decode_attention(q, sets, hd**-0.5)
+        torch.testing.assert_close(fast, _attention_by_sdpa(q, sets), rtol=1e-5, atol=1e-5)
+    # A (sequence, head) that sees no key gets zeros, not NaN, in either split.
+    hidden_window = (window[0], window[1], torch.zeros(batch, n_window, dtype=torch.bool))
+    hidden_cache = (cache_k[:, :, :4], cache_v[:, :, :4], torch.zeros(batch, 4, dtype=torch.bool))
+    for sets in ([hidden_window], [hidden_cache]):
+        with torch.no_grad():
+            hidden = decode_attention.decode_attention(q, sets, 1.0)
+        assert torch.equal(hidden, torch.zeros_like(q))
 
 
 def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
