@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.components.kernels.moe_step import moe_step_cpu
-from hydra_kit.nn import Linear, SwiGLU
+from hydra_kit.nn import Linear, SwiGLU, native
 from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
@@ -374,8 +374,8 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         if keep is not None and not bool(keep[0]):
             return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
         # Collecting the 2E expert weights through the module tree costs more than the kernel: they are cached.
-        (router, gate_up, down), suit_kernel = self.kernel_parameters(lambda: (self.router.weight, *self.expert_weights()))
-        fused = moe_step_cpu(x_t, router, gate_up, down, self.top_k, weights_checked=True) if suit_kernel else None
+        (router, gate_up, down, *at), suit_kernel = self.kernel_parameters(self._step_parameters)
+        fused = moe_step_cpu(x_t, router, gate_up, down, self.top_k, True, (at[0], at[1])) if suit_kernel else None
         if fused is not None:  # the same as below in one C call (CPU, float32, no autograd)
             return ComponentOutput(update=fused[0])
         logits = self.router(x_t)[0]  # (E,)
@@ -389,6 +389,12 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
             update = out if update is None else update + out
         assert update is not None
         return ComponentOutput(update=update)
+
+    def _step_parameters(self) -> tuple[Any, ...]:
+        """What the C step reads: the router weight, the expert weights and their addresses (see ``step``)."""
+        # Detached: they hold the storages the cached addresses point into.
+        gate_up, down = ([w.detach() for w in ws] for ws in self.expert_weights())
+        return self.router.weight, gate_up, down, native.addresses(gate_up), native.addresses(down)
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
         """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
-from hydra_kit.components.kernels.ssm_step import ssm_step_cpu
+from hydra_kit.components.kernels.ssm_step import SSMStepWeights, pack_ssm_step_weights, ssm_step_cpu
 from hydra_kit.nn import Linear, RMSNorm
 from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
@@ -450,10 +450,10 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
             return ComponentOutput(update=x.new_zeros(x.shape[0], 0, self.d_model), state=state)
         return ComponentOutput(update=torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state=state)
 
-    def _step_parameters(self) -> tuple[Tensor, ...]:
-        """The parameters the C step reads, in its argument order (cached by :meth:`kernel_parameters`)."""
+    def _step_parameters(self) -> tuple[SSMStepWeights]:
+        """The parameters the C step reads, packed (cached by :meth:`kernel_parameters`)."""
         w = (self.in_proj.weight, self.out_proj.weight, self.conv.weight, self.conv.bias, self.dt_bias, self.A_log)
-        return (*w, self.D, self.norm.weight)
+        return (pack_ssm_step_weights(*w, self.D, self.norm.weight, headdim=self.headdim, d_state=self.d_state, groups=self.ngroups),)
 
     def step(self, x_t: Tensor, state: SSMState, context: ComponentContext | None = None) -> ComponentOutput:
         """The O(1) recurrent update for one token x_t (B, D).
@@ -462,12 +462,9 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         broadcasting instead of expanded copies of B and C, and the state update as one fused multiply-add.
         """
         batch = x_t.shape[0]
-        params, suit_kernel = self.kernel_parameters(self._step_parameters)
-        if self.variant == "ssd" and suit_kernel:
-            fused = ssm_step_cpu(
-                x_t, *params[:2], state.conv, state.ssm, *params[2:], self.norm_eps, d_inner=self.d_inner,
-                groups=self.ngroups, d_state=self.d_state, weights_checked=True,
-            )  # fmt: skip
+        if self.variant == "ssd":
+            (packed,), suit_kernel = self.kernel_parameters(self._step_parameters)
+            fused = ssm_step_cpu(x_t, state.conv, state.ssm, packed, self.norm_eps) if suit_kernel else None
             if fused is not None:  # the same step as below, as one C call (CPU, float32, no autograd)
                 update, conv, ssm = fused
                 return ComponentOutput(update=update, state=SSMState(conv, ssm))

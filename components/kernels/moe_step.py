@@ -33,6 +33,7 @@ def moe_step_cpu(
     down: Sequence[Tensor],
     top_k: int,
     weights_checked: bool = False,
+    expert_addresses: tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_void_p]] | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """The MoE update of one token, or None when the kernel cannot take these tensors.
 
@@ -44,6 +45,7 @@ def moe_step_cpu(
         top_k: experts per token.
         weights_checked: the caller has checked that every weight is contiguous float32 on the CPU
             (:class:`hydra_kit.nn.native.CachedParameters`); only x_t is checked here.
+        expert_addresses: ``native.addresses`` of gate_up and of down, when the caller caches them.
 
     Returns:
         the update (1, D) and the chosen experts (k,) long, in decreasing probability.
@@ -59,10 +61,9 @@ def moe_step_cpu(
     y = x_t.new_empty(1, d_model)
     chosen = torch.empty(top_k, dtype=torch.long)
     scratch = x_t.new_empty(n_experts + 2 * hidden)
-    addresses = ctypes.c_void_p * n_experts
+    gate_up_at, down_at = expert_addresses or (native.addresses(gate_up), native.addresses(down))
     library.hk_moe_step(
-        x_t.data_ptr(), router_weight.data_ptr(), addresses(*(w.data_ptr() for w in gate_up)),
-        addresses(*(w.data_ptr() for w in down)), y.data_ptr(), chosen.data_ptr(), scratch.data_ptr(),
-        n_experts, d_model, hidden, top_k,
+        x_t.data_ptr(), router_weight.data_ptr(), gate_up_at, down_at, y.data_ptr(), chosen.data_ptr(),
+        scratch.data_ptr(), n_experts, d_model, hidden, top_k,
     )  # fmt: skip
     return y, chosen

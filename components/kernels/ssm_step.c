@@ -27,25 +27,24 @@ static inline float dot(const float *a, const float *b, long n) {
     return s;
 }
 
-void hk_ssm_step(const float *u,          /* (B, D) the normalised block input */
-                 const float *w_in,       /* (d_inner + conv_dim + H, D) */
-                 const float *w_out,      /* (D, d_inner) */
-                 float *proj,             /* scratch (d_inner + conv_dim + H): z, x B C, dt */
-                 float *gated,            /* scratch (d_inner) */
-                 const float *conv_in,    /* (B, K - 1, conv_dim) */
-                 const float *conv_w,     /* (conv_dim, K) */
-                 const float *conv_b,     /* (conv_dim) */
-                 const float *dt_bias,    /* (H) */
-                 const float *a_log,      /* (H) */
-                 const float *d_skip,     /* (H) */
-                 const float *ssm_in,     /* (B, H, P, N) */
-                 const float *norm_w,     /* (d_inner) */
-                 float eps, float *out,   /* (B, D) the update */
-                 float *conv_out,         /* (B, K - 1, conv_dim) */
-                 float *ssm_out,          /* (B, H, P, N) */
-                 float *act,              /* scratch (conv_dim) */
-                 long batch, long d_inner, long conv_dim, long heads, long headdim, long d_state, long groups,
-                 long d_conv, long norm_groups, long d_model) {
+void hk_ssm_step(const float *u,                /* (B, D) the normalised block input */
+                 const float *const *params,    /* w_in (d_inner + conv_dim + H, D), w_out (D, d_inner), conv_w (conv_dim, K),
+                                                   conv_b (conv_dim), dt_bias (H), a_log (H), d_skip (H), norm_w (d_inner) */
+                 const long *dims,              /* d_inner, conv_dim, H, P, N, groups, K (d_conv), norm groups, D */
+                 float eps,
+                 const float *conv_in,          /* (B, K - 1, conv_dim) */
+                 const float *ssm_in,           /* (B, H, P, N) */
+                 float *out,                    /* (B, D) the update */
+                 float *conv_out,               /* (B, K - 1, conv_dim) */
+                 float *ssm_out,                /* (B, H, P, N) */
+                 float *scratch,                /* (2 (d_inner + conv_dim) + H) */
+                 long batch) {
+    const float *w_in = params[0], *w_out = params[1], *conv_w = params[2], *conv_b = params[3];
+    const float *dt_bias = params[4], *a_log = params[5], *d_skip = params[6], *norm_w = params[7];
+    const long d_inner = dims[0], conv_dim = dims[1], heads = dims[2], headdim = dims[3], d_state = dims[4];
+    const long groups = dims[5], d_conv = dims[6], norm_groups = dims[7], d_model = dims[8];
+    /* scratch: the projection (z, x B C, dt), the gated output, the conv output */
+    float *proj = scratch, *gated = proj + d_inner + conv_dim + heads, *act = gated + d_inner;
     const long width = d_inner + conv_dim + heads, heads_per_group = heads / groups;
     const long group_width = d_inner / norm_groups;
     for (long b = 0; b < batch; b++) {

@@ -9,6 +9,7 @@ overhead on our CPUs, plus the two projections; this kernel does them in one pas
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,64 +17,67 @@ from torch import Tensor
 
 from hydra_kit.nn import native
 
-__all__ = ["LIBRARY", "ssm_step_cpu"]
+__all__ = ["LIBRARY", "SSMStepWeights", "pack_ssm_step_weights", "ssm_step_cpu"]
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": [_p] * 13 + [_f] + [_p] * 4 + [_l] * 10})
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": [_p, _p, _p, _f] + [_p] * 6 + [_l]})
 
 
-def ssm_step_cpu(
-    u: Tensor,
-    in_weight: Tensor,
-    out_weight: Tensor,
-    conv_state: Tensor,
-    ssm_state: Tensor,
-    conv_weight: Tensor,
-    conv_bias: Tensor,
-    dt_bias: Tensor,
-    a_log: Tensor,
-    d_skip: Tensor,
-    norm_weight: Tensor,
-    eps: float,
-    *,
-    d_inner: int,
-    groups: int,
-    d_state: int,
-    weights_checked: bool = False,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+@dataclass(frozen=True)
+class SSMStepWeights:
+    """What the kernel reads on every token besides the token and the state, packed once per set of weights.
+
+    Attributes:
+        tensors: in_weight (d_inner + conv_dim + H, D), out_weight (D, d_inner), conv_weight (conv_dim, 1, d_conv),
+            conv_bias (conv_dim,), dt_bias, a_log, d_skip (H,), norm_weight (d_inner,), detached: they hold the
+            storage the addresses point into.
+        addresses: their data pointers, in that order.
+        dims: d_inner, conv_dim, H, P, N, groups, d_conv, norm groups (the gated RMSNorm's), D.
+    """
+
+    tensors: tuple[Tensor, ...]
+    addresses: ctypes.Array[ctypes.c_void_p]
+    dims: ctypes.Array[ctypes.c_long]
+
+
+def pack_ssm_step_weights(
+    in_weight: Tensor, out_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, dt_bias: Tensor, a_log: Tensor,
+    d_skip: Tensor, norm_weight: Tensor, *, headdim: int, d_state: int, groups: int,
+) -> SSMStepWeights:  # fmt: skip
+    """Pack the SSM's parameters for :func:`ssm_step_cpu` (cache the result: it is rebuilt only when they move)."""
+    # Detached views hold the storages the addresses point into, whatever later happens to the Parameters.
+    tensors = tuple(t.detach() for t in (in_weight, out_weight, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight))
+    d_inner, heads = out_weight.shape[1], dt_bias.shape[0]
+    dims = (d_inner, conv_weight.shape[0], heads, headdim, d_state, groups, conv_weight.shape[-1], groups, out_weight.shape[0])
+    return SSMStepWeights(tensors, native.addresses(tensors), (ctypes.c_long * len(dims))(*dims))
+
+
+def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMStepWeights, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """One SSD step, or None when the kernel cannot take these tensors.
 
     Args:
         u: (B, D) one token per sequence.
-        in_weight: (d_inner + conv_dim + H, D) the input projection (to z, x B C, dt); out_weight: (D, d_inner).
         conv_state: (B, d_conv - 1, conv_dim) last inputs of the causal conv.
         ssm_state: (B, H, P, N).
-        conv_weight: (conv_dim, 1, d_conv), the depthwise Conv1d weight; conv_bias (conv_dim,); dt_bias, a_log, d_skip: (H,).
-        norm_weight: (d_inner,) gain of the gated RMSNorm (normalised per group of d_inner / groups channels).
-        weights_checked: the caller has checked that every parameter is contiguous float32 on the CPU
-            (:class:`hydra_kit.nn.native.CachedParameters`); only the token and the state are checked here.
+        weights: the packed parameters; the caller has checked that each is contiguous float32 on the CPU
+            (:class:`hydra_kit.nn.native.CachedParameters`). Only the token and the state are checked here.
+        eps: of the gated RMSNorm.
 
     Returns:
         the update (B, D), the new conv state and the new SSM state (fresh tensors; the inputs are not modified).
     """
-    checked = (u, conv_state, ssm_state) if weights_checked else (u, in_weight, out_weight, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight)
-    if not native.usable(*checked):
+    if not native.usable(u, conv_state, ssm_state):
         return None
     library = LIBRARY.load()
     if library is None:
         return None
     batch, heads, headdim, _ = ssm_state.shape
-    conv_dim, d_conv = conv_weight.shape[0], conv_weight.shape[-1]
-    d_model = u.shape[1]
-    out = u.new_empty(batch, d_model)
+    conv_dim, d_inner = conv_state.shape[2], heads * headdim
+    out = u.new_empty(batch, u.shape[1])
     conv_out, ssm_out = torch.empty_like(conv_state), torch.empty_like(ssm_state)
     scratch = u.new_empty(2 * (d_inner + conv_dim) + heads)  # projection, gated output, conv output
-    proj, gated, act = scratch.split([d_inner + conv_dim + heads, d_inner, conv_dim])
     library.hk_ssm_step(
-        u.data_ptr(), in_weight.data_ptr(), out_weight.data_ptr(), proj.data_ptr(), gated.data_ptr(),
-        conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(), a_log.data_ptr(),
-        d_skip.data_ptr(), ssm_state.data_ptr(), norm_weight.data_ptr(), eps, out.data_ptr(), conv_out.data_ptr(),
-        ssm_out.data_ptr(), act.data_ptr(), batch, d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups,
-        d_model,
+        u.data_ptr(), weights.addresses, weights.dims, eps, conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(),
+        conv_out.data_ptr(), ssm_out.data_ptr(), scratch.data_ptr(), batch,
     )  # fmt: skip
     return out, conv_out, ssm_out

@@ -22,6 +22,7 @@ Without a C compiler, or when a build fails, :func:`unavailable_reason` says why
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 __all__ = [
     "CachedParameters",
     "NativeLibrary",
+    "addresses",
     "enabled",
     "native_kernels",
     "set_enabled",
@@ -160,6 +162,27 @@ def ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def addresses(tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]:
+    """A C array of the tensors' addresses (NULL for None), for a kernel that reads the same weights every step.
+
+    Built once and cached (:class:`CachedParameters`), it saves a ``data_ptr()`` and a ctypes conversion per
+    weight per call. It is valid while the tensors' storage lives: keep ``t.detach()`` of each beside it, which
+    holds the storage even if a Parameter's ``.data`` is later replaced.
+    """
+    return (ctypes.c_void_p * len(tensors))(*(ptr(t) for t in tensors))
+
+
+def _tensors_in(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for item in obj:
+            yield from _tensors_in(item)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors_in(getattr(obj, f.name))
+
+
 class CachedParameters(nn.Module):
     """Mixin for a module whose decoding step hands the same parameters to a kernel on every token.
 
@@ -174,11 +197,10 @@ class CachedParameters(nn.Module):
     _kernel_parameters: tuple[tuple[Any, ...], bool] | None = None
 
     def kernel_parameters(self, build: Callable[[], tuple[Any, ...]]) -> tuple[tuple[Any, ...], bool]:
-        """The cached ``build()`` and whether every tensor in it (lists flattened) suits the kernels."""
+        """The cached ``build()`` and whether every tensor in it (in lists, tuples and dataclasses) suits the kernels."""
         if self._kernel_parameters is None:
             params = build()
-            flat = [t for p in params for t in (p if isinstance(p, list | tuple) else [p]) if isinstance(t, Tensor)]
-            suits = all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in flat)
+            suits = all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in _tensors_in(params))
             self.__dict__["_kernel_parameters"] = (params, suits)
         assert self._kernel_parameters is not None
         return self._kernel_parameters
