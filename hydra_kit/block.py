@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from hydra_kit.nn import RMSNorm
+from hydra_kit.nn.decode_residual import ResidualPlan, gated_residual
+from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, RouterOutput, TriPathComponent
 
 
@@ -40,7 +42,7 @@ class BlockOutput:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-class TriPathBlock(nn.Module):
+class TriPathBlock(CachedParameters):
     """One Hydra block: a shared pre-norm, an optional router, and the gated sum of its components.
 
     Args:
@@ -116,7 +118,7 @@ class TriPathBlock(nn.Module):
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         decoding = state is not None and x.shape[1] == 1
-        if decoding and threshold == 0 and state is not None:
+        if decoding and threshold == 0 and state is not None and not self.knocked_out:
             return self._step(x, u, gates, score, state, collect_aux, out)
         y = x
         if decoding:  # one token: each component's dedicated recurrent step (O(1) for the SSM and memories)
@@ -150,33 +152,33 @@ class TriPathBlock(nn.Module):
         out.hidden = y
         return out
 
+    def _decode_plan(self) -> tuple[tuple[tuple[str, Callable[..., ComponentOutput]], ...], ResidualPlan]:
+        """Each component's ``step`` and the residual plan (gate columns, LayerScales), built once and cached."""
+        steps = tuple((name, cast("TriPathComponent", component).step) for name, component in self.mixers.items())
+        columns = [self.gate_index.get(name) if self.router is not None else None for name in self.mixers]
+        return steps, ResidualPlan(columns, [self.layerscale[name] for name in self.mixers])
+
     def _step(
         self, x: Tensor, u: Tensor, gates: Tensor | None, score: Tensor | None, state: dict[str, Any], collect_aux: bool, out: BlockOutput
     ) -> BlockOutput:
         """The rest of :meth:`forward` for one token per sequence, x and u (B, 1, D), without a gate threshold.
 
         The same arithmetic as the general loop with L = 1, in fewer ops: decoding runs this ~30 times per token
-        and each PyTorch op costs 5-10 us here, more than the matrix-vector products of some components.
+        and each PyTorch op costs 5-10 us here, more than the matrix-vector products of some components. The
+        components' steps and LayerScales are looked up once (:meth:`_decode_plan`), and the gated sum of their
+        updates is one call (:func:`hydra_kit.nn.decode_residual.gated_residual`).
         """
-        u_t, y = u[:, 0], x[:, 0]  # (B, D)
-        score_t = None if score is None else score[:, 0]  # (B,)
-        gates_t = None if gates is None else gates[:, 0]  # (B, G)
-        context = ComponentContext(score_t, None, collect_aux)
-        for name, component in self.mixers.items():
-            if name in self.knocked_out:
-                out.state[name] = state[name]
-                continue
-            stepped = cast("TriPathComponent", component).step(u_t, state[name], context)
-            column = self.gate_index.get(name) if gates_t is not None else None
-            scale = self.layerscale[name]
-            if column is not None:
-                assert gates_t is not None
-                scale = gates_t[:, column : column + 1] * scale  # (B, 1): g_c * r_t^c
-            y = torch.addcmul(y, stepped.update, scale)
+        u_t = u[:, 0]  # (B, D)
+        context = ComponentContext(None if score is None else score[:, 0], None, collect_aux)  # score (B,)
+        (steps, plan), _ = self.kernel_parameters(self._decode_plan)
+        updates = []
+        for name, step in steps:
+            stepped = step(u_t, state[name], context)
+            updates.append(stepped.update)
             if stepped.aux_losses:
                 out.aux_losses.update({f"{name}.{k}": v for k, v in stepped.aux_losses.items()})
             if stepped.stats:
                 out.stats.update({f"{name}.{k}": v for k, v in stepped.stats.items()})
             out.state[name] = stepped.state
-        out.hidden = y[:, None]
+        out.hidden = gated_residual(x[:, 0], updates, None if gates is None else gates[:, 0], plan)[:, None]  # (B, 1, D)
         return out

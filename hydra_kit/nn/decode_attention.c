@@ -18,6 +18,17 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+
+/* A set of keys is described by SET_FIELDS integers: the addresses of key (0, 0, 0) and of value (0, 0, 0), the
+ * number of keys, the batch, head and key strides in floats, and the address of a (B, n) byte mask of visible
+ * keys (0: all visible). */
+#define SET_FIELDS 7
+#define KEYS(set) ((const float *)(intptr_t)sets[SET_FIELDS * (set)])
+#define VALUES(set) ((const float *)(intptr_t)sets[SET_FIELDS * (set) + 1])
+#define LENGTH(set) ((long)sets[SET_FIELDS * (set) + 2])
+#define STRIDE(set, i) ((long)sets[SET_FIELDS * (set) + 3 + (i)])
+#define MASK(set) ((const unsigned char *)(intptr_t)sets[SET_FIELDS * (set) + 6])
 
 static inline float dot(const float *a, const float *b, long n) {
     float s = 0.0f;
@@ -38,22 +49,18 @@ void hk_attention_by_head(const float *q,                    /* (B, H, hd) */
                           float *out,                        /* (B, H, hd) */
                           float *scores,                     /* scratch (B * H * total keys) */
                           long batch, long heads, long head_dim, float scale, long n_sets,
-                          const float *const *keys,          /* per set: address of key (0, 0, 0) */
-                          const float *const *values,        /* per set: address of value (0, 0, 0) */
-                          const long *lengths,               /* per set: number of keys */
-                          const long *strides,               /* per set: batch, head and key strides */
-                          const unsigned char *const *masks, /* per set: (B, n) visible keys, or NULL: all */
+                          const int64_t *sets,               /* n_sets x SET_FIELDS */
                           long total) {
 #pragma omp parallel for schedule(static)
     for (long bh = 0; bh < batch * heads; bh++) {
         const long b = bh / heads, h = bh % heads;
         const float *qv = q + bh * head_dim;
         float *s = scores + bh * total, peak = -INFINITY;
-        for (long set = 0, at = 0; set < n_sets; at += lengths[set], set++) {
-            const float *k = keys[set] + b * strides[3 * set] + h * strides[3 * set + 1];
-            const long step = strides[3 * set + 2];
-            const unsigned char *mask = masks[set] ? masks[set] + b * lengths[set] : NULL;
-            for (long t = 0; t < lengths[set]; t++) {
+        for (long set = 0, at = 0; set < n_sets; at += LENGTH(set), set++) {
+            const float *k = KEYS(set) + b * STRIDE(set, 0) + h * STRIDE(set, 1);
+            const long step = STRIDE(set, 2);
+            const unsigned char *mask = MASK(set) ? MASK(set) + b * LENGTH(set) : NULL;
+            for (long t = 0; t < LENGTH(set); t++) {
                 const float score = !mask || mask[t] ? scale * dot(qv, k + t * step, head_dim) : -INFINITY;
                 s[at + t] = score;
                 peak = score > peak ? score : peak;
@@ -68,10 +75,10 @@ void hk_attention_by_head(const float *q,                    /* (B, H, hd) */
             s[t] = expf(s[t] - peak); /* a masked key's -inf gives 0 */
             norm += s[t];
         }
-        for (long set = 0, at = 0; set < n_sets; at += lengths[set], set++) {
-            const float *v = values[set] + b * strides[3 * set] + h * strides[3 * set + 1];
-            const long step = strides[3 * set + 2];
-            for (long t = 0; t < lengths[set]; t++)
+        for (long set = 0, at = 0; set < n_sets; at += LENGTH(set), set++) {
+            const float *v = VALUES(set) + b * STRIDE(set, 0) + h * STRIDE(set, 1);
+            const long step = STRIDE(set, 2);
+            for (long t = 0; t < LENGTH(set); t++)
                 if (s[at + t] != 0.0f) accumulate(o, s[at + t], v + t * step, head_dim);
         }
         for (long d = 0; d < head_dim; d++) o[d] /= norm;
@@ -82,11 +89,7 @@ void hk_attention_by_key(const float *q,                    /* (B, H, hd) */
                          float *out,                        /* (B, H, hd) */
                          float *scratch,                    /* (B * tiles_per_sequence * H * (2 + hd + tile)) */
                          long batch, long heads, long head_dim, float scale, long n_sets,
-                         const float *const *keys,          /* per set: address of key (0, 0, 0) */
-                         const float *const *values,        /* per set: address of value (0, 0, 0) */
-                         const long *lengths,               /* per set: number of keys */
-                         const long *strides,               /* per set: batch, head and key strides */
-                         const unsigned char *const *masks, /* per set: (B, n) visible keys, or NULL: all */
+                         const int64_t *sets,               /* n_sets x SET_FIELDS */
                          long tile,                         /* keys per work item */
                          long tiles_per_sequence) {
     const long item_floats = heads * (2 + head_dim + tile); /* per item: maxima, weight sums, outputs, scores */
@@ -96,12 +99,12 @@ void hk_attention_by_key(const float *q,                    /* (B, H, hd) */
         for (long item = 0; item < batch * tiles_per_sequence; item++) {
             const long b = item / tiles_per_sequence;
             long at = item % tiles_per_sequence, set = 0;
-            while (at >= tiles(lengths[set], tile)) at -= tiles(lengths[set++], tile);
-            const long first = at * tile, n = lengths[set] - first < tile ? lengths[set] - first : tile;
-            const long head_stride = strides[3 * set + 1], key_stride = strides[3 * set + 2];
-            const float *k = keys[set] + b * strides[3 * set] + first * key_stride;
-            const float *v = values[set] + b * strides[3 * set] + first * key_stride;
-            const unsigned char *mask = masks[set] ? masks[set] + b * lengths[set] + first : NULL;
+            while (at >= tiles(LENGTH(set), tile)) at -= tiles(LENGTH(set), tile), set++;
+            const long first = at * tile, n = LENGTH(set) - first < tile ? LENGTH(set) - first : tile;
+            const long head_stride = STRIDE(set, 1), key_stride = STRIDE(set, 2);
+            const float *k = KEYS(set) + b * STRIDE(set, 0) + first * key_stride;
+            const float *v = VALUES(set) + b * STRIDE(set, 0) + first * key_stride;
+            const unsigned char *mask = MASK(set) ? MASK(set) + b * LENGTH(set) + first : NULL;
             float *peak = scratch + item * item_floats, *weight = peak + heads, *o = weight + heads;
             float *s = o + heads * head_dim; /* (H, tile) */
             const float *qb = q + b * heads * head_dim;

@@ -27,17 +27,13 @@ _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(
     Path(__file__).with_name("decode_attention.c"),
     {
-        "hk_attention_by_head": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _p, _p, _p, _p, _l],
-        "hk_attention_by_key": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _p, _p, _p, _p, _l, _l],
+        "hk_attention_by_head": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _l],
+        "hk_attention_by_key": [_p, _p, _p, _l, _l, _l, _f, _l, _p, _l, _l],
     },
 )
 
 KeySet = tuple[Tensor, Tensor, Tensor | None]
 MIN_TILE, MAX_TILE = 64, 2048
-
-
-def _strided_ok(t: Tensor) -> bool:
-    return t.dtype is torch.float32 and t.is_cpu and t.dim() == 4 and t.stride(-1) == 1
 
 
 def decode_attention_reference(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
@@ -65,29 +61,30 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
     """
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
     library = LIBRARY.load() if native.usable(q) else None
-    if library is None or not all(
-        _strided_ok(k) and _strided_ok(v) and k.stride() == v.stride() and k.shape == v.shape
-        and (m is None or (m.dtype is torch.bool and m.is_contiguous() and m.shape == (k.shape[0], k.shape[2])))
-        for k, v, m in sets
-    ):  # fmt: skip
-        return decode_attention_reference(q, sets, scale)
+    fields: list[int] = []  # per set, as decode_attention.c reads it (SET_FIELDS): addresses, length, strides, mask
+    head_major = True
+    for keys, values, mask in sets:
+        stride = keys.stride()
+        if library is None or not (
+            keys.dtype is torch.float32 and keys.is_cpu and keys.dim() == 4 and stride[3] == 1 and keys.shape == values.shape
+            and values.dtype is torch.float32 and values.is_cpu and values.stride() == stride
+            and (mask is None or (mask.dtype is torch.bool and mask.is_contiguous() and mask.shape == (keys.shape[0], keys.shape[2])))
+        ):  # fmt: skip
+            return decode_attention_reference(q, sets, scale)
+        head_major = head_major and stride[1] >= stride[2]
+        fields += (keys.data_ptr(), values.data_ptr(), keys.shape[2], *stride[:3], 0 if mask is None else mask.data_ptr())
+    assert library is not None
     batch, heads, head_dim = q.shape
-    lengths = [k.shape[2] for k, _, _ in sets]
-    n = len(sets)
-    addresses, longs = ctypes.c_void_p * n, ctypes.c_long * n
-    layout = (
-        addresses(*(k.data_ptr() for k, _, _ in sets)), addresses(*(v.data_ptr() for _, v, _ in sets)), longs(*lengths),
-        (ctypes.c_long * (3 * n))(*(s for k, _, _ in sets for s in k.stride()[:3])),
-        addresses(*(None if m is None else m.data_ptr() for _, _, m in sets)),
-    )  # fmt: skip
+    total = sum(k.shape[2] for k, _, _ in sets)
+    layout = (ctypes.c_int64 * len(fields))(*fields)
     out = q.new_empty(batch, heads, head_dim)
-    if all(k.stride(1) >= k.stride(2) for k, _, _ in sets):  # head-major: each thread streams whole heads
-        scores = q.new_empty(max(1, batch * heads * sum(lengths)))
-        library.hk_attention_by_head(q.data_ptr(), out.data_ptr(), scores.data_ptr(), batch, heads, head_dim, scale, n, *layout, sum(lengths))
+    if head_major:  # each thread streams whole heads
+        scores = q.new_empty(max(1, batch * heads * total))
+        library.hk_attention_by_head(q.data_ptr(), out.data_ptr(), scores.data_ptr(), batch, heads, head_dim, scale, len(sets), layout, total)
         return out
     # Key-major: tiles of keys. About eight per sequence keep both threads busy; longer ones cost nothing.
-    tile = min(MAX_TILE, max(MIN_TILE, -(-sum(lengths) // 8)))
-    tiles = sum(-(-length // tile) for length in lengths)  # work items per sequence
+    tile = min(MAX_TILE, max(MIN_TILE, -(-total // 8)))
+    tiles = sum(-(-k.shape[2] // tile) for k, _, _ in sets)  # work items per sequence
     scratch = q.new_empty(max(1, batch * tiles * heads * (2 + head_dim + tile)))  # per item: maxima, sums, outputs, scores
-    library.hk_attention_by_key(q.data_ptr(), out.data_ptr(), scratch.data_ptr(), batch, heads, head_dim, scale, n, *layout, tile, tiles)
+    library.hk_attention_by_key(q.data_ptr(), out.data_ptr(), scratch.data_ptr(), batch, heads, head_dim, scale, len(sets), layout, tile, tiles)
     return out

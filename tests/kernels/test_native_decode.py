@@ -15,13 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hydra_kit.components.kernels import moe_step, router_step, ssm_step
+from hydra_kit.components.kernels import moe_step, pkm_step, router_step, ssm_step
 from hydra_kit.components.moe import MixtureOfExperts
 from hydra_kit.components.ssm import SelectiveSSM
-from hydra_kit.nn import Linear, decode_attention, decode_linear, layers, native
+from hydra_kit.nn import Linear, decode_attention, decode_linear, decode_residual, decode_rotary, layers, native
 from hydra_kit.protocol import ComponentContext
 
-LIBRARIES = [decode_linear.LIBRARY, decode_attention.LIBRARY, layers._NORM_LIBRARY, ssm_step.LIBRARY, moe_step.LIBRARY, router_step.LIBRARY]
+LIBRARIES = [
+    decode_linear.LIBRARY, decode_attention.LIBRARY, decode_residual.LIBRARY, decode_rotary.LIBRARY, layers._NORM_LIBRARY,
+    ssm_step.LIBRARY, moe_step.LIBRARY, router_step.LIBRARY, pkm_step.LIBRARY,
+]  # fmt: skip
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on PATH")
 
 
@@ -213,6 +216,25 @@ def test_router_kernel_equals_the_pytorch_route(temperature: float) -> None:
     assert fast.gates.shape == reference.gates.shape == (2, 1, 3) and fast.global_score.shape == (2, 1)
     torch.testing.assert_close(fast.gates, reference.gates, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.global_score, reference.global_score, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_gated_residual_kernel_equals_the_pytorch_sum() -> None:
+    gen = torch.Generator().manual_seed(13)
+    x, *updates = torch.randn(4, 3, 40, generator=gen)  # (B, D) input and three updates
+    gates = torch.rand(3, 2, generator=gen)  # (B, G)
+    scales = [torch.nn.Parameter(torch.tensor(v)) for v in (0.8, 0.2, 0.5)]
+    plan = decode_residual.ResidualPlan([None, 1, 0], scales)
+    expected = x + scales[0] * updates[0] + scales[1] * gates[:, 1:] * updates[1] + scales[2] * gates[:, :1] * updates[2]
+    with torch.no_grad():
+        fast = decode_residual.gated_residual(x, updates, gates, plan)
+        with native.native_kernels(False):
+            slow = decode_residual.gated_residual(x, updates, gates, plan)
+        scales[1].fill_(-3.0)  # the kernel reads the LayerScales' current values, not a copy
+        changed = decode_residual.gated_residual(x, updates, gates, plan)
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(slow, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(changed - fast, -3.2 * gates[:, 1:] * updates[1], rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler

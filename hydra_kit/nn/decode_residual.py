@@ -1,0 +1,70 @@
+"""The gated residual sum of a tri-path block for a decoding step, as one C call on CPU (``decode_residual.c``)."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hydra_kit.nn import native
+
+__all__ = ["LIBRARY", "ResidualPlan", "gated_residual"]
+
+MAX_ROWS = 8  # past a few tokens the PyTorch ops' fixed cost no longer matters
+
+_l, _p = ctypes.c_long, ctypes.c_void_p
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("decode_residual.c"), {"hk_gated_residual": [_p, _p, _l, _l, _l, _p, _p, _l, _p, _p]})
+
+
+class ResidualPlan:
+    """Which gate column scales each update, and each update's LayerScale g, packed once for the kernel.
+
+    Args:
+        columns: per update, its column in the router's gates, or None for an ungated component.
+        scales: per update, its LayerScale parameter (0-dim).
+    """
+
+    def __init__(self, columns: Sequence[int | None], scales: Sequence[Tensor]) -> None:
+        self.columns = tuple(columns)
+        self.scales = tuple(scales)
+        # Detached views hold the storages the addresses point into (see native.addresses).
+        held = tuple(s.detach() for s in scales)
+        self.suits = all(s.dtype is torch.float32 and s.is_cpu and s.numel() == 1 for s in held)
+        self._held = held
+        self.scale_addresses = native.addresses(held)
+        self.column_array = (ctypes.c_long * len(columns))(*(-1 if c is None else c for c in columns))
+
+
+def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, plan: ResidualPlan) -> Tensor:
+    """``x + sum_c g_c * r[:, column_c] * update_c`` for x (B, D), updates (B, D) and gates (B, G) (or None).
+
+    Args:
+        x: (B, D) the block input.
+        updates: the components' updates, in the order of ``plan``.
+        gates: (B, G) the router's gates, needed when any plan column is not None.
+        plan: the columns and LayerScales (:class:`ResidualPlan`).
+    """
+    batch = x.shape[0]
+    gated = gates is not None and any(c is not None for c in plan.columns)
+    tensors = (x, *updates, gates) if gated and gates is not None else (x, *updates)
+    if plan.suits and batch <= MAX_ROWS and native.usable(*tensors):
+        library = LIBRARY.load()
+        if library is not None:
+            y = torch.empty_like(x)
+            library.hk_gated_residual(
+                x.data_ptr(), y.data_ptr(), batch, x.shape[1], len(updates),
+                (ctypes.c_int64 * len(updates))(*(u.data_ptr() for u in updates)),
+                gates.data_ptr() if gated and gates is not None else None, 0 if gates is None else gates.shape[-1],
+                plan.column_array, plan.scale_addresses,
+            )  # fmt: skip
+            return y
+    y = x
+    for update, column, scale in zip(updates, plan.columns, plan.scales, strict=True):
+        if column is not None:
+            assert gates is not None
+            scale = gates[:, column : column + 1] * scale  # (B, 1): g_c * r_t^c
+        y = torch.addcmul(y, update, scale)
+    return y
