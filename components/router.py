@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from hydra_kit.components.kernels.router_step import router_step_cpu
 from hydra_kit.nn import Linear
+from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
 
 
-class TokenRouter(RouterComponent):
+class TokenRouter(CachedParameters, RouterComponent):
     """Sigmoid gates per token and gated component, plus the global-token score for SGA.
 
     Args:
@@ -67,6 +68,7 @@ class TokenRouter(RouterComponent):
         self.register_buffer("rho", torch.zeros(0), persistent=False)
 
     def configure_gates(self, names: list[str]) -> None:
+        self.clear_kernel_parameters()
         self.gate_names = list(names)
         self.gate_proj = Linear(self.d_model, len(names))
         # Small weights and zero bias: every gate starts near sigmoid(0) = 0.5 (HYDRA.md 3.2).
@@ -81,16 +83,22 @@ class TokenRouter(RouterComponent):
             rho = [self.target_usage] * len(names)
         self.rho = torch.tensor(rho, dtype=self.gate_proj.weight.dtype)
 
+    def _step_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The weights the C step reads (cached by :meth:`kernel_parameters`)."""
+        assert self.gate_proj is not None and self.gate_proj.bias is not None
+        return self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight
+
     def active_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
-        if self.gate_proj is None:
-            raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
-        if not collect_aux and self.gate_names:
-            fused = router_step_cpu(x, self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight, self.temperature)
+        if not collect_aux and self.gate_names:  # gates exist: configure_gates() was called
+            (gate_weight, gate_bias, score_weight), suit_kernel = self.kernel_parameters(self._step_parameters)
+            fused = router_step_cpu(x, gate_weight, gate_bias, score_weight, self.temperature, weights_checked=True) if suit_kernel else None
             if fused is not None:  # decoding: the same gates and score in one C call (CPU, float32, no autograd)
                 return RouterOutput(gates=fused[0], global_score=fused[1], aux_losses={}, stats={})
+        if self.gate_proj is None:
+            raise RuntimeError(f"router of block {self.layer_idx}: configure_gates() was never called")
         logits = self.gate_proj(x)  # (B, L, G)
         gates = torch.sigmoid(logits if self.temperature == 1.0 else logits / self.temperature)
         score = self.score_proj(x).squeeze(-1)  # (B, L)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from hydra_kit.nn import RMSNorm
 from hydra_kit.nn.decode_residual import ResidualPlan, gated_residual
+from hydra_kit.nn.layers import rms_norm
 from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, RouterOutput, TriPathComponent
 
@@ -40,6 +41,19 @@ class BlockOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """The modules, parameters and settings a block's one-token step uses, collected once."""
+
+    norm_weight: Tensor
+    norm_eps: float
+    router: RouterComponent | None
+    router_name: str | None
+    route_takes_collect_aux: bool
+    steps: tuple[tuple[str, Callable[..., ComponentOutput]], ...]
+    residual: ResidualPlan
 
 
 class TriPathBlock(CachedParameters):
@@ -105,6 +119,10 @@ class TriPathBlock(CachedParameters):
         ``collect_aux=False`` (decoding) lets the components skip their auxiliary losses and statistics; the
         hidden state and the recurrent state are the same either way.
         """
+        if state is not None and x.shape[1] == 1 and not self.knocked_out:
+            stepped = self._decode_step(x, state, collect_aux)
+            if stepped is not None:
+                return stepped
         u = self.norm(x)
         out = BlockOutput(hidden=x)
         gates: Tensor | None = None
@@ -118,8 +136,6 @@ class TriPathBlock(CachedParameters):
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
         decoding = state is not None and x.shape[1] == 1
-        if decoding and threshold == 0 and state is not None and not self.knocked_out:
-            return self._step(x, u, gates, score, state, collect_aux, out)
         y = x
         if decoding:  # one token: each component's dedicated recurrent step (O(1) for the SSM and memories)
             u_t = u[:, 0]  # (B, D)
@@ -152,27 +168,41 @@ class TriPathBlock(CachedParameters):
         out.hidden = y
         return out
 
-    def _decode_plan(self) -> tuple[tuple[tuple[str, Callable[..., ComponentOutput]], ...], ResidualPlan]:
-        """Each component's ``step`` and the residual plan (gate columns, LayerScales), built once and cached."""
+    def _decode_plan(self) -> tuple[_DecodePlan]:
+        """What a one-token step looks up on every call, looked up once (cached by :meth:`kernel_parameters`)."""
         steps = tuple((name, cast("TriPathComponent", component).step) for name, component in self.mixers.items())
         columns = [self.gate_index.get(name) if self.router is not None else None for name in self.mixers]
-        return steps, ResidualPlan(columns, [self.layerscale[name] for name in self.mixers])
+        residual = ResidualPlan(columns, [self.layerscale[name] for name in self.mixers])
+        return (_DecodePlan(self.norm.weight, self.norm.eps, self.router, self.router_name, self._route_takes_collect_aux, steps, residual),)
 
-    def _step(
-        self, x: Tensor, u: Tensor, gates: Tensor | None, score: Tensor | None, state: dict[str, Any], collect_aux: bool, out: BlockOutput
-    ) -> BlockOutput:
-        """The rest of :meth:`forward` for one token per sequence, x and u (B, 1, D), without a gate threshold.
+    def _decode_step(self, x: Tensor, state: dict[str, Any], collect_aux: bool) -> BlockOutput | None:
+        """:meth:`forward` for one token per sequence, x (B, 1, D), or None when a gate threshold is in force.
 
-        The same arithmetic as the general loop with L = 1, in fewer ops: decoding runs this ~30 times per token
-        and each PyTorch op costs 5-10 us here, more than the matrix-vector products of some components. The
-        components' steps and LayerScales are looked up once (:meth:`_decode_plan`), and the gated sum of their
-        updates is one call (:func:`hydra_kit.nn.decode_residual.gated_residual`).
+        The same arithmetic as the general loop with L = 1, in fewer ops: decoding runs this for every block and
+        token, and each PyTorch op or module attribute lookup costs microseconds here, several times more while
+        the weights stream through the caches. The modules and parameters it needs are looked up once
+        (:meth:`_decode_plan`), and the gated sum of the updates is one call
+        (:func:`hydra_kit.nn.decode_residual.gated_residual`).
         """
+        (plan,), _ = self.kernel_parameters(self._decode_plan)
+        router = plan.router
+        if router is not None and router.gate_threshold > 0 and not self.training:
+            return None  # tokens may skip components: the general loop
+        u = rms_norm(x, plan.norm_weight, plan.norm_eps)  # (B, 1, D)
+        out = BlockOutput(hidden=x)
+        gates = score = None
+        if router is not None:
+            route: Callable[..., RouterOutput] = router.route  # the optional keyword is not in the base signature
+            routed = route(u, collect_aux=collect_aux) if plan.route_takes_collect_aux else route(u)
+            gates, score = routed.gates[:, 0], routed.global_score[:, 0]  # (B, G), (B,)
+            if routed.aux_losses:
+                out.aux_losses.update({f"{plan.router_name}.{k}": v for k, v in routed.aux_losses.items()})
+            if routed.stats:
+                out.stats.update({f"{plan.router_name}.{k}": v for k, v in routed.stats.items()})
         u_t = u[:, 0]  # (B, D)
-        context = ComponentContext(None if score is None else score[:, 0], None, collect_aux)  # score (B,)
-        (steps, plan), _ = self.kernel_parameters(self._decode_plan)
+        context = ComponentContext(score, None, collect_aux)
         updates = []
-        for name, step in steps:
+        for name, step in plan.steps:
             stepped = step(u_t, state[name], context)
             updates.append(stepped.update)
             if stepped.aux_losses:
@@ -180,5 +210,5 @@ class TriPathBlock(CachedParameters):
             if stepped.stats:
                 out.stats.update({f"{name}.{k}": v for k, v in stepped.stats.items()})
             out.state[name] = stepped.state
-        out.hidden = gated_residual(x[:, 0], updates, None if gates is None else gates[:, 0], plan)[:, None]  # (B, 1, D)
+        out.hidden = gated_residual(x[:, 0], updates, gates, plan.residual)[:, None]  # (B, 1, D)
         return out

@@ -23,7 +23,7 @@ LIBRARY = native.NativeLibrary(Path(__file__).with_name("router_step.c"), {"hk_r
 
 
 def router_step_cpu(
-    u: Tensor, gate_weight: Tensor, gate_bias: Tensor, score_weight: Tensor, temperature: float
+    u: Tensor, gate_weight: Tensor, gate_bias: Tensor, score_weight: Tensor, temperature: float, weights_checked: bool = False
 ) -> tuple[Tensor, Tensor] | None:
     """Gates (..., G) and score (...) of tokens u (..., D), or None when the kernel cannot take these tensors.
 
@@ -31,10 +31,12 @@ def router_step_cpu(
         u: (..., D) normalised block inputs, at most ``MAX_ROWS`` tokens.
         gate_weight: (G, D); gate_bias: (G,); score_weight: (1, D).
         temperature: tau of R2.
+        weights_checked: the caller has checked that the weights are contiguous float32 on the CPU
+            (:class:`hydra_kit.nn.native.CachedParameters`); only u is checked here.
     """
     d_model = u.shape[-1]
     rows = u.numel() // d_model
-    if not 0 < rows <= MAX_ROWS or not native.usable(u, gate_weight, gate_bias, score_weight):
+    if not 0 < rows <= MAX_ROWS or not native.usable(u, *(() if weights_checked else (gate_weight, gate_bias, score_weight))):
         return None
     library = LIBRARY.load()
     if library is None:
