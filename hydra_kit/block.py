@@ -120,9 +120,9 @@ class TriPathBlock(CachedParameters):
         hidden state and the recurrent state are the same either way.
         """
         if state is not None and x.shape[1] == 1 and not self.knocked_out:
-            stepped = self._decode_step(x, state, collect_aux)
-            if stepped is not None:
-                return stepped
+            decoded = self._decode_step(x, state, collect_aux)
+            if decoded is not None:
+                return decoded
         u = self.norm(x)
         out = BlockOutput(hidden=x)
         gates: Tensor | None = None
