@@ -49,11 +49,8 @@ class KVCache:
     def values(self) -> Tensor:  # (B, H, length, hd)
         return self.value_buffer[:, :, : self.length]
 
-    def append(self, k: Tensor, v: Tensor) -> KVCache:
-        """The cache after appending k, v (B, H, L, hd); writes in place when autograd is off."""
-        need = self.length + k.shape[2]
-        if torch.is_grad_enabled():
-            return KVCache(torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2), need)
+    def _buffers(self, need: int) -> tuple[Tensor, Tensor]:
+        """Key and value buffers with room for ``need`` tokens: these, or larger copies of them."""
         keys, values = self.key_buffer, self.value_buffer
         if keys.shape[2] < need:  # grow to the next whole block with at least `growth` free slots
             capacity = -(-(need + self.growth) // self.growth) * self.growth
@@ -61,9 +58,25 @@ class KVCache:
             values = values.new_empty(keys.shape)
             keys[:, :, : self.length] = self.keys
             values[:, :, : self.length] = self.values
+        return keys, values
+
+    def append(self, k: Tensor, v: Tensor) -> KVCache:
+        """The cache after appending k, v (B, H, L, hd); writes in place when autograd is off."""
+        need = self.length + k.shape[2]
+        if torch.is_grad_enabled():
+            return KVCache(torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2), need)
+        keys, values = self._buffers(need)
         keys[:, :, self.length : need] = k
         values[:, :, self.length : need] = v
         return KVCache(keys, values, need)
+
+    def next_slot(self) -> tuple[KVCache, Tensor, Tensor]:
+        """At inference: the cache with one more token, and (B, H, hd) views of that token's key and value slots.
+
+        The caller writes the new key and value into the slots (a decoding kernel can write them there directly).
+        """
+        keys, values = self._buffers(self.length + 1)
+        return KVCache(keys, values, self.length + 1), keys[:, :, self.length], values[:, :, self.length]
 
 
 class CausalSelfAttention(TriPathComponent):
@@ -104,22 +117,37 @@ class CausalSelfAttention(TriPathComponent):
     ) -> ComponentOutput:
         batch, seq_len, _ = x.shape
         past = 0 if state is None else state.length
-        fused = qkv_rotary(x[:, 0], self.qkv.weight, None, self.rotary.inv_freq, self.n_heads, past) if seq_len == 1 else None
-        if fused is not None:  # one decoding token: projection and rotation in one C call (CPU, float32, no autograd)
-            q, k, v = fused[:, :, :, None].unbind(1)  # (B, H, 1, hd)
-        else:
-            q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
+        if seq_len == 1 and state is not None and not torch.is_grad_enabled():
+            return self._decode(x, state)
+        q, k, v = self._qkv(x, past)  # (B, H, L, hd)
         cache = None if state is None else state.append(k, v)
         if cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
-            if seq_len == 1:  # one decoding step sees every cached key: no mask needed
-                y = decode_attention(q[:, :, 0], [(cache.keys, cache.values, None)], self.head_dim**-0.5)[:, :, None]
-            else:
-                visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
-                y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)
+            visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(batch, seq_len, self.d_model)  # (B, L, D)
         return ComponentOutput(update=self.out(y), state=cache if cache is not None else KVCache(k, v, seq_len))
+
+    def _qkv(self, x: Tensor, past: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries and keys, and values, (B, H, L, hd) each, of x (B, L, D) at positions past, past + 1, ..."""
+        batch, seq_len, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = self.rotary(torch.arange(past, past + seq_len, device=x.device))  # (L, hd/2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _decode(self, x: Tensor, state: KVCache) -> ComponentOutput:
+        """One token per sequence, x (B, 1, D), at inference: its key and value go straight into the cache."""
+        past = state.length
+        cache, key_slot, value_slot = state.next_slot()  # (B, H, hd) views of the new token's slot
+        # One C call (CPU, float32): projection, rotation, and the write of key and value into their slots.
+        fused = qkv_rotary(x[:, 0], self.qkv.weight, None, self.rotary.inv_freq, self.n_heads, past, key_slot, value_slot)
+        if fused is not None:
+            q = fused[:, 0]  # (B, H, hd)
+        else:
+            q, k, v = (t[:, :, 0] for t in self._qkv(x, past))
+            key_slot.copy_(k)
+            value_slot.copy_(v)
+        y = decode_attention(q, [(cache.keys, cache.values, None)], self.head_dim**-0.5)  # (B, H, hd): sees every key
+        return ComponentOutput(update=self.out(y.reshape(x.shape[0], 1, self.d_model)), state=cache)

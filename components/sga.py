@@ -62,6 +62,9 @@ class SGAState:
             ``window`` tokens instead of once per token). Like a key/value cache, such a state is append-only:
             continue from the state a step returned, never twice from the same one.
         start: index of ``keys[:, 0]`` in the buffers.
+        global_reveal: (B, G) long or None: for each global, the first position whose query sees it (past the
+            window; the largest long for an empty slot). Derived from ``global_scores`` and ``global_pos`` by
+            ``step``, kept until the globals change.
     """
 
     keys: Tensor
@@ -75,6 +78,7 @@ class SGAState:
     key_buffer: Tensor | None = None
     value_buffer: Tensor | None = None
     start: int = 0
+    global_reveal: Tensor | None = None
 
 
 def select_globals(chunk_scores: Tensor, per_chunk: int) -> Tensor:
@@ -425,50 +429,60 @@ class SparseGlobalAttention(TriPathComponent):
             new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
         return ComponentOutput(update=update, stats=stats, state=new_state)
 
-    def _append(
-        self, state: SGAState, key: Tensor, value: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
-        """The window with one more token: keys, values (B, n + 1, H, hd), and the buffers they live in.
+    def _window_with(self, state: SGAState, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int]:
+        """The query (B, H, hd) of token x_t (B, D), and the window with its key and value: (B, n + 1, H, hd) each.
 
-        Under autograd, a concatenation (in-place writes would corrupt saved activations). At inference, an
-        in-place write after the window's view of its buffer, which is reallocated with room for ``window`` more
-        tokens when full or missing (the state came from ``forward`` or ``init_state``).
+        Also returns the buffers the window lives in and its start in them. Under autograd, a concatenation
+        (in-place writes would corrupt saved activations). At inference, the new key and value go in place after
+        the window's view of its buffer, which is reallocated with room for ``window`` more tokens when full or
+        missing (the state came from ``forward`` or ``init_state``); the C kernel writes them there directly.
         """
-        n = state.keys.shape[1]
+        n, pos = state.keys.shape[1], state.offset
         if torch.is_grad_enabled():
-            return torch.cat([state.keys, key[:, None]], 1), torch.cat([state.values, value[:, None]], 1), None, None, 0
+            q, key, value = self._qkv_step(x_t, pos)
+            return q, torch.cat([state.keys, key[:, None]], 1), torch.cat([state.values, value[:, None]], 1), None, None, 0
         key_buffer, value_buffer, start = state.key_buffer, state.value_buffer, state.start
         if key_buffer is None or value_buffer is None or start + n >= key_buffer.shape[1]:
             batch, _, h, hd = state.keys.shape
-            key_buffer = key.new_empty(batch, n + self.window + 1, h, hd)
+            key_buffer = x_t.new_empty(batch, n + self.window + 1, h, hd)
             value_buffer = torch.empty_like(key_buffer)
             key_buffer[:, :n], value_buffer[:, :n], start = state.keys, state.values, 0
-        key_buffer[:, start + n] = key
-        value_buffer[:, start + n] = value
-        return key_buffer[:, start : start + n + 1], value_buffer[:, start : start + n + 1], key_buffer, value_buffer, start
+        slot = start + n
+        # One C call (CPU, float32): the projections, the rotations, and the key and value written into their slot.
+        fused = qkv_rotary(x_t, self.q.weight, self.kv.weight, self.rotary.inv_freq, self.n_heads, pos, key_buffer[:, slot], value_buffer[:, slot])
+        if fused is not None:
+            q = fused[:, 0]
+        else:
+            q, key_buffer[:, slot], value_buffer[:, slot] = self._qkv_step(x_t, pos)
+        return q, key_buffer[:, start : slot + 1], value_buffer[:, start : slot + 1], key_buffer, value_buffer, start
+
+    def _qkv_step(self, x_t: Tensor, pos: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Query and key rotated to position ``pos``, and value, (B, H, hd) each, of one token x_t (B, D)."""
+        key, value = self.kv(x_t).view(x_t.shape[0], 2, self.n_heads, self.head_dim).unbind(1)  # (B, H, hd)
+        cos, sin = self.rotary(torch.tensor([pos], device=x_t.device))  # (1, hd / 2), shared by key and query
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
+        q = self.q(x_t).view(x_t.shape[0], self.n_heads, self.head_dim)
+        return apply_rotary(q, cos, sin), apply_rotary(key, cos, sin), value
 
     def step(self, x_t: Tensor, state: SGAState, context: ComponentContext | None = None) -> ComponentOutput:
         """One token x_t (B, D): one query against the window and the visible globals; O(window + max_global)."""
         batch = x_t.shape[0]
         h, hd, w = self.n_heads, self.head_dim, self.window
-        score = None if context is None or context.global_score is None else context.global_score.to(x_t.dtype)
+        score = None if context is None else context.global_score
+        if score is not None and score.dtype != x_t.dtype:
+            score = score.to(x_t.dtype)
         keep = None if context is None else context.keep
         pos = state.offset
-        qkv = qkv_rotary(x_t, self.q.weight, self.kv.weight, self.rotary.inv_freq, h, pos)  # (B, 3, H, hd)
-        if qkv is not None:  # one C call (CPU, float32, no autograd): the projections and rotations below
-            q, key, value = qkv.unbind(1)
-        else:
-            key, value = self.kv(x_t).view(batch, 2, h, hd).unbind(1)  # (B, H, hd)
-            cos, sin = self.rotary(torch.tensor([pos], device=x_t.device))  # (1, hd / 2), shared by key and query
-            cos, sin = cos[:, None], sin[:, None]  # (1, 1, hd / 2): broadcast over batch and heads
-            key = apply_rotary(key, cos, sin)
-            q = apply_rotary(self.q(x_t).view(batch, h, hd), cos, sin)  # (B, H, hd); unused by skipped tokens
-        keys, values, key_buffer, value_buffer, start = self._append(state, key, value)  # (B, n + 1, H, hd) each
+        q, keys, values, key_buffer, value_buffer, start = self._window_with(state, x_t)  # (B, H, hd), (B, n + 1, H, hd)
+        reveal = state.global_reveal
         if keep is not None and not bool(keep.any()):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query
         else:
-            reads_globals = score is not None and self.uses_globals and state.global_keys.shape[1] > 0
-            visible = (state.global_scores > NEG_INF) & (pos > state.global_pos + w) if reads_globals else None  # (B, G)
+            visible = None
+            if score is not None and self.uses_globals and state.global_keys.shape[1] > 0:
+                if reveal is None:  # a global is visible past the window; an empty slot never
+                    reveal = torch.where(state.global_scores > NEG_INF, state.global_pos + (w + 1), torch.iinfo(torch.long).max)
+                visible = reveal <= pos  # (B, G)
             sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
             if visible is not None:
                 sets.append((state.global_keys.transpose(1, 2), state.global_values.transpose(1, 2), visible))
@@ -491,6 +505,7 @@ class SparseGlobalAttention(TriPathComponent):
             key_buffer=key_buffer,
             value_buffer=value_buffer,
             start=start + dropped,
+            global_reveal=reveal,
         )
         if new_state.partial_scores.shape[1] == w:  # the chunk is complete: promote its globals
             if self.uses_globals:
@@ -501,5 +516,6 @@ class SparseGlobalAttention(TriPathComponent):
                 first = max(0, promoted[0].shape[1] - self.max_global)
                 kept = (g[:, first:] for g in promoted)
                 new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
+                new_state.global_reveal = None
             new_state.partial_scores = new_state.partial_scores[:, :0]
         return ComponentOutput(update=update, state=new_state)

@@ -23,7 +23,7 @@ void hk_moe_step(const float *x,              /* (D) */
                  const float *const *down,    /* E addresses of (D, F) */
                  float *y,                    /* (D) output */
                  long *chosen,                /* (k) output: the experts, in decreasing probability */
-                 float *scratch,              /* (E + 2F) */
+                 float *scratch,              /* (E + k F) */
                  long n_experts, long d_model, long hidden, long top_k) {
     float *probs = scratch, *h = scratch + n_experts;
     float peak = -INFINITY, total = 0.0f;
@@ -44,19 +44,22 @@ void hk_moe_step(const float *x,              /* (D) */
         weights[j] = probs[best] / total;
         picked += weights[j];
     }
-    for (long o = 0; o < d_model; o++) y[o] = 0.0f;
-    for (long j = 0; j < top_k; j++) {
-        const float *gu = gate_up[chosen[j]], *dn = down[chosen[j]];
-        const float scale = weights[j] / picked;
+    /* All k experts in one parallel region of two phases, so each phase has k experts' rows in flight: first
+     * every hidden unit of every pick, then every output summed over the picks in their order. */
 #pragma omp parallel
-        {
+    {
 #pragma omp for schedule(static)
-            for (long f = 0; f < hidden; f++) {
-                const float gate = dot(gu + f * d_model, x, d_model), up = dot(gu + (hidden + f) * d_model, x, d_model);
-                h[f] = silu(gate) * up * scale;
-            }
+        for (long jf = 0; jf < top_k * hidden; jf++) {
+            const long j = jf / hidden, f = jf % hidden;
+            const float *gu = gate_up[chosen[j]];
+            const float gate = dot(gu + f * d_model, x, d_model), up = dot(gu + (hidden + f) * d_model, x, d_model);
+            h[jf] = silu(gate) * up * (weights[j] / picked);
+        }
 #pragma omp for schedule(static)
-            for (long o = 0; o < d_model; o++) y[o] += dot(dn + o * hidden, h, hidden);
+        for (long o = 0; o < d_model; o++) {
+            float sum = 0.0f;
+            for (long j = 0; j < top_k; j++) sum += dot(down[chosen[j]] + o * hidden, h + j * hidden, hidden);
+            y[o] = sum;
         }
     }
 }

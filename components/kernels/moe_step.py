@@ -60,7 +60,7 @@ def moe_step_cpu(
     hidden = down[0].shape[1]
     y = x_t.new_empty(1, d_model)
     chosen = torch.empty(top_k, dtype=torch.long)
-    scratch = x_t.new_empty(n_experts + 2 * hidden)
+    scratch = x_t.new_empty(n_experts + top_k * hidden)  # probabilities, the picks' hidden units
     gate_up_at, down_at = expert_addresses or (native.addresses(gate_up), native.addresses(down))
     library.hk_moe_step(
         x_t.data_ptr(), router_weight.data_ptr(), gate_up_at, down_at, y.data_ptr(), chosen.data_ptr(),

@@ -59,8 +59,8 @@ def pkm_read_cpu(
         return None
     d_key = 2 * half
     out = x.new_empty(*x.shape[:-1], d_value)
-    scratch = x.new_empty(heads * (d_key + 2 * n_keys + 2 * top_k + n_candidates))
-    index_scratch = torch.empty(3 * top_k, dtype=torch.long)
+    scratch = x.new_empty(heads * (d_key + 2 * n_keys + 2 * top_k + n_candidates + d_value))
+    index_scratch = torch.empty(heads * 3 * top_k, dtype=torch.long)
     library.hk_pkm_step(
         *(t.data_ptr() for t in (x, query_weight, gain, bias, sub_keys, values, rows, cols, out, scratch, index_scratch)),
         tokens, d_model, heads, d_key, n_keys, top_k, n_candidates, d_value, eps,

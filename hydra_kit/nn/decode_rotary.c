@@ -2,9 +2,13 @@
  *
  * out[b] = (W x_b) for the rows of W_a followed by the rows of W_b (the caller's layout: rows of queries, then
  * keys, then values, each H heads of hd), and the first 2 * H * hd rows (queries and keys) rotated by RoPE at
- * absolute position pos: per head, pairs (i, i + hd/2) turn by pos * inv_freq[i] (hydra_kit/nn/rotary.py). */
+ * absolute position pos: per head, pairs (i, i + hd/2) turn by pos * inv_freq[i] (hydra_kit/nn/rotary.py).
+ * Given destinations, the keys and values are also written there (a slot of a key/value cache, in any layout
+ * with contiguous heads), which saves the caller two indexing copies per step. */
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 static inline float dot(const float *a, const float *b, long n) {
     float s = 0.0f;
@@ -18,7 +22,9 @@ void hk_qkv_rotary(const float *x,        /* (B, D) */
                    const float *w_b,      /* (rows_b, D) or NULL */
                    const float *inv_freq, /* (hd / 2) */
                    float *out,            /* (B, rows_a + rows_b) */
-                   long batch, long d_model, long rows_a, long rows_b, long heads, long head_dim, long pos) {
+                   long batch, long d_model, long rows_a, long rows_b, long heads, long head_dim, long pos,
+                   const int64_t *dst) {  /* NULL, or the addresses of key (0, 0) and value (0, 0) of (B, H, hd)
+                                             destinations and their batch and head strides in floats */
     const long rows = rows_a + rows_b, half = head_dim / 2;
     /* One table for every head and sequence. The angle is rounded to float as in rotary.py; its cosine is taken
      * in double, because float cosf/sinf of arguments in the thousands (long contexts) take a slow exact-
@@ -46,6 +52,14 @@ void hk_qkv_rotary(const float *x,        /* (B, D) */
                     const float c = cos_t[i], s = sin_t[i], x1 = v[i], x2 = v[i + half];
                     v[i] = x1 * c - x2 * s;
                     v[i + half] = x2 * c + x1 * s;
+                }
+            }
+            if (dst) {
+#pragma omp for schedule(static)
+                for (long h = 0; h < 2 * heads; h++) { /* keys, then values */
+                    const long which = h / heads, head = h % heads;
+                    float *to = (float *)(intptr_t)dst[which] + b * dst[2 + 2 * which] + head * dst[3 + 2 * which];
+                    memcpy(to, ob + (heads + h) * head_dim, (size_t)head_dim * sizeof(float));
                 }
             }
         }

@@ -267,6 +267,15 @@ def test_qkv_rotary_kernel_equals_projection_then_rope(split: bool) -> None:
     reference = torch.stack([apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v], 1)
     assert fast is not None
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    # Keys and values written into a cache slot as well, in either cache layout; nothing else in the cache changes.
+    for cache in (torch.zeros(2, batch, heads, 5, hd), torch.zeros(2, batch, 5, heads, hd)):  # (B, H, n, hd), (B, n, H, hd)
+        key_slot, value_slot = (cache[0, :, :, 3], cache[1, :, :, 3]) if cache.shape[2] == heads else (cache[0, :, 3], cache[1, :, 3])
+        with torch.no_grad():
+            again = qkv_rotary(x, *parts, rotary.inv_freq, heads, pos, key_slot, value_slot)
+        assert again is not None and torch.equal(again, fast)
+        torch.testing.assert_close(key_slot, fast[:, 1])
+        torch.testing.assert_close(value_slot, fast[:, 2])
+        assert int((cache != 0).sum()) == 2 * batch * heads * hd
 
 
 @needs_compiler
