@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hydra_kit.components.kernels.workspace_step import workspace_read_cpu
 from hydra_kit.nn import Linear
 from hydra_kit.nn.decode_attention import decode_attention
+from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 
@@ -43,7 +45,7 @@ class WorkspaceState:
     read_kv: Tensor | None = None
 
 
-class WorkspaceMemory(TriPathComponent):
+class WorkspaceMemory(CachedParameters, TriPathComponent):
     """Per-sequence slot memory with chunk-wise gated writes and multi-hop reads; state = slots + pending chunk.
 
     Args:
@@ -123,14 +125,17 @@ class WorkspaceMemory(TriPathComponent):
         Same result as ``forward`` on a length-1 input; the slots' read keys and values are cached in the state.
         """
         read_kv = self.read_kv(state.slots) if state.read_kv is None else state.read_kv  # (B, S, 2 Ds)
-        keys, values = (t[:, None] for t in read_kv.chunk(2, dim=-1))  # (B, 1, S, Ds): one head of width Ds
-        query = self.read_query(x_t)[:, None]  # (B, 1, Ds)
-        read = query
-        for _ in range(self.read_hops):
-            # One query: the decoding kernel, about 5 us here where scaled_dot_product_attention costs 90.
-            read = decode_attention(query, [(keys, values, None)], self.d_slot**-0.5)  # (B, 1, Ds)
-            query = query + self.hop(read)
-        update = self.out(read[:, 0])  # (B, D)
+        (query_weight, hop_weight, out_weight), suit_kernel = self.kernel_parameters(self._step_parameters)
+        update = workspace_read_cpu(x_t, query_weight, read_kv, hop_weight, out_weight, self.read_hops, True) if suit_kernel else None
+        if update is None:  # else: the same read as below, in one C call (CPU, float32, no autograd)
+            keys, values = (t[:, None] for t in read_kv.chunk(2, dim=-1))  # (B, 1, S, Ds): one head of width Ds
+            query = self.read_query(x_t)[:, None]  # (B, 1, Ds)
+            read = query
+            for _ in range(self.read_hops):
+                # One query: the decoding kernel, about 5 us here where scaled_dot_product_attention costs 90.
+                read = decode_attention(query, [(keys, values, None)], self.d_slot**-0.5)  # (B, 1, Ds)
+                query = query + self.hop(read)
+            update = self.out(read[:, 0])  # (B, D)
         pending = torch.cat([state.pending, x_t[:, None]], dim=1)  # (B, n + 1, D)
         stats: dict[str, Tensor] = {}
         if pending.shape[1] < self.chunk_size:
@@ -139,6 +144,10 @@ class WorkspaceMemory(TriPathComponent):
         if collects_aux(context):
             stats["write_gate"] = gate.detach()
         return ComponentOutput(update=update, stats=stats, state=WorkspaceState(slots, pending[:, :0]))
+
+    def _step_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The weights the C read kernel takes (cached by :meth:`kernel_parameters`)."""
+        return self.read_query.weight, self.hop.weight, self.out.weight
 
     def flops_per_token(self, seq_len: int) -> float:
         d, ds, s, q = self.d_model, self.d_slot, self.n_slots, self.chunk_size

@@ -36,6 +36,8 @@ class ResidualPlan:
         self._held = held
         self.scale_addresses = native.addresses(held)
         self.column_array = (ctypes.c_long * len(columns))(*(-1 if c is None else c for c in columns))
+        self.gated = any(c is not None for c in columns)
+        self.update_array = ctypes.c_int64 * len(columns)
 
 
 def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, plan: ResidualPlan) -> Tensor:
@@ -48,16 +50,15 @@ def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, p
         plan: the columns and LayerScales (:class:`ResidualPlan`).
     """
     batch = x.shape[0]
-    gated = gates is not None and any(c is not None for c in plan.columns)
-    tensors = (x, *updates, gates) if gated and gates is not None else (x, *updates)
-    if plan.suits and batch <= MAX_ROWS and native.usable(*tensors):
+    if len(updates) != len(plan.columns) or (plan.gated and gates is None):
+        raise ValueError(f"gated_residual: {len(updates)} updates for a plan of {len(plan.columns)} (gated: {plan.gated}, gates given: {gates is not None})")
+    if plan.suits and batch <= MAX_ROWS and native.usable(x, *updates, *((gates,) if plan.gated else ())):
         library = LIBRARY.load()
         if library is not None:
             y = torch.empty_like(x)
             library.hk_gated_residual(
-                x.data_ptr(), y.data_ptr(), batch, x.shape[1], len(updates),
-                (ctypes.c_int64 * len(updates))(*(u.data_ptr() for u in updates)),
-                gates.data_ptr() if gated and gates is not None else None, 0 if gates is None else gates.shape[-1],
+                x.data_ptr(), y.data_ptr(), batch, x.shape[1], len(updates), plan.update_array(*(u.data_ptr() for u in updates)),
+                gates.data_ptr() if plan.gated and gates is not None else None, 0 if gates is None else gates.shape[-1],
                 plan.column_array, plan.scale_addresses,
             )  # fmt: skip
             return y
