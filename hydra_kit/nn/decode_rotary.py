@@ -21,7 +21,7 @@ __all__ = ["LIBRARY", "MAX_HALF_WIDTH", "qkv_rotary"]
 MAX_HALF_WIDTH = 512  # the kernel's rotary table lives on its stack: head widths up to 1024
 
 _l, _p = ctypes.c_long, ctypes.c_void_p
-_ARGUMENTS: list[type] = [_p] * 5 + [_l] * 7 + [_p]
+_ARGUMENTS: list[type] = [_p, _p, _p, _p, _p, _l, _l, _l, _l, _l, _l, _l, _p]  # x, weights, freqs, out; sizes; slots
 LIBRARY = native.NativeLibrary(Path(__file__).with_name("decode_rotary.c"), {"hk_qkv_rotary": _ARGUMENTS})
 
 
