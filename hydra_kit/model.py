@@ -212,7 +212,7 @@ class HydraLM(L.LightningModule):
         ``collect_aux=False`` (decoding) skips the auxiliary losses and statistics: the output then has empty
         ``aux_losses`` and ``stats``, and the same logits and state.
         """
-        limit = self.max_seq_len
+        limit = self.max_seq_len if input_ids.shape[1] > 1 else None  # every component takes one token (decoding)
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens {self._length_bound()} supports")
         h = self.embed(input_ids)  # (B, L, D)
