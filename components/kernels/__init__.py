@@ -12,6 +12,7 @@ and each exposes an ``*unavailable_reason`` function that says, in words, why it
 CPU decoding kernels, C compiled on first use by :mod:`hydra_kit.nn.native` (a wrapper returns None when a
 kernel cannot take its tensors, and the component runs its PyTorch step):
 
-- :mod:`.ssm_step`, :mod:`.moe_step`, :mod:`.router_step`, :mod:`.pkm_step`: the one-token step of the SSM, the
-  mixture of experts, the router and the product-key memory read, each as one call.
+- :mod:`.ssm_step`, :mod:`.moe_step`, :mod:`.router_step`, :mod:`.pkm_step`, :mod:`.workspace_step`: the
+  one-token step of the SSM, the mixture of experts, the router, the product-key memory read and the workspace
+  read, each as one call.
 """
