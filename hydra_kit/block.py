@@ -52,7 +52,7 @@ class _DecodePlan:
     router: RouterComponent | None
     router_name: str | None
     route_takes_collect_aux: bool
-    steps: tuple[tuple[str, Callable[..., ComponentOutput]], ...]
+    components: tuple[tuple[str, TriPathComponent], ...]
     residual: ResidualPlan
 
 
@@ -170,10 +170,10 @@ class TriPathBlock(CachedParameters):
 
     def _decode_plan(self) -> tuple[_DecodePlan]:
         """What a one-token step looks up on every call, looked up once (cached by :meth:`kernel_parameters`)."""
-        steps = tuple((name, cast("TriPathComponent", component).step) for name, component in self.mixers.items())
+        components = tuple((name, cast("TriPathComponent", component)) for name, component in self.mixers.items())
         columns = [self.gate_index.get(name) if self.router is not None else None for name in self.mixers]
         residual = ResidualPlan(columns, [self.layerscale[name] for name in self.mixers])
-        return (_DecodePlan(self.norm.weight, self.norm.eps, self.router, self.router_name, self._route_takes_collect_aux, steps, residual),)
+        return (_DecodePlan(self.norm.weight, self.norm.eps, self.router, self.router_name, self._route_takes_collect_aux, components, residual),)
 
     def _decode_step(self, x: Tensor, state: dict[str, Any], collect_aux: bool) -> BlockOutput | None:
         """:meth:`forward` for one token per sequence, x (B, 1, D), or None when a gate threshold is in force.
@@ -181,7 +181,8 @@ class TriPathBlock(CachedParameters):
         The same arithmetic as the general loop with L = 1, in fewer ops: decoding runs this for every block and
         token, and each PyTorch op or module attribute lookup costs microseconds here, several times more while
         the weights stream through the caches. The modules and parameters it needs are looked up once
-        (:meth:`_decode_plan`), and the gated sum of the updates is one call
+        (:meth:`_decode_plan`; the components' ``step`` methods are still looked up per call, so a replaced
+        method takes effect), and the gated sum of the updates is one call
         (:func:`hydra_kit.nn.decode_residual.gated_residual`).
         """
         (plan,), _ = self.kernel_parameters(self._decode_plan)
@@ -202,8 +203,8 @@ class TriPathBlock(CachedParameters):
         u_t = u[:, 0]  # (B, D)
         context = ComponentContext(score, None, collect_aux)
         updates = []
-        for name, step in plan.steps:
-            stepped = step(u_t, state[name], context)
+        for name, component in plan.components:
+            stepped = component.step(u_t, state[name], context)
             updates.append(stepped.update)
             if stepped.aux_losses:
                 out.aux_losses.update({f"{name}.{k}": v for k, v in stepped.aux_losses.items()})
