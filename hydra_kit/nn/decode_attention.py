@@ -67,6 +67,7 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
         stride = keys.stride()
         if library is None or not (
             keys.dtype is torch.float32 and keys.is_cpu and keys.dim() == 4 and stride[3] == 1 and keys.shape == values.shape
+            and keys.shape[:2] == q.shape[:2] and keys.shape[3] == q.shape[2]
             and values.dtype is torch.float32 and values.is_cpu and values.stride() == stride
             and (mask is None or (mask.dtype is torch.bool and mask.is_contiguous() and mask.shape == (keys.shape[0], keys.shape[2])))
         ):  # fmt: skip
