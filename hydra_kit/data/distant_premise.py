@@ -85,6 +85,11 @@ class DistantPremise(SyntheticTask):
         self.premise, self.question = 1 + num_filler + num_keys + num_values, 2 + num_filler + num_keys + num_values
 
     @property
+    def chance(self) -> float:
+        """A uniform guess over the value vocabulary."""
+        return 1 / self.num_values
+
+    @property
     def vocab_size(self) -> int:
         return self.question + 1
 

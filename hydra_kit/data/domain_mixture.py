@@ -78,6 +78,11 @@ class DomainMixture(SyntheticTask):
         self.op0, self.pos0 = 1 + num_symbols, 1 + num_symbols + num_domains
 
     @property
+    def chance(self) -> float:
+        """A uniform guess over the symbols."""
+        return 1 / self.num_symbols
+
+    @property
     def vocab_size(self) -> int:
         return self.pos0 + self.length
 

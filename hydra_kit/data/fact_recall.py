@@ -100,6 +100,11 @@ class FactRecall(SyntheticTask):
         self.table = (1 + num_facts + np.random.default_rng(table_seed).integers(0, num_values, size=num_facts)).astype(np.int64)
 
     @property
+    def chance(self) -> float:
+        """A uniform guess over the value vocabulary."""
+        return 1 / self.num_values
+
+    @property
     def vocab_size(self) -> int:
         return self.sep + 1
 

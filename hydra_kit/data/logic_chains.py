@@ -94,6 +94,11 @@ class LogicChains(SyntheticTask):
         self._seq_len = self.min_seq_len if seq_len is None else seq_len
 
     @property
+    def chance(self) -> float:
+        """A uniform guess over the nodes."""
+        return 1 / self.num_nodes
+
+    @property
     def vocab_size(self) -> int:
         return self.num_nodes + 5
 

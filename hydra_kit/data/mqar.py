@@ -72,6 +72,11 @@ class MQAR(SyntheticTask):
         return MQAR(merged["num_pairs"], merged["num_queries"], self.num_keys, self.num_values, self.heldout_buckets)
 
     @property
+    def chance(self) -> float:
+        """A uniform guess over the value vocabulary."""
+        return 1 / self.num_values
+
+    @property
     def vocab_size(self) -> int:
         return self.sep + 1
 

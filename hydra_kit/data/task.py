@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,10 @@ import numpy as np
 
 IGNORE_INDEX = -100
 SPLITS = {"train": 0, "val": 1}
+
+#: A no-skill heuristic: (input_ids (L,), answer position t) -> the predicted answer token. It may read only
+#: input_ids[: t + 1], the tokens a causal model has seen when it predicts the target at t.
+Heuristic = Callable[[np.ndarray, int], int]
 
 
 @dataclass
@@ -76,3 +81,42 @@ class SyntheticTask(abc.ABC):
             if self.is_heldout(example) == want_heldout:
                 return example
         raise RuntimeError(f"{type(self).__name__}: could not draw a {split} example; is the example space too small?")
+
+    # --- no-skill baselines (issue 17): what an accuracy must beat before it shows a mechanism working ---
+
+    @property
+    @abc.abstractmethod
+    def chance(self) -> float:
+        """Accuracy of a uniform guess over the answer vocabulary at one answer position."""
+
+    def heuristics(self) -> dict[str, Heuristic]:
+        """Named no-skill predictors that exploit surface statistics of the format, not the task's rule.
+
+        Each is a plain function of the visible prefix (see :data:`Heuristic`). A task lists the shortcuts a
+        model could learn instead of the mechanism under study (e.g. "the most frequent value in the
+        context"); :meth:`no_skill_baselines` scores them, and a reported accuracy means something only above
+        the best of them.
+        """
+        return {}
+
+    def no_skill_baselines(self, examples: Sequence[Example]) -> dict[str, float]:
+        """Accuracy over every answer position of ``examples`` of chance and of each :meth:`heuristics` entry.
+
+        Returns:
+            ``{"chance": ..., <heuristic name>: accuracy, ...}``; :func:`best_no_skill` picks the strongest.
+        """
+        scores = {"chance": float(self.chance)}
+        for name, predict in self.heuristics().items():
+            hits = total = 0
+            for example in examples:
+                for t in np.flatnonzero(example.targets != IGNORE_INDEX):
+                    hits += int(predict(example.input_ids[: t + 1], int(t)) == example.targets[t])
+                    total += 1
+            scores[name] = hits / max(total, 1)
+        return scores
+
+
+def best_no_skill(baselines: dict[str, float]) -> tuple[str, float]:
+    """The strongest entry of :meth:`SyntheticTask.no_skill_baselines` as (name, accuracy)."""
+    name = max(baselines, key=lambda k: baselines[k])
+    return name, baselines[name]
