@@ -1,14 +1,17 @@
 """Multi-query associative recall (MQAR), the Zoology benchmark task (Arora et al. 2023, arXiv 2312.04927).
 
-A sequence lists key-value pairs, then asks for the values of some of the keys. Unlike Zoology's original
-format, the query region holds keys only: the value is the target at the query position and never appears as an
-input after it.
+A sequence lists key-value pairs, then asks for the values of some of the keys. As in Zoology, keys and values
+come from disjoint halves of the vocabulary and are drawn *without replacement*: every value in a sequence is
+distinct, so no surface statistic of the context singles out an answer, and the best a model that does not look
+the key up can do is guess one of the listed values, ``1 / num_pairs`` (``tests/data/test_mqar.py`` measures the
+shortcuts in :meth:`MQAR.heuristics` and checks none exceeds that ceiling). Unlike Zoology's format, the query
+region holds keys only: the value is the target at the query position and never appears as an input after it.
 
 Worked example (``MQAR(num_pairs=2, num_queries=2, num_keys=4, num_values=4)``, seed 0, train index 0)::
 
     ids:     k=1..4, v=5..8, SEP=9
-    input:   [k1 v7 k4 v8 SEP k1 k4]   -> token ids  [1, 7, 4, 8, 9, 1, 4]
-    targets: [ -   -  -  -  -  v7 v8]  -> [-100, -100, -100, -100, -100, 7, 8]
+    input:   [k3 v6 k4 v5 SEP k4 k3]   -> token ids  [3, 6, 4, 5, 9, 4, 3]
+    targets: [ -   -  -  -  -  v5 v6]  -> [-100, -100, -100, -100, -100, 5, 6]
 
 (``tests/data/test_mqar.py`` checks that the function produces exactly this.)
 """
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.data.task import IGNORE_INDEX, Example, Heuristic, SyntheticTask
 
 
 class MQAR(SyntheticTask):
@@ -33,7 +36,8 @@ class MQAR(SyntheticTask):
         num_pairs: key-value pairs listed per sequence.
         num_queries: keys asked about (distinct, drawn from the listed keys); each is an answer position.
         num_keys: size of the key vocabulary.
-        num_values: size of the value vocabulary (chance accuracy is 1 / num_values).
+        num_values: size of the value vocabulary, at least ``num_pairs`` (values are distinct within a sequence;
+            chance accuracy is 1 / num_values, the no-skill ceiling 1 / num_pairs).
         heldout_buckets: see :class:`SyntheticTask`.
     """
 
@@ -43,8 +47,8 @@ class MQAR(SyntheticTask):
             raise ValueError(f"MQAR: num_pairs must lie in 1..num_keys ({num_keys}), got {num_pairs}")
         if not 1 <= num_queries <= num_pairs:
             raise ValueError(f"MQAR: num_queries must lie in 1..num_pairs ({num_pairs}), got {num_queries}")
-        if num_values < 2:
-            raise ValueError(f"MQAR: num_values must be at least 2, got {num_values}")
+        if num_values < max(2, num_pairs):
+            raise ValueError(f"MQAR: num_values must be at least max(2, num_pairs) = {max(2, num_pairs)} (values are distinct within a sequence), got {num_values}")
         self.num_pairs, self.num_queries = num_pairs, num_queries
         self.num_keys, self.num_values = num_keys, num_values
         self.sep = 1 + num_keys + num_values
@@ -76,6 +80,29 @@ class MQAR(SyntheticTask):
         """A uniform guess over the value vocabulary."""
         return 1 / self.num_values
 
+    def heuristics(self) -> dict[str, Heuristic]:
+        """Shortcuts that answer without looking the key up; each scores about ``1 / num_pairs`` or less."""
+        first_value = 1 + self.num_keys
+
+        def context_values(prefix: np.ndarray) -> np.ndarray:
+            return prefix[(prefix >= first_value) & (prefix < self.sep)]
+
+        def most_frequent_value(prefix: np.ndarray, t: int) -> int:
+            values = context_values(prefix)
+            return int(np.bincount(values).argmax()) if len(values) else first_value
+
+        def last_value(prefix: np.ndarray, t: int) -> int:
+            values = context_values(prefix)
+            return int(values[-1]) if len(values) else first_value
+
+        def value_of_query_rank(prefix: np.ndarray, t: int) -> int:
+            # The i-th query answered by the i-th listed value: right if queries were asked in listing order.
+            values = context_values(prefix)
+            rank = t - int(np.flatnonzero(prefix == self.sep)[0]) - 1
+            return int(values[rank % len(values)]) if len(values) else first_value
+
+        return {"most frequent value": most_frequent_value, "last value": last_value, "value at the query's rank": value_of_query_rank}
+
     @property
     def vocab_size(self) -> int:
         return self.sep + 1
@@ -86,7 +113,7 @@ class MQAR(SyntheticTask):
 
     def generate(self, rng: np.random.Generator) -> Example:
         keys = 1 + rng.choice(self.num_keys, size=self.num_pairs, replace=False)
-        values = 1 + self.num_keys + rng.integers(0, self.num_values, size=self.num_pairs)
+        values = 1 + self.num_keys + rng.choice(self.num_values, size=self.num_pairs, replace=False)
         asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
         pairs = np.stack([keys, values], axis=1).reshape(-1)
         input_ids = np.concatenate([pairs, [self.sep], keys[asked]]).astype(np.int64)

@@ -8,15 +8,15 @@ from hydra_kit.data import IGNORE_INDEX, MQAR
 
 def test_worked_example_matches_docstring():
     example = MQAR(num_pairs=2, num_queries=2, num_keys=4, num_values=4).sample(0, "train", 0)
-    assert example.input_ids.tolist() == [1, 7, 4, 8, 9, 1, 4]
-    assert example.targets.tolist() == [-100, -100, -100, -100, -100, 7, 8]
+    assert example.input_ids.tolist() == [3, 6, 4, 5, 9, 4, 3]
+    assert example.targets.tolist() == [-100, -100, -100, -100, -100, 5, 6]
 
 
 def test_docstring_contains_the_example():
     import hydra_kit.data.mqar as module
 
-    assert "[1, 7, 4, 8, 9, 1, 4]" in module.__doc__
-    assert "[-100, -100, -100, -100, -100, 7, 8]" in module.__doc__
+    assert "[3, 6, 4, 5, 9, 4, 3]" in module.__doc__
+    assert "[-100, -100, -100, -100, -100, 5, 6]" in module.__doc__
 
 
 def test_deterministic_per_seed_split_index():
@@ -54,3 +54,27 @@ def test_bad_arguments_are_explained():
 
 def test_meta_names_the_number_of_pairs():
     assert MQAR(num_pairs=5, num_queries=2).sample(0, "train", 0).meta["pairs"] == 5
+
+
+def test_values_are_distinct_and_disjoint_from_keys():
+    task = MQAR(num_pairs=8, num_queries=8, num_keys=32, num_values=32)
+    for i in range(200):
+        pairs = task.sample(0, "train", i).input_ids[:16].reshape(-1, 2)
+        assert len(set(pairs[:, 1].tolist())) == 8  # drawn without replacement, as in Zoology
+        assert pairs[:, 0].max() <= 32 < pairs[:, 1].min()
+
+
+def test_no_skill_heuristics_stay_at_the_one_over_pairs_ceiling():
+    # With values drawn with replacement, "most frequent value in context" scored 0.207 at 8 pairs and the
+    # models converged to it (issue 17); distinct values bring every shortcut down to guessing a listed value.
+    task = MQAR(num_pairs=8, num_queries=8, num_keys=32, num_values=32)
+    baselines = task.no_skill_baselines([task.sample(0, "val", i) for i in range(500)])
+    assert baselines["chance"] == pytest.approx(1 / 32)
+    assert set(baselines) >= {"most frequent value", "last value", "value at the query's rank"}
+    for name, accuracy in baselines.items():
+        assert accuracy <= 1 / 8 + 0.02, f"{name}: {accuracy:.3f} exceeds the 1/pairs ceiling"
+
+
+def test_too_few_values_for_distinct_values_is_explained():
+    with pytest.raises(ValueError, match="num_values must be at least"):
+        MQAR(num_pairs=8, num_queries=8, num_keys=32, num_values=4)
