@@ -1,60 +1,68 @@
-"""Logic chains (experiment E1): follow ``a -> b`` implications for L hops, among distractor edges.
+"""Logic chains (experiment E1): follow ``a -> b`` implications for L hops, among chains of the same shape.
 
 A sequence states facts, one per three tokens ``a REL b``, shuffled; then a query ``QUERY start HOP ... HOP``
 with L ``HOP`` tokens (the proof length, written in unary so a model trained on L <= 4 can at least be asked
 about L = 8 with tokens it has seen). The target at the last ``HOP`` is the node reached from ``start`` after
 L hops along ``->``. Nothing follows the query, and the query holds no node but ``start``.
 
-Why the answer is unique although chain nodes branch: the chain relation ``->`` is *functional* in every
-example: each node has at most one outgoing ``->`` edge. Distractors come in two kinds:
+The ``->`` facts form ``num_chains`` disjoint *closed* chains of ``chain_len`` nodes each (``a -> b -> ... -> a``),
+and ``num_distractors`` branches ``c ~> x`` are added. The queried chain is one of the chains and ``start``
+one of its nodes, both at random. Each of these choices removes a shortcut a model could learn instead of
+following edges (issue 17, measured by :meth:`LogicChains.heuristics`; ``tests/data/test_logic_chains.py``
+checks each stays near chance):
 
-* branches: ``c ~> x`` out of chain nodes ``c``, written with a different relation token ``~>`` (think
-  "is not"), so a model that ignores the relation token takes a wrong turn;
-* off-chain ``->`` edges ``u -> v`` whose source ``u`` is not a chain node (the target ``v`` may be any node,
-  so they form other chains, some merging into the queried one). They share the form of the real facts,
-  so a model that ignores which node the chain is at picks a wrong edge.
-
-The chain also runs on for 0..``max_extra`` edges past the answer, so "the end of the chain" is not a
-shortcut for "the answer": the hop count must be used.
+* a closed chain has no end: every node has an outgoing ``->`` edge, so there is always an edge past the
+  answer, and "the end of the chain" or "a node with no outgoing edge" is never the answer. A chain has at
+  least ``2 * max_hops`` nodes, so walking backwards round it is never shorter than the L hops asked;
+* every example has the same number of facts (all chains, all branches), so the amount of padding tells
+  nothing about the chain; the ``HOP`` count is the only hop signal (the padding before the query shrinks
+  by one per ``HOP``, which says the same);
+* every node on a chain occurs exactly twice in the ``->`` facts (with the default ``chain_len`` every node
+  is on a chain), the answer included, and branches leave from and arrive at any node (the start and the
+  answer included), so how often a node is mentioned does not single out the answer;
+* branches use another relation token ``~>`` (think "is not"), so a model that ignores the relation takes a
+  wrong turn; ``->`` stays *functional* (each node has one outgoing ``->`` edge), so the answer is unique.
 
 Token ids (``num_nodes = N``): PAD 0, nodes 1..N, ``->`` N+1, ``~>`` N+2, ``QUERY`` N+3, ``HOP`` N+4.
-Examples are left-padded with PAD to ``seq_len``, so a short-chain and a long-chain instance built with the
-same ``num_nodes`` and ``seq_len`` share one token layout and one held-out hash (the length-generalisation
-test set ``LogicChains(max_hops=8, seq_len=S)`` is disjoint from the training split of
-``LogicChains(max_hops=4, seq_len=S)``; examples with more hops differ in their query anyway). The amount
-of padding tells the number of facts, hence hops + extra, but never which node is the answer.
+Examples are left-padded with PAD to ``seq_len``, so a short-query and a long-query instance built with the
+same ``num_nodes``, ``num_chains``, ``chain_len``, ``num_distractors`` and ``seq_len`` share one token layout,
+one prompt distribution and one held-out hash (the length-generalisation test set ``LogicChains(max_hops=8,
+...)`` is disjoint from the training split of ``LogicChains(max_hops=4, ...)`` with the same shape).
 
-Worked example (``LogicChains(num_nodes=8, min_hops=2, max_hops=2, num_distractors=2, max_extra=1)``, seed 0,
-train index 0)::
+Worked example (``LogicChains(num_nodes=8, min_hops=2, max_hops=2, num_distractors=2)``, seed 0, train index 0)::
 
     ids:     nodes 1..8, -> = 9, ~> = 10, QUERY = 11, HOP = 12
-    input:   [3 -> 5  4 -> 7  6 -> 5  3 ~> 7  5 -> 4  QUERY 3 HOP HOP]
-             -> token ids  [3, 9, 5, 4, 9, 7, 6, 9, 5, 3, 10, 7, 5, 9, 4, 11, 3, 12, 12]
-    targets: -> [-100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, 4]
+    input:   [4 -> 7  5 -> 4  7 -> 3  2 -> 8  3 -> 5  2 ~> 7  6 -> 1  7 ~> 5  8 -> 6  1 -> 2  QUERY 3 HOP HOP]
+             -> token ids  [4, 9, 7, 5, 9, 4, 7, 9, 3, 2, 9, 8, 3, 9, 5, 2, 10, 7, 6, 9, 1, 7, 10, 5, 8, 9, 6, 1, 9, 2, 11, 3, 12, 12]
+    targets: -> [-100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, 4]
 
-The chain is 3 -> 5 -> 4, and runs on for one extra edge, 4 -> 7, so its end (7) is not the answer (4);
-``3 ~> 7`` branches out of chain node 3 with the other relation; ``6 -> 5`` is an off-chain edge merging into
-the chain. This example fills ``seq_len`` exactly; shorter ones start with PAD (0) tokens.
-(``tests/data/test_logic_chains.py`` checks that the function produces exactly this.)
+The closed chains are 3 -> 5 -> 4 -> 7 -> 3 and 2 -> 8 -> 6 -> 1 -> 2. From 3, two hops reach 4, and the chain
+runs on; ``2 ~> 7`` and ``7 ~> 5`` are branches (into the queried chain, and out of one of its nodes). Every
+example of this instance has ten facts (two closed chains of four nodes, two branches), whatever its hop count. (``tests/data/test_logic_chains.py`` checks that the function produces exactly this.)
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import numpy as np
 
-from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.data.task import IGNORE_INDEX, Example, Heuristic, SyntheticTask
 
 
 class LogicChains(SyntheticTask):
-    """Multi-hop implication chains with branching distractors; the answer is the node L hops from the start.
+    """Multi-hop implication chains among chains of the same shape; the answer is the node L hops from the start.
 
     Args:
-        num_nodes: size of the node vocabulary.
+        num_nodes: size of the node vocabulary (chance accuracy is 1 / num_nodes).
         min_hops: shortest proof length L drawn (uniformly in min_hops..max_hops).
         max_hops: longest proof length L drawn.
-        num_distractors: distractor edges per example: half (rounded up) are branches ``c ~> x`` out of chain
-            nodes, the rest off-chain ``u -> v`` edges.
-        max_extra: the chain continues for 0..max_extra edges past the answer (drawn uniformly).
+        num_distractors: branch facts ``c ~> x`` per example, out of and into any node.
+        num_chains: closed chains per example (the queried one and num_chains - 1 others of the same shape), at
+            least 2.
+        chain_len: nodes (and ``->`` edges) per closed chain, at least 2 * max_hops, so that walking backwards
+            round the chain is never shorter than walking L hops forwards; None: num_nodes // num_chains, every
+            node on a chain. Give the training and the length-generalisation instance the same value.
         seq_len: length of every example (left-padded); None: the shortest length that fits ``max_hops``.
             Give the training and the length-generalisation instance the same value.
         heldout_buckets: see :class:`SyntheticTask`.
@@ -66,32 +74,34 @@ class LogicChains(SyntheticTask):
         min_hops: int = 1,
         max_hops: int = 4,
         num_distractors: int = 8,
-        max_extra: int = 2,
+        num_chains: int = 2,
+        chain_len: int | None = None,
         seq_len: int | None = None,
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
         if min_hops < 1 or max_hops < min_hops:
             raise ValueError(f"LogicChains: need 1 <= min_hops <= max_hops, got min_hops={min_hops}, max_hops={max_hops}")
-        if num_distractors < 0 or max_extra < 0:
-            raise ValueError(f"LogicChains: num_distractors ({num_distractors}) and max_extra ({max_extra}) must be >= 0")
-        self.num_branches = (num_distractors + 1) // 2
-        self.num_offchain = num_distractors - self.num_branches
-        # Chain nodes, plus one distinct source per off-chain edge, plus at least one other node as a target.
-        needed_nodes = max_hops + max_extra + 1 + self.num_offchain + 1
-        if num_nodes < needed_nodes:
+        if not 0 <= num_distractors <= num_nodes * (num_nodes - 2):
+            raise ValueError(f"LogicChains: num_distractors must lie in 0..num_nodes * (num_nodes - 2) = {num_nodes * (num_nodes - 2)} (distinct branches), got {num_distractors}")
+        if num_chains < 2:
+            raise ValueError(f"LogicChains: num_chains must be at least 2 (the queried chain and one like it), got {num_chains}")
+        chain_len = num_nodes // num_chains if chain_len is None else chain_len
+        if chain_len < 2 * max_hops or num_chains * chain_len > num_nodes:
             raise ValueError(
-                f"LogicChains: num_nodes={num_nodes} is too small; max_hops + max_extra + 1 chain nodes plus "
-                f"{self.num_offchain} off-chain sources plus one need num_nodes >= {needed_nodes}"
+                f"LogicChains: need 2 * max_hops = {2 * max_hops} <= chain_len and num_chains * chain_len <= num_nodes; got "
+                f"chain_len={chain_len}, num_chains={num_chains}, num_nodes={num_nodes} (num_nodes >= {2 * max_hops * num_chains} would do)"
             )
         self.num_nodes, self.min_hops, self.max_hops = num_nodes, min_hops, max_hops
-        self.num_distractors, self.max_extra = num_distractors, max_extra
+        self.num_distractors, self.num_chains, self.chain_len = num_distractors, num_chains, chain_len
         self.pad, self.rel, self.nrel = 0, num_nodes + 1, num_nodes + 2
         self.query, self.hop = num_nodes + 3, num_nodes + 4
-        self.min_seq_len = 3 * (max_hops + max_extra + num_distractors) + 2 + max_hops
+        self.num_facts = num_chains * chain_len + num_distractors
+        self.min_seq_len = 3 * self.num_facts + 2 + max_hops
         if seq_len is not None and seq_len < self.min_seq_len:
-            raise ValueError(f"LogicChains: seq_len={seq_len} cannot hold max_hops={max_hops}; it needs at least {self.min_seq_len}")
+            raise ValueError(f"LogicChains: seq_len={seq_len} cannot hold {self.num_facts} facts and max_hops={max_hops}; it needs at least {self.min_seq_len}")
         self._seq_len = self.min_seq_len if seq_len is None else seq_len
+        self._length_tell: dict[tuple[int, int], str] | None = None
 
     @property
     def chance(self) -> float:
@@ -108,36 +118,99 @@ class LogicChains(SyntheticTask):
 
     def generate(self, rng: np.random.Generator) -> Example:
         hops = int(rng.integers(self.min_hops, self.max_hops + 1))
-        extra = int(rng.integers(0, self.max_extra + 1))
         order = 1 + rng.permutation(self.num_nodes)  # node ids in random order
-        chain = order[: hops + extra + 1]  # chain[0] = start, chain[hops] = answer
-        others = order[hops + extra + 1 :]  # never chain nodes: off-chain sources come from here
-        facts = [(chain[i], self.rel, chain[i + 1]) for i in range(hops + extra)]
-        for _ in range(self.num_branches):
-            source = chain[rng.integers(0, len(chain))]
-            target = 1 + rng.integers(0, self.num_nodes - 1)
-            target += target >= source  # any node but the source itself
-            facts.append((source, self.nrel, target))
-        for source in others[: self.num_offchain]:  # distinct sources: -> stays functional
-            target = 1 + rng.integers(0, self.num_nodes - 1)
-            target += target >= source
-            facts.append((source, self.rel, target))
+        chains = order[: self.num_chains * self.chain_len].reshape(self.num_chains, self.chain_len)
+        facts = [(int(c[i]), self.rel, int(c[(i + 1) % self.chain_len])) for c in chains for i in range(self.chain_len)]
+        successor = {a: b for a, _, b in facts}
+        seen = set(facts)
+        while len(facts) < self.num_facts:  # distinct branches, never restating a -> edge with the other relation
+            source, target = (int(v) for v in 1 + rng.choice(self.num_nodes, size=2, replace=False))
+            if successor.get(source) != target and (source, self.nrel, target) not in seen:
+                seen.add((source, self.nrel, target))
+                facts.append((source, self.nrel, target))
+        # Chain 0, at node 0, is as random as any chain and node: the order above is a random permutation.
+        start, answer = int(chains[0, 0]), int(chains[0, hops])
         shuffled = np.asarray(facts, dtype=np.int64)[rng.permutation(len(facts))].reshape(-1)
-        query = np.array([self.query, chain[0]] + [self.hop] * hops, dtype=np.int64)
+        query = np.array([self.query, start] + [self.hop] * hops, dtype=np.int64)
         body = np.concatenate([shuffled, query])
         input_ids = np.concatenate([np.full(self._seq_len - len(body), self.pad, dtype=np.int64), body])
         targets = np.full(self._seq_len, IGNORE_INDEX, dtype=np.int64)
-        targets[-1] = chain[hops]
-        return Example(input_ids, targets, {"hops": hops, "extra": extra, "distractors": self.num_distractors})
+        targets[-1] = answer
+        return Example(input_ids, targets, {"hops": hops, "distractors": self.num_distractors})
+
+    def _parse(self, input_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """(facts (F, 3), start, hops) of an input that ends with its query."""
+        query_at = int(np.flatnonzero(input_ids == self.query)[-1])
+        facts = input_ids[:query_at]
+        return facts[facts != self.pad].reshape(-1, 3), int(input_ids[query_at + 1]), int((input_ids[query_at:] == self.hop).sum())
 
     def follow(self, input_ids: np.ndarray) -> int:
         """Solve an example from its input alone (the oracle tests use): follow ``->`` from the start, L hops."""
-        query_at = int(np.flatnonzero(input_ids == self.query)[-1])
-        start, hops = int(input_ids[query_at + 1]), int((input_ids[query_at:] == self.hop).sum())
-        facts = input_ids[:query_at]
-        facts = facts[facts != self.pad].reshape(-1, 3)
+        facts, node, hops = self._parse(input_ids)
         step = {int(a): int(b) for a, r, b in facts if r == self.rel}
-        node = start
         for _ in range(hops):
             node = step[node]
         return node
+
+    # --- no-skill baselines (issue 17) ---
+
+    def heuristics(self) -> dict[str, Heuristic]:
+        """Shortcuts that answer without following L edges from the start (see the module docstring).
+
+        * ``most frequent node``: the node mentioned most often in the facts (the start excluded);
+        * ``chain end``: follow ``->`` from the start until a node has no outgoing ``->`` edge or the next one
+          was visited (on a closed chain: the start's predecessor);
+        * ``a node with no outgoing edge``: the first target of a ``->`` fact that has no outgoing ``->`` edge;
+        * ``one hop``: the start's ``->`` target, what the answer would be if L were 1. At L = 1 this *is* the
+          rule, so it shows whether accuracy at L >= 2 comes from composing edges;
+        * ``last node mentioned``: the target of the last fact before the query;
+        * ``length tell``: for each (number of facts, L) seen in 3000 training examples, whichever of the
+          guesses above except ``one hop`` was right most often there (what a model that reads the padding
+          could learn: with a variable number of facts it picks out "the answer is the chain end").
+        """
+
+        def most_frequent(input_ids: np.ndarray, t: int) -> int:
+            facts, start, _ = self._parse(input_ids[: t + 1])
+            counts = np.bincount(facts[:, [0, 2]].reshape(-1), minlength=self.num_nodes + 1)
+            counts[[0, start]] = -1
+            return int(counts.argmax())
+
+        def chain_end(input_ids: np.ndarray, t: int) -> int:
+            facts, node, _ = self._parse(input_ids[: t + 1])
+            step = {int(a): int(b) for a, r, b in facts if r == self.rel}
+            seen = {node}
+            while node in step and step[node] not in seen:
+                node = step[node]
+                seen.add(node)
+            return node
+
+        def sink(input_ids: np.ndarray, t: int) -> int:
+            facts, start, _ = self._parse(input_ids[: t + 1])
+            sources = {int(a) for a, r, _ in facts if r == self.rel}
+            return next((int(b) for _, r, b in facts if r == self.rel and int(b) not in sources), start)
+
+        def one_hop(input_ids: np.ndarray, t: int) -> int:
+            facts, start, _ = self._parse(input_ids[: t + 1])
+            return next((int(b) for a, r, b in facts if a == start and r == self.rel), start)
+
+        def last_node(input_ids: np.ndarray, t: int) -> int:
+            facts, start, _ = self._parse(input_ids[: t + 1])
+            return int(facts[-1, 2]) if len(facts) else start
+
+        guesses: dict[str, Heuristic] = {"most frequent node": most_frequent, "chain end": chain_end, "a node with no outgoing edge": sink, "last node mentioned": last_node}
+        if self._length_tell is None:
+            wins: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
+            for i in range(3000):
+                example = self.sample(0, "train", i)
+                facts, _, hops = self._parse(example.input_ids)
+                t = len(example.input_ids) - 1
+                for name, guess in guesses.items():
+                    wins[(len(facts), hops)][name] += int(guess(example.input_ids, t) == example.targets[t])
+            self._length_tell = {cell: counter.most_common(1)[0][0] for cell, counter in wins.items()}
+        choice = self._length_tell
+
+        def length_tell(input_ids: np.ndarray, t: int) -> int:
+            facts, _, hops = self._parse(input_ids[: t + 1])
+            return guesses[choice.get((len(facts), hops), "most frequent node")](input_ids, t)
+
+        return {**guesses, "one hop": one_hop, "length tell": length_tell}

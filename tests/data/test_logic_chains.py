@@ -1,12 +1,13 @@
-"""LogicChains (E1): the worked example, a unique answer, no leakage, distractors, knobs, split disjointness."""
+"""LogicChains (E1): the worked example, a unique answer, closed chains of one shape, no shortcut, knobs, splits."""
 
 import numpy as np
 import pytest
 
 from hydra_kit.data import IGNORE_INDEX, LogicChains
+from hydra_kit.data.task import best_no_skill
 
-EXAMPLE_IDS = [3, 9, 5, 4, 9, 7, 6, 9, 5, 3, 10, 7, 5, 9, 4, 11, 3, 12, 12]
-EXAMPLE_TARGETS = [IGNORE_INDEX] * 18 + [4]
+EXAMPLE_IDS = [4, 9, 7, 5, 9, 4, 7, 9, 3, 2, 9, 8, 3, 9, 5, 2, 10, 7, 6, 9, 1, 7, 10, 5, 8, 9, 6, 1, 9, 2, 11, 3, 12, 12]
+EXAMPLE_TARGETS = [IGNORE_INDEX] * 33 + [4]
 
 
 def facts_of(task: LogicChains, ids: np.ndarray) -> np.ndarray:
@@ -15,8 +16,17 @@ def facts_of(task: LogicChains, ids: np.ndarray) -> np.ndarray:
     return body[body != task.pad].reshape(-1, 3)
 
 
+def near_chance(task: LogicChains) -> float:
+    """The bar a no-skill heuristic must stay under: max(2 * chance, chance + 0.05).
+
+    Over 500 answers the standard error of an accuracy near chance (1/32) is about 0.008, so chance + 0.05 is
+    six standard errors above it; the shortcuts of issue 17 scored 0.17-0.66.
+    """
+    return max(2 * task.chance, task.chance + 0.05)
+
+
 def test_worked_example_matches_docstring():
-    task = LogicChains(num_nodes=8, min_hops=2, max_hops=2, num_distractors=2, max_extra=1)
+    task = LogicChains(num_nodes=8, min_hops=2, max_hops=2, num_distractors=2)
     example = task.sample(0, "train", 0)
     assert example.input_ids.tolist() == EXAMPLE_IDS
     assert example.targets.tolist() == EXAMPLE_TARGETS
@@ -44,39 +54,74 @@ def test_answer_is_unique_reachable_and_not_given_away():
         assert (query == task.hop).sum() == ex.meta["hops"]
 
 
-def test_distractors_present_and_branch_out_of_chain_nodes():
-    task = LogicChains(num_nodes=24, max_hops=4, num_distractors=6)
-    branch_out_of_chain = 0
+def test_closed_chains_of_one_shape_and_a_fixed_number_of_facts():
+    task = LogicChains(num_nodes=24, max_hops=4, num_distractors=6, num_chains=3)
+    assert task.chain_len == 8
+    out_of_start = out_of_answer = 0
     for i in range(100):
         ex = task.sample(1, "train", i)
         facts = facts_of(task, ex.input_ids)
-        assert len(facts) == ex.meta["hops"] + ex.meta["extra"] + 6
-        branches = facts[facts[:, 1] == task.nrel]
-        assert len(branches) == 3
-        # walk the chain from the start and check the branches leave chain nodes
-        step = {int(a): int(b) for a, r, b in facts if r == task.rel}
-        node, chain = int(ex.input_ids[np.flatnonzero(ex.input_ids == task.query)[-1] + 1]), []
-        while node in step and node not in chain:
-            chain.append(node)
-            node = step[node]
-        chain.append(node)
-        branch_out_of_chain += sum(int(a) in chain for a in branches[:, 0])
-        assert len(facts[facts[:, 1] == task.rel]) > ex.meta["hops"]  # off-chain edges of the same relation
-    assert branch_out_of_chain == 100 * 3
+        assert len(facts) == 3 * 8 + 6  # every example, whatever its hop count: padding tells nothing
+        arrows, branches = facts[facts[:, 1] == task.rel], facts[facts[:, 1] == task.nrel]
+        assert len(branches) == 6 and len({(a, b) for a, _, b in branches}) == 6
+        step = {int(a): int(b) for a, _, b in arrows}
+        assert sorted(step) == sorted(step.values()) == list(range(1, 25))  # a permutation: no chain end, no sink
+        cycles, todo = [], set(step)
+        while todo:  # walk every closed chain once
+            node, length = todo.pop(), 1
+            nxt = step[node]
+            while nxt != node:
+                todo.discard(nxt)
+                nxt, length = step[nxt], length + 1
+            cycles.append(length)
+        assert cycles == [8, 8, 8]
+        start = int(ex.input_ids[np.flatnonzero(ex.input_ids == task.query)[-1] + 1])
+        out_of_start += start in branches[:, 0]
+        out_of_answer += int(ex.targets[-1]) in branches[:, 0]
+        for a, _, b in branches:
+            assert step[int(a)] != b  # a branch never restates a -> edge
+    assert out_of_start > 5 and out_of_answer > 5  # branches leave any node, the start and the answer included
 
 
-def test_the_end_of_the_chain_is_not_always_the_answer():
-    task = LogicChains(num_nodes=24, max_hops=4, num_distractors=4, max_extra=2)
-    extras = [task.sample(2, "train", i).meta["extra"] for i in range(200)]
-    assert set(extras) == {0, 1, 2}
+def test_every_shortcut_stays_near_chance():
+    # The E1 training instance: 32 nodes, 8 branches, hops 1..4, the length of the 8-hop test instance.
+    task = LogicChains(num_nodes=32, max_hops=4, num_distractors=8, seq_len=LogicChains(num_nodes=32, max_hops=8).seq_len)
+    examples = [task.sample(1_000_000_007, "val", i) for i in range(600)]
+    baselines = task.no_skill_baselines(examples)
+    assert baselines["chance"] == pytest.approx(1 / 32)
+    assert set(baselines) == {"chance", "most frequent node", "chain end", "a node with no outgoing edge", "last node mentioned", "one hop", "length tell"}
+    for name, accuracy in baselines.items():
+        if name != "one hop":
+            assert accuracy <= near_chance(task), f"{name}: {accuracy:.3f}"
+    # "one hop" is the rule at L = 1 and must be useless beyond: it shows whether accuracy at L >= 2 is composition.
+    multi = [e for e in examples if e.meta["hops"] >= 2]
+    assert len(multi) >= 400
+    assert task.no_skill_baselines(multi)["one hop"] <= near_chance(task)
+    assert task.no_skill_baselines([e for e in examples if e.meta["hops"] == 1])["one hop"] == 1.0
+    name, accuracy = best_no_skill({k: v for k, v in task.no_skill_baselines(multi).items()})
+    assert accuracy <= near_chance(task), name
+
+
+def test_heuristics_find_the_shortcuts_they_name():
+    # An open chain 1 -> 2 -> 3 (3 has no outgoing edge), a branch 5 ~> 2 and a stray fact 4 -> 2, asked 1 HOP HOP.
+    task = LogicChains(num_nodes=8, max_hops=2)
+    r, n, q, h = task.rel, task.nrel, task.query, task.hop
+    ids = np.array([0, 0, 1, r, 2, 5, n, 2, 2, r, 3, 4, r, 2, q, 1, h, h])
+    t = len(ids) - 1
+    guesses = {name: f(ids, t) for name, f in task.heuristics().items()}
+    assert guesses["most frequent node"] == 2  # mentioned four times
+    assert guesses["chain end"] == 3
+    assert guesses["a node with no outgoing edge"] == 3  # 5 has none either, but no -> edge leads to it
+    assert guesses["one hop"] == 2
+    assert guesses["last node mentioned"] == 2
 
 
 def test_hop_knob_and_seq_len():
     task = LogicChains(min_hops=3, max_hops=5)
     hops = {task.sample(0, "train", i).meta["hops"] for i in range(200)}
     assert hops == {3, 4, 5}
-    assert task.seq_len == task.min_seq_len
-    assert LogicChains(max_hops=4, seq_len=100).sample(0, "train", 0).input_ids.shape == (100,)
+    assert task.seq_len == task.min_seq_len == 3 * (32 + 8) + 2 + 5
+    assert LogicChains(max_hops=4, seq_len=200).sample(0, "train", 0).input_ids.shape == (200,)
 
 
 def test_deterministic_per_seed():
@@ -87,18 +132,18 @@ def test_deterministic_per_seed():
 
 
 def test_train_val_and_length_generalisation_sets_are_disjoint():
-    seq_len = LogicChains(num_nodes=16, max_hops=8, num_distractors=2).min_seq_len
-    train_task = LogicChains(num_nodes=16, max_hops=4, num_distractors=2, seq_len=seq_len)
-    test_task = LogicChains(num_nodes=16, max_hops=8, num_distractors=2, seq_len=seq_len)
-    assert train_task.vocab_size == test_task.vocab_size
+    seq_len = LogicChains(num_nodes=24, max_hops=6, num_distractors=2).min_seq_len
+    train_task = LogicChains(num_nodes=24, max_hops=3, num_distractors=2, seq_len=seq_len)
+    test_task = LogicChains(num_nodes=24, max_hops=6, num_distractors=2, seq_len=seq_len)
+    assert train_task.vocab_size == test_task.vocab_size and train_task.chain_len == test_task.chain_len == 12
     train = {tuple(train_task.sample(0, "train", i).input_ids) for i in range(1000)}
     val = {tuple(train_task.sample(0, "val", i).input_ids) for i in range(200)}
     test = [test_task.sample(0, "val", i) for i in range(300)]
     assert not train & val
     assert not train & {tuple(e.input_ids) for e in test}
-    assert {e.meta["hops"] for e in test} == set(range(1, 9))
+    assert {e.meta["hops"] for e in test} == set(range(1, 7))
     # a tiny space, where train/val collisions would be certain without the hash split
-    tiny = LogicChains(num_nodes=5, min_hops=1, max_hops=1, num_distractors=1, max_extra=0)
+    tiny = LogicChains(num_nodes=4, min_hops=1, max_hops=1, num_distractors=0)
     small_train = {tuple(tiny.sample(0, "train", i).input_ids) for i in range(300)}
     small_val = {tuple(tiny.sample(0, "val", i).input_ids) for i in range(50)}
     assert len(small_train) > 5 and small_val and not small_train & small_val
@@ -109,7 +154,9 @@ def test_train_val_and_length_generalisation_sets_are_disjoint():
     [
         ({"min_hops": 0}, "min_hops"),
         ({"min_hops": 5, "max_hops": 4}, "max_hops"),
-        ({"num_nodes": 6, "max_hops": 4}, "num_nodes"),
+        ({"num_nodes": 12, "max_hops": 4}, "chain_len"),
+        ({"num_chains": 1}, "num_chains"),
+        ({"chain_len": 20}, "chain_len"),
         ({"num_distractors": -1}, "num_distractors"),
         ({"max_hops": 8, "seq_len": 20}, "seq_len"),
     ],
