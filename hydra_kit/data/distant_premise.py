@@ -1,88 +1,118 @@
-"""Distant premise (experiment E4): answer a question from a premise stated D tokens earlier.
+"""Distant premise (experiment E4): answer a question from a premise stated at least D tokens earlier.
 
-A sequence is filler text with premises ``PREMISE k v`` (three tokens: "k is v") scattered through it, and
-ends with a question ``QUESTION k`` whose target, at the ``k`` position, is the value ``v`` of the one premise
-about key ``k``. That premise starts exactly ``distance`` tokens before the question:
-``position(QUESTION) - position(PREMISE) == distance``. The other premises are distractors of the same form
-about other keys (keys are distinct within an example, so the answer is unique); at least one of them lies
-between the premise and the question whenever there is room, the rest anywhere in the free space. Filler
-tokens come from their own vocabulary, so they never look like a key, a value or a marker.
+A sequence is filler text with premises ``PREMISE k v`` (three tokens: "k is v") and ends with a question
+``QUESTION k`` whose target, at the ``k`` position, is the value ``v`` of the one premise about key ``k``.
+The premises sit in a *premise region* of ``region_len`` tokens, at random places among filler tokens, and
+``D - 3`` filler tokens trail the region before the question: every premise starts between D and
+``D + region_len - 3`` tokens before the question. The level D is how far back the model must look (with D
+beyond an attention window, every premise is outside it); the premise asked about is any one of the region's,
+at random.
 
-A distance is a property of the input (the premise is the only one with the question's key), so examples at
-different distances are different sequences: a test instance with longer distances, built with the same
-``seq_len`` and vocabulary, is disjoint from a training instance with shorter ones by construction, and its
-held-out split is disjoint from any training split by the base class's hash.
+Why this layout (issue 17 found the premise at a fixed offset per distance, so "the value D tokens back"
+answered every question; :meth:`DistantPremise.heuristics` measures the shortcuts and
+``tests/data/test_distant_premise.py`` checks each stays near chance):
+
+* the asked premise is exchangeable with the others: nothing about its place (its offset, being nearest or
+  farthest, the filler around it) differs from a distractor's, so any rule that picks a premise by position
+  finds it once in ``num_distractors + 1`` tries;
+* keys and values are distinct within an example (so the answer is unique, and no value is stated more often
+  than another), and by default there are ``num_values - 1`` distractors, so every value is stated exactly
+  once: guessing a stated value is then chance, 1 / num_values. With fewer distractors that guess scores
+  1 / (num_distractors + 1), the ceiling a model must beat without reading keys;
+* filler tokens come from their own vocabulary, so they never look like a key, a value or a marker.
+
+Examples at different levels are different sequences (the region moves), and the held-out split is disjoint
+from any training split of an instance with the same vocabulary and ``seq_len`` by the base class's hash.
+``Example.meta`` holds the level (``distance``), the asked premise's exact ``offset`` and ``between``, the
+premises between it and the question.
 
 Token ids (``num_filler = F``, ``num_keys = K``, ``num_values = V``): filler 1..F, keys F+1..F+K, values
 F+K+1..F+K+V, ``PREMISE`` F+K+V+1, ``QUESTION`` F+K+V+2. (0 is unused, kept free as PAD.)
 
-Worked example (``DistantPremise(distance=8, num_distractors=2, seq_len=16, num_filler=3, num_keys=4,
-num_values=4)``, seed 0, train index 3)::
+Worked example (``DistantPremise(distance=4, num_distractors=2, num_filler=3, num_keys=4, num_values=4,
+region_len=10)``, seed 0, train index 3)::
 
     ids:     filler 1..3, keys 4..7, values 8..11, PREMISE 12, QUESTION 13
-    input:   [P k5 v11  f3 f1 f3  P k7 v9  f1 f3  P k6 v11  Q k7]
-             -> token ids  [12, 5, 11, 3, 1, 3, 12, 7, 9, 1, 3, 12, 6, 11, 13, 7]
-    targets: -> [-100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, 9]
+    input:   [f3  P k6 v10  P k7 v9  P k4 v8  f2  Q k6]
+             -> token ids  [3, 12, 6, 10, 12, 7, 9, 12, 4, 8, 2, 13, 6]
+    targets: -> [-100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, -100, 10]
 
-The premise about key 7 (value 9) starts at position 6, the question at position 14: distance 8. ``P k6 v11``
-is a distractor between them, ``P k5 v11`` one before the premise.
+The region is positions 0..9 (three premises, one filler token); one filler token trails it. The question asks
+about key 6, whose premise is the farthest of the three: it starts at position 1, 10 tokens before the question
+(``offset`` 10, ``between`` 2); the premise nearest the question starts at position 7, D = 4 tokens before it.
 (``tests/data/test_distant_premise.py`` checks that the function produces exactly this.)
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import numpy as np
 
-from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.data.task import IGNORE_INDEX, Example, Heuristic, SyntheticTask
 
 PREMISE_LEN, QUESTION_LEN = 3, 2
 
 
 class DistantPremise(SyntheticTask):
-    """A premise ``distance`` tokens before its question, among filler and distractor premises.
+    """A premise at least ``distance`` tokens before its question, at a random place among premises of the same form.
 
     Args:
-        distance: tokens from the start of the premise to the start of the question; an int, or a list of ints
-            drawn uniformly per example. Each must be at least 3 (the premise's length).
-        num_distractors: premises about other keys, of the same form (needs num_keys > num_distractors).
-        seq_len: length of every example; None: the shortest that fits the largest distance and the distractors.
+        distance: the level D: every premise of an example starts D to D + region_len - 3 tokens before the
+            question (D - 3 filler tokens trail the last one); an int, or a list of ints drawn uniformly per
+            example. Each must be at least 3 (the premise's length).
+        num_distractors: premises about other keys, of the same form (needs num_keys and num_values above it:
+            keys and values are distinct within an example); None: num_values - 1, so that every value is
+            stated exactly once and guessing a stated value is no better than chance.
+        seq_len: length of every example; None: the shortest that fits the largest distance and the region.
         num_filler: size of the filler vocabulary.
         num_keys: size of the key vocabulary.
         num_values: size of the value vocabulary (chance accuracy is 1 / num_values).
+        region_len: tokens of the premise region: the premises plus region_len - 3 * premises filler tokens
+            between them, at random; None: 4 tokens per premise.
         heldout_buckets: see :class:`SyntheticTask`.
     """
 
     def __init__(
         self,
         distance: int | list[int] = 64,
-        num_distractors: int = 8,
+        num_distractors: int | None = None,
         seq_len: int | None = None,
         num_filler: int = 32,
         num_keys: int = 32,
-        num_values: int = 32,
+        num_values: int = 16,
+        region_len: int | None = None,
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
         distances = [distance] if isinstance(distance, int) else list(distance)
         if not distances or any(not isinstance(d, int) or d < PREMISE_LEN for d in distances):
             raise ValueError(f"DistantPremise: distance must be an int >= {PREMISE_LEN} or a non-empty list of them, got {distance!r}")
-        if num_distractors < 0 or num_keys <= num_distractors:
-            raise ValueError(f"DistantPremise: need 0 <= num_distractors < num_keys ({num_keys}), got num_distractors={num_distractors}")
         if num_filler < 1 or num_values < 2:
             raise ValueError(f"DistantPremise: need num_filler >= 1 and num_values >= 2, got {num_filler} and {num_values}")
-        # One premise more than the distractors need as slack: the two free spans (before the premise, between
-        # it and the question) each waste up to two tokens that cannot hold a premise.
-        needed = max(max(distances) + QUESTION_LEN, PREMISE_LEN * (num_distractors + 2) + QUESTION_LEN)
+        num_distractors = num_values - 1 if num_distractors is None else num_distractors
+        if num_distractors < 0 or num_keys <= num_distractors or num_values <= num_distractors:
+            raise ValueError(
+                f"DistantPremise: need 0 <= num_distractors < min(num_keys, num_values) = {min(num_keys, num_values)} "
+                f"(keys and values are distinct within an example), got num_distractors={num_distractors}"
+            )
+        premises = num_distractors + 1
+        region_len = 4 * premises if region_len is None else region_len
+        if region_len < PREMISE_LEN * premises:
+            raise ValueError(f"DistantPremise: region_len={region_len} cannot hold {premises} premises of {PREMISE_LEN} tokens; it needs at least {PREMISE_LEN * premises}")
+        needed = max(distances) + region_len - 1  # the farthest premise starts at position 0
         if seq_len is not None and seq_len < needed:
             raise ValueError(
-                f"DistantPremise: seq_len={seq_len} is too short for distance {max(distances)} and "
-                f"{num_distractors} distractors; it needs at least {needed}"
+                f"DistantPremise: seq_len={seq_len} is too short for distance {max(distances)} and a region of "
+                f"{region_len} tokens; it needs at least {needed}"
             )
         self.distances = sorted(set(distances))
-        self.num_distractors, self._seq_len = num_distractors, needed if seq_len is None else seq_len
+        self.num_distractors, self.region_len = num_distractors, region_len
+        self._seq_len = needed if seq_len is None else seq_len
         self.num_filler, self.num_keys, self.num_values = num_filler, num_keys, num_values
         self.key0, self.value0 = 1 + num_filler, 1 + num_filler + num_keys
         self.premise, self.question = 1 + num_filler + num_keys + num_values, 2 + num_filler + num_keys + num_values
+        self._fitted: tuple[list[int], dict[int, int]] | None = None
 
     @property
     def chance(self) -> float:
@@ -106,25 +136,87 @@ class DistantPremise(SyntheticTask):
 
     def generate(self, rng: np.random.Generator) -> Example:
         distance = self.distances[int(rng.integers(0, len(self.distances)))]
+        premises = self.num_distractors + 1
         q_at = self._seq_len - QUESTION_LEN
-        p_at = q_at - distance
-        keys = self.key0 + rng.choice(self.num_keys, size=self.num_distractors + 1, replace=False)
-        values = self.value0 + rng.integers(0, self.num_values, size=self.num_distractors + 1)
-        # Free spans: before the premise, and between the premise and the question.
-        before, between = p_at, distance - PREMISE_LEN
-        cap_before, cap_between = before // PREMISE_LEN, between // PREMISE_LEN
-        n_between = 0
-        if self.num_distractors:
-            n_between = int(rng.binomial(self.num_distractors, between / max(1, before + between)))
-            n_between = min(max(n_between, 1 if cap_between else 0), cap_between)
-            n_between = max(n_between, self.num_distractors - cap_before)  # what does not fit before goes between
-        starts = [*self._place(rng, before, self.num_distractors - n_between)]
-        starts += [p_at + PREMISE_LEN + s for s in self._place(rng, between, n_between)]
+        region_at = q_at - distance - self.region_len + PREMISE_LEN  # the nearest premise may start at q_at - distance
+        starts = [region_at + s for s in self._place(rng, self.region_len, premises)]
+        keys = self.key0 + rng.choice(self.num_keys, size=premises, replace=False)
+        values = self.value0 + rng.choice(self.num_values, size=premises, replace=False)
         input_ids = (1 + rng.integers(0, self.num_filler, size=self._seq_len)).astype(np.int64)
-        input_ids[p_at : p_at + PREMISE_LEN] = [self.premise, keys[0], values[0]]
-        for start, key, value in zip(starts, keys[1:], values[1:], strict=True):
+        for start, key, value in zip(starts, keys, values, strict=True):
             input_ids[start : start + PREMISE_LEN] = [self.premise, key, value]
-        input_ids[q_at:] = [self.question, keys[0]]
+        asked = int(rng.integers(0, premises))  # the premise asked about: any of them, near or far
+        input_ids[q_at:] = [self.question, keys[asked]]
         targets = np.full(self._seq_len, IGNORE_INDEX, dtype=np.int64)
-        targets[-1] = values[0]
-        return Example(input_ids, targets, {"distance": distance, "distractors": self.num_distractors, "between": n_between})
+        targets[-1] = values[asked]
+        meta = {"distance": distance, "offset": q_at - starts[asked], "distractors": self.num_distractors, "between": premises - 1 - asked}
+        return Example(input_ids, targets, meta)
+
+    # --- no-skill baselines (issue 17) ---
+
+    def _premises(self, input_ids: np.ndarray) -> tuple[int, np.ndarray]:
+        """(position of the question, start positions of the premises before it)."""
+        q_at = int(np.flatnonzero(input_ids == self.question)[-1])
+        return q_at, np.flatnonzero(input_ids[: q_at - PREMISE_LEN + 1] == self.premise)
+
+    def heuristics(self) -> dict[str, Heuristic]:
+        """Shortcuts that answer without matching the question's key to a premise's.
+
+        * ``value at offset D`` for each distance D: the value of the premise starting D tokens before the
+          question (or of the one starting nearest to that); with the premise at a fixed offset per level
+          (the design issue 17 found) it is right every time;
+        * ``value at the commonest offset``: the same at the offset of the asked premise most common in 2000
+          training examples;
+        * ``nearest premise``, ``farthest premise``: the value of the last / first premise;
+        * ``most frequent value``: the value stated most often (the smallest on a tie);
+        * ``key's commonest value``: the value most often asked with this key in 2000 training examples (keys
+          and values are drawn afresh per example, so it knows nothing).
+        """
+
+        def at_offset(offset: int) -> Heuristic:
+            def value(input_ids: np.ndarray, t: int) -> int:
+                q_at, starts = self._premises(input_ids[: t + 1])
+                if not len(starts):
+                    return self.value0
+                return int(input_ids[starts[np.argmin(np.abs(q_at - starts - offset))] + 2])
+
+            return value
+
+        def nearest(input_ids: np.ndarray, t: int) -> int:
+            _, starts = self._premises(input_ids[: t + 1])
+            return int(input_ids[starts[-1] + 2]) if len(starts) else self.value0
+
+        def farthest(input_ids: np.ndarray, t: int) -> int:
+            _, starts = self._premises(input_ids[: t + 1])
+            return int(input_ids[starts[0] + 2]) if len(starts) else self.value0
+
+        def most_frequent(input_ids: np.ndarray, t: int) -> int:
+            _, starts = self._premises(input_ids[: t + 1])
+            return int(np.bincount(input_ids[starts + 2]).argmax()) if len(starts) else self.value0
+
+        if self._fitted is None:
+            offsets: Counter[int] = Counter()
+            by_key: dict[int, Counter[int]] = defaultdict(Counter)
+            for i in range(2000):
+                example = self.sample(0, "train", i)
+                q_at, starts = self._premises(example.input_ids)
+                key, answer = int(example.input_ids[q_at + 1]), int(example.targets[-1])
+                offsets.update(int(q_at - s) for s in starts if example.input_ids[s + 1] == key)
+                by_key[key][answer] += 1
+            self._fitted = [offsets.most_common(1)[0][0]], {k: c.most_common(1)[0][0] for k, c in by_key.items()}
+        (commonest,), key_value = self._fitted
+
+        def key_commonest(input_ids: np.ndarray, t: int) -> int:
+            return key_value.get(int(input_ids[t]), self.value0)
+
+        heuristics = {f"value at offset {d}": at_offset(d) for d in self.distances}
+        heuristics.update(
+            {
+                "value at the commonest offset": at_offset(commonest),
+                "nearest premise": nearest,
+                "farthest premise": farthest,
+                "most frequent value": most_frequent,
+                "key's commonest value": key_commonest,
+            }
+        )
+        return heuristics

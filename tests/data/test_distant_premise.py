@@ -1,11 +1,12 @@
-"""DistantPremise (E4): the worked example, exact distance, unique answer, distractors, knobs, splits, errors."""
+"""DistantPremise (E4): the worked example, the region and its distance, a unique answer, no shortcut, splits, errors."""
 
 import numpy as np
 import pytest
 
 from hydra_kit.data import IGNORE_INDEX, DistantPremise
 
-EXAMPLE_IDS = [12, 5, 11, 3, 1, 3, 12, 7, 9, 1, 3, 12, 6, 11, 13, 7]
+EXAMPLE_IDS = [3, 12, 6, 10, 12, 7, 9, 12, 4, 8, 2, 13, 6]
+EXAMPLE_TARGETS = [IGNORE_INDEX] * 12 + [10]
 
 
 def premises(task: DistantPremise, ids: np.ndarray) -> list[tuple[int, int, int]]:
@@ -15,20 +16,20 @@ def premises(task: DistantPremise, ids: np.ndarray) -> list[tuple[int, int, int]
 
 
 def test_worked_example_matches_docstring():
-    task = DistantPremise(distance=8, num_distractors=2, seq_len=16, num_filler=3, num_keys=4, num_values=4)
+    task = DistantPremise(distance=4, num_distractors=2, num_filler=3, num_keys=4, num_values=4, region_len=10)
     example = task.sample(0, "train", 3)
     assert example.input_ids.tolist() == EXAMPLE_IDS
-    assert example.targets.tolist() == [IGNORE_INDEX] * 15 + [9]
-    assert example.meta["distance"] == 8
+    assert example.targets.tolist() == EXAMPLE_TARGETS
+    assert example.meta == {"distance": 4, "offset": 10, "distractors": 2, "between": 2}
     import hydra_kit.data.distant_premise as module
 
-    assert str(EXAMPLE_IDS) in module.__doc__
+    assert str(EXAMPLE_IDS) in module.__doc__ and str(EXAMPLE_TARGETS) in module.__doc__
 
 
 @pytest.mark.parametrize("distance", [5, 37, [16, 64, 200]])
-def test_premise_at_exact_distance_unique_and_not_leaked(distance):
+def test_premises_in_their_region_unique_answer_not_leaked(distance):
     task = DistantPremise(distance=distance, num_distractors=6)
-    seen = set()
+    seen, offsets = set(), set()
     for i in range(100):
         ex = task.sample(4, "train" if i % 2 else "val", i)
         ids = ex.input_ids
@@ -37,30 +38,74 @@ def test_premise_at_exact_distance_unique_and_not_leaked(distance):
         assert ids[-2] == task.question and (ids == task.question).sum() == 1
         found = premises(task, ids)
         assert len(found) == 7  # the premise and 6 distractors, none overlapping (every marker starts a premise)
-        assert len({k for _, k, _ in found}) == 7  # distinct keys: exactly one premise answers the question
+        assert len({k for _, k, _ in found}) == 7 and len({v for _, _, v in found}) == 7  # distinct keys and values
         match = [(p, v) for p, k, v in found if k == ids[-1]]
         assert len(match) == 1
         position, value = match[0]
         assert value == ex.targets[-1]
-        assert (task.seq_len - 2) - position == ex.meta["distance"]
+        q_at, level = task.seq_len - 2, ex.meta["distance"]
+        assert q_at - position == ex.meta["offset"]
+        for p, _, _ in found:  # every premise lies in the region: D .. D + region_len - 3 tokens back
+            assert level <= q_at - p <= level + task.region_len - 3
+        assert (ids[q_at - level + 3 : q_at] <= task.num_filler).all()  # the trailing filler
+        assert ex.meta["between"] == sum(position < p for p, _, _ in found)
         assert ex.targets[-1] not in ids[-2:]  # the question holds no value
-        # filler and markers never overlap a premise's key/value slots
         keys_or_values = (ids >= task.key0) & (ids < task.premise)
-        assert keys_or_values.sum() == 2 * 7 + 1
-        seen.add(ex.meta["distance"])
+        assert keys_or_values.sum() == 2 * 7 + 1  # filler and markers never overlap a premise's key/value slots
+        seen.add(level)
+        offsets.add(ex.meta["offset"])
     assert seen == set([distance] if isinstance(distance, int) else distance)
+    assert len(offsets) > 10  # the asked premise's offset is jittered, not fixed per level
 
 
-def test_distractors_lie_between_premise_and_question():
-    task = DistantPremise(distance=[32, 256], num_distractors=4)
-    for i in range(50):
-        ex = task.sample(0, "train", i)
-        found = premises(task, ex.input_ids)
-        position = next(p for p, k, _ in found if k == ex.input_ids[-1])
-        between = sum(position < p < task.seq_len - 2 for p, _, _ in found)
-        assert between >= 1 and between == ex.meta["between"]
-        filler_between = (ex.input_ids[position + 3 : task.seq_len - 2] <= task.num_filler).sum()
-        assert filler_between == ex.meta["distance"] - 3 - 3 * between
+def test_the_asked_premise_is_any_of_the_region():
+    task = DistantPremise(distance=[32, 256], num_distractors=4, num_values=8)
+    between = [task.sample(0, "train", i).meta["between"] for i in range(500)]
+    assert set(between) == {0, 1, 2, 3, 4} and min(np.bincount(between)) > 60  # nearest ... farthest, evenly
+
+
+def near_chance(task: DistantPremise) -> float:
+    """The bar a no-skill heuristic must stay under: max(2 * chance, chance + 0.05).
+
+    Over 500 answers the standard error of an accuracy near chance (1/16) is about 0.011, so chance + 0.05 is
+    more than four standard errors above it; the fixed-offset shortcut of issue 17 scored 1.0.
+    """
+    return max(2 * task.chance, task.chance + 0.05)
+
+
+def test_every_shortcut_stays_near_chance_at_every_distance():
+    # The E4 CPU instance: 16 values, every value stated once (15 distractors), distances 16, 32, 64.
+    task = DistantPremise(distance=[16, 32, 64], num_keys=32, num_values=16)
+    assert task.num_distractors == 15
+    examples = [task.sample(1_000_000_007, "val", i) for i in range(1500)]
+    heuristics = set(task.heuristics())
+    assert heuristics == {"value at offset 16", "value at offset 32", "value at offset 64", "value at the commonest offset",
+                          "nearest premise", "farthest premise", "most frequent value", "key's commonest value"}
+    for distance in (16, 32, 64):
+        level = [e for e in examples if e.meta["distance"] == distance][:400]
+        assert len(level) == 400
+        for name, accuracy in task.no_skill_baselines(level).items():
+            assert accuracy <= near_chance(task), f"distance {distance}, {name}: {accuracy:.3f}"
+    assert max(task.no_skill_baselines(examples[:500]).values()) <= near_chance(task)
+
+
+def test_fewer_distractors_than_values_leave_the_stated_value_ceiling():
+    # With 8 distractors every position rule finds the asked premise once in 9 tries: about 1/9, not chance.
+    task = DistantPremise(distance=[16, 32], num_distractors=8, num_values=16)
+    baselines = task.no_skill_baselines([task.sample(1_000_000_007, "val", i) for i in range(600)])
+    assert 1 / 16 < baselines["nearest premise"] < 1 / 9 + 0.04
+
+
+def test_fixed_offset_heuristic_finds_a_premise_at_its_offset():
+    task = DistantPremise(distance=[5, 9], num_distractors=1, num_keys=4, num_values=4, num_filler=2)
+    q, p = task.question, task.premise
+    k, v = task.key0, task.value0
+    # premise (k+1, v+2) 9 tokens before the question, premise (k, v+1) 4 tokens before; the question asks k + 1.
+    ids = np.array([1, 1, 1, p, k + 1, v + 2, 1, 1, p, k, v + 1, 2, q, k + 1])
+    guesses = {name: f(ids, len(ids) - 1) for name, f in task.heuristics().items()}
+    assert guesses["value at offset 9"] == v + 2 and guesses["value at offset 5"] == v + 1
+    assert guesses["nearest premise"] == v + 1 and guesses["farthest premise"] == v + 2
+    assert guesses["most frequent value"] == v + 1  # a tie: the smallest
 
 
 def test_deterministic_per_seed():
@@ -71,8 +116,9 @@ def test_deterministic_per_seed():
 
 
 def test_longer_distance_test_set_is_disjoint_from_training():
-    train_task = DistantPremise(distance=[8, 16], num_distractors=1, seq_len=40, num_filler=2, num_keys=3, num_values=2)
-    test_task = DistantPremise(distance=[8, 16, 24, 32], num_distractors=1, seq_len=40, num_filler=2, num_keys=3, num_values=2)
+    common = {"num_distractors": 1, "seq_len": 40, "num_filler": 2, "num_keys": 3, "num_values": 2}
+    train_task = DistantPremise(distance=[8, 16], **common)
+    test_task = DistantPremise(distance=[8, 16, 24, 32], **common)
     train = {tuple(train_task.sample(0, "train", i).input_ids) for i in range(500)}
     val = {tuple(train_task.sample(0, "val", i).input_ids) for i in range(100)}
     test = [test_task.sample(0, "val", i) for i in range(200)]
@@ -88,7 +134,9 @@ def test_longer_distance_test_set_is_disjoint_from_training():
         ({"distance": []}, "distance"),
         ({"distance": 100, "seq_len": 50}, "seq_len"),
         ({"num_distractors": 40, "num_keys": 32}, "num_distractors"),
+        ({"num_distractors": 16, "num_values": 16}, "num_distractors"),
         ({"num_values": 1}, "num_values"),
+        ({"num_distractors": 3, "region_len": 11}, "region_len"),
     ],
 )
 def test_bad_arguments_are_explained(kwargs, match):
