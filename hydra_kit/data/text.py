@@ -1,8 +1,10 @@
 """Real text, byte-level: a LightningDataModule over a text file or a folder of files (no download, no tokenizer).
 
-Every byte is a token (vocabulary 256), so any file is valid input: bytes are bytes, and content that is not
-UTF-8 is read as it is, not rejected (a byte-level model never decodes). A folder contributes the files under it
-that match ``pattern`` (recursively, sorted by path, hidden files skipped), concatenated in that order.
+Every byte is a token (vocabulary 256): the model never decodes, so any language and any UTF-8 character work.
+The files must be UTF-8 text: a binary file named by mistake (an executable, an archive, a checkpoint) is refused
+with the offset of its first invalid byte; ``allow_binary=True`` reads any bytes as they are. A folder contributes
+the files under it that match ``pattern`` (recursively, sorted by path, hidden files skipped), concatenated in
+that order.
 
 The byte stream is split by position: the first ``1 - val_fraction`` of it is training text, the rest
 validation text, so no validation byte is ever a training input or target. Alternatively ``val_path`` names a
@@ -30,18 +32,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from hydra_kit.recipe import RecipeError
 
+# The folder holding the hydra_kit package: the repository root of a checkout. A relative path that does not exist
+# from the working directory is looked up there too, so the sample text that recipes/text.yaml names by default
+# (data/wikitext-2-sample/) is found from any directory.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
 
 class TextDataError(RecipeError):
     """The text data cannot be used (missing, empty, too short); the message names the path and the fix."""
 
 
-def read_bytes(path: str | Path, pattern: str = "*.txt") -> tuple[np.ndarray, list[Path]]:
+def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = False) -> tuple[np.ndarray, list[Path]]:
     """The bytes of a file, or of the matching files under a folder concatenated, and the files read.
 
+    Args:
+        path: a file or a folder.
+        pattern: file-name pattern for a folder (recursive glob).
+        allow_binary: accept files that are not UTF-8 text.
+
     Raises:
-        TextDataError: the path does not exist, a folder has no matching file, or there is no byte at all.
+        TextDataError: the path does not exist, a folder has no matching file, a file is not UTF-8 text (unless
+            ``allow_binary``), or there is no byte at all.
     """
     root = Path(path).expanduser()
+    if not root.exists() and not root.is_absolute() and (_CHECKOUT / root).exists():
+        root = _CHECKOUT / root  # e.g. recipes/text.yaml's sample, run from outside the checkout
     if root.is_file():
         files = [root]
     elif root.is_dir():
@@ -52,11 +67,31 @@ def read_bytes(path: str | Path, pattern: str = "*.txt") -> tuple[np.ndarray, li
     else:
         raise TextDataError(f"data.path {str(root)!r}: no such file or folder; pass --data.init_args.path FILE_OR_FOLDER")
     parts = [np.fromfile(f, dtype=np.uint8) for f in files]
+    if not allow_binary:
+        for file, part in zip(files, parts, strict=True):
+            _check_utf8(file, part)
     data = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
     if data.size == 0:
         what = "file is empty" if root.is_file() else f"{len(files)} matching file(s) are all empty"
         raise TextDataError(f"data.path {str(root)!r}: the {what}; there is no text to train on")
     return data, files
+
+
+def _check_utf8(file: Path, data: np.ndarray, chunk: int = 1 << 22) -> None:
+    """Raise TextDataError naming the file and offset of the first byte that is not valid UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for start in range(0, len(data), chunk):
+        pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+        try:
+            decoder.decode(data[start : start + chunk].tobytes(), final=start + chunk >= len(data))
+        except UnicodeDecodeError as exc:
+            offset = start - pending + exc.start
+            raise TextDataError(
+                f"data.path {str(file)!r}: not UTF-8 text (byte 0x{int(data[min(offset, len(data) - 1)]):02x} at offset "
+                f"{offset:,} is not valid UTF-8); name a text file, or set data.init_args.allow_binary true to train on any bytes"
+            ) from None
 
 
 class ByteWindows(Dataset[dict[str, torch.Tensor]]):
@@ -87,6 +122,7 @@ class TextDataModule(L.LightningDataModule):
         pattern: file-name pattern for a folder (recursive glob), e.g. "*.txt" or "*".
         seed: seed of the per-epoch window order and offset.
         num_workers: DataLoader worker processes.
+        allow_binary: read files that are not UTF-8 text as they are (by default they are refused).
     """
 
     bytes_per_token = 1.0  # the model reports val/bpb from this
@@ -102,10 +138,12 @@ class TextDataModule(L.LightningDataModule):
         pattern: str = "*.txt",
         seed: int = 0,
         num_workers: int = 0,
+        allow_binary: bool = False,
     ) -> None:
         super().__init__()
         self.path, self.val_path, self.seq_len, self.batch_size = path, val_path, seq_len, batch_size
         self.val_fraction, self.pattern, self.seed, self.num_workers = val_fraction, pattern, seed, num_workers
+        self.allow_binary = allow_binary
         self._loaded: tuple[np.ndarray, np.ndarray, list[Path], list[Path]] | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, batches done), set by load_state_dict
 
@@ -128,7 +166,7 @@ class TextDataModule(L.LightningDataModule):
             raise TextDataError(f"data: seq_len ({seq_len}) and batch_size ({self.batch_size}) must be positive")
         if val_path is None and not 0.0 < val_fraction < 1.0:
             raise TextDataError(f"data.val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-        data, files = read_bytes(path, self.pattern)
+        data, files = read_bytes(path, self.pattern, self.allow_binary)
         if val_path is None:
             split_at = round(len(data) * (1.0 - val_fraction))
             train, val, val_files = data[:split_at], data[split_at:], files
@@ -136,7 +174,7 @@ class TextDataModule(L.LightningDataModule):
             how = f" ({len(data):,} bytes split at val_fraction {val_fraction})"
         else:
             train = data
-            val, val_files = read_bytes(val_path, self.pattern)
+            val, val_files = read_bytes(val_path, self.pattern, self.allow_binary)
             sources = [("training", path, train), ("validation", val_path, val)]
             how = ""
         window = seq_len + 1

@@ -32,7 +32,7 @@ def batches(loader):
 
 def test_windows_are_next_byte_pairs_and_split_by_position(corpus):
     path, data = corpus
-    dm = TextDataModule(str(path), seq_len=32, batch_size=4, val_fraction=0.2)
+    dm = TextDataModule(str(path), seq_len=32, batch_size=4, val_fraction=0.2, allow_binary=True)
     assert dm.vocab_size == 256 and dm.bytes_per_token == 1.0
     assert len(dm.train_data) == 4000 and len(dm.val_data) == 1000
     val = batches(dm.val_dataloader())
@@ -47,19 +47,19 @@ def test_windows_are_next_byte_pairs_and_split_by_position(corpus):
         assert b["input_ids"].shape == b["targets"].shape == (4, 32) and b["input_ids"].dtype == torch.int64
         assert torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
     assert not np.array_equal(dm.train_starts(0), dm.train_starts(1))  # epochs differ in order and offset
-    assert np.array_equal(dm.train_starts(1), TextDataModule(str(path), seq_len=32, batch_size=4, val_fraction=0.2).train_starts(1))
+    assert np.array_equal(dm.train_starts(1), TextDataModule(str(path), seq_len=32, batch_size=4, val_fraction=0.2, allow_binary=True).train_starts(1))
 
 
 def test_resume_skips_exactly_the_consumed_batches(corpus):
     path, _ = corpus
-    fresh = batches(TextDataModule(str(path), seq_len=16, batch_size=4).train_dataloader())
-    resumed = TextDataModule(str(path), seq_len=16, batch_size=4)
+    fresh = batches(TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True).train_dataloader())
+    resumed = TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True)
     resumed.load_state_dict({"seed": 0, "num_bytes": len(resumed.train_data), "seq_len": 16, "epoch": 0, "batches_done": 3})
     after = batches(resumed.train_dataloader())
     assert len(after) == len(fresh) - 3
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(after, fresh[3:], strict=True))
     assert len(batches(resumed.train_dataloader())) == len(fresh)  # only the first epoch after the resume skips
-    other = TextDataModule(str(path), seq_len=16, batch_size=4)  # a different corpus or window: start over
+    other = TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True)  # a different corpus or window: start over
     other.load_state_dict({"seed": 0, "num_bytes": 123, "seq_len": 16, "epoch": 0, "batches_done": 3})
     assert len(batches(other.train_dataloader())) == len(fresh)
 
@@ -70,10 +70,10 @@ def test_folder_reads_matching_files_sorted_and_skips_hidden(tmp_path):
     (tmp_path / "notes.md").write_bytes(b"M" * 300)
     (tmp_path / ".hidden.txt").write_bytes(b"H" * 300)
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "c.txt").write_bytes("é".encode("latin-1") * 300)  # not UTF-8: bytes are bytes
+    (tmp_path / "sub" / "c.txt").write_bytes("é".encode() * 150)  # UTF-8: two bytes per character
     dm = TextDataModule(str(tmp_path), seq_len=16, val_fraction=0.5)
     assert [p.name for p in dm.files] == ["a.txt", "b.txt", "c.txt"]
-    assert bytes(dm.train_data[:300]) == b"A" * 300 and dm.val_data.tolist()[-1] == 0xE9
+    assert bytes(dm.train_data[:300]) == b"A" * 300 and dm.val_data.tolist()[-2:] == [0xC3, 0xA9]
     assert [p.name for p in TextDataModule(str(tmp_path), seq_len=16, pattern="*.md").files] == ["notes.md"]
 
 
@@ -81,7 +81,7 @@ def test_val_path_holds_out_a_separate_file(tmp_path, corpus):
     path, _ = corpus
     held = tmp_path / "held.txt"
     held.write_bytes(b"held out text " * 40)
-    dm = TextDataModule(str(path), seq_len=32, val_path=str(held))
+    dm = TextDataModule(str(path), seq_len=32, val_path=str(held), allow_binary=True)
     assert len(dm.train_data) == 5000 and bytes(dm.val_data) == held.read_bytes()
 
 
@@ -151,3 +151,65 @@ def test_cli_reports_a_missing_text_path_in_one_line(tmp_path):
     err = " ".join(result.stderr.split())  # rich wraps long lines
     assert "nope.txt" in err and "no such file or folder" in err
     assert "Traceback" not in err
+
+
+def test_binary_file_is_refused_naming_the_offset(tmp_path):
+    binary = tmp_path / "program.bin"
+    binary.write_bytes(b"#!text at first\n" + bytes(range(256)) * 20)
+    with pytest.raises(TextDataError, match=r"program\.bin'.*not UTF-8 text \(byte 0x80 at offset 144 is not valid UTF-8\).*allow_binary"):
+        TextDataModule(str(binary), seq_len=16).setup("fit")
+    (tmp_path / "notes.txt").write_bytes(b"\xff" * 100)  # in a folder, the bad file is named
+    with pytest.raises(TextDataError, match=r"notes\.txt'.*offset 0 "):
+        TextDataModule(str(tmp_path), seq_len=16).setup("fit")
+    assert len(TextDataModule(str(binary), seq_len=16, allow_binary=True).train_data) > 0  # opting in reads any bytes
+
+
+def test_utf8_check_reads_characters_cut_by_its_chunks():
+    from pathlib import Path
+
+    from hydra_kit.data.text import _check_utf8
+
+    text = np.frombuffer(("aé€😀" * 50).encode(), dtype=np.uint8)
+    for chunk in (1, 2, 3, 5, 7):  # every way of cutting a 2-, 3- and 4-byte character
+        _check_utf8(Path("t.txt"), text, chunk=chunk)
+    with pytest.raises(TextDataError, match=r"byte 0xf0 at offset 496 "):  # a character cut off at the end of the file
+        _check_utf8(Path("t.txt"), text[:-1], chunk=5)
+
+
+def test_cli_refuses_a_binary_file_in_one_line(tmp_path):
+    binary = tmp_path / "model.ckpt"
+    binary.write_bytes(bytes(range(256)) * 100)
+    result = run_cli("fit", "--config", str(REPO / "recipes" / "text.yaml"), "--data.init_args.path", str(binary), cwd=tmp_path)
+    assert result.returncode == 2
+    err = " ".join(result.stderr.split())
+    assert "model.ckpt" in err and "not UTF-8 text" in err and "Traceback" not in err
+
+
+SAMPLE = REPO / "data" / "wikitext-2-sample"
+
+
+def test_text_recipe_defaults_to_the_shipped_wikitext_sample_with_its_attribution():
+    recipe = yaml.safe_load((REPO / "recipes" / "text.yaml").read_text())
+    path = recipe["data"]["init_args"]["path"]
+    assert (REPO / path).resolve().parent == SAMPLE.resolve() and not path.startswith("..")  # inside the repository
+    size = (REPO / path).stat().st_size
+    assert 200_000 <= size <= 500_000
+    (REPO / path).read_bytes().decode("utf-8")
+    notice = " ".join((SAMPLE / "README.md").read_text().split())
+    assert "CC BY-SA 3.0" in notice and "Merity" in notice and "Pointer Sentinel Mixture Models" in notice
+    if WIKITEXT.is_dir():  # the sample is the start of the validation split, unmodified
+        assert (WIKITEXT / "valid.txt").read_bytes()[:size] == (REPO / path).read_bytes()
+
+
+@pytest.mark.slow
+def test_text_recipe_runs_from_any_directory_and_a_short_run_still_validates(tmp_path):
+    # No --data.init_args.path: the recipe's relative sample path is found from outside the checkout. The recipe
+    # validates every 200 steps; a 2-step run must still end with a validation of its final weights.
+    result = run_cli(
+        "fit", "--config", str(REPO / "recipes" / "text.yaml"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = " ".join(result.stdout.split())
+    assert re.search(r"final validation \(step 2\): val/acc = [0-9.]+, val/bpb = [0-9.]+", out), out[-2000:]
+    assert "last.ckpt" in out.split("checkpoints:")[-1]
