@@ -37,8 +37,9 @@ NAME = "pkm_recall"
 GATE_STAT = "router.gate_pkm"
 BOOKS = ("closed", "open")
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 300, "batch_size": 32, "num_facts": 64, "num_values": 16, "context_facts": 6, "num_queries": 2},
-    "full": {"steps": 20000, "batch_size": 64, "num_facts": 4096, "num_values": 64, "context_facts": 16, "num_queries": 2, "lr": 1e-3},
+    # context_facts None: every value is stated once per prompt (FactRecall's default), so no value stands out.
+    "cpu": {"steps": 300, "batch_size": 32, "num_facts": 256, "num_values": 16, "context_facts": None, "num_queries": 2},
+    "full": {"steps": 20000, "batch_size": 64, "num_facts": 4096, "num_values": 64, "context_facts": None, "num_queries": 2, "lr": 1e-3},
 }
 
 
@@ -48,9 +49,9 @@ def main(argv: list[str], console: Console) -> int:
 
     parser = argparse.ArgumentParser(prog="hydra-kit experiment pkm-recall", description=main.__doc__)
     runner.add_common_arguments(parser)
-    parser.add_argument("--num-facts", type=int, default=None, help="subjects in the fixed fact table")
+    parser.add_argument("--num-facts", type=int, default=None, help="two-token subjects in the fixed fact table, n * n with n a multiple of --num-values")
     parser.add_argument("--num-values", type=int, default=None, help="value vocabulary (chance = 1 / num_values)")
-    parser.add_argument("--context-facts", type=int, default=None, help="distractor facts per prompt")
+    parser.add_argument("--context-facts", type=int, default=None, help="distractor facts per open-book prompt (default: every value stated once)")
     parser.add_argument("--table-seed", type=int, default=0, help="seed of the fact table")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
