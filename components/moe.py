@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.components.kernels.moe_step import moe_step_cpu
-from hydra_kit.nn import Linear, SwiGLU, native
+from hydra_kit.components.kernels.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
+from hydra_kit.nn import Linear, SwiGLU
 from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
@@ -374,8 +374,8 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         if keep is not None and not bool(keep[0]):
             return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
         # Collecting the 2E expert weights through the module tree costs more than the kernel: they are cached.
-        (router, gate_up, down, *at), suit_kernel = self.kernel_parameters(self._step_parameters)
-        fused = moe_step_cpu(x_t, router, gate_up, down, self.top_k, True, (at[0], at[1])) if suit_kernel else None
+        (packed,), suit_kernel = self.kernel_parameters(self._step_parameters)
+        fused = moe_step_cpu(x_t, packed, self.top_k) if suit_kernel else None
         if fused is not None:  # the same as below in one C call (CPU, float32, no autograd)
             return ComponentOutput(update=fused[0])
         logits = self.router(x_t)[0]  # (E,)
@@ -390,11 +390,9 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         assert update is not None
         return ComponentOutput(update=update)
 
-    def _step_parameters(self) -> tuple[Any, ...]:
-        """What the C step reads: the router weight, the expert weights and their addresses (see ``step``)."""
-        # Detached: they hold the storages the cached addresses point into.
-        gate_up, down = ([w.detach() for w in ws] for ws in self.expert_weights())
-        return self.router.weight, gate_up, down, native.addresses(gate_up), native.addresses(down)
+    def _step_parameters(self) -> tuple[MoEStepWeights]:
+        """What the C step reads: the router and expert weights, checked and packed with their addresses (see ``step``)."""
+        return (pack_moe_step_weights(self.router.weight, *self.expert_weights()),)
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
         """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""

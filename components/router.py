@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from hydra_kit.components.kernels.router_step import router_step_cpu
+from hydra_kit.components.kernels.router_step import RouterStepWeights, router_step_cpu
 from hydra_kit.nn import Linear
 from hydra_kit.nn.native import CachedParameters
 from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
@@ -83,18 +83,18 @@ class TokenRouter(CachedParameters, RouterComponent):
             rho = [self.target_usage] * len(names)
         self.rho = torch.tensor(rho, dtype=self.gate_proj.weight.dtype)
 
-    def _step_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The weights the C step reads (cached by :meth:`kernel_parameters`)."""
+    def _step_parameters(self) -> tuple[RouterStepWeights]:
+        """The weights the C step reads, checked (cached by :meth:`kernel_parameters`)."""
         assert self.gate_proj is not None and self.gate_proj.bias is not None
-        return self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight
+        return (RouterStepWeights(self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight),)
 
     def active_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
         if not collect_aux and self.gate_names:  # gates exist: configure_gates() was called
-            (gate_weight, gate_bias, score_weight), suit_kernel = self.kernel_parameters(self._step_parameters)
-            fused = router_step_cpu(x, gate_weight, gate_bias, score_weight, self.temperature, weights_checked=True) if suit_kernel else None
+            (weights,), suit_kernel = self.kernel_parameters(self._step_parameters)
+            fused = router_step_cpu(x, weights, self.temperature) if suit_kernel else None
             if fused is not None:  # decoding: the same gates and score in one C call (CPU, float32, no autograd)
                 return RouterOutput(gates=fused[0], global_score=fused[1], aux_losses={}, stats={})
         if self.gate_proj is None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hydra_kit.components.kernels.workspace_step import workspace_read_cpu
+from hydra_kit.components.kernels.workspace_step import WorkspaceReadWeights, workspace_read_cpu
 from hydra_kit.nn import Linear
 from hydra_kit.nn.decode_attention import decode_attention
 from hydra_kit.nn.native import CachedParameters
@@ -125,8 +125,8 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
         Same result as ``forward`` on a length-1 input; the slots' read keys and values are cached in the state.
         """
         read_kv = self.read_kv(state.slots) if state.read_kv is None else state.read_kv  # (B, S, 2 Ds)
-        (query_weight, hop_weight, out_weight), suit_kernel = self.kernel_parameters(self._step_parameters)
-        update = workspace_read_cpu(x_t, query_weight, read_kv, hop_weight, out_weight, self.read_hops, True) if suit_kernel else None
+        (weights,), suit_kernel = self.kernel_parameters(self._step_parameters)
+        update = workspace_read_cpu(x_t, read_kv, weights, self.read_hops) if suit_kernel else None
         if update is None:  # else: the same read as below, in one C call (CPU, float32, no autograd)
             keys, values = (t[:, None] for t in read_kv.chunk(2, dim=-1))  # (B, 1, S, Ds): one head of width Ds
             query = self.read_query(x_t)[:, None]  # (B, 1, Ds)
@@ -145,9 +145,9 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
             stats["write_gate"] = gate.detach()
         return ComponentOutput(update=update, stats=stats, state=WorkspaceState(slots, pending[:, :0]))
 
-    def _step_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The weights the C read kernel takes (cached by :meth:`kernel_parameters`)."""
-        return self.read_query.weight, self.hop.weight, self.out.weight
+    def _step_parameters(self) -> tuple[WorkspaceReadWeights]:
+        """The weights the C read kernel takes, checked (cached by :meth:`kernel_parameters`)."""
+        return (WorkspaceReadWeights(self.read_query.weight, self.hop.weight, self.out.weight),)
 
     def flops_per_token(self, seq_len: int) -> float:
         d, ds, s, q = self.d_model, self.d_slot, self.n_slots, self.chunk_size

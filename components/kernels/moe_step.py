@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from hydra_kit.nn import native
 
-__all__ = ["LIBRARY", "MAX_TOP_K", "moe_step_cpu"]
+__all__ = ["LIBRARY", "MAX_TOP_K", "MoEStepWeights", "moe_step_cpu", "pack_moe_step_weights"]
 
 MAX_TOP_K = 64  # the kernel keeps the picks' weights on its stack
 
@@ -26,44 +27,89 @@ _l, _p = ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(Path(__file__).with_name("moe_step.c"), {"hk_moe_step": [_p] * 7 + [_l] * 4})
 
 
-def moe_step_cpu(
-    x_t: Tensor,
-    router_weight: Tensor,
-    gate_up: Sequence[Tensor],
-    down: Sequence[Tensor],
-    top_k: int,
-    weights_checked: bool = False,
-    expert_addresses: tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_void_p]] | None = None,
-) -> tuple[Tensor, Tensor] | None:
+@dataclass(frozen=True)
+class MoEStepWeights:
+    """The router and expert weights the kernel reads on every token, checked and packed once.
+
+    Build it with :func:`pack_moe_step_weights` (constructing it directly runs the same checks).
+
+    Attributes:
+        router_weight: (E, D); gate_up: E weights (2F, D) (gate rows first, then up rows, as
+            :class:`hydra_kit.nn.SwiGLU` stores them); down: E weights (D, F). Detached: they hold the storage the
+            addresses point into, and the shapes the dimensions were read from.
+        gate_up_addresses, down_addresses: the experts' data pointers.
+        n_experts, d_model, hidden: E, D, F.
+        suits: whether every tensor is contiguous float32 on the CPU (else the kernel never runs).
+    """
+
+    router_weight: Tensor
+    gate_up: tuple[Tensor, ...]
+    down: tuple[Tensor, ...]
+    gate_up_addresses: ctypes.Array[ctypes.c_void_p] = field(init=False, repr=False)
+    down_addresses: ctypes.Array[ctypes.c_void_p] = field(init=False, repr=False)
+    n_experts: int = field(init=False)
+    d_model: int = field(init=False)
+    hidden: int = field(init=False)
+    suits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        router = self.router_weight.detach()
+        gate_up, down = tuple(w.detach() for w in self.gate_up), tuple(w.detach() for w in self.down)
+        if router.dim() != 2 or not gate_up or len(gate_up) != router.shape[0] or len(down) != router.shape[0] or down[0].dim() != 2:
+            raise ValueError(
+                f"moe_step: router weight {tuple(router.shape)} with {len(gate_up)} gate_up and {len(down)} down weights: "
+                "expected (E, D) and E of each"
+            )
+        (n_experts, d_model), hidden = router.shape, down[0].shape[1]
+        for e in range(n_experts):
+            native.expect_shape("moe_step", f"gate_up[{e}]", gate_up[e], (2 * hidden, d_model))
+            native.expect_shape("moe_step", f"down[{e}]", down[e], (d_model, hidden))
+        fields = {
+            "router_weight": router, "gate_up": gate_up, "down": down, "gate_up_addresses": native.addresses(gate_up),
+            "down_addresses": native.addresses(down), "n_experts": n_experts, "d_model": d_model, "hidden": hidden,
+            "suits": native.suits(router, *gate_up, *down),
+        }  # fmt: skip
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+
+def pack_moe_step_weights(router_weight: Tensor, gate_up: Sequence[Tensor], down: Sequence[Tensor]) -> MoEStepWeights:
+    """Check and pack the MoE's weights for :func:`moe_step_cpu` (cache the result: it is rebuilt only when they
+    change); raises a ValueError naming the weight when the shapes do not fit together."""
+    return MoEStepWeights(router_weight, tuple(gate_up), tuple(down))
+
+
+def moe_step_cpu(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tensor, Tensor] | None:
     """The MoE update of one token, or None when the kernel cannot take these tensors.
 
     Args:
         x_t: (1, D) one token of one sequence.
-        router_weight: (E, D).
-        gate_up: E weights (2F, D) (gate rows first, then up rows, as :class:`hydra_kit.nn.SwiGLU` stores them).
-        down: E weights (D, F).
-        top_k: experts per token.
-        weights_checked: the caller has checked that every weight is contiguous float32 on the CPU
-            (:class:`hydra_kit.nn.native.CachedParameters`); only x_t is checked here.
-        expert_addresses: ``native.addresses`` of gate_up and of down, when the caller caches them.
+        weights: the packed weights (:func:`pack_moe_step_weights`), which say whether they suit the kernel.
+        top_k: experts per token, 1 to E.
 
     Returns:
-        the update (1, D) and the chosen experts (k,) long, in decreasing probability.
+        the update (1, D) and the chosen experts (k,) long, in decreasing probability. None when the kernel cannot
+        take the tensors (not contiguous float32 on the CPU, autograd on, more than one sequence, top_k above
+        ``MAX_TOP_K``); a token of another width, or a top_k outside 1..E, raises a ValueError.
     """
-    weights = () if weights_checked else (router_weight, *gate_up, *down)
-    if x_t.shape[0] != 1 or top_k > MAX_TOP_K or not native.usable(x_t, *weights):
+    if not weights.suits or not native.usable(x_t):
+        return None
+    if x_t.dim() != 2 or x_t.shape[1] != weights.d_model or not 0 < top_k <= weights.n_experts:
+        raise ValueError(
+            f"moe_step: token {tuple(x_t.shape)} and top_k {top_k} for {weights.n_experts} experts of width "
+            f"{weights.d_model}: expected (1, {weights.d_model}) and 1 <= top_k <= {weights.n_experts}"
+        )
+    if x_t.shape[0] != 1 or top_k > MAX_TOP_K:
         return None
     library = LIBRARY.load()
     if library is None:
         return None
-    n_experts, d_model = router_weight.shape
-    hidden = down[0].shape[1]
+    n_experts, d_model, hidden = weights.n_experts, weights.d_model, weights.hidden
     y = x_t.new_empty(1, d_model)
     chosen = torch.empty(top_k, dtype=torch.long)
     scratch = x_t.new_empty(n_experts + top_k * hidden)  # probabilities, the picks' hidden units
-    gate_up_at, down_at = expert_addresses or (native.addresses(gate_up), native.addresses(down))
     library.hk_moe_step(
-        x_t.data_ptr(), router_weight.data_ptr(), gate_up_at, down_at, y.data_ptr(), chosen.data_ptr(),
-        scratch.data_ptr(), n_experts, d_model, hidden, top_k,
+        x_t.data_ptr(), weights.router_weight.data_ptr(), weights.gate_up_addresses, weights.down_addresses, y.data_ptr(),
+        chosen.data_ptr(), scratch.data_ptr(), n_experts, d_model, hidden, top_k,
     )  # fmt: skip
     return y, chosen

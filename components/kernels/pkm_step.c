@@ -5,7 +5,8 @@
  *   y = sum_h sum_j softmax_j(score_hj) * V[slot_hj]             slot = i1 * n_keys + i2
  * Selection keeps the larger score and, between equal scores, the lower index. Output projection (if any) is
  * the caller's. Scratch per call: heads * (d_key + 2 * n_keys + 2 * k + n_candidates + d_value) floats and
- * heads * 3 * k longs. Threads split the query projection's rows, then the heads. */
+ * heads * 3 * k longs. Threads split the query projection's rows, then the heads. Returns 1, having read nothing
+ * else, when a candidate pair points outside the k-lists (pkm_step.py raises); 0 when done. */
 
 #include <math.h>
 
@@ -34,18 +35,21 @@ static void top_k(const float *v, long n, long k, float *best, long *index) {
     }
 }
 
-void hk_pkm_step(const float *x,         /* (B, D) */
-                 const float *w_query,   /* (H * dk, D) */
-                 const float *gain,      /* (H, dk) */
-                 const float *bias,      /* (H, dk) */
-                 const float *sub_keys,  /* (H, 2, n_keys, dk / 2) */
-                 const float *values,    /* (n_keys^2, d_value) */
-                 const long *rows,       /* (P) */
-                 const long *cols,       /* (P) */
-                 float *out,             /* (B, d_value) */
-                 float *scratch, long *index_scratch, long batch, long d_model, long heads, long d_key,
-                 long n_keys, long k, long n_candidates, long d_value, float eps) {
+int hk_pkm_step(const float *x,         /* (B, D) */
+                const float *w_query,   /* (H * dk, D) */
+                const float *gain,      /* (H, dk) */
+                const float *bias,      /* (H, dk) */
+                const float *sub_keys,  /* (H, 2, n_keys, dk / 2) */
+                const float *values,    /* (n_keys^2, d_value) */
+                const long *rows,       /* (P) */
+                const long *cols,       /* (P) */
+                float *out,             /* (B, d_value) */
+                float *scratch, long *index_scratch, long batch, long d_model, long heads, long d_key,
+                long n_keys, long k, long n_candidates, long d_value, float eps) {
     const long half = d_key / 2, per_head = d_key + 2 * n_keys + 2 * k + n_candidates + d_value;
+    /* The pairs index the k best of each half: checked once per call, not trusted (they come from a buffer). */
+    for (long c = 0; c < n_candidates; c++)
+        if (rows[c] < 0 || rows[c] >= k || cols[c] < 0 || cols[c] >= k) return 1;
     for (long b = 0; b < batch; b++) {
         const float *xb = x + b * d_model;
         float *yb = out + b * d_value;
@@ -100,4 +104,5 @@ void hk_pkm_step(const float *x,         /* (B, D) */
             }
         }
     }
+    return 0;
 }

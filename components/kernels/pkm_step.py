@@ -23,7 +23,9 @@ MAX_ROWS = 8  # tokens per call; more go through the batched PyTorch path
 MAX_SELECT = 4096  # as in pkm_step.c: longest list a selection runs over
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("pkm_step.c"), {"hk_pkm_step": [_p] * 11 + [_l] * 8 + [_f]})
+LIBRARY = native.NativeLibrary(
+    Path(__file__).with_name("pkm_step.c"), {"hk_pkm_step": [_p] * 11 + [_l] * 8 + [_f]}, {"hk_pkm_step": ctypes.c_int}
+)
 
 
 def pkm_read_cpu(
@@ -44,15 +46,23 @@ def pkm_read_cpu(
     Args:
         x: (..., D), at most ``MAX_ROWS`` tokens.
         query_weight: (H * dk, D); gain, bias: (H, dk); sub_keys: (H, 2, n_keys, dk / 2); values: (n_keys^2, dv).
-        rows, cols: (P,) long candidate pairs (``candidate_pairs``).
+        rows, cols: (P,) long candidate pairs (``candidate_pairs``), each in [0, top_k).
+        top_k: slots read per head, 1 to min(n_keys, P).
         eps: epsilon of the query LayerNorm.
+
+    Returns:
+        None when the kernel cannot take the tensors (not contiguous float32 on the CPU, or long pairs, autograd on,
+        more than ``MAX_ROWS`` tokens, lists longer than ``MAX_SELECT``); shapes that do not fit together, a top_k
+        out of range or a pair outside the k-lists raise a ValueError.
     """
+    tensors = (x, query_weight, gain, bias, sub_keys, values)
+    if not native.usable(*tensors) or not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() for t in (rows, cols)):
+        return None
+    _check_shapes(x, query_weight, gain, bias, sub_keys, values, rows, cols, top_k)
     heads, _, n_keys, half = sub_keys.shape
     d_model, d_value = x.shape[-1], values.shape[1]
     tokens, n_candidates = x.numel() // d_model, rows.shape[0]
-    if not 0 < tokens <= MAX_ROWS or max(n_keys, n_candidates) > MAX_SELECT or top_k > n_keys:
-        return None
-    if not native.usable(x, query_weight, gain, bias, sub_keys, values) or not (rows.is_contiguous() and cols.is_contiguous()):
+    if not 0 < tokens <= MAX_ROWS or max(n_keys, n_candidates) > MAX_SELECT:
         return None
     library = LIBRARY.load()
     if library is None:
@@ -61,8 +71,32 @@ def pkm_read_cpu(
     out = x.new_empty(*x.shape[:-1], d_value)
     scratch = x.new_empty(heads * (d_key + 2 * n_keys + 2 * top_k + n_candidates + d_value))
     index_scratch = torch.empty(heads * 3 * top_k, dtype=torch.long)
-    library.hk_pkm_step(
+    status = library.hk_pkm_step(
         *(t.data_ptr() for t in (x, query_weight, gain, bias, sub_keys, values, rows, cols, out, scratch, index_scratch)),
         tokens, d_model, heads, d_key, n_keys, top_k, n_candidates, d_value, eps,
     )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"pkm_read: a candidate pair (rows, cols) lies outside [0, top_k = {top_k})")
     return out
+
+
+def _check_shapes(
+    x: Tensor, query_weight: Tensor, gain: Tensor, bias: Tensor, sub_keys: Tensor, values: Tensor, rows: Tensor,
+    cols: Tensor, top_k: int,
+) -> None:  # fmt: skip
+    """Raise a ValueError naming the tensor unless every read of the kernel stays inside its argument."""
+    if sub_keys.dim() != 4 or sub_keys.shape[1] != 2 or x.dim() == 0 or values.dim() != 2:
+        raise ValueError(
+            f"pkm_read: expected x (..., D), sub_keys (H, 2, n_keys, dk / 2) and values (n_keys^2, dv), got x "
+            f"{tuple(x.shape)}, sub_keys {tuple(sub_keys.shape)}, values {tuple(values.shape)}"
+        )
+    heads, _, n_keys, half = sub_keys.shape
+    d_model, d_key = x.shape[-1], 2 * half
+    native.expect_shape("pkm_read", f"query_weight (for x {tuple(x.shape)})", query_weight, (heads * d_key, d_model))
+    native.expect_shape("pkm_read", "gain", gain, (heads, d_key))
+    native.expect_shape("pkm_read", "bias", bias, (heads, d_key))
+    native.expect_shape("pkm_read", "values", values, (n_keys * n_keys, values.shape[1]))
+    if rows.dim() != 1 or rows.shape != cols.shape:
+        raise ValueError(f"pkm_read: candidate rows {tuple(rows.shape)} and cols {tuple(cols.shape)}: expected two (P,)")
+    if not 0 < top_k <= min(n_keys, rows.shape[0]):
+        raise ValueError(f"pkm_read: top_k {top_k} for {n_keys} sub-keys and {rows.shape[0]} candidate pairs")

@@ -8,13 +8,14 @@ PyTorch path is the reference (``tests/kernels/test_native_decode.py``). Built o
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
 from hydra_kit.nn import native
 
-__all__ = ["LIBRARY", "MAX_ROWS", "router_step_cpu"]
+__all__ = ["LIBRARY", "MAX_ROWS", "RouterStepWeights", "router_step_cpu"]
 
 MAX_ROWS = 8  # past a few tokens the PyTorch ops' fixed cost no longer matters
 
@@ -22,29 +23,65 @@ _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(Path(__file__).with_name("router_step.c"), {"hk_router_step": [_p] * 6 + [_l] * 3 + [_f]})
 
 
-def router_step_cpu(
-    u: Tensor, gate_weight: Tensor, gate_bias: Tensor, score_weight: Tensor, temperature: float, weights_checked: bool = False
-) -> tuple[Tensor, Tensor] | None:
+@dataclass(frozen=True)
+class RouterStepWeights:
+    """The router's weights as the kernel reads them, checked once (cache it; constructing it runs the checks).
+
+    Attributes:
+        gate_weight: (G, D); gate_bias: (G,); score_weight: (1, D). Detached: the shapes the checks saw stay.
+        n_gates, d_model: G, D.
+        suits: whether every tensor is contiguous float32 on the CPU (else the kernel never runs).
+    """
+
+    gate_weight: Tensor
+    gate_bias: Tensor
+    score_weight: Tensor
+    n_gates: int = field(init=False)
+    d_model: int = field(init=False)
+    suits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        gate_weight, gate_bias, score_weight = (t.detach() for t in (self.gate_weight, self.gate_bias, self.score_weight))
+        if gate_weight.dim() != 2:
+            raise ValueError(f"router_step: gate_weight has shape {tuple(gate_weight.shape)}, expected (G, D)")
+        n_gates, d_model = gate_weight.shape
+        native.expect_shape("router_step", "gate_bias", gate_bias, (n_gates,))
+        native.expect_shape("router_step", "score_weight", score_weight, (1, d_model))
+        fields = {
+            "gate_weight": gate_weight, "gate_bias": gate_bias, "score_weight": score_weight, "n_gates": n_gates,
+            "d_model": d_model, "suits": native.suits(gate_weight, gate_bias, score_weight),
+        }  # fmt: skip
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+
+def router_step_cpu(u: Tensor, weights: RouterStepWeights, temperature: float) -> tuple[Tensor, Tensor] | None:
     """Gates (..., G) and score (...) of tokens u (..., D), or None when the kernel cannot take these tensors.
 
     Args:
         u: (..., D) normalised block inputs, at most ``MAX_ROWS`` tokens.
-        gate_weight: (G, D); gate_bias: (G,); score_weight: (1, D).
+        weights: the router's weights (:class:`RouterStepWeights`), which say whether they suit the kernel.
         temperature: tau of R2.
-        weights_checked: the caller has checked that the weights are contiguous float32 on the CPU
-            (:class:`hydra_kit.nn.native.CachedParameters`); only u is checked here.
+
+    Returns:
+        None when the kernel cannot take the tensors (not contiguous float32 on the CPU, autograd on, more than
+        ``MAX_ROWS`` tokens); tokens of another width than the weights' raise a ValueError.
     """
-    d_model = u.shape[-1]
-    rows = u.numel() // d_model
-    if not 0 < rows <= MAX_ROWS or not native.usable(u, *(() if weights_checked else (gate_weight, gate_bias, score_weight))):
+    if not weights.suits or not native.usable(u):
+        return None
+    d_model = weights.d_model
+    if u.dim() == 0 or u.shape[-1] != d_model:
+        raise ValueError(f"router_step: tokens {tuple(u.shape)} for weights of width {d_model}: expected (..., {d_model})")
+    rows = u.numel() // d_model if d_model else 0
+    if not 0 < rows <= MAX_ROWS:
         return None
     library = LIBRARY.load()
     if library is None:
         return None
-    n_gates = gate_weight.shape[0]
+    n_gates = weights.n_gates
     gates, score = u.new_empty(*u.shape[:-1], n_gates), u.new_empty(u.shape[:-1])
     library.hk_router_step(
-        u.data_ptr(), gate_weight.data_ptr(), gate_bias.data_ptr(), score_weight.data_ptr(), gates.data_ptr(),
-        score.data_ptr(), rows, d_model, n_gates, temperature,
+        u.data_ptr(), weights.gate_weight.data_ptr(), weights.gate_bias.data_ptr(), weights.score_weight.data_ptr(),
+        gates.data_ptr(), score.data_ptr(), rows, d_model, n_gates, temperature,
     )  # fmt: skip
     return gates, score

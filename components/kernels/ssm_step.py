@@ -9,7 +9,7 @@ overhead on our CPUs, plus the two projections; this kernel does them in one pas
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,31 +25,75 @@ LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_
 
 @dataclass(frozen=True)
 class SSMStepWeights:
-    """What the kernel reads on every token besides the token and the state, packed once per set of weights.
+    """What the kernel reads on every token besides the token and the state, checked and packed once.
+
+    Build it with :func:`pack_ssm_step_weights` (constructing it directly runs the same checks).
 
     Attributes:
         tensors: in_weight (d_inner + conv_dim + H, D), out_weight (D, d_inner), conv_weight (conv_dim, 1, d_conv),
             conv_bias (conv_dim,), dt_bias, a_log, d_skip (H,), norm_weight (d_inner,), detached: they hold the
-            storage the addresses point into.
+            storage the addresses point into, and the shapes the dimensions were read from.
+        headdim, d_state, groups: P, N and the groups of heads sharing B and C (and the gated RMSNorm's groups).
         addresses: their data pointers, in that order.
-        dims: d_inner, conv_dim, H, P, N, groups, d_conv, norm groups (the gated RMSNorm's), D.
+        dims: d_inner, conv_dim, H, P, N, groups, d_conv, norm groups, D.
+        suits: whether every tensor is contiguous float32 on the CPU (else the kernel never runs).
     """
 
     tensors: tuple[Tensor, ...]
-    addresses: ctypes.Array[ctypes.c_void_p]
-    dims: ctypes.Array[ctypes.c_long]
+    headdim: int
+    d_state: int
+    groups: int
+    addresses: ctypes.Array[ctypes.c_void_p] = field(init=False, repr=False)
+    dims: ctypes.Array[ctypes.c_long] = field(init=False, repr=False)
+    suits: bool = field(init=False)
+    d_model: int = field(init=False)
+    conv_state_shape: tuple[int, int] = field(init=False)  # (d_conv - 1, conv_dim) of each sequence
+    ssm_state_shape: tuple[int, int, int] = field(init=False)  # (H, P, N) of each sequence
+
+    def __post_init__(self) -> None:
+        tensors = tuple(t.detach() for t in self.tensors)
+        if len(tensors) != 8:
+            raise ValueError(f"ssm_step: {len(tensors)} tensors, expected 8 (see SSMStepWeights)")
+        out_weight, conv_weight, dt_bias = tensors[1], tensors[2], tensors[4]
+        headdim, d_state, groups = self.headdim, self.d_state, self.groups
+        if out_weight.dim() != 2 or dt_bias.dim() != 1 or conv_weight.dim() != 3 or min(headdim, d_state, groups) < 1:
+            raise ValueError(
+                f"ssm_step: expected out_weight (D, d_inner), dt_bias (H,), conv_weight (conv_dim, 1, d_conv) and positive "
+                f"headdim, d_state, groups; got {tuple(out_weight.shape)}, {tuple(dt_bias.shape)}, {tuple(conv_weight.shape)}, "
+                f"{headdim}, {d_state}, {groups}"
+            )
+        (d_model, d_inner), heads = out_weight.shape, dt_bias.shape[0]
+        conv_dim, d_conv = conv_weight.shape[0], conv_weight.shape[-1]
+        if heads < 1 or d_inner != heads * headdim or heads % groups or conv_dim != d_inner + 2 * groups * d_state or d_conv < 1:
+            raise ValueError(
+                f"ssm_step: d_inner {d_inner}, {heads} heads of {headdim}, {groups} groups, d_state {d_state}, conv width "
+                f"{conv_dim} and d_conv {d_conv} do not fit (d_inner = H P, conv_dim = d_inner + 2 groups N, groups | H)"
+            )
+        names = ("in_weight", "out_weight", "conv_weight", "conv_bias", "dt_bias", "a_log", "d_skip", "norm_weight")
+        shapes = (
+            (d_inner + conv_dim + heads, d_model), (d_model, d_inner), (conv_dim, 1, d_conv), (conv_dim,),
+            (heads,), (heads,), (heads,), (d_inner,),
+        )  # fmt: skip
+        for name, t, shape in zip(names, tensors, shapes, strict=True):
+            native.expect_shape("ssm_step", name, t, shape)
+        dims = (d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups, d_model)
+        object.__setattr__(self, "tensors", tensors)
+        object.__setattr__(self, "addresses", native.addresses(tensors))
+        object.__setattr__(self, "dims", (ctypes.c_long * len(dims))(*dims))
+        object.__setattr__(self, "suits", native.suits(*tensors))
+        object.__setattr__(self, "d_model", d_model)
+        object.__setattr__(self, "conv_state_shape", (d_conv - 1, conv_dim))
+        object.__setattr__(self, "ssm_state_shape", (heads, headdim, d_state))
 
 
 def pack_ssm_step_weights(
     in_weight: Tensor, out_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, dt_bias: Tensor, a_log: Tensor,
     d_skip: Tensor, norm_weight: Tensor, *, headdim: int, d_state: int, groups: int,
 ) -> SSMStepWeights:  # fmt: skip
-    """Pack the SSM's parameters for :func:`ssm_step_cpu` (cache the result: it is rebuilt only when they move)."""
-    # Detached views hold the storages the addresses point into, whatever later happens to the Parameters.
-    tensors = tuple(t.detach() for t in (in_weight, out_weight, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight))
-    d_inner, heads = out_weight.shape[1], dt_bias.shape[0]
-    dims = (d_inner, conv_weight.shape[0], heads, headdim, d_state, groups, conv_weight.shape[-1], groups, out_weight.shape[0])
-    return SSMStepWeights(tensors, native.addresses(tensors), (ctypes.c_long * len(dims))(*dims))
+    """Check and pack the SSM's parameters for :func:`ssm_step_cpu` (cache the result: it is rebuilt only when they
+    change); raises a ValueError naming the tensor when the shapes do not fit together."""
+    tensors = (in_weight, out_weight, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight)
+    return SSMStepWeights(tensors, headdim, d_state, groups)
 
 
 def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMStepWeights, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -59,21 +103,31 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
         u: (B, D) one token per sequence.
         conv_state: (B, d_conv - 1, conv_dim) last inputs of the causal conv.
         ssm_state: (B, H, P, N).
-        weights: the packed parameters; the caller has checked that each is contiguous float32 on the CPU
-            (:class:`hydra_kit.nn.native.CachedParameters`). Only the token and the state are checked here.
+        weights: the packed parameters (:func:`pack_ssm_step_weights`), which say whether they suit the kernel.
         eps: of the gated RMSNorm.
 
     Returns:
         the update (B, D), the new conv state and the new SSM state (fresh tensors; the inputs are not modified).
+        None when the kernel cannot take the tensors (not contiguous float32 on the CPU, autograd on); a token or
+        state whose shape does not fit the weights raises a ValueError.
     """
-    if not native.usable(u, conv_state, ssm_state):
+    if not weights.suits or not native.usable(u, conv_state, ssm_state):
         return None
+    batch = u.shape[0] if u.dim() == 2 else -1
+    if (
+        u.dim() != 2 or u.shape[1] != weights.d_model or conv_state.shape[1:] != weights.conv_state_shape
+        or ssm_state.shape[1:] != weights.ssm_state_shape or conv_state.shape[0] != batch or ssm_state.shape[0] != batch
+    ):  # fmt: skip
+        raise ValueError(
+            f"ssm_step: token {tuple(u.shape)}, conv state {tuple(conv_state.shape)} and SSM state {tuple(ssm_state.shape)} "
+            f"do not fit the weights: expected (B, {weights.d_model}), (B, *{weights.conv_state_shape}), (B, *{weights.ssm_state_shape})"
+        )
     library = LIBRARY.load()
     if library is None:
         return None
-    batch, heads, headdim, _ = ssm_state.shape
-    conv_dim, d_inner = conv_state.shape[2], heads * headdim
-    out = u.new_empty(batch, u.shape[1])
+    heads, headdim, _ = weights.ssm_state_shape
+    conv_dim, d_inner = weights.conv_state_shape[1], heads * headdim
+    out = u.new_empty(batch, weights.d_model)
     conv_out, ssm_out = torch.empty_like(conv_state), torch.empty_like(ssm_state)
     scratch = u.new_empty(2 * (d_inner + conv_dim) + heads)  # projection, gated output, conv output
     library.hk_ssm_step(

@@ -59,17 +59,23 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
     Returns:
         (B, H, hd); the kernel gives zeros for a (sequence, head) that sees no key.
     """
+    if not sets:
+        raise ValueError(f"decode_attention: no key sets for the query of shape {tuple(q.shape)}")
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
-    library = LIBRARY.load() if native.usable(q) else None
+    library = LIBRARY.load() if q.dim() == 3 and native.usable(q) else None
     fields: list[int] = []  # per set, as decode_attention.c reads it (SET_FIELDS): addresses, length, strides, mask
     head_major = True
     for keys, values, mask in sets:
+        # C reads each set through its strides, for q's batch, heads and width: anything else is the reference's
+        # (which raises where the shapes do not fit).
         stride = keys.stride()
         if library is None or not (
             keys.dtype is torch.float32 and keys.is_cpu and keys.dim() == 4 and stride[3] == 1 and keys.shape == values.shape
             and keys.shape[:2] == q.shape[:2] and keys.shape[3] == q.shape[2]
             and values.dtype is torch.float32 and values.is_cpu and values.stride() == stride
-            and (mask is None or (mask.dtype is torch.bool and mask.is_contiguous() and mask.shape == (keys.shape[0], keys.shape[2])))
+            and (mask is None or (
+                mask.dtype is torch.bool and mask.is_cpu and mask.is_contiguous() and mask.shape == (keys.shape[0], keys.shape[2])
+            ))
         ):  # fmt: skip
             return decode_attention_reference(q, sets, scale)
         head_major = head_major and stride[1] >= stride[2]

@@ -38,14 +38,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Returns:
         (..., out).
     """
-    n_out, n_in = weight.shape
-    rows = x.numel() // n_in if n_in else 0
-    if 0 < rows <= MAX_KERNEL_ROWS and native.usable(x, weight, *(() if bias is None else (bias,))):
-        library = LIBRARY.load()
-        if library is not None:
-            y = x.new_empty(*x.shape[:-1], n_out)
-            library.hk_linear(x.data_ptr(), weight.data_ptr(), native.ptr(bias), y.data_ptr(), rows, n_in, n_out)
-            return y
+    # Only a 2-D weight whose width is x's, and a bias of one value per output, go to C (it reads exactly those
+    # sizes); F.linear takes anything else and raises PyTorch's own error where the shapes do not fit.
+    shape = x.shape
+    if weight.dim() == 2 and len(shape) > 0 and shape[-1] == weight.shape[1] > 0:
+        n_out, n_in = weight.shape
+        rows = x.numel() // n_in
+        if 0 < rows <= MAX_KERNEL_ROWS and (bias is None or bias.shape == (n_out,)):
+            if native.usable(x, weight, *(() if bias is None else (bias,))):
+                library = LIBRARY.load()
+                if library is not None:
+                    y = x.new_empty(*shape[:-1], n_out)
+                    library.hk_linear(x.data_ptr(), weight.data_ptr(), native.ptr(bias), y.data_ptr(), rows, n_in, n_out)
+                    return y
     return F.linear(x, weight, bias)
 
 

@@ -28,8 +28,13 @@ class ResidualPlan:
     """
 
     def __init__(self, columns: Sequence[int | None], scales: Sequence[Tensor]) -> None:
+        if len(columns) != len(scales):
+            raise ValueError(f"ResidualPlan: {len(columns)} gate columns for {len(scales)} LayerScales")
+        if any(c is not None and c < 0 for c in columns):
+            raise ValueError(f"ResidualPlan: gate columns must be None or >= 0, got {list(columns)}")
         self.columns = tuple(columns)
         self.scales = tuple(scales)
+        self.gates_needed = 1 + max((c for c in columns if c is not None), default=-1)  # the gates' width must reach it
         # Detached views hold the storages the addresses point into (see native.addresses).
         held = tuple(s.detach() for s in scales)
         self.suits = all(s.dtype is torch.float32 and s.is_cpu and s.numel() == 1 for s in held)
@@ -49,10 +54,13 @@ def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, p
         gates: (B, G) the router's gates, needed when any plan column is not None.
         plan: the columns and LayerScales (:class:`ResidualPlan`).
     """
-    batch = x.shape[0]
     if len(updates) != len(plan.columns) or (plan.gated and gates is None):
         raise ValueError(f"gated_residual: {len(updates)} updates for a plan of {len(plan.columns)} (gated: {plan.gated}, gates given: {gates is not None})")
-    if plan.suits and batch <= MAX_ROWS and native.usable(x, *updates, *((gates,) if plan.gated else ())):
+    if gates is not None and plan.gated and (gates.dim() != 2 or gates.shape[-1] < plan.gates_needed):
+        raise ValueError(f"gated_residual: gates of shape {tuple(gates.shape)} for a plan reading gate column {plan.gates_needed - 1}")
+    batch = x.shape[0] if x.dim() == 2 else 0
+    # C reads B x D floats of x and of every update, and B x G of the gates: other shapes take the PyTorch sum.
+    if plan.suits and 0 < batch <= MAX_ROWS and native.usable(x, *updates, *((gates,) if plan.gated else ())) and _fit(x, updates, gates, plan):
         library = LIBRARY.load()
         if library is not None:
             y = torch.empty_like(x)
@@ -69,3 +77,11 @@ def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, p
             scale = gates[:, column : column + 1] * scale  # (B, 1): g_c * r_t^c
         y = torch.addcmul(y, update, scale)
     return y
+
+
+def _fit(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, plan: ResidualPlan) -> bool:
+    shape = x.shape
+    for update in updates:
+        if update.shape != shape:
+            return False
+    return not plan.gated or (gates is not None and gates.shape[0] == shape[0])

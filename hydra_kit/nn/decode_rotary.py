@@ -39,17 +39,21 @@ def qkv_rotary(
         key_out, value_out: optional (B, H, hd) views (float32, same strides, contiguous heads), e.g. the next
             slot of a key/value cache: the keys and values are written there too. Nothing is written when the
             kernel cannot run (the result is then None).
+
+    Returns None (nothing computed) for tensors the kernel cannot take: not contiguous float32 on the CPU,
+    autograd on, head widths above ``2 * MAX_HALF_WIDTH``. Tensors it could take but whose shapes do not fit
+    together raise a ValueError naming them (the PyTorch path would fail on them too).
     """
     weights = (weight_a,) if weight_b is None else (weight_a, weight_b)
-    if inv_freq.shape[0] > MAX_HALF_WIDTH or not native.usable(x, inv_freq, *weights):
+    if not native.usable(x, inv_freq, *weights) or inv_freq.numel() > MAX_HALF_WIDTH:
         return None
+    _check_shapes(x, weight_a, weight_b, inv_freq, heads, key_out, value_out)
     dst = None
     if key_out is not None and value_out is not None:
         stride = key_out.stride()
-        shape = (x.shape[0], heads, inv_freq.shape[0] * 2)
         if not (
             key_out.dtype is value_out.dtype is torch.float32 and key_out.is_cpu and value_out.is_cpu and stride[2] == 1
-            and value_out.stride() == stride and key_out.shape == value_out.shape == shape
+            and value_out.stride() == stride
         ):  # fmt: skip
             return None
         dst = (ctypes.c_int64 * 6)(key_out.data_ptr(), value_out.data_ptr(), stride[0], stride[1], stride[0], stride[1])
@@ -65,3 +69,25 @@ def qkv_rotary(
         batch, d_model, rows_a, rows_b, heads, head_dim, pos, dst,
     )  # fmt: skip
     return out
+
+
+def _check_shapes(
+    x: Tensor, weight_a: Tensor, weight_b: Tensor | None, inv_freq: Tensor, heads: int,
+    key_out: Tensor | None, value_out: Tensor | None,
+) -> None:  # fmt: skip
+    """Raise unless the kernel's reads and writes stay inside these tensors: x (B, D), 3 H hd rows of width D, ..."""
+    if x.dim() != 2 or inv_freq.dim() != 1 or heads < 1 or inv_freq.shape[0] < 1:
+        raise ValueError(
+            f"qkv_rotary: expected x (B, D), inv_freq (hd / 2,) and heads >= 1, got x {tuple(x.shape)}, "
+            f"inv_freq {tuple(inv_freq.shape)}, heads {heads}"
+        )
+    d_model, rows = x.shape[1], 6 * heads * inv_freq.shape[0]  # 3 H hd
+    given = [tuple(weight_a.shape)] + ([] if weight_b is None else [tuple(weight_b.shape)])
+    if any(len(w) != 2 or w[1] != d_model for w in given) or sum(w[0] for w in given) != rows:
+        raise ValueError(f"qkv_rotary: weights {given} for x {tuple(x.shape)}: expected {rows} rows of width {d_model} in all")
+    if (key_out is None) != (value_out is None):
+        raise ValueError("qkv_rotary: key_out and value_out go together")
+    expected = (x.shape[0], heads, 2 * inv_freq.shape[0])
+    for name, t in (("key_out", key_out), ("value_out", value_out)):
+        if t is not None:
+            native.expect_shape("qkv_rotary", name, t, expected)

@@ -40,14 +40,16 @@ _NORM_LIBRARY = native.NativeLibrary(
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``F.rms_norm`` over the last dimension of x (..., dim) with gain weight (dim,); a C loop for a few rows."""
-    dim = x.shape[-1]
-    rows = x.numel() // dim if dim else 0
-    if 0 < rows <= MAX_KERNEL_ROWS and native.usable(x, weight):
-        library = _NORM_LIBRARY.load()
-        if library is not None:
-            y = torch.empty_like(x)
-            library.hk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, dim, eps)
-            return y
+    dim = x.shape[-1] if x.dim() else 0
+    # Only a gain of exactly (dim,) goes to C, which reads dim values of it; F.rms_norm raises for any other.
+    if dim and weight is not None and weight.shape == (dim,):
+        rows = x.numel() // dim
+        if 0 < rows <= MAX_KERNEL_ROWS and native.usable(x, weight):
+            library = _NORM_LIBRARY.load()
+            if library is not None:
+                y = torch.empty_like(x)
+                library.hk_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, dim, eps)
+                return y
     return F.rms_norm(x, (dim,), weight, eps)
 
 

@@ -12,21 +12,33 @@ The kernels here (and those of the components that ship one) do a whole step in 
 path that computes the same thing and is the reference the tests hold it to; the kernels are used only on
 contiguous float32 CPU tensors with autograd off, and everything else takes the PyTorch path.
 
-A source file is compiled once per machine (``cc -O3 -march=native -fopenmp``; about a second) into a cache in
-the system's temporary directory, keyed by a hash of the source, the flags and the compiler, written under a
-temporary name and renamed, so concurrent processes never load a half-written library. The OpenMP runtime is the
-one PyTorch already loaded (the same ``libgomp.so.1``), so the kernels share its threads and its thread count.
-Without a C compiler, or when a build fails, :func:`unavailable_reason` says why and the PyTorch paths run.
+A source file is compiled once per machine (``cc -O3 -march=native -fopenmp``; about a second) into a cache
+directory private to the user (``~/.cache/hydra-kit/kernels`` unless :func:`set_cache_dir` names another): it is
+created with mode 0700, and one owned by someone else or writable by group or others is refused (a warning, and
+the PyTorch paths run), so no other user can plant a library that this process would load. A library's name is
+keyed by a hash of its source, the flags, the compiler and the CPU (what ``-march=native`` resolves to), so a
+cache shared between machines never hands one CPU's code to another. Processes building the same library take
+turns under a lock file in that directory; each writes under a temporary name and renames, so none ever loads a
+half-written library. The OpenMP runtime is the one PyTorch already loaded (the same ``libgomp.so.1``), so the
+kernels share its threads and its thread count. Without a C compiler, or when a build fails, :func:`unavailable_reason`
+says why and the PyTorch paths run.
+
+Every wrapper checks the tensors it hands to C (shapes, dtype, contiguity, device) against each other: a call
+the kernel cannot take runs the PyTorch path, and arguments that do not fit together raise, as PyTorch would,
+before C reads a byte.
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -42,9 +54,13 @@ __all__ = [
     "CachedParameters",
     "NativeLibrary",
     "addresses",
+    "cache_dir",
     "enabled",
+    "expect_shape",
     "native_kernels",
+    "set_cache_dir",
     "set_enabled",
+    "suits",
     "usable",
 ]
 
@@ -54,6 +70,7 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 _enabled = True
+_cache_dir: Path | None = None  # None: default_cache_dir()
 
 
 def set_enabled(flag: bool) -> None:
@@ -78,22 +95,109 @@ def native_kernels(flag: bool) -> Iterator[None]:
         set_enabled(previous)
 
 
-def usable(*tensors: Tensor) -> bool:
-    """Whether a kernel may take these tensors: kernels on, autograd off, all contiguous float32 on the CPU."""
-    if not _enabled or torch.is_grad_enabled():
-        return False
-    for t in tensors:  # a plain loop: this check runs on every decoding step, for every weight the kernel reads
+def suits(*tensors: Tensor) -> bool:
+    """Whether every tensor is contiguous float32 on the CPU: the only layout a kernel reads."""
+    for t in tensors:  # a plain loop: this check runs on every decoding step, for every tensor a kernel reads
         if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             return False
     return True
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether a kernel may take these tensors: kernels on, autograd off, all contiguous float32 on the CPU.
+
+    Only the layout: each wrapper also checks that the shapes fit together before it calls C.
+    """
+    return _enabled and not torch.is_grad_enabled() and suits(*tensors)
+
+
+def expect_shape(op: str, name: str, t: Tensor, shape: Sequence[int]) -> None:
+    """Raise a ValueError naming the op, the argument and both shapes unless ``t`` has exactly ``shape``."""
+    if t.shape != tuple(shape):  # torch.Size is a tuple
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
 def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _cache_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"hydra-kit-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+def default_cache_dir() -> Path:
+    """Where the kernels are built unless :func:`set_cache_dir` says otherwise: ``~/.cache/hydra-kit/kernels``."""
+    return Path.home() / ".cache" / "hydra-kit" / "kernels"
+
+
+def set_cache_dir(path: str | os.PathLike[str] | None) -> None:
+    """Build and load the kernels in ``path`` (None: :func:`default_cache_dir`), for libraries not loaded yet.
+
+    The directory is created with mode 0700 if missing; one owned by another user or writable by group or others
+    is refused when a library is built, and the PyTorch paths run.
+    """
+    global _cache_dir
+    _cache_dir = None if path is None else Path(path)
+
+
+def cache_dir() -> Path:
+    """The directory the kernels are built in (:func:`set_cache_dir`)."""
+    return default_cache_dir() if _cache_dir is None else _cache_dir
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Raise unless ``path`` belongs to this user and no one else may write to it."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"{what} {path} belongs to uid {info.st_uid}, not to this user (uid {os.getuid()}); refusing to use it")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(
+            f"{what} {path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); refusing to use it "
+            "(chmod 700 it, or choose another directory with hydra_kit.nn.native.set_cache_dir)"
+        )
+
+
+def _private_directory(path: Path) -> Path:
+    """``path``, created with mode 0700 if missing, after checking that it is this user's alone."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    if not path.is_dir():
+        raise RuntimeError(f"kernel cache {path} is not a directory")
+    _check_private(path, "kernel cache")
+    return path
+
+
+_CPU_FIELDS = {"vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU implementer", "CPU part"}
+
+
+@functools.cache
+def _toolchain(compiler: str) -> str:
+    """What decides the machine code besides the source and flags: the compiler and the CPU ``-march=native`` targets."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    parts = [compiler, version, platform.machine(), platform.processor()]
+    try:  # the first processor's model and feature flags (Linux)
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if not line.strip():
+                    break
+                if line.split(":", 1)[0].strip() in _CPU_FIELDS:
+                    parts.append(line.strip())
+    except OSError:
+        pass
+    # What -march=native resolves to on this machine (GCC; other compilers refuse the query, and the CPU lines stand).
+    native = subprocess.run([compiler, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, check=False)
+    if native.returncode == 0:
+        parts.append(native.stdout)
+    return "\n".join(parts)
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created 0600): processes building one library take turns."""
+    import fcntl  # POSIX only; _build checks first
+
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class NativeLibrary:
@@ -101,41 +205,54 @@ class NativeLibrary:
 
     Args:
         source: path of the ``.c`` file.
-        signatures: for each exported function, its ctypes argument types (results are void).
+        signatures: for each exported function, its ctypes argument types.
+        results: the ctypes result type of each function that returns one (the others are void).
     """
 
-    def __init__(self, source: Path, signatures: dict[str, list[type]]) -> None:
+    def __init__(self, source: Path, signatures: dict[str, list[type]], results: dict[str, type] | None = None) -> None:
         self.source = source
         self.signatures = signatures
+        self.results = dict(results or {})
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self._reason: str | None = None
         self._tried = False
 
     def _build(self) -> ctypes.CDLL:
+        if os.name != "posix":
+            raise RuntimeError("they need a POSIX system (a private cache directory and a lock file)")
         compiler = _compiler()
         if compiler is None:
             raise RuntimeError("no C compiler (cc, gcc or clang) is on PATH")
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-        key = hashlib.sha256("\n".join([self.source.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()[:16]
-        cache = _cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
+        identity = "\n".join([self.source.read_text(), " ".join(FLAGS), _toolchain(compiler)])
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        cache = _private_directory(cache_dir())
         target = cache / f"{self.source.stem}-{key}.so"
         if not target.exists():
-            partial = cache / f".{target.name}.{os.getpid()}.tmp"
-            built = subprocess.run(
-                [compiler, *FLAGS, str(self.source), "-o", str(partial), "-lm"], capture_output=True, text=True, check=False
-            )
-            if built.returncode != 0:
-                partial.unlink(missing_ok=True)
-                raise RuntimeError(f"{compiler} failed on {self.source.name}: {built.stderr.strip()[-2000:]}")
-            os.replace(partial, target)
+            with _exclusive(cache / f"{target.name}.lock"):
+                if not target.exists():  # another process may have built it while this one waited
+                    self._compile(compiler, cache, target)
+        _check_private(target, "kernel library")
         library = ctypes.CDLL(str(target))
         for name, argtypes in self.signatures.items():
             function = getattr(library, name)
             function.argtypes = argtypes
-            function.restype = None
+            function.restype = self.results.get(name)
         return library
+
+    def _compile(self, compiler: str, cache: Path, target: Path) -> None:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache)
+        os.close(handle)
+        partial = Path(name)
+        try:
+            built = subprocess.run(
+                [compiler, *FLAGS, str(self.source), "-o", str(partial), "-lm"], capture_output=True, text=True, check=False
+            )
+            if built.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {self.source.name}: {built.stderr.strip()[-2000:]}")
+            os.replace(partial, target)  # atomic: a process that finds the name finds the whole library
+        finally:
+            partial.unlink(missing_ok=True)
 
     def load(self) -> ctypes.CDLL | None:
         """The loaded library, or None when it cannot be built here (see :meth:`unavailable_reason`)."""
@@ -167,7 +284,7 @@ def addresses(tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]
 
     Built once and cached (:class:`CachedParameters`), it saves a ``data_ptr()`` and a ctypes conversion per
     weight per call. It is valid while the tensors' storage lives: keep ``t.detach()`` of each beside it, which
-    holds the storage even if a Parameter's ``.data`` is later replaced.
+    holds the storage (and the shape the kernel was told) even if a Parameter's ``.data`` is later replaced.
     """
     return (ctypes.c_void_p * len(tensors))(*(ptr(t) for t in tensors))
 
@@ -183,6 +300,25 @@ def _tensors_in(obj: Any) -> Iterator[Tensor]:
             yield from _tensors_in(getattr(obj, f.name))
 
 
+# Counts Parameters and submodules assigned anywhere since the first kernel cache was built (global hooks of
+# torch.nn, installed then): a cache built at an older count may hold objects that a module no longer has.
+_registrations = 0
+_watching = False
+
+
+def _registered(*_: Any) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> None:
+    global _watching
+    if not _watching:
+        torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
+        torch.nn.modules.module.register_module_module_registration_hook(_registered)
+        _watching = True
+
+
 class CachedParameters(nn.Module):
     """Mixin for a module whose decoding step hands the same parameters to a kernel on every token.
 
@@ -190,20 +326,33 @@ class CachedParameters(nn.Module):
     and checking that it suits a kernel about as much again: for a step that passes a dozen weights that is
     more than the kernel's own fixed cost. :meth:`kernel_parameters` builds the tuple once, together with
     whether every entry is contiguous float32 on the CPU, and keeps it until the parameters can have changed
-    identity or storage: a device or dtype move (``_apply``) or a state-dict load (``assign=True`` replaces
-    the Parameter objects). Code that assigns ``param.data`` directly must call :meth:`clear_kernel_parameters`.
+    identity or storage:
+
+    - a Parameter or submodule assigned anywhere (``m.out_proj.weight = nn.Parameter(...)``, ``m.out_proj =
+      Linear(...)``, ``load_state_dict(..., assign=True)``): a global count of such assignments, kept by
+      torch.nn's registration hooks, is part of the cache's key, so one comparison per step notices them;
+    - a device or dtype move (``_apply``) or a state-dict load.
+
+    In-place changes (an optimizer step, ``load_state_dict`` without ``assign``) keep the storage, and the
+    kernels read the current values. Code that assigns ``param.data`` directly must call
+    :meth:`clear_kernel_parameters` (the cache holds detached views, so the kernel reads the old values, never
+    freed memory).
     """
 
     _kernel_parameters: tuple[tuple[Any, ...], bool] | None = None
+    _kernel_registrations = -1
 
     def kernel_parameters(self, build: Callable[[], tuple[Any, ...]]) -> tuple[tuple[Any, ...], bool]:
         """The cached ``build()`` and whether every tensor in it (in lists, tuples and dataclasses) suits the kernels."""
-        if self._kernel_parameters is None:
+        cached = self._kernel_parameters
+        if cached is None or self._kernel_registrations != _registrations:
+            _watch_registrations()
+            count = _registrations  # before build(): an assignment during it means a rebuild next time
             params = build()
-            suits = all(t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() for t in _tensors_in(params))
-            self.__dict__["_kernel_parameters"] = (params, suits)
-        assert self._kernel_parameters is not None
-        return self._kernel_parameters
+            cached = (params, suits(*_tensors_in(params)))
+            self.__dict__["_kernel_parameters"] = cached
+            self.__dict__["_kernel_registrations"] = count
+        return cached
 
     def clear_kernel_parameters(self) -> None:
         self.__dict__["_kernel_parameters"] = None
