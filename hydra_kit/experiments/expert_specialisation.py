@@ -1,7 +1,7 @@
 """E5: do experts specialise to input domains? Held-out accuracy and domain-expert mutual information.
 
 Every model is trained on :class:`~hydra_kit.data.DomainMixture` (one rule domain per example: copy, reverse,
-sort, modular prefix sum, ...). Evaluated per domain on held-out examples:
+cyclic difference, modular prefix sum, ...). Evaluated per domain on held-out examples:
 
 * accuracy at the answer positions, for Hydra (MoE), Hydra with its MoE replaced by a dense SwiGLU MLP in the
   same blocks, and a dense transformer, both dense models with Hydra's *active* (per-token) parameter count
@@ -42,8 +42,9 @@ from hydra_kit.experiments import report, runner
 
 NAME = "expert_specialisation"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 300, "batch_size": 32, "domains": 4, "seq_len": 17, "num_symbols": 8},
-    "full": {"steps": 20000, "batch_size": 64, "domains": 6, "seq_len": 65, "num_symbols": 16, "lr": 1e-3},
+    # Distinct operands, n = (seq_len - 1) // 2 of num_symbols: guessing an operand (1 / n) stays near chance.
+    "cpu": {"steps": 300, "batch_size": 32, "domains": 4, "seq_len": 33, "num_symbols": 32},
+    "full": {"steps": 20000, "batch_size": 64, "domains": 6, "seq_len": 65, "num_symbols": 64, "lr": 1e-3},
 }
 
 
