@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from hydra_kit.cli import main
-from hydra_kit.experiments import EXPERIMENTS
+from hydra_kit.data import Example, SyntheticTask
+from hydra_kit.data.task import Heuristic
+from hydra_kit.experiments import EXPERIMENTS, report
 from hydra_kit.experiments.expert_specialisation import normalized_mutual_information
 from hydra_kit.experiments.runner import count_parameters, dense_transformer, hydra_config, without
 
@@ -24,6 +28,8 @@ CASES = {
     "expert-specialisation": (["--domains", "2", "--seq-len", "9"], "expert_specialisation", "domain", {"hydra", "hydra dense-mlp", "transformer"}, ["accuracy", "nmi_answer", "nmi_all"]),
     "mqar": (["--pairs", "2"], "mqar", "pairs", {"hydra", "transformer"}, ["accuracy"]),
 }
+# Experiments whose tables, files and figures carry chance and the best no-skill baseline per level (issue 17).
+BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -45,6 +51,20 @@ def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert all(data["models"][m]["total_params"] > 0 for m in models)
     png = (tmp_path / f"{stem}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    if name in BASELINED:
+        assert "no-skill baselines per" in printed and "best no-skill" in printed and "above no-skill" in printed
+        assert set(report.BASELINE_COLUMNS) <= set(rows[0])
+        levels = {r[level] for r in data["baselines"]}
+        for r in rows:
+            if r[level] == "all":  # E5's pooled row: the mean over domains
+                assert r["best_no_skill"] == "best per domain"
+                continue
+            assert r[level] in {str(v) for v in levels}
+            assert 0.0 < float(r["chance"]) <= float(r["best_no_skill_accuracy"]) <= 1.0
+            assert r["above_no_skill"] in ("yes", "no")
+            assert f"{float(r['best_no_skill_accuracy']):.3f} ({r['best_no_skill']})" in printed
+        for b in data["baselines"]:
+            assert b["best_no_skill"] in b["baselines"] and b["baselines"]["chance"] == b["chance"]
     if name == "pkm-recall":  # the gate is reported for Hydra only: without PKM there is no gate (NaN)
         gates = {r["model"]: r["pkm_gate_mean"] for r in data["summary"]}
         assert 0.0 < gates["hydra"] < 1.0
@@ -95,3 +115,49 @@ def test_transformer_matched_within_five_percent() -> None:
     assert abs(active["active_params"] - count_parameters(hydra)["active_params"]) / count_parameters(hydra)["active_params"] < 0.05
     ablated = without(hydra, "workspace")
     assert ablated["dropped"] == ["workspace"] and count_parameters(ablated)["total_params"] < target
+
+
+class _Echo(SyntheticTask):
+    """A toy task for the report helpers: the answer repeats the first token; one heuristic copies it, one says 2."""
+
+    vocab_size, seq_len = 3, 2
+
+    @property
+    def chance(self) -> float:
+        return 0.5
+
+    def generate(self, rng: np.random.Generator) -> Example:
+        first = int(rng.integers(1, 3))
+        return Example(np.array([first, 0]), np.array([-100, first]), {"level": first})
+
+    def heuristics(self) -> dict[str, Heuristic]:
+        return {"copy": lambda ids, t: int(ids[0]), "two": lambda ids, t: 2}
+
+
+def test_baseline_rows_and_claims_are_computed_per_level(capsys: pytest.CaptureFixture[str]) -> None:
+    task = _Echo()
+    examples = {level: [Example(np.array([level, 0]), np.array([-100, level]))] * 100 for level in (1, 2)}
+    rows = report.baseline_rows(task, examples, "level")
+    assert rows[0] == {"level": 1, "chance": 0.5, "best_no_skill": "copy", "best_no_skill_accuracy": 1.0,
+                       "baselines": {"chance": 0.5, "copy": 1.0, "two": 0.0}, "n_examples": 100}
+    assert rows[1]["baselines"] == {"chance": 0.5, "copy": 1.0, "two": 1.0}
+    assert report.baseline_rows({1: task, 2: task}, examples, "level") == rows  # one task per level (MQAR's pairs)
+    summary = [
+        {"model": "m", "level": 1, "accuracy_mean": 1.0, "accuracy_std": 0.0, "n_seeds": 1},
+        {"model": "m", "level": 3, "accuracy_mean": 0.9, "accuracy_std": 0.0, "n_seeds": 1},
+        {"model": "m", "level": "all", "accuracy_mean": 0.9, "accuracy_std": 0.0, "n_seeds": 1},
+    ]
+    out = report.with_baselines(summary, rows, "level", pooled={"all": "best per level"})
+    assert [r["above_no_skill"] for r in out] == ["no", "-", "no"]  # equal to the baseline is no claim
+    assert out[2]["best_no_skill"] == "best per level" and out[2]["best_no_skill_accuracy"] == 1.0
+    assert math.isnan(out[1]["chance"]) and out[1]["best_no_skill"] == "-"
+    report.print_table(Console(width=200), "t", out, ("model", "level"), [("accuracy", "accuracy", 3)])
+    printed = capsys.readouterr().out
+    assert "best no-skill" in printed and "1.000 (copy)" in printed and "above no-skill" in printed
+
+
+def test_a_claim_needs_more_than_sampling_noise() -> None:
+    assert report.above(0.10, 0.0, 0.05, 500) == "yes"  # 0.05 + 2 * 0.0097 < 0.10
+    assert report.above(0.10, 0.0, 0.05, 20) == "no"  # one lucky answer in 20 is no claim
+    assert report.above(0.10, 0.04, 0.05, 500) == "no"  # nor a mean whose spread over seeds reaches the baseline
+    assert report.above(float("nan"), 0.0, 0.05, 500) == "-"

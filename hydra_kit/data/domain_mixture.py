@@ -157,8 +157,8 @@ class DomainMixture(SyntheticTask):
 
         * ``first operand``, ``last operand`` (the symbol before the operator), ``most frequent operand`` (the
           smallest on a tie): the copies issue 17 found (prefix sum's first answer was the first operand);
-        * ``<rule> rule, other domains`` for each domain of the mixture: that rule applied whatever the operator
-          says; on its own domain's examples, where it would be the rule itself, it answers the first operand.
+        * ``as if <domain>`` for each domain of the mixture: that domain's rule applied whatever the operator
+          says; on that domain's own examples, where it would be the rule itself, it answers the first operand.
           Its score is what a model that mixes up the domains gets;
         * ``position prior``: the answer most often seen at this (operator, position) in 3000 training examples
           (sorting, the domain this replaced, scored 0.21 against chance 0.03 this way: order statistics).
@@ -197,6 +197,6 @@ class DomainMixture(SyntheticTask):
             return prior.get((domain, i), 1)
 
         heuristics: dict[str, Heuristic] = {"first operand": first, "last operand": last, "most frequent operand": most_frequent}
-        heuristics.update({f"{name} rule, other domains": other_domains(name) for name in self.domains})
+        heuristics.update({f"as if {name}": other_domains(name) for name in self.domains})
         heuristics["position prior"] = position_prior
         return heuristics

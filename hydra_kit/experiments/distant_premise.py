@@ -1,13 +1,17 @@
 """E4: a premise far beyond the attention window (paper Fig. 5, "sparse attention captures long-range dependencies").
 
-Every model is trained on :class:`~hydra_kit.data.DistantPremise` with the premise ``D`` tokens before its
-question, D drawn per example from ``--distances`` (all longer than Hydra's SGA window except possibly the
-first), among distractor premises of the same form, all at one sequence length (the longest distance plus
-the question). Evaluated per distance on held-out examples of that training instance:
+Every model is trained on :class:`~hydra_kit.data.DistantPremise` with every premise at least ``D`` tokens
+before the question (a region of premises of the same form, the asked one any of them, then D - 3 filler
+tokens), D drawn per example from ``--distances`` (all longer than Hydra's SGA window except possibly the
+first), all at one sequence length (the longest distance plus the region). By default every value is stated
+once per example (``num_values - 1`` distractors), so no value stands out. Evaluated per distance on held-out
+examples of that training instance:
 
-* accuracy at the answer position;
-* latency: median wall time (ms) of one batch-1 forward over the shortest sequence that holds a premise at
-  distance D (D + 2 tokens, or the distractors' minimum), i.e. the cost of looking D tokens back;
+* accuracy at the answer position, beside chance (1 / num_values) and the best no-skill heuristic (the value
+  at a fixed offset, the nearest premise's, the most frequent value, ..., see
+  :meth:`DistantPremise.heuristics`) scored on the same examples, and whether the model is above it;
+* latency: median wall time (ms) of one batch-1 forward over the shortest sequence that holds the premise
+  region at distance D (D + region length - 1 tokens), i.e. the cost of looking D tokens back;
 * peak memory: peak RSS growth (MB) of that forward in a fresh subprocess (``hydra-kit bench``'s probe),
   measured once per model and distance (it does not depend on the weights).
 
@@ -19,8 +23,10 @@ the workspace and the memories can carry the premise), and a dense transformer o
     hydra-kit experiment distant-premise                                  # CPU default
     hydra-kit experiment distant-premise --size full --distances 512 1024 2048 4096 8192 --steps 20000   # full (GPU)
 
-Outputs: ``distant_premise.csv`` (model, distance, accuracy/latency_ms/peak_mem_mb mean and std, n_examples,
-n_seeds), ``distant_premise.json``, ``distant_premise.png`` (three panels against distance).
+Outputs: ``distant_premise.csv`` (model, distance, accuracy/latency_ms/peak_mem_mb mean and std, chance,
+best_no_skill, best_no_skill_accuracy, above_no_skill, n_examples, n_seeds), ``distant_premise.json`` (also
+every heuristic's accuracy per distance), ``distant_premise.png`` (three panels against distance; dashed on
+the accuracy panel: the best no-skill accuracy, dotted: chance).
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from hydra_kit.experiments import report, runner
 
 NAME = "distant_premise"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 250, "batch_size": 32, "distances": [16, 32, 64], "distractors": 8, "num_values": 16},
-    "full": {"steps": 20000, "batch_size": 16, "distances": [512, 1024, 2048, 4096, 8192], "distractors": 32, "num_values": 32, "lr": 1e-3},
+    # distractors None: num_values - 1, every value stated once per example (DistantPremise's default).
+    "cpu": {"steps": 250, "batch_size": 32, "distances": [16, 32, 64], "distractors": None, "num_values": 16},
+    "full": {"steps": 20000, "batch_size": 16, "distances": [512, 1024, 2048, 4096, 8192], "distractors": None, "num_values": 32, "lr": 1e-3},
 }
 
 
@@ -46,20 +53,24 @@ def main(argv: list[str], console: Console) -> int:
     parser = argparse.ArgumentParser(prog="hydra-kit experiment distant-premise", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--distances", type=int, nargs="+", default=None, help="premise-to-question distances D (tokens)")
-    parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example")
+    parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example (default: every value stated once)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
     d = DEFAULTS[settings.size]
     distances = sorted(set(args.distances or d["distances"]))
     distractors = args.distractors if args.distractors is not None else d["distractors"]
+    if distractors is None:
+        distractors = d["num_values"] - 1
     num_keys = max(32, distractors + 1)
     task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"])
     console.print(
-        f"[bold]E4 distant premise[/]: distances {distances}, {distractors} distractor premises, length {task.seq_len}; "
-        f"{settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per distance"
+        f"[bold]E4 distant premise[/]: distances {distances}, {distractors} distractor premises in a region of {task.region_len} tokens, "
+        f"length {task.seq_len}; {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per distance"
     )
     examples = runner.eval_set(task, "distance", distances, settings.eval_per_level)
+    baselines = report.baseline_rows(task, examples, "distance")
+    report.print_baselines(console, "no-skill baselines per distance (held-out accuracy; bold: the best)", baselines, "distance")
     # The shortest sequence holding each distance: what a model pays to look D tokens back.
     probes = {D: DistantPremise(distance=D, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"]) for D in distances}
     probe_examples = {D: t.sample(runner.EVAL_SEED, "val", 0) for D, t in probes.items()}
@@ -97,23 +108,25 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = report.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb"))
+        summary = report.with_baselines(report.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb")), baselines, "distance")
         extra = {
             "task": {"distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "seq_len": task.seq_len,
-                     "sga_window": window, "chance": 1 / d["num_values"]},
+                     "region_len": task.region_len, "sga_window": window, "chance": task.chance},
+            "baselines": baselines,
             "records": records,
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        plot(png, summary, window)
+        plot(png, summary, window, baselines)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
     report.print_table(
         console,
-        f"E4 distant premise: held-out accuracy, latency and peak memory against distance (SGA window {window}; mean ± std over {len({r['seed'] for r in records})} seeds)",
+        f"E4 distant premise: held-out accuracy, latency and peak memory against distance (SGA window {window}; mean ± std over "
+        f"{len({r['seed'] for r in records})} seeds; an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "distance"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("peak MB", "peak_mem_mb", 1)],
@@ -122,8 +135,9 @@ def main(argv: list[str], console: Console) -> int:
     return 0
 
 
-def plot(path: Any, summary: list[dict[str, Any]], window: int) -> None:
-    """Accuracy, latency and peak memory against distance, one line per model; the SGA window marked."""
+def plot(path: Any, summary: list[dict[str, Any]], window: int, baselines: list[dict[str, Any]]) -> None:
+    """Accuracy, latency and peak memory against distance, one line per model; the SGA window and, on the
+    accuracy panel, chance and the best no-skill accuracy marked."""
     plt = report.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = (("accuracy", "held-out accuracy"), ("latency_ms", "latency (ms, batch 1, length D + 2)"), ("peak_mem_mb", "peak memory (MB)"))
@@ -132,6 +146,8 @@ def plot(path: Any, summary: list[dict[str, Any]], window: int) -> None:
             rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r["distance"])
             ax.errorbar([r["distance"] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3, label=model)
         ax.axvline(window, color="gray", linestyle=":", label=f"SGA window {window}")
+        if metric == "accuracy":
+            report.draw_baselines(ax, baselines, "distance")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("premise distance D (tokens)")
         ax.set_ylabel(label)

@@ -3,9 +3,12 @@
 Every model is trained on :class:`~hydra_kit.data.DomainMixture` (one rule domain per example: copy, reverse,
 cyclic difference, modular prefix sum, ...). Evaluated per domain on held-out examples:
 
-* accuracy at the answer positions, for Hydra (MoE), Hydra with its MoE replaced by a dense SwiGLU MLP in the
-  same blocks, and a dense transformer, both dense models with Hydra's *active* (per-token) parameter count
-  within 5 percent;
+* accuracy at the answer positions (only those that need the domain's rule are scored, see
+  :class:`~hydra_kit.data.DomainMixture`), for Hydra (MoE), Hydra with its MoE replaced by a dense SwiGLU MLP
+  in the same blocks, and a dense transformer, both dense models with Hydra's *active* (per-token) parameter
+  count within 5 percent; beside chance (1 / num_symbols) and the best no-skill heuristic (copying an operand,
+  another domain's rule, a per-position prior, ..., see :meth:`DomainMixture.heuristics`) scored on the same
+  examples, and whether the model is above it (the ``all`` row: the mean over domains of both);
 * routing specialisation of each MoE layer: the normalised mutual information between the example's domain
   and the chosen expert, over all top-k assignments, NMI = I(D; E) / mean(H(D), H(E)) (1: the expert
   determines the domain and back; 0: independent). It is measured two ways, both from the outside of the
@@ -22,9 +25,11 @@ cyclic difference, modular prefix sum, ...). Evaluated per domain on held-out ex
     hydra-kit experiment expert-specialisation                          # CPU default
     hydra-kit experiment expert-specialisation --size full --domains 6 --seq-len 65 --steps 20000   # full (GPU)
 
-Outputs: ``expert_specialisation.csv`` (model, domain, accuracy mean/std, n_examples, n_seeds; plus rows with
-domain ``all`` carrying ``nmi_answer`` and ``nmi_all`` for Hydra), ``expert_specialisation.json`` (also the
-per-layer NMI and the heatmap counts) and ``expert_specialisation.png`` (accuracy per domain and the heatmaps).
+Outputs: ``expert_specialisation.csv`` (model, domain, accuracy mean/std, chance, best_no_skill,
+best_no_skill_accuracy, above_no_skill, n_examples, n_seeds; plus rows with domain ``all`` carrying
+``nmi_answer`` and ``nmi_all`` for Hydra), ``expert_specialisation.json`` (also the per-layer NMI, the heatmap
+counts and every heuristic's accuracy per domain) and ``expert_specialisation.png`` (accuracy per domain, with
+each domain's best no-skill accuracy dashed and chance dotted, and the heatmaps).
 """
 
 from __future__ import annotations
@@ -171,6 +176,8 @@ def main(argv: list[str], console: Console) -> int:
         f"{settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per domain"
     )
     examples = runner.eval_set(task, "domain", levels, settings.eval_per_level)
+    baselines = [dict(b, domain=names[b["domain"]]) for b in report.baseline_rows(task, examples, "domain")]
+    report.print_baselines(console, "no-skill baselines per domain (held-out accuracy at the scored positions; bold: the best)", baselines, "domain")
     hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
     moe_names = [n for n, s in hydra["components"].items() if s.get("component") in ("moe", "MixtureOfExperts")]
     if not moe_names:
@@ -231,9 +238,11 @@ def main(argv: list[str], console: Console) -> int:
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
         summary = report.summarise(records, ("model", "domain"), ("accuracy", "nmi_answer", "nmi_all"))
+        summary = report.with_baselines(summary, baselines, "domain", pooled={"all": "best per domain"})
         heatmaps = mean_heatmaps(routing, "hydra")
         extra = {
-            "task": {"domains": list(task.domains), "seq_len": task.seq_len, "num_symbols": task.num_symbols, "chance": 1 / task.num_symbols},
+            "task": {"domains": list(task.domains), "seq_len": task.seq_len, "num_symbols": task.num_symbols, "chance": task.chance},
+            "baselines": baselines,
             "nmi": "I(D;E) / mean(H(D), H(E)) over top-k assignments, per MoE layer",
             "routing": routing,
             "heatmaps": {k: v.tolist() for k, v in heatmaps.items()},
@@ -242,14 +251,15 @@ def main(argv: list[str], console: Console) -> int:
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        plot(png, summary, heatmaps, list(task.domains))
+        plot(png, summary, heatmaps, list(task.domains), baselines)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
     report.print_table(
         console,
-        f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over {len({r['seed'] for r in records})} seeds)",
+        f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over "
+        f"{len({r['seed'] for r in records})} seeds; an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "domain"),
         [("accuracy", "accuracy", 3), ("NMI answer pos.", "nmi_answer", 3), ("NMI all pos.", "nmi_all", 3)],
@@ -285,8 +295,9 @@ def mean_heatmaps(routing: list[dict[str, Any]], model: str) -> dict[str, np.nda
     return {k: np.mean(v, axis=0) for k, v in maps.items()}
 
 
-def plot(path: Any, summary: list[dict[str, Any]], heatmaps: dict[str, np.ndarray], domains: list[str]) -> None:
-    """Accuracy per domain and model (left) and one domain x expert heatmap per MoE layer of Hydra."""
+def plot(path: Any, summary: list[dict[str, Any]], heatmaps: dict[str, np.ndarray], domains: list[str], baselines: list[dict[str, Any]]) -> None:
+    """Accuracy per domain and model (left; each domain's chance and best no-skill accuracy marked over its bars)
+    and one domain x expert heatmap per MoE layer of Hydra."""
     plt = report.pyplot()
     n = len(heatmaps)
     fig, axes = plt.subplots(1, 1 + n, figsize=(5 + 2.6 * n, 3.8), squeeze=False)
@@ -297,6 +308,7 @@ def plot(path: Any, summary: list[dict[str, Any]], heatmaps: dict[str, np.ndarra
         rows = [next(r for r in summary if r["model"] == model and r["domain"] == dom) for dom in domains]
         xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(domains))]
         ax.bar(xs, [r["accuracy_mean"] for r in rows], width, yerr=[r["accuracy_std"] for r in rows], capsize=2, label=model)
+    report.draw_baselines(ax, baselines, "domain", {dom: i for i, dom in enumerate(domains)}, 0.8)
     ax.set_xticks(range(len(domains)), domains, rotation=20)
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.02)

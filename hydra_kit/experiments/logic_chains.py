@@ -2,18 +2,24 @@
 
 Every model is trained on :class:`~hydra_kit.data.LogicChains` with proof lengths 1..``--train-hops`` (default
 4) and evaluated on held-out chains of 1..``--test-hops`` (default 8) hops, built with the same node
-vocabulary, distractors and sequence length, so hops 5..8 measure length generalisation. Compared: Hydra,
-Hydra without its workspace memory (the recipe's ``workspace`` instance removed) and a dense transformer with
-Hydra's total parameter count (within 5 percent).
+vocabulary, chains, branches and sequence length (the same prompts; only the query differs), so hops 5..8
+measure length generalisation. Compared: Hydra, Hydra without its workspace memory (the recipe's
+``workspace`` instance removed) and a dense transformer with Hydra's total parameter count (within 5 percent).
+
+Beside every model the table prints, per proof length, chance (1 / num_nodes) and the best no-skill
+heuristic of the training task (most frequent node, chain end, ..., see :meth:`LogicChains.heuristics`) scored
+on the same held-out examples, and whether the model is above it. At one hop the "one hop" heuristic *is*
+the rule, so that row can never be a claim: it is the control, composition starts at two.
 
 ::
 
     hydra-kit experiment logic-chains                                   # CPU default (minutes)
     hydra-kit experiment logic-chains --size full --steps 20000 --num-nodes 64 --distractors 16   # full (GPU)
 
-Outputs: ``logic_chains.csv`` (model, hops, accuracy mean/std over seeds, n_examples, n_seeds),
-``logic_chains.json`` and ``logic_chains.png`` (accuracy against proof length; the dotted line marks the
-longest trained length). Chance is about 1 / num_nodes.
+Outputs: ``logic_chains.csv`` (model, hops, accuracy mean/std over seeds, chance, best_no_skill (its name),
+best_no_skill_accuracy, above_no_skill, n_examples, n_seeds), ``logic_chains.json`` (also every heuristic's
+accuracy per hop count) and ``logic_chains.png`` (accuracy against proof length; dashed: the best no-skill
+baseline, dotted: chance and the longest trained length).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def main(argv: list[str], console: Console) -> int:
     parser = argparse.ArgumentParser(prog="hydra-kit experiment logic-chains", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--num-nodes", type=int, default=None, help="node vocabulary size")
-    parser.add_argument("--distractors", type=int, default=None, help="distractor edges per example (branches and off-chain)")
+    parser.add_argument("--distractors", type=int, default=None, help="branch facts (~>) per example, besides the closed chains")
     parser.add_argument("--train-hops", type=int, default=None, help="longest proof length in training")
     parser.add_argument("--test-hops", type=int, default=None, help="longest proof length evaluated")
     args = parser.parse_args(argv)
@@ -60,6 +66,9 @@ def main(argv: list[str], console: Console) -> int:
         f"length {seq_len}; {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per hop count"
     )
     examples = runner.eval_set(test_task, "hops", levels, settings.eval_per_level)
+    # What a model trained on train_task could learn without following edges, scored on the same examples.
+    baselines = report.baseline_rows(train_task, examples, "hops")
+    report.print_baselines(console, "no-skill baselines per proof length (held-out accuracy; bold: the best)", baselines, "hops")
     hydra = runner.hydra_config(settings.size, train_task.vocab_size, settings.recipe)
     transformer, _ = runner.dense_transformer(hydra)
     specs = [
@@ -78,35 +87,40 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = report.summarise(records, ("model", "hops"), ("accuracy",))
+        summary = report.with_baselines(report.summarise(records, ("model", "hops"), ("accuracy",)), baselines, "hops")
         extra = {
-            "task": {"num_nodes": num_nodes, "distractors": distractors, "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "chance": 1 / num_nodes},
+            "task": {"num_nodes": num_nodes, "distractors": distractors, "num_chains": test_task.num_chains, "chain_len": test_task.chain_len,
+                     "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "chance": test_task.chance},
+            "baselines": baselines,
             "records": records,
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        plot(png, summary, train_hops, 1 / num_nodes)
+        plot(png, summary, train_hops, baselines)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, train_task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
     seeds_done = len({r["seed"] for r in records})
-    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds)"
+    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds; a claim only where above no-skill)"
     report.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
     report.report_files(console, paths)
     return 0
 
 
-def plot(path: Any, summary: list[dict[str, Any]], train_hops: int, chance: float) -> None:
-    """Accuracy against proof length per model, the trained range marked (the paper's Fig. 2, honestly)."""
+def plot(path: Any, summary: list[dict[str, Any]], train_hops: int, baselines: list[dict[str, Any]]) -> None:
+    """Accuracy against proof length per model, the trained range and the no-skill baselines marked (Fig. 2, honestly)."""
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for model in dict.fromkeys(r["model"] for r in summary):
         rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r["hops"])
         ax.errorbar([r["hops"] for r in rows], [r["accuracy_mean"] for r in rows], yerr=[r["accuracy_std"] for r in rows], marker="o", capsize=3, label=model)
     ax.axvline(train_hops + 0.5, color="gray", linestyle=":", label=f"trained on 1..{train_hops}")
-    ax.axhline(chance, color="gray", linestyle="--", linewidth=0.8, label="chance")
+    report.draw_baselines(ax, baselines, "hops")
+    for b in baselines:
+        if b["best_no_skill"] == "one hop" and b["hops"] == 1:
+            ax.annotate("one hop: the rule at L = 1", (1, b["best_no_skill_accuracy"]), textcoords="offset points", xytext=(8, -12), fontsize=8)
     ax.set_xlabel("proof length (hops)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.02)

@@ -13,14 +13,19 @@ in the prompt, counterfactual half of the time, so it must be read). Evaluated p
   opens for closed-book questions and stays low when the fact is in the prompt.
 
 Compared: Hydra, Hydra without PKM (the ``pkm`` instance removed), and a transformer of Hydra's total size.
+Beside every model the table prints, per book, chance (1 / num_values) and the best no-skill heuristic (a
+bigram from one subject token, the most frequent prompt value, ..., see :meth:`FactRecall.heuristics`) scored
+on the same held-out prompts, and whether the model's accuracy is above it.
 
 ::
 
     hydra-kit experiment pkm-recall                                          # CPU default
     hydra-kit experiment pkm-recall --size full --num-facts 4096 --steps 20000   # full size (GPU)
 
-Outputs: ``pkm_recall.csv`` (model, book, accuracy/latency_ms/pkm_gate mean and std, n_examples, n_seeds),
-``pkm_recall.json``, ``pkm_recall.png`` (accuracy, latency and gate per book, one bar group per model).
+Outputs: ``pkm_recall.csv`` (model, book, accuracy/latency_ms/pkm_gate mean and std, chance, best_no_skill,
+best_no_skill_accuracy, above_no_skill, n_examples, n_seeds), ``pkm_recall.json`` (also every heuristic's
+accuracy per book), ``pkm_recall.png`` (accuracy, latency and gate per book, one bar group per model; dashed:
+the best no-skill accuracy of each book, dotted: chance).
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def main(argv: list[str], console: Console) -> int:
         f"{settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out prompts per book"
     )
     examples = runner.eval_set(task, "book", BOOKS, settings.eval_per_level)
+    baselines = report.baseline_rows(task, examples, "book")
+    report.print_baselines(console, "no-skill baselines per book (held-out accuracy; bold: the best)", baselines, "book")
     hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
     pkm_names = [n for n, s in hydra["components"].items() if s.get("component") in ("pkm", "ProductKeyMemory")]
     if not pkm_names:
@@ -100,24 +107,26 @@ def main(argv: list[str], console: Console) -> int:
 
     def write(records: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
-        summary = report.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate"))
+        summary = report.with_baselines(report.summarise(records, ("model", "book"), ("accuracy", "latency_ms", "pkm_gate")), baselines, "book")
         extra = {
             "task": {"num_facts": task.num_facts, "num_values": task.num_values, "context_facts": task.context_facts, "num_queries": task.num_queries,
-                     "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": 1 / task.num_values},
+                     "seq_len": task.seq_len, "table_seed": args.table_seed, "chance": task.chance},
+            "baselines": baselines,
             "gate_stat": GATE_STAT,
             "records": records,
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        plot(png, summary)
+        plot(png, summary, baselines)
         return summary, [csv_path, json_path, png]
 
     records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
     summary, paths = write(records, runs)
     report.print_table(
         console,
-        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {len({r['seed'] for r in records})} seeds)",
+        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {len({r['seed'] for r in records})} seeds; "
+        "an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "book"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("mean PKM gate", "pkm_gate", 3)],
@@ -126,19 +135,24 @@ def main(argv: list[str], console: Console) -> int:
     return 0
 
 
-def plot(path: Any, summary: list[dict[str, Any]]) -> None:
-    """Three panels (accuracy, latency, mean PKM gate), closed and open book side by side per model."""
+def plot(path: Any, summary: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> None:
+    """Three panels (accuracy, latency, mean PKM gate), closed and open book side by side per model; the accuracy
+    panel marks each book's chance and best no-skill accuracy over that book's bars."""
     plt = report.pyplot()
     models = list(dict.fromkeys(r["model"] for r in summary))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     width = 0.38
     for ax, (metric, label) in zip(axes, (("accuracy", "held-out accuracy"), ("latency_ms", "latency (ms, batch 1)"), ("pkm_gate", "mean PKM gate")), strict=True):
+        positions: dict[str, list[float]] = {}
         for j, book in enumerate(BOOKS):
             rows = [next(r for r in summary if r["model"] == m and r["book"] == book) for m in models]
             xs = [i + (j - 0.5) * width for i in range(len(models))]
             values = [0.0 if math.isnan(r[f"{metric}_mean"]) else r[f"{metric}_mean"] for r in rows]
             errors = [0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"] for r in rows]
             ax.bar(xs, values, width, yerr=errors, capsize=3, label=f"{book} book")
+            positions[book] = xs
+        if metric == "accuracy":
+            report.draw_baselines(ax, baselines, "book", positions, width)
         ax.set_xticks(range(len(models)), models, rotation=15)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)

@@ -2,6 +2,14 @@
 
 Numbers are aggregated, never adjusted: a cell's mean and sample standard deviation come from the per-seed
 records as measured, and missing measurements stay missing ("-" in tables, NaN in files).
+
+Every accuracy is reported beside what needs no skill (issue 17): chance and the best of the task's no-skill
+heuristics (:meth:`~hydra_kit.data.SyntheticTask.heuristics`), scored on the same held-out examples per level
+(:func:`baseline_rows`). :func:`with_baselines` adds them to each summary row with ``above_no_skill``: "yes"
+only when the model's accuracy, mean minus one standard deviation over seeds, exceeds the best no-skill
+accuracy p by more than two standard errors of p on the n held-out examples, 2 sqrt(p (1 - p) / n) (so 20
+examples cannot make a claim of one lucky answer). That column is computed, never asserted: a cell is a claim
+only where it says "yes".
 """
 
 from __future__ import annotations
@@ -10,14 +18,18 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from hydra_kit.data.task import Example, SyntheticTask, best_no_skill
 from hydra_kit.recipe import RecipeError
+
+#: The columns :func:`with_baselines` adds to a summary row.
+BASELINE_COLUMNS = ("chance", "best_no_skill", "best_no_skill_accuracy", "above_no_skill")
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
@@ -55,21 +67,118 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def baseline_rows(
+    task_or_tasks: SyntheticTask | Mapping[Any, SyntheticTask], examples_per_level: Mapping[Any, Sequence[Example]], level_key: str
+) -> list[dict[str, Any]]:
+    """Chance and every no-skill heuristic's accuracy per level, on the held-out examples the models are scored on.
+
+    Args:
+        task_or_tasks: the task whose heuristics are scored (the training instance: what a model trained on it
+            could have learnt), or one task per level where each level is its own instance (MQAR's pairs).
+        examples_per_level: level -> its held-out examples (e.g. :func:`hydra_kit.experiments.runner.eval_set`).
+        level_key: the name of the level column (``"hops"``, ``"book"``, ...).
+
+    Returns:
+        One row per level: ``{level_key: level, "chance", "best_no_skill" (name), "best_no_skill_accuracy",
+        "baselines" ({name: accuracy}, chance included), "n_examples"}``.
+    """
+    rows = []
+    for level, examples in examples_per_level.items():
+        task = task_or_tasks[level] if isinstance(task_or_tasks, Mapping) else task_or_tasks
+        scores = task.no_skill_baselines(examples)
+        name, accuracy = best_no_skill(scores)
+        rows.append({level_key: level, "chance": scores["chance"], "best_no_skill": name, "best_no_skill_accuracy": accuracy, "baselines": scores, "n_examples": len(examples)})
+    return rows
+
+
+def above(mean: float, std: float, baseline: float, n_examples: int) -> str:
+    """Whether an accuracy is a claim: "yes" if mean - std (over seeds; std 0 for one seed) exceeds ``baseline``
+    by more than two of its standard errors on ``n_examples``, "no" if not, "-" if unmeasured."""
+    if math.isnan(mean) or math.isnan(baseline) or n_examples <= 0:
+        return "-"
+    margin = 2.0 * math.sqrt(baseline * (1.0 - baseline) / n_examples)
+    return "yes" if mean - (0.0 if math.isnan(std) else std) > baseline + margin else "no"
+
+
+def with_baselines(
+    summary: list[dict[str, Any]], baselines: list[dict[str, Any]], level_key: str, metric: str = "accuracy", pooled: Mapping[Any, str] | None = None
+) -> list[dict[str, Any]]:
+    """The summary rows with :data:`BASELINE_COLUMNS` added, matched on ``level_key``.
+
+    Args:
+        summary: rows of :func:`summarise` (``<metric>_mean`` and ``<metric>_std``).
+        baselines: rows of :func:`baseline_rows`.
+        level_key: the level column both share.
+        metric: the accuracy metric compared with the baseline.
+        pooled: levels that pool others (e.g. E5's domain ``"all"``, the mean over domains) -> a name; such a row
+            gets the mean of the per-level chance and best accuracies (a heuristic may pick per level, as it
+            reads the input), named ``"<name>"``, over all their examples.
+
+    Rows whose level has no baseline get NaN and "-". ``above_no_skill`` is :func:`above`.
+    """
+    by_level = {b[level_key]: b for b in baselines}
+    out = []
+    for row in summary:
+        level = row[level_key]
+        if level in by_level:
+            b = by_level[level]
+            chance, name, best, n = b["chance"], b["best_no_skill"], b["best_no_skill_accuracy"], b["n_examples"]
+        elif pooled is not None and level in pooled and baselines:
+            chance = statistics.fmean(b["chance"] for b in baselines)
+            name, best = pooled[level], statistics.fmean(b["best_no_skill_accuracy"] for b in baselines)
+            n = sum(b["n_examples"] for b in baselines)
+        else:
+            chance, name, best, n = math.nan, "-", math.nan, 0
+        claim = above(row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_std", math.nan), best, n)
+        out.append({**row, "chance": chance, "best_no_skill": name, "best_no_skill_accuracy": best, "above_no_skill": claim})
+    return out
+
+
 def print_table(console: Console, title: str, rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[tuple[str, str, int]]) -> None:
-    """A rich table: the key columns, then each metric as mean ± std (label, name, digits)."""
+    """A rich table: the key columns, then each metric as mean ± std (label, name, digits).
+
+    Rows that carry :data:`BASELINE_COLUMNS` (:func:`with_baselines`) get "chance", "best no-skill" (accuracy
+    and heuristic) and "above no-skill" after the metrics.
+    """
     table = Table(title=title)
     for k in keys:
         table.add_column(k)
     for label, _, _ in metrics:
         table.add_column(label, justify="right")
+    baselined = bool(rows) and all(c in rows[0] for c in BASELINE_COLUMNS)
+    if baselined:
+        table.add_column("chance", justify="right")
+        table.add_column("best no-skill", justify="right")
+        table.add_column("above no-skill", justify="center")
     extra = [c for c in ("n_examples", "n_seeds") if rows and c in rows[0]]
     for c in extra:
         table.add_column(c, justify="right")
     for row in rows:
         cells = [str(row[k]) for k in keys]
         cells += [fmt(row[f"{name}_mean"], row[f"{name}_std"], digits) for _, name, digits in metrics]
+        if baselined:
+            best = row["best_no_skill_accuracy"]
+            cells += ["-" if math.isnan(row["chance"]) else f"{row['chance']:.3f}", "-" if math.isnan(best) else f"{best:.3f} ({row['best_no_skill']})", row["above_no_skill"]]
         cells += [str(row[c]) for c in extra]
         table.add_row(*cells)
+    console.print(table)
+
+
+def print_baselines(console: Console, title: str, baselines: list[dict[str, Any]], level_key: str) -> None:
+    """Every no-skill heuristic's accuracy per level (rows of :func:`baseline_rows`), the best marked."""
+    names = list(dict.fromkeys(name for b in baselines for name in b["baselines"]))
+    table = Table(title=title)
+    table.add_column(level_key)
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("n_examples", justify="right")
+    for b in baselines:
+        cells = [str(b[level_key])]
+        for name in names:
+            value = b["baselines"].get(name)
+            text = "-" if value is None else f"{value:.3f}"
+            cells.append(f"[bold]{text}[/]" if name == b["best_no_skill"] else text)
+        table.add_row(*cells, str(b["n_examples"]))
     console.print(table)
 
 
@@ -101,15 +210,43 @@ def pyplot() -> Any:
     return plt
 
 
+def draw_baselines(
+    ax: Any, baselines: list[dict[str, Any]], level_key: str, positions: Mapping[Any, float | Sequence[float]] | None = None, width: float = 0.8
+) -> None:
+    """Chance (dotted) and the best no-skill accuracy (dashed) per level on ``ax``.
+
+    Numeric levels are joined by lines along the x axis; categorical ones (``positions``: level -> the x of its
+    bar, or of each of its bars) get a segment of ``width`` over each bar.
+    """
+    if not baselines:
+        return
+    styles = (("chance", "chance", {"color": "gray", "linestyle": ":", "linewidth": 1.2}),
+              ("best_no_skill_accuracy", "best no-skill", {"color": "black", "linestyle": "--", "linewidth": 1.2}))
+    for key, label, style in styles:
+        if positions is None:
+            rows = sorted(baselines, key=lambda b: b[level_key])
+            ax.plot([b[level_key] for b in rows], [b[key] for b in rows], label=label, **style)
+            continue
+        first = True
+        for b in baselines:
+            where = positions.get(b[level_key])
+            for x in [] if where is None else [where] if isinstance(where, (int, float)) else where:
+                ax.hlines(b[key], x - width / 2, x + width / 2, label=label if first else None, **style)
+                first = False
+
+
 def errorbar_plot(
     path: Path, summary: list[dict[str, Any]], x_key: str, metric: str, ylabel: str, title: str, xlabel: str | None = None, logx: bool = False,
+    baselines: list[dict[str, Any]] | None = None,
 ) -> None:
-    """One line per model: ``metric`` mean with std error bars against ``x_key``."""
+    """One line per model: ``metric`` mean with std error bars against ``x_key``; ``baselines`` (rows of
+    :func:`baseline_rows`) drawn as dashed lines."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for model in dict.fromkeys(r["model"] for r in summary):
         rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r[x_key])
         ax.errorbar([r[x_key] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3, label=model)
+    draw_baselines(ax, baselines or [], x_key)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel or x_key)

@@ -94,7 +94,7 @@ def test_every_shortcut_stays_near_chance_in_every_domain():
     examples = [task.sample(1_000_000_007, "val", i) for i in range(1600)]
     heuristics = set(task.heuristics())
     assert heuristics == {"first operand", "last operand", "most frequent operand", "position prior",
-                          *(f"{d} rule, other domains" for d in ("copy", "reverse", "difference", "prefix_sum"))}
+                          *(f"as if {d}" for d in ("copy", "reverse", "difference", "prefix_sum"))}
     for domain in task.domains:
         level = [e for e in examples if e.meta["domain_name"] == domain][:300]
         assert len(level) == 300
@@ -108,9 +108,9 @@ def test_heuristics_compute_what_they_name():
     guesses = {name: [f(ids, t) - 1 for t in (5, 6, 7, 8)] for name, f in task.heuristics().items()}
     assert guesses["first operand"] == [2] * 4 and guesses["last operand"] == [1] * 4
     assert guesses["most frequent operand"] == [1] * 4  # a tie: the smallest
-    assert guesses["reverse rule, other domains"] == [1, 4, 3, 2]
-    assert guesses["difference rule, other domains"] == [1, 1, 2, 1]
-    assert guesses["prefix_sum rule, other domains"] == [2] * 4  # its own domain: the first operand
+    assert guesses["as if reverse"] == [1, 4, 3, 2]
+    assert guesses["as if difference"] == [1, 1, 2, 1]
+    assert guesses["as if prefix_sum"] == [2] * 4  # its own domain: the first operand
 
 
 def test_domains_are_balanced_and_num_domains_limits_them():
