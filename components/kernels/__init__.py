@@ -10,7 +10,9 @@ and each exposes an ``*unavailable_reason`` function that says, in words, why it
   ``hydra_kit.components.ssm.ssd_chunked_scan``.
 
 CPU decoding kernels, C compiled on first use by :mod:`hydra_kit.nn.native` (a wrapper returns None when a
-kernel cannot take its tensors, and the component runs its PyTorch step):
+kernel cannot take its tensors, and the component runs its PyTorch step; tensors whose shapes do not fit together
+raise a ValueError before C reads them; weights read on every token are checked once, in a pack the component
+caches):
 
 - :mod:`.ssm_step`, :mod:`.moe_step`, :mod:`.router_step`, :mod:`.pkm_step`, :mod:`.workspace_step`: the
   one-token step of the SSM, the mixture of experts, the router, the product-key memory read and the workspace
