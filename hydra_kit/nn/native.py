@@ -331,7 +331,8 @@ class CachedParameters(nn.Module):
     - a Parameter or submodule assigned anywhere (``m.out_proj.weight = nn.Parameter(...)``, ``m.out_proj =
       Linear(...)``, ``load_state_dict(..., assign=True)``): a global count of such assignments, kept by
       torch.nn's registration hooks, is part of the cache's key, so one comparison per step notices them;
-    - a device or dtype move (``_apply``) or a state-dict load.
+    - a device or dtype move (``_apply``) or a state-dict load;
+    - a copy (``copy.deepcopy``, pickling), which starts without the cache.
 
     In-place changes (an optimizer step, ``load_state_dict`` without ``assign``) keep the storage, and the
     kernels read the current values. Code that assigns ``param.data`` directly must call
@@ -356,6 +357,14 @@ class CachedParameters(nn.Module):
 
     def clear_kernel_parameters(self) -> None:
         self.__dict__["_kernel_parameters"] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or a pickle goes without the cache: its tensors and addresses are this module's, not the copy's
+        # (and ctypes arrays of addresses cannot be pickled).
+        state = dict(self.__dict__)
+        state.pop("_kernel_parameters", None)
+        state.pop("_kernel_registrations", None)
+        return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self.clear_kernel_parameters()

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import io
 import json
 import os
 import shutil
@@ -173,6 +175,22 @@ def test_kernels_follow_in_place_updates_an_optimizer_step_and_a_state_dict_load
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast, _ssm_steps(other, x), rtol=1e-5, atol=1e-5)
     assert calls["hk_ssm_step"] == 3 * 3 + 3  # and `other` ran with the kernel too
+
+
+def test_a_copied_module_reads_its_own_weights(kernel_calls: Calls) -> None:
+    ssm = _perturbed(SelectiveSSM(32, 0, d_state=8, headdim=8), 35)
+    x = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(36))
+    calls = kernel_calls(ssm_step.LIBRARY)
+    before = _ssm_steps(ssm, x)  # the original's cache is built
+    twin = copy.deepcopy(ssm)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)  # in place, in the copy only
+    fast, reference = _both_ways(lambda: _ssm_steps(twin, x))
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_ssm_steps(ssm, x), before)  # the original is untouched
+    torch.save(ssm, io.BytesIO())  # and a module with a cache pickles
+    assert calls["hk_ssm_step"] == 9
 
 
 def test_moe_router_and_workspace_kernels_follow_replaced_weights(kernel_calls: Calls) -> None:
