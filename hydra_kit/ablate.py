@@ -46,7 +46,6 @@ import json
 import math
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.callbacks import Ablation, KnockOut, Throughput
-from hydra_kit.checkpoint import CheckpointError
-from hydra_kit.cli import check_recipes, load_recipe, merged_model_section
+from hydra_kit.checkpoint import CheckpointError, safe_torch_load
+from hydra_kit.cli import check_recipes, load_recipe, merged_model_section, quiet_lightning
 from hydra_kit.lightning_cli import HydraCLI
 from hydra_kit.model import DEFAULT_COMPONENTS, HydraLM, default_registry
 from hydra_kit.recipe import RecipeError, resolve_components
@@ -203,12 +202,23 @@ def _unwritten(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("Unable to serialize instance")
 
 
+def _subcommand_options() -> set[str]:
+    """Options of the fit/validate/test/predict subcommands (``ckpt_path``, ``weights_only``, ...): a run's
+    ``config.yaml`` holds them, but the recipe of a single run (no subcommand) does not accept them."""
+    import inspect
+
+    skipped = {"self", "model", "datamodule", "dataloaders", "train_dataloaders", "val_dataloaders"}
+    return {p for fn in (Trainer.fit, Trainer.validate, Trainer.test, Trainer.predict) for p in inspect.signature(fn).parameters} - skipped
+
+
 def recipe_from_run(config: Path, out: Path) -> str:
-    """A recipe made from a run's saved ``config.yaml``: defaults the CLI could not serialise are left to it."""
+    """A recipe made from a run's saved ``config.yaml``: without subcommand options, and without what an older
+    hydra-kit could not serialise (left to the CLI's defaults)."""
     import yaml
 
     data = yaml.safe_load(config.read_text()) or {}
-    data.pop("ckpt_path", None)
+    for key in _subcommand_options():
+        data.pop(key, None)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "run-config.yaml"
     path.write_text(yaml.safe_dump(_serialisable(data), sort_keys=False))
@@ -219,8 +229,7 @@ def knockout_runs(
     recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console, warmup_batches: int = 5
 ) -> list[RunResult]:
     """Validate one checkpoint as is and with each drop set knocked out."""
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
+    safe_torch_load(ckpt_path)  # a missing, truncated or tampered file fails here, naming it
     try:
         model = HydraLM.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     except (KeyError, TypeError, RuntimeError) as exc:
@@ -372,8 +381,7 @@ def main(argv: list[str]) -> int:
     check_recipes([args.config], overrides)
     drops = parse_drops(args.drop)
     console = Console(highlight=False, width=None if Console().is_terminal else 160)
-    # hydra-kit's data modules restore their position themselves (see cli.run_lightning).
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    quiet_lightning()  # the known-harmless Lightning warnings (see cli.HARMLESS_WARNINGS)
 
     if args.mode == "train":
         instances, _ = recipe_instances(args.config, overrides)

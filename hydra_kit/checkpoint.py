@@ -48,9 +48,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with a clear error for missing, truncated or tampered files."""
+    """``torch.load(weights_only=True)`` with a clear error for missing, truncated, corrupt or tampered files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; a file cut short loses the archive's directory at its end.
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} is truncated or corrupt, or not a checkpoint: it is not a PyTorch "
+            f"checkpoint archive ({size:,} bytes)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -58,7 +65,7 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             f"checkpoint {os.fspath(path)!r} holds objects that weights-only loading refuses (tampered, or written "
             f"by other code); it was not loaded. Detail: {str(exc).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is truncated or corrupt and cannot be read ({str(exc).splitlines()[0]})") from None
 
 

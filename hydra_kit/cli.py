@@ -46,7 +46,7 @@ def _console() -> Console:
 
 
 def _fail(message: str) -> int:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}")  # no hard wraps in paths
     return 2
 
 
@@ -91,12 +91,14 @@ def load_recipe(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a YAML recipe (the file is not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise RecipeError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if data is None:
-        return {}
+        raise RecipeError(f"{path}: the recipe is empty; a recipe is a YAML mapping with model, data and trainer sections (see recipes/tiny.yaml)")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping with keys like model, data, trainer; got {type(data).__name__}")
     return data
@@ -228,8 +230,10 @@ def cmd_generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise RecipeError("generate: --max_new_tokens and --temperature must be >= 0 and --top_k >= 1")
+    if args.prompt is not None and not args.prompt:
+        raise RecipeError("generate: --prompt is empty; give at least one character (or token ids with --prompt-ids)")
     checkpoint = safe_torch_load(args.ckpt_path)
-    hparams = checkpoint.get("hyper_parameters")
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
         raise RecipeError(f"{args.ckpt_path}: not a hydra-kit checkpoint (no hyper_parameters/state_dict)")
     model = HydraLM(**{k: v for k, v in hparams.items() if not k.startswith("_")})
@@ -257,18 +261,56 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- lightning
-def run_lightning(argv: list[str]) -> int:
-    """Hand a fit/validate/test/predict command to LightningCLI after checking the recipes."""
+# Lightning warnings that say nothing about a hydra-kit run, matched by the start of their message (re.match).
+HARMLESS_WARNINGS = (
+    # hydra-kit's data modules restore their position from the checkpoint themselves (their state_dict), which
+    # Lightning's check of the DataLoader object cannot see.
+    r".*your dataloader is not resumable",
+    # The CLI passes its arguments on purpose (without --no-plugins), which are also in sys.argv.
+    r"LightningCLI's args parameter is intended to run from within Python",
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # The synthetic tasks generate examples in the training process; worker processes would not speed them up.
+    r".*does not have many workers which may be a bottleneck",
+    # `validate --ckpt_path` logs into a new version folder; only best_model_path matters there.
+    r"The dirpath has changed from .* won't be reloaded",
+)
+# Lightning log lines that are noise on the machines hydra-kit runs on (CPU only, no accounts).
+HARMLESS_LOG_LINES = (
+    "GPU available: False, used: False",
+    "TPU available: False",
+    "💡 Tip: For seamless cloud logging",
+    "`Trainer(val_check_interval=1)` was configured",  # a 1-step run, whose validation interval hydra-kit clamps to 1
+)
+
+
+class _DropLogLines:
+    """A logging filter for the lines of HARMLESS_LOG_LINES."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith(HARMLESS_LOG_LINES)
+
+
+def quiet_lightning() -> None:
+    """Silence the known-harmless Lightning warnings and log lines in this process (each one by its message)."""
+    import logging
     import warnings
 
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DropLogLines) for f in handler.filters):
+                handler.addFilter(_DropLogLines())
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Hand a fit/validate/test/predict command to LightningCLI after checking the recipes."""
     paths = _config_paths(argv)
     check_recipes(paths, argv)
     from hydra_kit.lightning_cli import HydraCLI
 
-    # hydra-kit's data modules restore their position from the checkpoint themselves (their state_dict), which
-    # Lightning's check of the DataLoader object cannot see.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
+    quiet_lightning()
     HydraCLI(args=argv)
     return 0
 
@@ -285,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     from hydra_kit.checkpoint import CheckpointError
     from hydra_kit.model import NonFiniteLossError, configure_plugins
+    from hydra_kit.registry import ComponentRegistryError
 
     configure_plugins(third_party=third_party)
     command, rest = argv[0], argv[1:]
@@ -313,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except (CheckpointError, NonFiniteLossError) as exc:
         return _fail(str(exc))
+    except ComponentRegistryError as exc:  # a packaging bug in an installed plugin: every command would fail
+        hint = "" if not third_party else "; run with --no-plugins (or HYDRA_KIT_NO_PLUGINS=1) to load only hydra-kit's own components"
+        return _fail(f"component plugins: {exc}{hint}")
     return _fail(f"unknown command {command!r}\n{USAGE}")
 
 

@@ -99,3 +99,187 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     result = run_cli("fit", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "broken.yaml: line 3" in " ".join(result.stderr.split())
+
+
+# ------------------------------------------------------------------------------------- issue 18, items 2, 3, 7, 8
+def run_unfiltered(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    """`hydra-kit ARGS` with Python's warnings shown, as a user sees them (run_cli hides them)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["COLUMNS"] = "250"
+    return subprocess.run([*HYDRA_KIT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 20-step run of the quick recipe with its progress bar, its saved config and checkpoint, then a resume to 30."""
+    tmp = tmp_path_factory.mktemp("trained")
+    path = quick_recipe(tmp)
+    recipe = yaml.safe_load(path.read_text())
+    del recipe["trainer"]["enable_progress_bar"]  # the default rich bar, as a user gets it
+    path.write_text(yaml.safe_dump(recipe))
+    first = run_unfiltered("fit", "--config", str(path), cwd=tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp / "runs" / "quick" / "version_0"
+    saved_config, saved_ckpt = tmp / "saved-config.yaml", tmp / "step20.ckpt"
+    saved_config.write_text((run_dir / "config.yaml").read_text())  # the resume below rewrites both
+    saved_ckpt.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
+    resumed = run_unfiltered("fit", "--config", str(path), "--ckpt_path", "last", "--trainer.max_steps", "30", cwd=tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"tmp": tmp, "recipe": path, "run_dir": run_dir, "first": first, "resumed": resumed, "config": saved_config, "ckpt": saved_ckpt}
+
+
+def test_fit_output_counts_steps_lists_last_ckpt_and_has_no_warning_noise(trained):
+    out, err = flat(trained["first"].stdout), trained["first"].stderr
+    assert "Training" in out and "20/20" in out
+    for noise in ("Epoch 0/-2", "v_num", "Total FLOPs", "GPU available", "TPU available", "litlogger"):
+        assert noise not in out + err, noise
+    assert "MFLOP/token" in out and "forward FLOPs per token at L=" in out  # the model summary of parameter_report
+    assert "final validation (step 20): val/acc = " in out
+    checkpoints = out.split("checkpoints:")[-1]
+    assert "best-step=" in checkpoints and "checkpoints/last.ckpt" in checkpoints
+    # stderr holds Lightning's two status lines and no warning (a warning names its source file: "...py:123:")
+    assert [line for line in err.splitlines() if line.strip()] == ["Seed set to 0", "`Trainer.fit` stopped: `max_steps=20` reached."], err
+    # The resumed run's bar continues from step 20 to 30 (it read "30/10": the batch index over the remaining steps).
+    out, err = flat(trained["resumed"].stdout), trained["resumed"].stderr
+    assert "30/30" in out and "30/10" not in out and "Restored all states" in err
+    assert ".py:" not in err, err  # no "checkpoint directory exists" warning for a resume into its own folder
+
+
+@pytest.mark.slow
+def test_saved_config_and_print_config_reproduce_the_run(trained):
+    tmp = trained["tmp"]
+    again = run_cli("fit", "--config", str(trained["config"]), cwd=tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run_dir = flat(again.stdout).split("run directory: ")[1].split()[0]
+    a = torch.load(trained["ckpt"], weights_only=True)
+    b = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), weights_only=True)
+    assert a["global_step"] == b["global_step"] == 20
+    for key, value in a["state_dict"].items():  # same recipe, seed and data: the same weights
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{key} differs in the reproduced run")
+    printed = run_cli("fit", "--config", str(trained["recipe"]), "--print_config", cwd=tmp)
+    assert printed.returncode == 0 and "Unable to serialize" not in printed.stdout + printed.stderr
+    (tmp / "printed.yaml").write_text(printed.stdout)
+    result = run_cli("fit", "--config", str(tmp / "printed.yaml"), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_checkpoint_io_is_atomic_once_whether_or_not_the_recipe_names_it(tmp_path):
+    from hydra_kit.checkpoint import AtomicCheckpointIO
+    from hydra_kit.lightning_cli import HydraCLI
+
+    path = quick_recipe(tmp_path)
+    assert isinstance(HydraCLI(args=["--config", str(path)], run=False).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["trainer"]["plugins"] = [{"class_path": "hydra_kit.checkpoint.AtomicCheckpointIO"}]  # as a reloaded config may
+    path.write_text(yaml.safe_dump(recipe))
+    cli = HydraCLI(args=["--config", str(path)], run=False)  # Lightning refuses a second checkpoint IO plugin
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_checkpoint_of_another_recipe_is_refused_naming_both(trained):
+    tmp = trained["tmp"]
+    other = quick_recipe(tmp, "other", d_model=32)
+    ckpt = trained["run_dir"] / "checkpoints" / "last.ckpt"
+    for command in ("validate", "fit"):
+        result = run_cli(command, "--config", str(other), "--ckpt_path", str(ckpt), cwd=tmp)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        err = flat(result.stderr)
+        assert f"checkpoint {ckpt} was trained with recipe 'quick' (vocab_size 72, d_model 64, n_blocks 2, components mlp, router, sga, ssm)" in err, err
+        assert f"but --config {other} builds vocab_size 72, d_model 32" in err and "they differ in d_model:" in err
+        assert "use --config runs/quick/version_0/config.yaml (the run's saved recipe)" in err
+        assert not (tmp / "runs" / "other").exists()  # refused before anything ran
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written (pytest swaps it between tests and phases)."""
+
+    def write(self, text: str) -> int:
+        import sys
+
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        import sys
+
+        sys.stderr.flush()
+
+
+@pytest.fixture
+def lightning_logs_here(monkeypatch):
+    """Lightning's log handlers write to this test's captured stderr, not to the closed stream of the test that
+    first imported Lightning in this process."""
+    import logging
+
+    import lightning.pytorch  # noqa: F401  (creates the handlers)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                monkeypatch.setattr(handler, "stream", _CurrentStderr())
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["fit", "--config", "{empty}"], r"empty\.yaml: the recipe is empty"),
+        (["validate", "--config", "{recipe}", "--ckpt_path", "{garbage}"], r"checkpoint '.*garbage\.ckpt' is truncated or corrupt, or not a checkpoint"),
+        (["fit", "--config", "{recipe}", "--ckpt_path", "{truncated}"], r"checkpoint '.*truncated\.ckpt' is truncated or corrupt"),
+        (["generate", "--ckpt_path", "{truncated}", "--prompt", ""], r"generate: --prompt is empty"),
+        (["generate", "--ckpt_path", "{garbage}", "--prompt-ids", "1"], r"checkpoint '.*garbage\.ckpt' is truncated or corrupt"),
+        (["fit", "--config", "{recipe}", "--trainer.max_steps", "-3"], r"--trainer\.max_steps -3 is negative: give a positive number of steps, or -1"),
+        (["fit", "--config", "{recipe}", "--trainer.max_steps", "0"], r"--trainer\.max_steps 0 trains nothing"),
+        (["fit", "--config", "{recipe}", "--config", "{binary}"], r"binary\.yaml: not a YAML recipe \(the file is not UTF-8 text\)"),
+    ],
+    ids=["empty-yaml", "garbage-ckpt", "truncated-ckpt", "empty-prompt", "garbage-ckpt-generate", "negative-steps", "zero-steps", "binary-yaml"],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, lightning_logs_here, argv, expected):
+    import re
+
+    from hydra_kit.cli import main
+
+    recipe = quick_recipe(tmp_path)
+    (tmp_path / "empty.yaml").write_text("# nothing but a comment\n")
+    (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "binary.yaml").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(128, 256)))
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, good)
+    (tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[:700])
+    files = {"recipe": recipe, "empty": tmp_path / "empty.yaml", "garbage": tmp_path / "garbage.ckpt", "truncated": tmp_path / "truncated.ckpt", "binary": tmp_path / "binary.yaml"}
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(expected, flat(err)), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3  # one message (rich may wrap it)
+    assert not (tmp_path / "runs").exists()  # nothing ran, no empty run directory
+
+
+@pytest.mark.parametrize(
+    ("option", "suggestion"),
+    [(["--trainer.max_step", "5"], "--trainer.max_steps"), (["--trainer.maxsteps", "5"], "--trainer.max_steps"), (["--data.init_args.batch_sise", "4"], "batch_size")],
+)
+def test_mistyped_option_is_one_line_with_a_suggestion(tmp_path, capsys, lightning_logs_here, option, suggestion):
+    from hydra_kit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(quick_recipe(tmp_path)), *option])
+    assert exit_info.value.code == 2
+    err = flat(capsys.readouterr().err)
+    assert err.startswith("error: hydra-kit fit: ") and f"did you mean {suggestion}" in err, err
+    assert "usage:" not in err and "(all options: hydra-kit fit --help)" in err
+    assert not (tmp_path / "runs").exists()  # `--trainer.max_step 5` is not taken for max_steps
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [({"max_steps": 50, "val_check_interval": 200}, 50), ({"max_steps": 50, "val_check_interval": 200, "accumulate_grad_batches": 2}, 100),
+     ({"max_steps": 500, "val_check_interval": 200}, 200), ({"max_steps": -1, "val_check_interval": 200}, 200), ({"max_steps": 50, "val_check_interval": 0.5}, 0.5)],
+)
+def test_short_runs_validate_before_they_end(trainer, expected):
+    from hydra_kit.lightning_cli import _check_step_limits
+
+    _check_step_limits(trainer, fitting=True)
+    assert trainer["val_check_interval"] == expected
