@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from hydra_kit.protocol import TriPathComponent
 
@@ -153,8 +154,9 @@ def discover(
             registry.failures.append(LoadFailure(ep.name, distribution, version, f"{type(exc).__name__}: {exc}"))
             continue
         if not (isinstance(obj, type) and issubclass(obj, TriPathComponent)):
+            what = f"module {obj.__name__} (expected 'module:Class')" if isinstance(obj, ModuleType) else repr(obj)
             raise ComponentRegistryError(
-                f"entry point {ep.name!r} = {ep.value!r} of {distribution} {version} is {obj!r}, "
+                f"entry point {ep.name!r} = {ep.value!r} of {distribution} {version} is {what}, "
                 f"not a subclass of hydra_kit.TriPathComponent"
             )
         registry.entries[ep.name] = ComponentEntry(ep.name, obj, distribution, version, ep.value)

@@ -105,3 +105,44 @@ def test_no_plugins_option_and_environment_variable_hide_installed_third_party_c
         out = _listed(capsys, argv)
         assert not any(d in out for d in third_party), out
         assert "ssm" in out and "third-party plugins are disabled" in out
+
+
+# --------------------------------------------------------------------- issue 18, item 6: one line, not a traceback
+@pytest.mark.parametrize(
+    ("eps", "expected"),
+    [
+        (
+            [entry("mixer", "fake_components:CumulativeMeanMixer", "pkg-one", "1.0"), entry("mixer", "fake_components:LookAheadMixer", "pkg-two", "2.0")],
+            r"component name 'mixer' is declared twice: by pkg-one 1\.0 .* and by pkg-two 2\.0",
+        ),
+        ([entry("nocolon", "fake_components", "hydra-kit-sloppy", "0.3")], r"'nocolon' = 'fake_components' of hydra-kit-sloppy 0\.3 is module fake_components \(expected 'module:Class'\)"),
+    ],
+    ids=["name-clash", "value-without-colon"],
+)
+@pytest.mark.parametrize("command", [["components"], ["summary", "--config", "recipes/tiny.yaml"]])
+def test_a_plugin_packaging_bug_is_one_line_that_names_it_and_no_plugins(monkeypatch, capsys, eps, expected, command):
+    import re
+
+    from conftest import REPO
+
+    import hydra_kit.model
+    import hydra_kit.registry
+    from hydra_kit import cli
+    from hydra_kit.model import configure_plugins
+    from hydra_kit.registry import ENTRY_POINT_GROUP
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HYDRA_KIT_NO_PLUGINS", raising=False)
+    installed = [*metadata.entry_points(group=ENTRY_POINT_GROUP), *eps]  # hydra-kit's own, plus the faulty plugin
+    monkeypatch.setattr(hydra_kit.registry.metadata, "entry_points", lambda group=None, **kw: installed)
+    monkeypatch.setattr(hydra_kit.model, "_registry_cache", {})
+    try:
+        assert cli.main(command) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.startswith("error: component plugins: ") and "Traceback" not in err
+        assert re.search(expected, err), err
+        assert err.endswith("run with --no-plugins (or HYDRA_KIT_NO_PLUGINS=1) to load only hydra-kit's own components")
+        assert cli.main(["--no-plugins", *command]) == 0  # the way out the message names works
+        assert "ssm" in capsys.readouterr().out
+    finally:
+        configure_plugins(third_party=True)
