@@ -108,12 +108,40 @@ def constructor_parameters(cls: type[TriPathComponent]) -> dict[str, inspect.Par
     return {name: p for name, p in params.items() if name not in _CONSTRUCTOR_SUPPLIED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+_PLAIN_TYPES = (bool, int, float, str)
+
+
+def _check_unannotated(cls: type[TriPathComponent], param: inspect.Parameter, value: Any, key: str) -> None:
+    """A keyword without a type annotation: check the value against the type of its default, if it is plain.
+
+    jsonargparse lets anything through an unannotated parameter, so ``"two"`` would reach the constructor and
+    fail inside torch. With a plain default (bool, int, float, str) the default's type is the expected one;
+    otherwise nothing can be checked, and the recipe is refused with what the component should declare.
+    """
+    if param.annotation is not inspect.Parameter.empty:
+        return
+    default = param.default
+    if type(default) not in _PLAIN_TYPES:
+        raise RecipeError(
+            f"{key}: {cls.__name__} does not annotate its argument {param.name!r}, so a recipe value cannot be checked; "
+            f"the component must declare its type (e.g. `{param.name}: int = ...`), see CONTRIBUTING.md"
+        )
+    expected = type(default)
+    ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise RecipeError(f"{key}: expected {expected.__name__} (the type of {cls.__name__}'s default {default!r}), got {value!r}")
+
+
 def _check_args(cls: type[TriPathComponent], args: dict[str, Any], key: str) -> dict[str, Any]:
     params = constructor_parameters(cls)
     unknown = sorted(set(args) - set(params))
     if unknown:
         valid = ", ".join(sorted(params)) or "(none)"
         raise RecipeError(f"{key}: unknown argument(s) {', '.join(map(repr, unknown))} for {cls.__name__}; valid: {valid}")
+    for name, value in args.items():
+        _check_unannotated(cls, params[name], value, f"{key}.{name}")
     # Type-check against the constructor annotations with jsonargparse, the same machinery LightningCLI uses.
     from jsonargparse import ArgumentParser
 

@@ -10,6 +10,10 @@ Use it from a plugin's own tests::
 
 Each property is a separate function so a failure says which one broke:
 
+* the constructor's keyword hyper-parameters are annotated (recipes are type-checked against the annotations)
+  and there is no ``**kwargs``;
+* the module as its constructor built it (not yet cast by the check) trains in the default dtype (float32): its
+  floating parameters and buffers are in that dtype, and a forward and backward in train mode work, as in ``fit``;
 * shape and dtype are kept (float32 and float64);
 * causality: changing inputs after position t leaves outputs up to t unchanged;
 * chunked processing with the carried state equals one full forward, and so does token-by-token ``step``;
@@ -36,9 +40,11 @@ from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponen
 
 __all__ = [
     "ConformanceError",
+    "check_as_constructed",
     "check_causality",
     "check_chunked_equals_full",
     "check_component",
+    "check_constructor",
     "check_gradients",
     "check_outputs_well_formed",
     "check_router",
@@ -72,6 +78,62 @@ def _inputs(batch: int, seq_len: int, d_model: int, dtype: torch.dtype, seed: in
     x = torch.randn(batch, seq_len, d_model, generator=gen, dtype=torch.float64).to(dtype)
     score = torch.randn(batch, seq_len, generator=gen, dtype=torch.float64).to(dtype)
     return x, score
+
+
+def check_constructor(cls: type) -> None:
+    """Every recipe-settable constructor keyword has a type annotation, and there is no ``**kwargs``.
+
+    Recipes set these keywords and are checked against the annotations before anything is built; an unannotated
+    keyword would let ``"two"`` through to the constructor, and ``**kwargs`` would swallow typos.
+    """
+    params = list(inspect.signature(cls).parameters.values())  # the constructor without self
+    loose = [p.name for p in params if p.kind == p.VAR_KEYWORD]
+    if loose:
+        raise ConformanceError(f"{cls.__name__}.__init__ takes **{loose[0]}: list the hyper-parameters as typed keywords instead")
+    untyped = [p.name for p in params[2:] if p.kind != p.VAR_POSITIONAL and p.annotation is inspect.Parameter.empty]
+    if untyped:
+        raise ConformanceError(
+            f"{cls.__name__}.__init__: keyword(s) {', '.join(untyped)} have no type annotation; recipes are checked "
+            f"against the annotations, so annotate them (e.g. `hidden: int = 4`)"
+        )
+
+
+def _check_dtypes(component: TriPathComponent, dtype: torch.dtype) -> None:
+    name = _name(component)
+    for kind, tensors in (("parameter", component.named_parameters()), ("buffer", component.named_buffers())):
+        for key, tensor in tensors:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                raise ConformanceError(
+                    f"{name}: {kind} {key!r} is {tensor.dtype} as constructed, but models are built and trained in "
+                    f"{dtype} (Lightning does not cast buffers): create it in the default dtype"
+                )
+
+
+def check_as_constructed(component: TriPathComponent, x: Tensor, score: Tensor, step: bool = True) -> None:
+    """The module as constructed, in train mode and the default dtype, runs forward and backward as ``fit`` does.
+
+    The other checks cast the component to float32 and float64 first, which would hide a parameter or buffer
+    created in another dtype (a float64 buffer makes the update float64, or the next matmul fail, in training).
+    ``x`` and ``score`` must be in the default dtype; ``step`` also runs one ``step`` from ``init_state``.
+    """
+    name = _name(component)
+    _check_dtypes(component, x.dtype)
+    x = x.detach().clone().requires_grad_(True)
+    try:
+        out = component(x, _context(score))
+        updates = [("forward", out.update)]
+        if step:
+            state = component.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+            stepped = component.step(x[:, 0].detach(), state, ComponentContext(global_score=score[:, 0], collect_aux=False))
+            updates.append(("step", stepped.update))
+        loss = out.update.square().mean() + sum(out.aux_losses.values(), torch.zeros((), dtype=x.dtype))
+        loss.backward()
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConformanceError(f"{name}: the module as constructed fails in {x.dtype} (train mode, as in fit): {exc}") from exc
+    for what, update in updates:
+        if update.dtype != x.dtype:
+            raise ConformanceError(f"{name}: the module as constructed returns a {update.dtype} update from {what} for {x.dtype} input")
+    component.zero_grad(set_to_none=True)
 
 
 def check_outputs_well_formed(component: TriPathComponent, x: Tensor, score: Tensor) -> ComponentOutput:
@@ -256,17 +318,30 @@ def check_component(
     """
     if init_args is None:
         init_args = dict(getattr(factory, "example_init_args", {}))
+    if isinstance(factory, type):
+        check_constructor(factory)
     torch.manual_seed(seed)
     component = factory(d_model, 0, **init_args)
     if not isinstance(component, TriPathComponent):
         raise ConformanceError(f"{factory!r} built {type(component).__name__}, not a TriPathComponent")
-    component.eval()  # dropout and other train-time noise would break the equality checks
+    default = torch.get_default_dtype()
     if isinstance(component, RouterComponent):
         names = ["first", "second", "third"]
         component.configure_gates(names)
+        _check_dtypes(component, default)
+        x, _ = _inputs(batch, seq_len, d_model, default, seed)
+        try:  # as constructed, in train mode: what fit runs
+            out = component.route(x)
+            (out.gates.sum() + out.global_score.sum()).backward()
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ConformanceError(f"{_name(component)}: the router as constructed fails in {default} (train mode): {exc}") from exc
+        component.zero_grad(set_to_none=True)
+        component.eval()
         x, _ = _inputs(batch, seq_len, d_model, torch.float64, seed)
         check_router(component.double(), x, names, atol)
         return
+    check_as_constructed(component, *_inputs(batch, seq_len, d_model, default, seed), step=check_step)
+    component.eval()  # dropout and other train-time noise would break the equality checks
     for dtype in (torch.float32, torch.float64):
         x, score = _inputs(batch, seq_len, d_model, dtype, seed)
         check_outputs_well_formed(component.to(dtype), x, score)

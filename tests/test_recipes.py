@@ -96,3 +96,34 @@ def test_placements(spec, n_blocks, expected):
     from hydra_kit.recipe import parse_blocks
 
     assert parse_blocks(spec, n_blocks, "k") == expected
+
+
+class UntypedArgsMixer(CumulativeMeanMixer):
+    """A third-party style component whose keywords carry no annotations (the contract asks for them)."""
+
+    def __init__(self, d_model: int, layer_idx: int, *, scale=1.0, window=4, names=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(d_model, layer_idx, scale=scale)
+        self.window, self.names = window, names
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ({"window": "two"}, r"model\.components\.mix\.args\.window: expected int \(the type of UntypedArgsMixer's default 4\), got 'two'"),
+        ({"window": 2.5}, r"args\.window: expected int"),
+        ({"scale": True}, r"args\.scale: expected float"),
+        ({"names": ["a"]}, r"args\.names: UntypedArgsMixer does not annotate its argument 'names', so a recipe value cannot be checked"),
+    ],
+)
+def test_untyped_component_arguments_are_checked_against_their_defaults(monkeypatch, args, match):
+    import hydra_kit.model
+    from hydra_kit.recipe import RecipeError
+    from hydra_kit.registry import ComponentEntry, Registry
+
+    registry = Registry(dict(hydra_kit.model.default_registry().entries))
+    registry.entries["untyped"] = ComponentEntry("untyped", UntypedArgsMixer, "hydra-kit-tests", "0", "test_recipes:UntypedArgsMixer")
+    monkeypatch.setattr(hydra_kit.model, "default_registry", lambda third_party=None: registry)
+    with pytest.raises(RecipeError, match=match):
+        HydraLM(vocab_size=16, d_model=8, n_blocks=1, components={"mix": {"component": "untyped", "args": args}})
+    model = HydraLM(vocab_size=16, d_model=8, n_blocks=1, components={"mix": {"component": "untyped", "args": {"window": 3, "scale": 2}}})
+    assert model.blocks[0].mixers["mix"].window == 3  # well-typed values still pass (an int where the default is a float too)
