@@ -103,3 +103,22 @@ def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path)
     assert any(isinstance(c, Ablation) for c in cli.trainer.callbacks)
     with pytest.raises(Exception, match=r"Ablation: instance\(s\) \['sga'\] still have parameters"):
         Ablation(["sga"]).setup(cli.trainer, HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS), "fit")
+
+
+def test_knockout_recipe_from_a_saved_run_config_drops_subcommand_options(tmp_path, capsys):
+    # A run's config.yaml is a `fit` configuration: it holds ckpt_path and weights_only, which the single-run CLI
+    # of knockout mode refused ("Option 'weights_only' is not accepted", issue 18 item 4).
+    from hydra_kit.ablate import recipe_from_run
+    from hydra_kit.checkpoint import AtomicCheckpointIO
+    from hydra_kit.lightning_cli import HydraCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(quick_recipe(tmp_path)), "--print_config"])
+    assert exit_info.value.code == 0
+    saved = tmp_path / "runs" / "quick" / "version_0" / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(capsys.readouterr().out)
+    assert "weights_only:" in saved.read_text() and "ckpt_path:" in saved.read_text()
+    recipe = recipe_from_run(saved, tmp_path / "out")
+    cli = HydraCLI(args=["--config", recipe], run=False)  # what knockout mode builds its data and trainer from
+    assert cli.datamodule.task.num_pairs == 4 and isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
