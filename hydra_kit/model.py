@@ -124,6 +124,10 @@ class HydraLM(L.LightningModule):
         warmup_steps: linear warm-up steps, followed by cosine decay to ``min_lr_ratio * lr``.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         init_std: standard deviation of the embedding initialisation.
+        tie_embeddings: share the token embedding with the output head (HYDRA.md 3.1, the default). ``False`` gives
+            the head its own (vocab_size, d_model) matrix. Measured on MQAR (issue 17): with the tied head, the
+            6-block transformer and Hydra of ``recipes/full.yaml`` stayed on the 1/num_pairs plateau for 2,500
+            steps, while untied both learn the task; the small recipes therefore untie it.
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class HydraLM(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         init_std: float = 0.02,
+        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +157,7 @@ class HydraLM(L.LightningModule):
         self.resolved: list[ResolvedComponent] = resolve_components(spec, n_blocks, default_registry(), "model.components")
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=init_std)
+        self.head: nn.Linear | None = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         blocks = []
         for idx in range(n_blocks):
             here = [r for r in self.resolved if idx in r.blocks]
@@ -227,7 +233,8 @@ class HydraLM(L.LightningModule):
             for k, v in out.stats.items():
                 stat_lists[k].append(v)
             new_state.append(out.state)
-        logits = linear(self.norm(h), self.embed.weight)  # tied head, (B, L, V)
+        head_weight = self.embed.weight if self.head is None else self.head.weight
+        logits = linear(self.norm(h), head_weight)  # (B, L, V)
         stats = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in stat_lists.items()}
         return ModelOutput(logits, aux, stats, new_state)
 
@@ -427,8 +434,10 @@ class HydraLM(L.LightningModule):
         embed = self.embed.weight.numel()
         shared_total = embed + sum(p.numel() for p in self.norm.parameters()) + sum(b["norm_and_layerscale_params"] for b in per_block)
         total = sum(p.numel() for p in self.parameters())
+        head = embed if self.head is None else self.head.weight.numel()
+        shared_total += 0 if self.head is None else head
         active = shared_total + sum(v["active_params"] for v in per_instance.values())
-        head_flops = 2.0 * embed  # the tied output projection; the embedding lookup is free
+        head_flops = 2.0 * head  # the output projection; the embedding lookup is free
         flops = head_flops + sum(v["flops_per_token"] for v in per_instance.values())
         return {
             "total_params": total,
@@ -436,6 +445,7 @@ class HydraLM(L.LightningModule):
             "flops_per_token": flops,
             "seq_len": seq_len,
             "embedding_params": embed,
+            "head_params": 0 if self.head is None else head,  # 0: tied, the embedding is the head
             "components": dict(per_instance),
             "blocks": per_block,
         }

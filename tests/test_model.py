@@ -51,6 +51,20 @@ def test_tied_head():
     assert not any(p.shape == (40, 32) for n, p in model.named_parameters() if "embed" not in n)
 
 
+def test_untied_head_has_its_own_matrix_counted_once():
+    tied, untied = small_model(), small_model(tie_embeddings=False)
+    assert untied.head is not None and untied.head.weight.shape == (40, 32)
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + 40 * 32
+    report = untied.parameter_report(16)
+    assert report["head_params"] == 40 * 32 and tied.parameter_report(16)["head_params"] == 0
+    assert report["total_params"] == sum(p.numel() for p in untied.parameters())
+    assert report["active_params"] == tied.parameter_report(16)["active_params"] + 40 * 32
+    # The logits come from the head, not the embedding: zeroing the head zeroes them.
+    with torch.no_grad():
+        untied.head.weight.zero_()
+    assert untied(torch.randint(0, 40, (2, 5))).logits.abs().max() == 0
+
+
 def test_chunked_model_forward_equals_full():
     model = small_model().double().eval()
     ids = torch.randint(0, 40, (2, 17))
@@ -118,8 +132,9 @@ def test_recipe_errors_name_the_key():
         small_model({"attn": {"component": "attention", "block": [0]}})
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = small_model()
+@pytest.mark.parametrize("tie", [True, False])
+def test_checkpoint_round_trip(tmp_path, tie):
+    model = small_model(tie_embeddings=tie)
     data = SyntheticDataModule(task=MQAR(num_pairs=4, num_queries=4, num_keys=16, num_values=16), batch_size=8, train_size=64, val_size=16)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=1)
     trainer.fit(model, data)
