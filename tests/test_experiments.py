@@ -29,7 +29,7 @@ CASES = {
     "mqar": (["--pairs", "2"], "mqar", "pairs", {"hydra", "transformer"}, ["accuracy"]),
 }
 # Experiments whose tables, files and figures carry chance and the best no-skill baseline per level (issue 17).
-BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation"}
+BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation", "mqar"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -132,7 +132,7 @@ class RoutingRecorder:
             if assign is not None and self.answer_mask is not None:
                 expert_idx = assign(x).expert_idx  # (B, L, k)
                 chosen = expert_idx[self.answer_mask]  # (N, k)
-                counts = torch.bincount(chosen.reshape(-1), minlength=n_experts).double().numpy()
+                counts = torch.bincount(chosen.reshape(-1), minlength=n_experts).double().cpu().numpy()
                 self.answer.setdefault(key, np.zeros((self.n_domains, n_experts)))
                 self.answer[key][self.domain] += counts
 
@@ -272,8 +272,9 @@ def main(argv: list[str], console: Console) -> int:
 def evaluate_with_mask(model: nn.Module, examples: list[Any], on_batch_start: Any, batch_size: int = 128) -> runner.CellResult:
     """:func:`runner.evaluate` with a callback before each forward (the recorder needs the answer mask)."""
     correct = answers = 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        ids, targets = runner.stack(examples[start : start + batch_size])
+        ids, targets = (t.to(device) for t in runner.stack(examples[start : start + batch_size]))
         on_batch_start(ids, targets)
         out = model(ids)
         mask = targets != runner.IGNORE_INDEX

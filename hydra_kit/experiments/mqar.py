@@ -9,8 +9,9 @@ examples (each example asks for every listed key: ``num_queries = num_pairs``).
     hydra-kit experiment mqar                      # CPU default: 8 pairs, 3 seeds
     hydra-kit experiment mqar --size full --pairs 16 32 64 --steps 20000 --seeds 3   # the full size (GPU)
 
-Outputs: ``mqar.csv`` (model, pairs, accuracy mean/std, n_examples, n_seeds), ``mqar.json``, ``mqar.png``
-(accuracy against the number of pairs, as in Zoology's figures).
+Outputs: ``mqar.csv`` (model, pairs, accuracy mean/std, n_examples, n_seeds, chance, the best no-skill baseline and
+whether the model is above it), ``mqar.json``, ``mqar.png`` (accuracy against the number of pairs, as in Zoology's
+figures, with chance and the best no-skill baseline, about 1 / pairs, drawn).
 """
 
 from __future__ import annotations
@@ -50,19 +51,22 @@ def main(argv: list[str], console: Console) -> int:
     counts = runner.describe_models(console, specs)
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    tasks = {p: MQAR(num_pairs=p, num_queries=p, num_keys=num_keys, num_values=num_values) for p in pairs}
+    examples_per_level = {p: [tasks[p].sample(runner.EVAL_SEED, "val", i) for i in range(settings.eval_per_level)] for p in pairs}
+    baselines = report.baseline_rows(tasks, examples_per_level, "pairs")
+    report.print_baselines(console, "no-skill baselines per number of pairs (held-out accuracy; bold: the best)", baselines, "pairs")
 
     def write(done: list[dict[str, Any]], done_runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise what has finished (earlier levels plus this level's seeds) and (re)write the outputs."""
-        summary = report.summarise(done, ("model", "pairs"), ("accuracy",))
-        extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "records": done, "runs": done_runs}
+        summary = report.with_baselines(report.summarise(done, ("model", "pairs"), ("accuracy",)), baselines, "pairs")
+        extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "baselines": baselines, "records": done, "runs": done_runs}
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
-        report.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs")
+        report.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs", baselines=baselines)
         return summary, [csv_path, json_path, png]
 
     for p in pairs:
-        task = MQAR(num_pairs=p, num_queries=p, num_keys=num_keys, num_values=num_values)
-        examples = [task.sample(runner.EVAL_SEED, "val", i) for i in range(settings.eval_per_level)]
+        task, examples = tasks[p], examples_per_level[p]
 
         def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int, p: int = p, examples: list = examples) -> list[dict[str, Any]]:
             cell = runner.evaluate(trained.model, examples)
@@ -77,6 +81,6 @@ def main(argv: list[str], console: Console) -> int:
         runs += [dict(row, pairs=p) for row in t]
     summary, paths = write(records, runs)
     seeds_done = len({r["seed"] for r in records})
-    report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds; a claim only where above no-skill)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
     report.report_files(console, paths)
     return 0

@@ -52,6 +52,7 @@ EVAL_SEED = 1_000_000_007
 CPU_HYDRA: dict[str, Any] = {
     "d_model": 64,
     "n_blocks": 4,
+    "tie_embeddings": False,
     "components": {
         "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 16, "headdim": 16, "chunk_size": 16}},
         "sga": {"component": "sga", "blocks": "every 2", "args": {"n_heads": 4, "window": 16, "max_global": 32, "globals_per_chunk": 2}},
@@ -94,6 +95,9 @@ def hydra_config(size: str, vocab_size: int, recipe: str | None = None) -> dict[
         if "components" not in section:
             raise RecipeError(f"{path}: model.components is missing; an experiment needs a Hydra recipe")
         config = copy.deepcopy(section)
+        # The compared models get their own output head unless the recipe says otherwise: with the tied head
+        # neither Hydra nor the transformer left MQAR's no-skill plateau in 2,500 steps (HydraLM.tie_embeddings).
+        config.setdefault("tie_embeddings", False)
     config["vocab_size"] = vocab_size
     return config
 
@@ -190,6 +194,7 @@ class TrainSettings:
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
+    accelerator: str = "cpu"
 
 
 @dataclass
@@ -202,7 +207,10 @@ class TrainedModel:
 
 
 def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings) -> TrainedModel:
-    """Train ``spec`` on ``task``'s training split with Lightning (CPU, float32, no logger, no checkpoints)."""
+    """Train ``spec`` on ``task``'s training split with Lightning (float32, no logger, no checkpoints).
+
+    The model is returned on the device it trained on (``settings.accelerator``), in eval mode.
+    """
     import lightning as L
 
     # One experiment trains many models: Lightning's per-Trainer banners (accelerator, tips) would bury the table.
@@ -213,7 +221,7 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
     model = HydraLM(**config)
     data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=settings.accelerator,
         devices=1,
         max_steps=settings.steps,
         max_epochs=-1,
@@ -292,8 +300,9 @@ def evaluate(
     correct = answers = 0
     stat_sums: dict[str, float] = {}
     batches = 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
-        ids, targets = stack(examples[start : start + batch_size])
+        ids, targets = (t.to(device) for t in stack(examples[start : start + batch_size]))
         out = model(ids)
         mask = targets != IGNORE_INDEX
         correct += int((out.logits.argmax(-1)[mask] == targets[mask]).sum())
@@ -310,13 +319,17 @@ def evaluate(
 def latency_ms(model: HydraLM, example: Example, repeats: int = 10) -> float:
     """Median wall time (ms) of one forward over one example (batch 1), after two warm-up calls."""
     model.eval()
-    ids = torch.from_numpy(example.input_ids)[None]
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(example.input_ids)[None].to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         model(ids)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         model(ids)
+        sync()
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
 
@@ -353,6 +366,7 @@ class Settings:
     recipe: str | None
     lr: float
     threads: int = 1
+    accelerator: str = "cpu"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,6 +378,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--recipe", default=None, help="Hydra recipe YAML to use instead of the size's default model")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/NAME)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where the models train and are evaluated (gpu: the first CUDA device)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: these small models are bound by per-op overhead, not FLOPs)"
     )
@@ -386,18 +401,21 @@ def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, di
         recipe=args.recipe,
         lr=args.lr if args.lr is not None else d.get("lr", 3e-3),
         threads=args.threads,
+        accelerator=args.accelerator,
     )
     for key in ("seeds", "steps", "batch_size", "eval_per_level"):
         if getattr(settings, key) <= 0:
             raise RecipeError(f"experiment {name}: --{key.replace('_', '-')} must be positive, got {getattr(settings, key)}")
     if settings.lr <= 0 or settings.threads <= 0:
         raise RecipeError(f"experiment {name}: --lr ({settings.lr}) and --threads ({settings.threads}) must be positive")
+    if settings.accelerator == "gpu" and not torch.cuda.is_available():
+        raise RecipeError(f"experiment {name}: --accelerator gpu, but torch sees no CUDA device on this machine")
     torch.set_num_threads(settings.threads)
     return settings
 
 
 def train_settings(settings: Settings) -> TrainSettings:
-    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr)
+    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, accelerator=settings.accelerator)
 
 
 def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
