@@ -49,6 +49,9 @@ def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     data = json.loads((tmp_path / f"{stem}.json").read_text())
     assert data["summary"] and data["records"] and set(data["models"]) == models
     assert all(data["models"][m]["total_params"] > 0 for m in models)
+    # The transformer trains at its own learning rate (--transformer-lr), Hydra and its variants at --lr.
+    assert {m: data["models"][m]["lr"] for m in models if m.startswith("transformer")} == {"transformer": 1e-3}
+    assert all(data["models"][m]["lr"] == data["settings"]["lr"] for m in models if m != "transformer")
     png = (tmp_path / f"{stem}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     if name in BASELINED:

@@ -83,7 +83,7 @@ def main(argv: list[str], console: Console) -> int:
     specs = [
         runner.ModelSpec("hydra", hydra, f"full layout, SGA window {window}"),
         runner.ModelSpec("hydra - sga", runner.without(hydra, *sga_names), "sga instance removed"),
-        runner.ModelSpec("transformer", transformer, "dense attention + SwiGLU, total params matched"),
+        runner.ModelSpec("transformer", transformer, "dense attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
     memory: dict[tuple[str, int], float | None] = {}

@@ -188,7 +188,7 @@ def main(argv: list[str], console: Console) -> int:
     specs = [
         runner.ModelSpec("hydra", hydra, "full layout (MoE)"),
         runner.ModelSpec("hydra dense-mlp", dense, "MoE -> SwiGLU MLP, active params matched"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, active params matched"),
+        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, active params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
     routing: list[dict[str, Any]] = []

@@ -74,7 +74,7 @@ def main(argv: list[str], console: Console) -> int:
     specs = [
         runner.ModelSpec("hydra", hydra, "full layout"),
         runner.ModelSpec("hydra - workspace", runner.without(hydra, "workspace"), "workspace instance removed"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched"),
+        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
 

@@ -47,7 +47,7 @@ def main(argv: list[str], console: Console) -> int:
     vocab = MQAR(num_pairs=1, num_queries=1, num_keys=num_keys, num_values=num_values).vocab_size
     hydra = runner.hydra_config(settings.size, vocab, settings.recipe)
     transformer, _ = runner.dense_transformer(hydra)
-    specs = [runner.ModelSpec("hydra", hydra, "full layout"), runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched")]
+    specs = [runner.ModelSpec("hydra", hydra, "full layout"), runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr)]
     counts = runner.describe_models(console, specs)
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []

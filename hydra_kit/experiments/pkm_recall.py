@@ -85,7 +85,7 @@ def main(argv: list[str], console: Console) -> int:
     specs = [
         runner.ModelSpec("hydra", hydra, "full layout"),
         runner.ModelSpec("hydra - pkm", runner.without(hydra, *pkm_names), "pkm instance removed"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched"),
+        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
 

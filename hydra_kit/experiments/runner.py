@@ -70,11 +70,15 @@ FULL_RECIPE = REPO_ROOT / "recipes" / "full-29m.yaml"
 # ------------------------------------------------------------------------------------------------ models
 @dataclass
 class ModelSpec:
-    """One compared model: a label and the HydraLM keyword arguments (a recipe's model section)."""
+    """One compared model: a label, the HydraLM keyword arguments (a recipe's model section), its learning rate.
+
+    ``lr`` None trains with the experiment's ``--lr``; the transformer baselines get ``--transformer-lr``.
+    """
 
     label: str
     config: dict[str, Any]
     note: str = ""
+    lr: float | None = None
 
 
 def hydra_config(size: str, vocab_size: int, recipe: str | None = None) -> dict[str, Any]:
@@ -367,6 +371,7 @@ class Settings:
     lr: float
     threads: int = 1
     accelerator: str = "cpu"
+    transformer_lr: float = 1e-3
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -375,7 +380,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
     parser.add_argument("--eval", dest="eval_per_level", type=int, default=None, help="held-out examples per reported cell (default: 500)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of Hydra and its variants (default 3e-3)")
+    parser.add_argument(
+        "--transformer-lr", "--transformer_lr", dest="transformer_lr", type=float, default=None,
+        help="peak learning rate of the dense transformer (default 1e-3: at 3e-3 it stayed on MQAR's no-skill plateau, issue 17)",
+    )
     parser.add_argument("--recipe", default=None, help="Hydra recipe YAML to use instead of the size's default model")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/NAME)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where the models train and are evaluated (gpu: the first CUDA device)")
@@ -402,20 +411,23 @@ def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, di
         lr=args.lr if args.lr is not None else d.get("lr", 3e-3),
         threads=args.threads,
         accelerator=args.accelerator,
+        transformer_lr=args.transformer_lr if args.transformer_lr is not None else d.get("transformer_lr", 1e-3),
     )
     for key in ("seeds", "steps", "batch_size", "eval_per_level"):
         if getattr(settings, key) <= 0:
             raise RecipeError(f"experiment {name}: --{key.replace('_', '-')} must be positive, got {getattr(settings, key)}")
-    if settings.lr <= 0 or settings.threads <= 0:
-        raise RecipeError(f"experiment {name}: --lr ({settings.lr}) and --threads ({settings.threads}) must be positive")
+    if settings.lr <= 0 or settings.transformer_lr <= 0 or settings.threads <= 0:
+        raise RecipeError(f"experiment {name}: --lr ({settings.lr}), --transformer-lr ({settings.transformer_lr}) and --threads ({settings.threads}) must be positive")
     if settings.accelerator == "gpu" and not torch.cuda.is_available():
         raise RecipeError(f"experiment {name}: --accelerator gpu, but torch sees no CUDA device on this machine")
     torch.set_num_threads(settings.threads)
     return settings
 
 
-def train_settings(settings: Settings) -> TrainSettings:
-    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, accelerator=settings.accelerator)
+def train_settings(settings: Settings, spec: ModelSpec | None = None) -> TrainSettings:
+    """How ``spec`` trains: the experiment's settings, with the model's own learning rate where it has one."""
+    lr = spec.lr if spec is not None and spec.lr is not None else settings.lr
+    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=lr, accelerator=settings.accelerator)
 
 
 def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:
@@ -425,7 +437,8 @@ def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, d
     for column in ("model", "total params", "active params", "note"):
         table.add_column(column, justify="left" if column in ("model", "note") else "right")
     for s in specs:
-        table.add_row(s.label, f"{counts[s.label]['total_params']:,}", f"{counts[s.label]['active_params']:,}", s.note)
+        note = s.note if s.lr is None else f"{s.note}; lr {s.lr:g}"
+        table.add_row(s.label, f"{counts[s.label]['total_params']:,}", f"{counts[s.label]['active_params']:,}", note)
     console.print(table)
     return counts
 
@@ -453,7 +466,7 @@ def run_grid(
     runs: list[dict[str, Any]] = []
     for seed in range(settings.seeds):
         for spec in specs:
-            trained = train(spec, task, seed, train_settings(settings))
+            trained = train(spec, task, seed, train_settings(settings, spec))
             rows = measure(trained, spec, seed)
             for row in rows:
                 row.setdefault("model", spec.label)
@@ -473,6 +486,6 @@ def payload(name: str, settings: Settings, specs: Sequence[ModelSpec], counts: d
         "experiment": name,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.__dict__.items()},
         "eval_seed": EVAL_SEED,
-        "models": {s.label: {"note": s.note, **counts[s.label], "config": s.config} for s in specs},
+        "models": {s.label: {"note": s.note, "lr": s.lr if s.lr is not None else settings.lr, **counts[s.label], "config": s.config} for s in specs},
         **extra,
     }
