@@ -23,6 +23,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from rich.console import Console
 
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
@@ -293,7 +294,8 @@ class HydraCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         validated = next((cb.step for cb in trainer.callbacks if isinstance(cb, _ValidationStep)), None)  # type: ignore[attr-defined]
-        if not trainer.interrupted and validated != trainer.global_step and trainer.limit_val_batches != 0:
+        has_val = is_overridden("val_dataloader", self.datamodule) or is_overridden("val_dataloader", self.model)
+        if has_val and not trainer.interrupted and validated != trainer.global_step and trainer.limit_val_batches != 0:
             # The last validation (if any) was before the final step: the final numbers must be the final weights'.
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         log_dir = trainer.log_dir  # a collective under DDP (a broadcast from rank 0): every rank must ask

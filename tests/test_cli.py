@@ -180,14 +180,17 @@ def test_checkpoint_io_is_atomic_once_whether_or_not_the_recipe_names_it(tmp_pat
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-def test_checkpoint_of_another_recipe_is_refused_naming_both(trained):
+def test_checkpoint_of_another_recipe_is_refused_naming_both(trained, capsys, lightning_logs_here, monkeypatch):
+    from hydra_kit.cli import main
+
     tmp = trained["tmp"]
+    monkeypatch.chdir(tmp)
     other = quick_recipe(tmp, "other", d_model=32)
     ckpt = trained["run_dir"] / "checkpoints" / "last.ckpt"
     for command in ("validate", "fit"):
-        result = run_cli(command, "--config", str(other), "--ckpt_path", str(ckpt), cwd=tmp)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        err = flat(result.stderr)
+        assert main([command, "--config", str(other), "--ckpt_path", str(ckpt)]) == 2
+        err = flat(capsys.readouterr().err)
+        assert "Traceback" not in err
         assert f"checkpoint {ckpt} was trained with recipe 'quick' (vocab_size 72, d_model 64, n_blocks 2, components mlp, router, sga, ssm)" in err, err
         assert f"but --config {other} builds vocab_size 72, d_model 32" in err and "they differ in d_model:" in err
         assert "use --config runs/quick/version_0/config.yaml (the run's saved recipe)" in err

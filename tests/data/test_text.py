@@ -176,12 +176,14 @@ def test_utf8_check_reads_characters_cut_by_its_chunks():
         _check_utf8(Path("t.txt"), text[:-1], chunk=5)
 
 
-def test_cli_refuses_a_binary_file_in_one_line(tmp_path):
+def test_cli_refuses_a_binary_file_in_one_line(tmp_path, capsys, monkeypatch):
+    from hydra_kit.cli import main
+
+    monkeypatch.chdir(tmp_path)
     binary = tmp_path / "model.ckpt"
     binary.write_bytes(bytes(range(256)) * 100)
-    result = run_cli("fit", "--config", str(REPO / "recipes" / "text.yaml"), "--data.init_args.path", str(binary), cwd=tmp_path)
-    assert result.returncode == 2
-    err = " ".join(result.stderr.split())
+    assert main(["fit", "--config", str(REPO / "recipes" / "text.yaml"), "--data.init_args.path", str(binary), "--trainer.enable_progress_bar", "false"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
     assert "model.ckpt" in err and "not UTF-8 text" in err and "Traceback" not in err
 
 
@@ -207,6 +209,7 @@ def test_text_recipe_runs_from_any_directory_and_a_short_run_still_validates(tmp
     # validates every 200 steps; a 2-step run must still end with a validation of its final weights.
     result = run_cli(
         "fit", "--config", str(REPO / "recipes" / "text.yaml"), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+        "--data.init_args.batch_size", "2",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
