@@ -296,6 +296,8 @@ def quiet_lightning() -> None:
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401  (sets up the log handlers that get the filter)
+
     for pattern in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -310,7 +312,6 @@ def run_lightning(argv: list[str]) -> int:
     check_recipes(paths, argv)
     from hydra_kit.lightning_cli import HydraCLI
 
-    quiet_lightning()
     HydraCLI(args=argv)
     return 0
 
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra_kit.registry import ComponentRegistryError
 
     configure_plugins(third_party=third_party)
+    quiet_lightning()  # every command: experiments, ablations and bench train through Lightning too
     command, rest = argv[0], argv[1:]
     try:
         if command == "components":
