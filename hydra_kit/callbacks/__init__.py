@@ -1,7 +1,7 @@
 """Lightning callbacks for component studies: curriculum stages, knock-outs, ablation checks, throughput.
 
-One callback family per module (``curriculum``, ``knockout``, ``throughput``); recipes name them by their short
-path, e.g. ``hydra_kit.callbacks.Curriculum``.
+One callback family per module (``curriculum``, ``knockout``, ``throughput``, ``display``); recipes name them by
+their short path, e.g. ``hydra_kit.callbacks.Curriculum``.
 
 * :class:`Curriculum` activates a model's parts in stages (HYDRA.md 1: "ablations and curriculum stages are
   Lightning callbacks"). The paper (arXiv 2508.15099, v1/v2) only says it "outline[s] a staged curriculum
@@ -20,11 +20,23 @@ path, e.g. ``hydra_kit.callbacks.Curriculum``.
 * :class:`KnockOut` switches component instances off during validation/test only (no retraining).
 * :class:`Ablation` checks that instances removed with ``model.dropped`` really are gone, and says so.
 * :class:`Throughput` measures tokens per second of training and validation batches.
+* :class:`StepProgressBar` and :class:`ParameterSummary` are what ``hydra-kit fit`` shows (added by the CLI).
 """
 
 from hydra_kit.callbacks.curriculum import Curriculum, check_recipe_callbacks
+from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
 from hydra_kit.callbacks.instances import instance_names, instance_parameters
 from hydra_kit.callbacks.knockout import Ablation, KnockOut
 from hydra_kit.callbacks.throughput import Throughput
 
-__all__ = ["Ablation", "Curriculum", "KnockOut", "Throughput", "check_recipe_callbacks", "instance_names", "instance_parameters"]
+__all__ = [
+    "Ablation",
+    "Curriculum",
+    "KnockOut",
+    "ParameterSummary",
+    "StepProgressBar",
+    "Throughput",
+    "check_recipe_callbacks",
+    "instance_names",
+    "instance_parameters",
+]
