@@ -165,7 +165,7 @@ def cmd_summary(argv: list[str]) -> int:
 
     import torch
 
-    from hydra_kit.model import HydraLM
+    from hydra_kit.model import HydraLM, embedding_rows
 
     parser = argparse.ArgumentParser(prog="hydra-kit summary", description=cmd_summary.__doc__)
     parser.add_argument("--config", "-c", action="append", required=True, help="recipe YAML (repeatable)")
@@ -190,7 +190,8 @@ def cmd_summary(argv: list[str]) -> int:
     blocks_of = {r.name: r.blocks for r in model.resolved}
     for name, row in report["components"].items():
         table.add_row(name, ",".join(map(str, blocks_of.get(name, ()))), f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['flops_per_token'] / 1e6:.2f}")
-    table.add_row("embedding (tied head)", "", f"{report['embedding_params']:,}", f"{report['embedding_params']:,}", f"{2 * report['embedding_params'] / 1e6:.2f}")
+    for label, params, mflops in embedding_rows(report):
+        table.add_row(label, "", f"{params:,}", f"{params:,}", f"{mflops:.2f}")
     console.print(table)
     per_block = Table(title="per block")
     per_block.add_column("block")

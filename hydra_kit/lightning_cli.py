@@ -29,6 +29,7 @@ from rich.console import Console
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
 from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, safe_torch_load
 from hydra_kit.data import SyntheticDataModule
+from hydra_kit.data.task import best_no_skill
 from hydra_kit.model import DEFAULT_COMPONENTS, HydraLM
 from hydra_kit.recipe import RecipeError
 
@@ -305,6 +306,15 @@ class HydraCLI(LightningCLI):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if metrics:
             console.print(f"final validation (step {trainer.global_step}): " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
+        baselines_of = getattr(self.datamodule, "no_skill_baselines", None)
+        if "val/acc" in metrics and callable(baselines_of):
+            # An accuracy means something only above what a shortcut of the task format scores (issue 17).
+            baselines = baselines_of()
+            name, best = best_no_skill(baselines)
+            verdict = "above" if metrics["val/acc"] > best else "[bold red]not above[/]"
+            console.print(
+                f"held-out accuracy {metrics['val/acc']:.3f}: chance {baselines['chance']:.3f}, best no-skill baseline {best:.3f} ({name}), {verdict} it"
+            )
         console.print(f"run directory: [bold]{log_dir}[/]")
         paths: list[str] = []
         for cb in trainer.checkpoint_callbacks:

@@ -107,6 +107,18 @@ def state_nbytes(state: Any) -> int:
     return sum(storages.values())
 
 
+def embedding_rows(report: dict[str, Any]) -> list[tuple[str, int, float]]:
+    """The embedding and output-head lines of a :meth:`HydraLM.parameter_report` as (label, params, MFLOP/token).
+
+    One line for a tied head (the embedding is the head), two for an untied one; the embedding lookup itself
+    costs no FLOPs, the head a multiply-add per weight.
+    """
+    embed, head = int(report["embedding_params"]), int(report.get("head_params", 0))
+    if not head:
+        return [("embedding (tied head)", embed, 2 * embed / 1e6)]
+    return [("embedding", embed, 0.0), ("output head", head, 2 * head / 1e6)]
+
+
 class HydraLM(L.LightningModule):
     """A Hydra-family decoder-only language model built from component plugins.
 

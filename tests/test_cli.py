@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -139,6 +140,11 @@ def test_fit_output_counts_steps_lists_last_ckpt_and_has_no_warning_noise(traine
         assert noise not in out + err, noise
     assert "MFLOP/token" in out and "forward FLOPs per token at L=" in out  # the model summary of parameter_report
     assert "final validation (step 20): val/acc = " in out
+    # The final accuracy is read against chance and the task's best no-skill shortcut (issue 17).
+    verdict = re.search(r"held-out accuracy (\S+): chance (\S+), best no-skill baseline (\S+) \((.+?)\), (above|not above) it", out)
+    assert verdict is not None, out
+    accuracy, chance, best = (float(verdict.group(i).rstrip(":,")) for i in (1, 2, 3))
+    assert chance <= best and verdict.group(5) == ("above" if accuracy > best else "not above")
     checkpoints = out.split("checkpoints:")[-1]
     assert "best-step=" in checkpoints and "checkpoints/last.ckpt" in checkpoints
     # stderr holds Lightning's two status lines and no warning (a warning names its source file: "...py:123:")

@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 from rich.console import Console
 from rich.table import Table
 
+from hydra_kit.model import embedding_rows
+
 
 class StepProgressBar(RichProgressBar):
     """Rich progress bar over optimizer steps (``global_step / max_steps``) when the run is bounded by steps.
@@ -94,8 +96,8 @@ class ParameterSummary(ModelSummary):
         for name, row in report["components"].items():
             blocks = ",".join(map(str, blocks_of.get(name, ())))
             table.add_row(name, blocks, f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['flops_per_token'] / 1e6:.2f}")
-        embed = report["embedding_params"]
-        table.add_row("embedding (tied head)", "", f"{embed:,}", f"{embed:,}", f"{2 * embed / 1e6:.2f}")
+        for label, params, mflops in embedding_rows(report):
+            table.add_row(label, "", f"{params:,}", f"{params:,}", f"{mflops:.2f}")
         console = Console(highlight=False)
         console.print(table)
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)

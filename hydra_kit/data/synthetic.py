@@ -145,6 +145,15 @@ class SyntheticDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self.val_dataloader()
 
+    def no_skill_baselines(self) -> dict[str, float]:
+        """Chance and each no-skill heuristic's accuracy on this module's validation examples (issue 17).
+
+        The examples are the ones ``val/acc`` is measured on (the current task's held-out split for ``seed``),
+        so a run's final accuracy can be read against what a shortcut of the task format scores on the same set.
+        """
+        examples = [self.task.sample(self.seed, "val", i) for i in range(self.val_size)]
+        return self.task.no_skill_baselines(examples)
+
     # ------------------------------------------------------------ curriculum hook
     def task_params(self) -> dict[str, Any]:
         """The current values of the task arguments a curriculum may change (empty if the task has none)."""
