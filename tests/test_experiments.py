@@ -164,3 +164,13 @@ def test_a_claim_needs_more_than_sampling_noise() -> None:
     assert report.above(0.10, 0.0, 0.05, 20) == "no"  # one lucky answer in 20 is no claim
     assert report.above(0.10, 0.04, 0.05, 500) == "no"  # nor a mean whose spread over seeds reaches the baseline
     assert report.above(float("nan"), 0.0, 0.05, 500) == "-"
+
+
+def test_baselines_of_a_single_level_are_drawn() -> None:
+    # One level (E6 at one number of pairs): a line through a single point draws nothing; it must still show.
+    plt = report.pyplot()
+    fig, ax = plt.subplots()
+    report.draw_baselines(ax, [{"pairs": 8, "chance": 0.03, "best_no_skill_accuracy": 0.125}], "pairs")
+    heights = sorted(line.get_ydata()[0] for line in ax.get_lines())
+    plt.close(fig)
+    assert heights == [0.03, 0.125]

@@ -215,7 +215,7 @@ def draw_baselines(
 ) -> None:
     """Chance (dotted) and the best no-skill accuracy (dashed) per level on ``ax``.
 
-    Numeric levels are joined by lines along the x axis; categorical ones (``positions``: level -> the x of its
+    Numeric levels are joined by lines along the x axis (a single level gets a horizontal line); categorical ones (``positions``: level -> the x of its
     bar, or of each of its bars) get a segment of ``width`` over each bar.
     """
     if not baselines:
@@ -223,6 +223,9 @@ def draw_baselines(
     styles = (("chance", "chance", {"color": "gray", "linestyle": ":", "linewidth": 1.2}),
               ("best_no_skill_accuracy", "best no-skill", {"color": "black", "linestyle": "--", "linewidth": 1.2}))
     for key, label, style in styles:
+        if positions is None and len(baselines) == 1:  # one level: a line through one point would not show
+            ax.axhline(baselines[0][key], label=label, **style)
+            continue
         if positions is None:
             rows = sorted(baselines, key=lambda b: b[level_key])
             ax.plot([b[level_key] for b in rows], [b[key] for b in rows], label=label, **style)
