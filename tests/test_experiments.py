@@ -68,7 +68,11 @@ def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixtu
             assert f"{float(r['best_no_skill_accuracy']):.3f} ({r['best_no_skill']})" in printed
         for b in data["baselines"]:
             assert b["best_no_skill"] in b["baselines"] and b["baselines"]["chance"] == b["chance"]
-    if name == "pkm-recall":  # the gate is reported for Hydra only: without PKM there is no gate (NaN)
+    if name == "pkm-recall":
+        # Reading is scored apart: on the all-counterfactual prompts recalling the table scores 0, on the closed book 1.
+        assert {r["book"] for r in rows} == {"closed", "open", "counterfactual"}
+        assert data["recall_only"]["closed"] == 1.0 and data["recall_only"]["counterfactual"] == 0.0
+        # the gate is reported for Hydra only: without PKM there is no gate (NaN)
         gates = {r["model"]: r["pkm_gate_mean"] for r in data["summary"]}
         assert 0.0 < gates["hydra"] < 1.0
         assert gates["hydra - pkm"] != gates["hydra - pkm"]
@@ -174,3 +178,53 @@ def test_baselines_of_a_single_level_are_drawn() -> None:
     heights = sorted(line.get_ydata()[0] for line in ax.get_lines())
     plt.close(fig)
     assert heights == [0.03, 0.125]
+
+
+def _run(name: str, out: Path, *extra: str) -> dict:
+    assert main(["experiment", name, *TINY, *CASES[name][0], "--out", str(out), *extra]) == 0
+    return json.loads((out / f"{CASES[name][1]}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["expert-specialisation", "mqar"])
+def test_seeds_run_apart_merge_into_the_result_of_one_run(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--first-seed trains the seeds named; --merge joins folders without training, as if one run had trained them all."""
+    together = _run(name, tmp_path / "together", "--seeds", "2")
+    first = _run(name, tmp_path / "first")
+    second = _run(name, tmp_path / "second", "--first-seed", "1")
+    assert {r["seed"] for r in first["records"]} == {0} and {r["seed"] for r in second["records"]} == {1}
+    capsys.readouterr()
+    merged = _run(name, tmp_path / "merged", "--merge", str(tmp_path / "first"), str(tmp_path / "second"))
+    printed = capsys.readouterr().out
+    flat = " ".join(printed.split())  # rich wraps long lines at the console width
+    assert "mean ± std over 2 seeds" in flat and "(from " in flat
+    assert merged["settings"]["seeds"] == 2 and merged["settings"]["merge"] == [str(tmp_path / "first"), str(tmp_path / "second")]
+    assert merged["records"] == first["records"] + second["records"]
+    # Nothing was retrained: the runs (with their timings) are the folders' own, tagged with where they came from.
+    assert [{k: v for k, v in r.items() if k != "merged_from"} for r in merged["runs"]] == first["runs"] + second["runs"]
+    assert [r["merged_from"] for r in merged["runs"]] == [str(tmp_path / "first")] * len(first["runs"]) + [str(tmp_path / "second")] * len(second["runs"])
+    # Training is deterministic per seed on the CPU, so the joined summary is the one-run summary (timings aside).
+    drop = {"latency_ms_mean", "latency_ms_std"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in merged["summary"]] == [{k: v for k, v in r.items() if k not in drop} for r in together["summary"]]
+    if name == "expert-specialisation":  # the per-run routing counts are joined too, so the heatmaps cover both seeds
+        assert merged["routing"] == first["routing"] + second["routing"] and merged["heatmaps"] == together["heatmaps"]
+
+
+def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _run("mqar", tmp_path / "a")
+    _run("mqar", tmp_path / "b")
+    _run("mqar", tmp_path / "c", "--first-seed", "1", "--steps", "3")
+    capsys.readouterr()
+    cases = {
+        (str(tmp_path / "a"), str(tmp_path / "b")): "mqar seed 0 is also in",
+        (str(tmp_path / "a"), str(tmp_path / "c")): "trained with steps = 3, but this command has steps = 2",
+        (str(tmp_path / "a"), str(tmp_path / "missing")): "no such file",
+    }
+    for folders, message in cases.items():
+        assert main(["experiment", "mqar", *TINY, *CASES["mqar"][0], "--out", str(tmp_path / "m"), "--merge", *folders]) == 2
+        err = capsys.readouterr().err
+        assert message.replace("mqar seed", "hydra seed") in err and "Traceback" not in err, err
+    # Another task (other pairs) is refused by its no-skill baselines and models, not joined into a wrong table.
+    assert main(["experiment", "mqar", *TINY, "--pairs", "3", "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "a")]) == 2
+    assert "differ" in capsys.readouterr().err
+    assert main(["experiment", "mqar", "--first-seed", "-1"]) == 2
+    assert "--first-seed must be 0 or more" in capsys.readouterr().err

@@ -254,7 +254,9 @@ def main(argv: list[str], console: Console) -> int:
         plot(png, summary, heatmaps, list(task.domains), baselines)
         return summary, [csv_path, json_path, png]
 
-    records, runs = runner.run_grid(console, specs, task, settings, measure, on_seed=write)
+    records, runs = runner.run_grid(
+        console, specs, task, settings, measure, on_seed=write, name=NAME, baselines=baselines, merged_lists={"routing": routing}
+    )
     summary, paths = write(records, runs)
     report.print_table(
         console,

@@ -100,7 +100,7 @@ def main(argv: list[str], console: Console) -> int:
         plot(png, summary, train_hops, baselines)
         return summary, [csv_path, json_path, png]
 
-    records, runs = runner.run_grid(console, specs, train_task, settings, measure, on_seed=write)
+    records, runs = runner.run_grid(console, specs, train_task, settings, measure, on_seed=write, name=NAME, baselines=baselines)
     summary, paths = write(records, runs)
     seeds_done = len({r["seed"] for r in records})
     title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds; a claim only where above no-skill)"

@@ -76,7 +76,7 @@ def main(argv: list[str], console: Console) -> int:
             write(before[0] + r, before[1] + [dict(row, pairs=p) for row in t])
 
         console.print(f"pairs = {p} (sequence length {task.seq_len}, chance {1 / num_values:.3f})")
-        r, t = runner.run_grid(console, specs, task, settings, measure, on_seed=partial)
+        r, t = runner.run_grid(console, specs, task, settings, measure, on_seed=partial, name=NAME, baselines=baselines, where={"pairs": p})
         records += r
         runs += [dict(row, pairs=p) for row in t]
     summary, paths = write(records, runs)

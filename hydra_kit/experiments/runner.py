@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import statistics
 import time
@@ -372,11 +373,21 @@ class Settings:
     threads: int = 1
     accelerator: str = "cpu"
     transformer_lr: float = 1e-3
+    first_seed: int = 0
+    merge: list[str] = field(default_factory=list)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=("cpu", "full"), default="cpu", help="cpu: the default, minutes on 2 cores; full: the paper's scale (GPU)")
-    parser.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 per model (default: 3)")
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds per model (default: 3): FIRST..FIRST+N-1")
+    parser.add_argument(
+        "--first-seed", "--first_seed", dest="first_seed", type=int, default=0,
+        help="the first training seed (default 0): run seeds in parallel processes, each to its own --out, then join them with --merge",
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=[], metavar="DIR",
+        help="train nothing: join the finished seeds in these output folders of this experiment (same settings, disjoint seeds) into --out",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
     parser.add_argument("--eval", dest="eval_per_level", type=int, default=None, help="held-out examples per reported cell (default: 500)")
@@ -412,10 +423,14 @@ def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, di
         threads=args.threads,
         accelerator=args.accelerator,
         transformer_lr=args.transformer_lr if args.transformer_lr is not None else d.get("transformer_lr", 1e-3),
+        first_seed=args.first_seed,
+        merge=[str(Path(m)) for m in args.merge],
     )
     for key in ("seeds", "steps", "batch_size", "eval_per_level"):
         if getattr(settings, key) <= 0:
             raise RecipeError(f"experiment {name}: --{key.replace('_', '-')} must be positive, got {getattr(settings, key)}")
+    if settings.first_seed < 0:
+        raise RecipeError(f"experiment {name}: --first-seed must be 0 or more, got {settings.first_seed}")
     if settings.lr <= 0 or settings.transformer_lr <= 0 or settings.threads <= 0:
         raise RecipeError(f"experiment {name}: --lr ({settings.lr}), --transformer-lr ({settings.transformer_lr}) and --threads ({settings.threads}) must be positive")
     if settings.accelerator == "gpu" and not torch.cuda.is_available():
@@ -453,18 +468,30 @@ def run_grid(
     settings: Settings,
     measure: Measure,
     on_seed: Callable[[list[dict[str, Any]], list[dict[str, Any]]], object] | None = None,
+    *,
+    name: str = "",
+    baselines: list[dict[str, Any]] | None = None,
+    where: dict[str, Any] | None = None,
+    merged_lists: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train every model for every seed on ``task`` and collect ``measure``'s records (model, seed added).
 
     ``on_seed(records, runs)`` is called after each complete seed (every model trained and measured), so the
     output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
 
+    With ``settings.merge`` nothing is trained: the records and runs come from the ``<name>.json`` files of those
+    folders (:func:`load_merged`, checked against ``specs`` and ``baselines``), keeping the rows that match
+    ``where`` (for an experiment that calls this once per level), and each key of ``merged_lists`` (per-run
+    records the experiment keeps beside ``records``, such as E5's routing counts) is extended from the files.
+
     Returns:
         The evaluation records and one training record per (model, seed): seconds, final training loss.
     """
+    if settings.merge:
+        return merged_grid(console, specs, settings, name, baselines, where or {}, merged_lists or {})
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    for seed in range(settings.seeds):
+    for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
         for spec in specs:
             trained = train(spec, task, seed, train_settings(settings, spec))
             rows = measure(trained, spec, seed)
@@ -478,6 +505,94 @@ def run_grid(
         if on_seed is not None:
             on_seed(records, runs)
     return records, runs
+
+
+def merged_grid(
+    console: Console,
+    specs: Sequence[ModelSpec],
+    settings: Settings,
+    name: str,
+    baselines: list[dict[str, Any]] | None,
+    where: dict[str, Any],
+    merged_lists: dict[str, list[dict[str, Any]]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`run_grid` under ``--merge``: the folders' records and runs that match ``where``, each run printed."""
+    merged = load_merged(settings, name, specs, baselines, extra_keys=tuple(merged_lists))
+
+    def keep(row: dict[str, Any]) -> bool:
+        return all(row.get(k) == v for k, v in where.items())
+
+    for key, target in merged_lists.items():
+        target.extend(row for row in merged[key] if keep(row))
+    runs = [r for r in merged["runs"] if keep(r)]
+    for run in runs:
+        loss = "-" if run["final_train_loss"] is None else f"{run['final_train_loss']:.3f}"
+        console.print(
+            f"  seed {run['seed']}  {run['model']:<24} trained {settings.steps} steps in {run['train_seconds']:6.1f} s, final train loss {loss} "
+            f"(from {run['merged_from']})"
+        )
+    return [r for r in merged["records"] if keep(r)], runs
+
+
+# What must agree between the runs that --merge joins: how they were trained and evaluated.
+MERGE_SETTINGS = ("size", "steps", "batch_size", "eval_per_level", "recipe", "lr", "transformer_lr")
+
+
+def load_merged(
+    settings: Settings, name: str, specs: Sequence[ModelSpec], baselines: list[dict[str, Any]] | None, extra_keys: Sequence[str] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """The records, runs and ``extra_keys`` lists of the ``<name>.json`` in each ``settings.merge`` folder, joined.
+
+    Each run is tagged ``merged_from`` (its folder). ``settings.seeds`` and ``settings.first_seed`` are set to
+    what was joined, so the written settings describe the merged result.
+
+    Raises:
+        RecipeError: a file is missing or unreadable, is another experiment's, was trained with other settings
+            (:data:`MERGE_SETTINGS`), other models or another task (its no-skill baselines differ), or two
+            folders hold the same (model, seed).
+    """
+    joined: dict[str, list[dict[str, Any]]] = {key: [] for key in ("records", "runs", *extra_keys)}
+    seen: dict[tuple[str, int, Any], str] = {}
+    wanted_models = {s.label: json.loads(json.dumps(s.config)) for s in specs}
+    wanted_baselines = None if baselines is None else json.loads(json.dumps(baselines, default=str))
+    for folder in settings.merge:
+        path = Path(folder) / f"{name}.json"
+        where = f"experiment {name} --merge: {path}"
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RecipeError(f"{where}: no such file (a folder written by `hydra-kit experiment` with --out holds it)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RecipeError(f"{where}: not a readable experiment result ({error})") from None
+        if not isinstance(payload, dict) or payload.get("experiment") != name:
+            found = payload.get("experiment") if isinstance(payload, dict) else type(payload).__name__
+            raise RecipeError(f"{where}: holds experiment {found!r}, not {name!r}")
+        for key in MERGE_SETTINGS:
+            theirs, ours = payload.get("settings", {}).get(key), getattr(settings, key)
+            if theirs != ours:
+                raise RecipeError(f"{where}: trained with {key} = {theirs!r}, but this command has {key} = {ours!r}; merge only runs of the same settings")
+        models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}
+        if models != wanted_models:
+            differ = sorted(set(models) ^ set(wanted_models)) or sorted(k for k in models if models[k] != wanted_models[k])
+            raise RecipeError(f"{where}: its models differ from this command's ({', '.join(differ)}); merge only runs of the same recipe and task options")
+        if wanted_baselines is not None and payload.get("baselines") != wanted_baselines:
+            raise RecipeError(f"{where}: its task differs from this command's (other no-skill baselines on the held-out examples); pass the same task options")
+        for key in joined:
+            if key not in payload:
+                raise RecipeError(f"{where}: has no {key!r} list; it was not written by this version of the experiment")
+        for run in payload["runs"]:
+            # E6 trains each (model, seed) once per number of pairs: the level is part of a run's identity there.
+            identity = (run["model"], run["seed"], run.get("pairs"))
+            if identity in seen:
+                raise RecipeError(f"{where}: {run['model']} seed {run['seed']} is also in {seen[identity]}; merge folders of disjoint seeds (--first-seed)")
+            seen[identity] = folder
+        for key in joined:
+            joined[key].extend(dict(row, merged_from=folder) if key == "runs" else row for row in payload[key])
+    seeds = sorted({r["seed"] for r in joined["runs"]})
+    if not seeds:
+        raise RecipeError(f"experiment {name} --merge: the folders {', '.join(settings.merge)} hold no finished seed")
+    settings.seeds, settings.first_seed = len(seeds), seeds[0]
+    return joined
 
 
 def payload(name: str, settings: Settings, specs: Sequence[ModelSpec], counts: dict[str, dict[str, int]], extra: dict[str, Any]) -> dict[str, Any]:
