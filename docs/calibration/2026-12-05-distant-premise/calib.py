@@ -23,11 +23,13 @@ p.add_argument("--batch-size", type=int, default=32)
 p.add_argument("--every", type=int, default=250)
 p.add_argument("--eval", type=int, default=200, help="held-out examples per distance at each check")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--distractors", type=int, default=None, help="distractor premises (default: every value stated once, 15)")
 a = p.parse_args()
 torch.set_num_threads(1)
 
 distances, values = [16, 32, 64], 16  # the experiment's CPU defaults (every value stated once)
-task = DistantPremise(distance=distances, num_distractors=values - 1, num_keys=32, num_values=values)
+distractors = values - 1 if a.distractors is None else a.distractors
+task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values)
 examples = runner.eval_set(task, "distance", distances, a.eval)
 hydra = runner.hydra_config("cpu", task.vocab_size)
 config = hydra if a.model == "hydra" else runner.dense_transformer(hydra)[0]
@@ -51,7 +53,7 @@ class HeldOut(L.Callback):
 L.seed_everything(a.seed, verbose=False)
 model = HydraLM(**dict(config, lr=a.lr, warmup_steps=50))
 data = SyntheticDataModule(task, batch_size=a.batch_size, train_size=a.steps * a.batch_size, val_size=a.batch_size, seed=a.seed)
-print(f"E4 calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; task length {task.seq_len}, chance {1 / values:.4f}", flush=True)
+print(f"E4 calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {distractors} distractors, task length {task.seq_len}, chance {1 / values:.4f}", flush=True)
 trainer = L.Trainer(
     accelerator="cpu", devices=1, max_steps=a.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
