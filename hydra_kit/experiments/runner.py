@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
 import time
@@ -480,7 +479,7 @@ def run_grid(
     output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
 
     With ``settings.merge`` nothing is trained: the records and runs come from the ``<name>.json`` files of those
-    folders (:func:`load_merged`, checked against ``specs`` and ``baselines``), keeping the rows that match
+    folders (:func:`hydra_kit.experiments.merge.load_merged`, checked against ``specs`` and ``baselines``), keeping the rows that match
     ``where`` (for an experiment that calls this once per level), and each key of ``merged_lists`` (per-run
     records the experiment keeps beside ``records``, such as E5's routing counts) is extended from the files.
 
@@ -488,6 +487,8 @@ def run_grid(
         The evaluation records and one training record per (model, seed): seconds, final training loss.
     """
     if settings.merge:
+        from hydra_kit.experiments.merge import merged_grid  # merge.py builds on this module's types, so not at the top
+
         return merged_grid(console, specs, settings, name, baselines, where or {}, merged_lists or {})
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -499,100 +500,19 @@ def run_grid(
                 row.setdefault("model", spec.label)
                 row.setdefault("seed", seed)
             records.extend(rows)
-            loss = "-" if trained.final_loss is None else f"{trained.final_loss:.3f}"
-            console.print(f"  seed {seed}  {spec.label:<24} trained {settings.steps} steps in {trained.seconds:6.1f} s, final train loss {loss}")
-            runs.append({"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss})
+            run = {"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss}
+            print_run(console, run, settings.steps)
+            runs.append(run)
         if on_seed is not None:
             on_seed(records, runs)
     return records, runs
 
 
-def merged_grid(
-    console: Console,
-    specs: Sequence[ModelSpec],
-    settings: Settings,
-    name: str,
-    baselines: list[dict[str, Any]] | None,
-    where: dict[str, Any],
-    merged_lists: dict[str, list[dict[str, Any]]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """:func:`run_grid` under ``--merge``: the folders' records and runs that match ``where``, each run printed."""
-    merged = load_merged(settings, name, specs, baselines, extra_keys=tuple(merged_lists))
-
-    def keep(row: dict[str, Any]) -> bool:
-        return all(row.get(k) == v for k, v in where.items())
-
-    for key, target in merged_lists.items():
-        target.extend(row for row in merged[key] if keep(row))
-    runs = [r for r in merged["runs"] if keep(r)]
-    for run in runs:
-        loss = "-" if run["final_train_loss"] is None else f"{run['final_train_loss']:.3f}"
-        console.print(
-            f"  seed {run['seed']}  {run['model']:<24} trained {settings.steps} steps in {run['train_seconds']:6.1f} s, final train loss {loss} "
-            f"(from {run['merged_from']})"
-        )
-    return [r for r in merged["records"] if keep(r)], runs
-
-
-# What must agree between the runs that --merge joins: how they were trained and evaluated.
-MERGE_SETTINGS = ("size", "steps", "batch_size", "eval_per_level", "recipe", "lr", "transformer_lr")
-
-
-def load_merged(
-    settings: Settings, name: str, specs: Sequence[ModelSpec], baselines: list[dict[str, Any]] | None, extra_keys: Sequence[str] = ()
-) -> dict[str, list[dict[str, Any]]]:
-    """The records, runs and ``extra_keys`` lists of the ``<name>.json`` in each ``settings.merge`` folder, joined.
-
-    Each run is tagged ``merged_from`` (its folder). ``settings.seeds`` and ``settings.first_seed`` are set to
-    what was joined, so the written settings describe the merged result.
-
-    Raises:
-        RecipeError: a file is missing or unreadable, is another experiment's, was trained with other settings
-            (:data:`MERGE_SETTINGS`), other models or another task (its no-skill baselines differ), or two
-            folders hold the same (model, seed).
-    """
-    joined: dict[str, list[dict[str, Any]]] = {key: [] for key in ("records", "runs", *extra_keys)}
-    seen: dict[tuple[str, int, Any], str] = {}
-    wanted_models = {s.label: json.loads(json.dumps(s.config)) for s in specs}
-    wanted_baselines = None if baselines is None else json.loads(json.dumps(baselines, default=str))
-    for folder in settings.merge:
-        path = Path(folder) / f"{name}.json"
-        where = f"experiment {name} --merge: {path}"
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RecipeError(f"{where}: no such file (a folder written by `hydra-kit experiment` with --out holds it)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RecipeError(f"{where}: not a readable experiment result ({error})") from None
-        if not isinstance(payload, dict) or payload.get("experiment") != name:
-            found = payload.get("experiment") if isinstance(payload, dict) else type(payload).__name__
-            raise RecipeError(f"{where}: holds experiment {found!r}, not {name!r}")
-        for key in MERGE_SETTINGS:
-            theirs, ours = payload.get("settings", {}).get(key), getattr(settings, key)
-            if theirs != ours:
-                raise RecipeError(f"{where}: trained with {key} = {theirs!r}, but this command has {key} = {ours!r}; merge only runs of the same settings")
-        models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}
-        if models != wanted_models:
-            differ = sorted(set(models) ^ set(wanted_models)) or sorted(k for k in models if models[k] != wanted_models[k])
-            raise RecipeError(f"{where}: its models differ from this command's ({', '.join(differ)}); merge only runs of the same recipe and task options")
-        if wanted_baselines is not None and payload.get("baselines") != wanted_baselines:
-            raise RecipeError(f"{where}: its task differs from this command's (other no-skill baselines on the held-out examples); pass the same task options")
-        for key in joined:
-            if key not in payload:
-                raise RecipeError(f"{where}: has no {key!r} list; it was not written by this version of the experiment")
-        for run in payload["runs"]:
-            # E6 trains each (model, seed) once per number of pairs: the level is part of a run's identity there.
-            identity = (run["model"], run["seed"], run.get("pairs"))
-            if identity in seen:
-                raise RecipeError(f"{where}: {run['model']} seed {run['seed']} is also in {seen[identity]}; merge folders of disjoint seeds (--first-seed)")
-            seen[identity] = folder
-        for key in joined:
-            joined[key].extend(dict(row, merged_from=folder) if key == "runs" else row for row in payload[key])
-    seeds = sorted({r["seed"] for r in joined["runs"]})
-    if not seeds:
-        raise RecipeError(f"experiment {name} --merge: the folders {', '.join(settings.merge)} hold no finished seed")
-    settings.seeds, settings.first_seed = len(seeds), seeds[0]
-    return joined
+def print_run(console: Console, run: dict[str, Any], steps: int) -> None:
+    """One line per trained (model, seed): time and final training loss, and the folder of a merged run."""
+    loss = "-" if run["final_train_loss"] is None else f"{run['final_train_loss']:.3f}"
+    origin = f" (from {run['merged_from']})" if "merged_from" in run else ""
+    console.print(f"  seed {run['seed']}  {run['model']:<24} trained {steps} steps in {run['train_seconds']:6.1f} s, final train loss {loss}{origin}")
 
 
 def payload(name: str, settings: Settings, specs: Sequence[ModelSpec], counts: dict[str, dict[str, int]], extra: dict[str, Any]) -> dict[str, Any]:
