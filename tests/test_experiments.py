@@ -226,5 +226,10 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pyt
     # Another task (other pairs) is refused by its no-skill baselines and models, not joined into a wrong table.
     assert main(["experiment", "mqar", *TINY, "--pairs", "3", "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "a")]) == 2
     assert "differ" in capsys.readouterr().err
+    # Another training task with the same evaluation (E1 trained on the last HOP only) is refused by its recorded task.
+    _run("logic-chains", tmp_path / "last", "--last-hop-only")
+    capsys.readouterr()
+    assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "last")]) == 2
+    assert "other supervise_every_hop (supervise_every_hop=False; this command: supervise_every_hop=True)" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--first-seed", "-1"]) == 2
     assert "--first-seed must be 0 or more" in capsys.readouterr().err

@@ -1,12 +1,17 @@
 """Distant premise (experiment E4): answer a question from a premise stated at least D tokens earlier.
 
-A sequence is filler text with premises ``PREMISE k v`` (three tokens: "k is v") and ends with a question
-``QUESTION k`` whose target, at the ``k`` position, is the value ``v`` of the one premise about key ``k``.
-The premises sit in a *premise region* of ``region_len`` tokens, at random places among filler tokens, and
-``D - 3`` filler tokens trail the region before the question: every premise starts between D and
-``D + region_len - 3`` tokens before the question. The level D is how far back the model must look (with D
-beyond an attention window, every premise is outside it); the premise asked about is any one of the region's,
-at random.
+A sequence is filler text with premises ``PREMISE k v`` (three tokens: "k is v") and ends with
+``num_questions`` questions ``QUESTION k`` whose target, at the ``k`` position, is the value ``v`` of the one
+premise about key ``k``. The premises sit in a *premise region* of ``region_len`` tokens, at random places
+among filler tokens, and ``D - 3`` filler tokens trail the region before the first question: every premise
+starts between D and ``D + region_len - 3`` tokens before it. The level D is how far back the model must look
+(with D beyond an attention window, every premise is outside it); the premises asked about are any of the
+region's, at random, each asked at most once, in random order.
+
+Several questions per example give a model several answers to learn from per sequence (MQAR asks every key;
+with one question per 127 tokens no model on the E4 CPU budget left chance, see
+``docs/calibration/2026-12-05-distant-premise``). The answers are never in the input, so an earlier question
+tells nothing about a later one's answer.
 
 Why this layout (issue 17 found the premise at a fixed offset per distance, so "the value D tokens back"
 answered every question; :meth:`DistantPremise.heuristics` measures the shortcuts and
@@ -23,8 +28,8 @@ answered every question; :meth:`DistantPremise.heuristics` measures the shortcut
 
 Examples at different levels are different sequences (the region moves), and the held-out split is disjoint
 from any training split of an instance with the same vocabulary and ``seq_len`` by the base class's hash.
-``Example.meta`` holds the level (``distance``), the asked premise's exact ``offset`` and ``between``, the
-premises between it and the question.
+``Example.meta`` holds the level (``distance``) and, per question in order, the asked premise's exact
+``offsets`` from that question and ``between``, the number of premises between it and the question block.
 
 Token ids (``num_filler = F``, ``num_keys = K``, ``num_values = V``): filler 1..F, keys F+1..F+K, values
 F+K+1..F+K+V, ``PREMISE`` F+K+V+1, ``QUESTION`` F+K+V+2. (0 is unused, kept free as PAD.)
@@ -39,7 +44,7 @@ region_len=10)``, seed 0, train index 3)::
 
 The region is positions 0..9 (three premises, one filler token); one filler token trails it. The question asks
 about key 6, whose premise is the farthest of the three: it starts at position 1, 10 tokens before the question
-(``offset`` 10, ``between`` 2); the premise nearest the question starts at position 7, D = 4 tokens before it.
+(``offsets`` [10], ``between`` [2]); the premise nearest the question starts at position 7, D = 4 tokens before it.
 (``tests/data/test_distant_premise.py`` checks that the function produces exactly this.)
 """
 
@@ -68,6 +73,8 @@ class DistantPremise(SyntheticTask):
         num_filler: size of the filler vocabulary.
         num_keys: size of the key vocabulary.
         num_values: size of the value vocabulary (chance accuracy is 1 / num_values).
+        num_questions: questions at the end of every example, each about a different premise (at most
+            num_distractors + 1).
         region_len: tokens of the premise region: the premises plus region_len - 3 * premises filler tokens
             between them, at random; None: 4 tokens per premise.
         heldout_buckets: see :class:`SyntheticTask`.
@@ -82,6 +89,7 @@ class DistantPremise(SyntheticTask):
         num_keys: int = 32,
         num_values: int = 16,
         region_len: int | None = None,
+        num_questions: int = 1,
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
@@ -97,17 +105,20 @@ class DistantPremise(SyntheticTask):
                 f"(keys and values are distinct within an example), got num_distractors={num_distractors}"
             )
         premises = num_distractors + 1
+        if not 1 <= num_questions <= premises:
+            raise ValueError(f"DistantPremise: num_questions must be between 1 and the {premises} premises (each is asked at most once), got {num_questions}")
         region_len = 4 * premises if region_len is None else region_len
         if region_len < PREMISE_LEN * premises:
             raise ValueError(f"DistantPremise: region_len={region_len} cannot hold {premises} premises of {PREMISE_LEN} tokens; it needs at least {PREMISE_LEN * premises}")
-        needed = max(distances) + region_len - 1  # the farthest premise starts at position 0
+        # The farthest premise starts at position 0, the question block takes the last 2 * num_questions tokens.
+        needed = max(distances) + region_len - PREMISE_LEN + QUESTION_LEN * num_questions
         if seq_len is not None and seq_len < needed:
             raise ValueError(
                 f"DistantPremise: seq_len={seq_len} is too short for distance {max(distances)} and a region of "
                 f"{region_len} tokens; it needs at least {needed}"
             )
         self.distances = sorted(set(distances))
-        self.num_distractors, self.region_len = num_distractors, region_len
+        self.num_distractors, self.region_len, self.num_questions = num_distractors, region_len, num_questions
         self._seq_len = needed if seq_len is None else seq_len
         self.num_filler, self.num_keys, self.num_values = num_filler, num_keys, num_values
         self.key0, self.value0 = 1 + num_filler, 1 + num_filler + num_keys
@@ -137,7 +148,7 @@ class DistantPremise(SyntheticTask):
     def generate(self, rng: np.random.Generator) -> Example:
         distance = self.distances[int(rng.integers(0, len(self.distances)))]
         premises = self.num_distractors + 1
-        q_at = self._seq_len - QUESTION_LEN
+        q_at = self._seq_len - QUESTION_LEN * self.num_questions  # the first question
         region_at = q_at - distance - self.region_len + PREMISE_LEN  # the nearest premise may start at q_at - distance
         starts = [region_at + s for s in self._place(rng, self.region_len, premises)]
         keys = self.key0 + rng.choice(self.num_keys, size=premises, replace=False)
@@ -145,11 +156,16 @@ class DistantPremise(SyntheticTask):
         input_ids = (1 + rng.integers(0, self.num_filler, size=self._seq_len)).astype(np.int64)
         for start, key, value in zip(starts, keys, values, strict=True):
             input_ids[start : start + PREMISE_LEN] = [self.premise, key, value]
-        asked = int(rng.integers(0, premises))  # the premise asked about: any of them, near or far
-        input_ids[q_at:] = [self.question, keys[asked]]
+        # The premises asked about: any of them, near or far, each at most once, in random order.
+        asked = [int(a) for a in rng.choice(premises, size=self.num_questions, replace=False)]
         targets = np.full(self._seq_len, IGNORE_INDEX, dtype=np.int64)
-        targets[-1] = values[asked]
-        meta = {"distance": distance, "offset": q_at - starts[asked], "distractors": self.num_distractors, "between": premises - 1 - asked}
+        offsets = []
+        for i, a in enumerate(asked):
+            at = q_at + QUESTION_LEN * i
+            input_ids[at : at + QUESTION_LEN] = [self.question, keys[a]]
+            targets[at + 1] = values[a]
+            offsets.append(at - starts[a])
+        meta = {"distance": distance, "offsets": offsets, "distractors": self.num_distractors, "between": [premises - 1 - a for a in asked]}
         return Example(input_ids, targets, meta)
 
     # --- no-skill baselines (issue 17) ---
@@ -170,7 +186,10 @@ class DistantPremise(SyntheticTask):
         * ``nearest premise``, ``farthest premise``: the value of the last / first premise;
         * ``most frequent value``: the value stated most often (the smallest on a tie);
         * ``key's commonest value``: the value most often asked with this key in 2000 training examples (keys
-          and values are drawn afresh per example, so it knows nothing).
+          and values are drawn afresh per example, so it knows nothing);
+        * ``nearest premise not asked before`` (with several questions): the value of the last premise whose key
+          no earlier question asked; each premise is asked at most once, so this rules out the earlier questions'
+          premises without reading the current key (1 / (premises - i) at the question i, counted from 0).
         """
 
         def at_offset(offset: int) -> Heuristic:
@@ -199,15 +218,23 @@ class DistantPremise(SyntheticTask):
             by_key: dict[int, Counter[int]] = defaultdict(Counter)
             for i in range(2000):
                 example = self.sample(0, "train", i)
-                q_at, starts = self._premises(example.input_ids)
-                key, answer = int(example.input_ids[q_at + 1]), int(example.targets[-1])
-                offsets.update(int(q_at - s) for s in starts if example.input_ids[s + 1] == key)
-                by_key[key][answer] += 1
+                for t in np.flatnonzero(example.targets != IGNORE_INDEX):
+                    q_at, starts = self._premises(example.input_ids[: t + 1])
+                    key, answer = int(example.input_ids[t]), int(example.targets[t])
+                    offsets.update(int(q_at - s) for s in starts if example.input_ids[s + 1] == key)
+                    by_key[key][answer] += 1
             self._fitted = [offsets.most_common(1)[0][0]], {k: c.most_common(1)[0][0] for k, c in by_key.items()}
         (commonest,), key_value = self._fitted
 
         def key_commonest(input_ids: np.ndarray, t: int) -> int:
             return key_value.get(int(input_ids[t]), self.value0)
+
+        def nearest_not_asked(input_ids: np.ndarray, t: int) -> int:
+            q_at, starts = self._premises(input_ids[: t + 1])
+            first = int(np.flatnonzero(input_ids[: t + 1] == self.question)[0])
+            asked = set(input_ids[first + 1 : q_at : QUESTION_LEN].tolist())  # the keys of the earlier questions
+            left = [s for s in starts if int(input_ids[s + 1]) not in asked]
+            return int(input_ids[left[-1] + 2]) if left else self.value0
 
         heuristics = {f"value at offset {d}": at_offset(d) for d in self.distances}
         heuristics.update(
@@ -219,4 +246,6 @@ class DistantPremise(SyntheticTask):
                 "key's commonest value": key_commonest,
             }
         )
+        if self.num_questions > 1:
+            heuristics["nearest premise not asked before"] = nearest_not_asked
         return heuristics

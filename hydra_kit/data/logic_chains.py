@@ -23,6 +23,13 @@ checks each stays near chance):
 * branches use another relation token ``~>`` (think "is not"), so a model that ignores the relation takes a
   wrong turn; ``->`` stays *functional* (each node has one outgoing ``->`` edge), so the answer is unique.
 
+With ``supervise_every_hop`` (for training) every ``HOP`` carries a target: the ``i``-th ``HOP`` the node ``i``
+hops from ``start``. The input is unchanged and a prefix of a query is a query (``QUERY start HOP HOP`` asks
+two hops whatever follows), so this is the same task with ``L`` answers per example instead of one; the
+intermediate nodes are never in the input. It gives a small model more signal per sequence (one answer
+per ~130 tokens is little on a CPU budget, see ``docs/calibration/2026-12-05-distant-premise``); held-out
+evaluation at proof length ``L`` scores the last ``HOP`` only (the flag off).
+
 Token ids (``num_nodes = N``): PAD 0, nodes 1..N, ``->`` N+1, ``~>`` N+2, ``QUERY`` N+3, ``HOP`` N+4.
 Examples are left-padded with PAD to ``seq_len``, so a short-query and a long-query instance built with the
 same ``num_nodes``, ``num_chains``, ``chain_len``, ``num_distractors`` and ``seq_len`` share one token layout,
@@ -65,6 +72,8 @@ class LogicChains(SyntheticTask):
             node on a chain. Give the training and the length-generalisation instance the same value.
         seq_len: length of every example (left-padded); None: the shortest length that fits ``max_hops``.
             Give the training and the length-generalisation instance the same value.
+        supervise_every_hop: a target at every ``HOP`` (the node reached so far), not only at the last; the
+            inputs, and so the held-out split, are the same either way.
         heldout_buckets: see :class:`SyntheticTask`.
     """
 
@@ -77,6 +86,7 @@ class LogicChains(SyntheticTask):
         num_chains: int = 2,
         chain_len: int | None = None,
         seq_len: int | None = None,
+        supervise_every_hop: bool = False,
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
@@ -101,6 +111,7 @@ class LogicChains(SyntheticTask):
         if seq_len is not None and seq_len < self.min_seq_len:
             raise ValueError(f"LogicChains: seq_len={seq_len} cannot hold {self.num_facts} facts and max_hops={max_hops}; it needs at least {self.min_seq_len}")
         self._seq_len = self.min_seq_len if seq_len is None else seq_len
+        self.supervise_every_hop = supervise_every_hop
         self._length_tell: dict[tuple[int, int], str] | None = None
 
     @property
@@ -129,13 +140,16 @@ class LogicChains(SyntheticTask):
                 seen.add((source, self.nrel, target))
                 facts.append((source, self.nrel, target))
         # Chain 0, at node 0, is as random as any chain and node: the order above is a random permutation.
-        start, answer = int(chains[0, 0]), int(chains[0, hops])
+        start = int(chains[0, 0])
         shuffled = np.asarray(facts, dtype=np.int64)[rng.permutation(len(facts))].reshape(-1)
         query = np.array([self.query, start] + [self.hop] * hops, dtype=np.int64)
         body = np.concatenate([shuffled, query])
         input_ids = np.concatenate([np.full(self._seq_len - len(body), self.pad, dtype=np.int64), body])
         targets = np.full(self._seq_len, IGNORE_INDEX, dtype=np.int64)
-        targets[-1] = answer
+        if self.supervise_every_hop:
+            targets[len(targets) - hops :] = chains[0, 1 : hops + 1]
+        else:
+            targets[-1] = chains[0, hops]
         return Example(input_ids, targets, {"hops": hops, "distractors": self.num_distractors})
 
     def _parse(self, input_ids: np.ndarray) -> tuple[np.ndarray, int, int]:

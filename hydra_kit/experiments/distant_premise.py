@@ -3,9 +3,11 @@
 Every model is trained on :class:`~hydra_kit.data.DistantPremise` with every premise at least ``D`` tokens
 before the question (a region of premises of the same form, the asked one any of them, then D - 3 filler
 tokens), D drawn per example from ``--distances`` (all longer than Hydra's SGA window except possibly the
-first), all at one sequence length (the longest distance plus the region). By default every value is stated
-once per example (``num_values - 1`` distractors), so no value stands out. Evaluated per distance on held-out
-examples of that training instance:
+first), all at one sequence length (the longest distance plus the region and the questions). By default
+every value is stated once per example (``num_values - 1`` distractors), so no value stands out, and every
+example asks ``--questions`` (default 8) different premises, each answer scored (with one question per
+example no model left chance on the CPU budget: ``docs/calibration/2026-12-05-distant-premise``). Evaluated
+per distance on held-out examples of that training instance:
 
 * accuracy at the answer position, beside chance (1 / num_values) and the best no-skill heuristic (the value
   at a fixed offset, the nearest premise's, the most frequent value, ..., see
@@ -41,8 +43,8 @@ from hydra_kit.experiments import report, runner
 NAME = "distant_premise"
 DEFAULTS: dict[str, dict[str, Any]] = {
     # distractors None: num_values - 1, every value stated once per example (DistantPremise's default).
-    "cpu": {"steps": 250, "batch_size": 32, "distances": [16, 32, 64], "distractors": None, "num_values": 16},
-    "full": {"steps": 20000, "batch_size": 16, "distances": [512, 1024, 2048, 4096, 8192], "distractors": None, "num_values": 32, "lr": 1e-3},
+    "cpu": {"steps": 250, "batch_size": 32, "distances": [16, 32, 64], "distractors": None, "num_values": 16, "questions": 8},
+    "full": {"steps": 20000, "batch_size": 16, "distances": [512, 1024, 2048, 4096, 8192], "distractors": None, "num_values": 32, "questions": 8, "lr": 1e-3},
 }
 
 
@@ -54,6 +56,7 @@ def main(argv: list[str], console: Console) -> int:
     runner.add_common_arguments(parser)
     parser.add_argument("--distances", type=int, nargs="+", default=None, help="premise-to-question distances D (tokens)")
     parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example (default: every value stated once)")
+    parser.add_argument("--questions", type=int, default=None, help="questions per example, each about a different premise (default 8, or every premise if fewer)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
@@ -62,17 +65,19 @@ def main(argv: list[str], console: Console) -> int:
     distractors = args.distractors if args.distractors is not None else d["distractors"]
     if distractors is None:
         distractors = d["num_values"] - 1
-    num_keys = max(32, distractors + 1)
-    task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"])
+    num_keys, questions = max(32, distractors + 1), args.questions or min(d["questions"], distractors + 1)
+    shape = {"num_distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "num_questions": questions}
+    task = runner.build_task(DistantPremise, distance=distances, **shape)
     console.print(
         f"[bold]E4 distant premise[/]: distances {distances}, {distractors} distractor premises in a region of {task.region_len} tokens, "
+        f"{questions} questions per example, "
         f"length {task.seq_len}; {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per distance"
     )
     examples = runner.eval_set(task, "distance", distances, settings.eval_per_level)
     baselines = report.baseline_rows(task, examples, "distance")
     report.print_baselines(console, "no-skill baselines per distance (held-out accuracy; bold: the best)", baselines, "distance")
     # The shortest sequence holding each distance: what a model pays to look D tokens back.
-    probes = {D: DistantPremise(distance=D, num_distractors=distractors, num_keys=num_keys, num_values=d["num_values"]) for D in distances}
+    probes = {D: DistantPremise(distance=D, **shape) for D in distances}
     probe_examples = {D: t.sample(runner.EVAL_SEED, "val", 0) for D, t in probes.items()}
     hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
     sga_names = [n for n, s in hydra["components"].items() if s.get("component") in ("sga", "SparseGlobalAttention")]
@@ -110,7 +115,7 @@ def main(argv: list[str], console: Console) -> int:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
         summary = report.with_baselines(report.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb")), baselines, "distance")
         extra = {
-            "task": {"distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "seq_len": task.seq_len,
+            "task": {"distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "questions": questions, "seq_len": task.seq_len,
                      "region_len": task.region_len, "sga_window": window, "chance": task.chance},
             "baselines": baselines,
             "records": records,

@@ -168,7 +168,7 @@ def main(argv: list[str], console: Console) -> int:
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
     d = DEFAULTS[settings.size]
-    task = DomainMixture(num_domains=args.domains or d["domains"], seq_len=args.seq_len or d["seq_len"], num_symbols=d["num_symbols"])
+    task = runner.build_task(DomainMixture, num_domains=args.domains or d["domains"], seq_len=args.seq_len or d["seq_len"], num_symbols=d["num_symbols"])
     levels = list(range(task.num_domains))
     names = {i: task.domains[i] for i in levels}
     console.print(

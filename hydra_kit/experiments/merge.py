@@ -17,20 +17,27 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments.runner import ModelSpec, Settings, print_run
+from hydra_kit.data.task import SyntheticTask
+from hydra_kit.experiments.runner import ModelSpec, Settings, describe_task, print_run
 from hydra_kit.recipe import RecipeError
 
 
 def merged_grid(
     console: Console,
     specs: Sequence[ModelSpec],
+    task: SyntheticTask,
     settings: Settings,
     name: str,
     baselines: list[dict[str, Any]] | None,
     where: dict[str, Any],
     merged_lists: dict[str, list[dict[str, Any]]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """:func:`~hydra_kit.experiments.runner.run_grid` under ``--merge``: the folders' records and runs that match ``where``, each run printed."""
+    """:func:`~hydra_kit.experiments.runner.run_grid` under ``--merge``: the folders' records and runs that match ``where``, each run printed.
+
+    Raises:
+        RecipeError: besides :func:`load_merged`'s checks, a kept run was trained on another task than ``task``
+            (runs written before runs recorded their ``train_task`` are not checked).
+    """
     merged = load_merged(settings, name, specs, baselines, extra_keys=tuple(merged_lists))
 
     def keep(row: dict[str, Any]) -> bool:
@@ -39,7 +46,16 @@ def merged_grid(
     for key, target in merged_lists.items():
         target.extend(row for row in merged[key] if keep(row))
     runs = [r for r in merged["runs"] if keep(r)]
+    ours = json.loads(json.dumps(describe_task(task)))
     for run in runs:
+        theirs = run.get("train_task", ours)
+        if theirs != ours:
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise RecipeError(
+                f"experiment {name} --merge: {run['merged_from']}: {run['model']} seed {run['seed']} was trained on a task with other "
+                f"{', '.join(differ)} ({', '.join(f'{k}={theirs.get(k)!r}' for k in differ)}; this command: "
+                f"{', '.join(f'{k}={ours.get(k)!r}' for k in differ)}); pass the same task options"
+            )
         print_run(console, run, settings.steps)
     return [r for r in merged["records"] if keep(r)], runs
 

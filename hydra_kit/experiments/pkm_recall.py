@@ -68,7 +68,8 @@ def main(argv: list[str], console: Console) -> int:
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
     d = DEFAULTS[settings.size]
-    task = FactRecall(
+    task = runner.build_task(
+        FactRecall,
         num_facts=args.num_facts or d["num_facts"],
         num_values=args.num_values or d["num_values"],
         table_seed=args.table_seed,

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ from hydra_kit.data.synthetic import SyntheticDataModule
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
 from hydra_kit.model import HydraLM, ModelOutput
 from hydra_kit.recipe import RecipeError
+
+TaskT = TypeVar("TaskT", bound=SyntheticTask)
 
 # Seed of the held-out evaluation examples: the same for every model and training seed (paired comparison).
 EVAL_SEED = 1_000_000_007
@@ -250,6 +252,18 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
 
 
 # --------------------------------------------------------------------------------------------- evaluation
+def build_task(task_class: Callable[..., TaskT], **kwargs: Any) -> TaskT:
+    """``task_class(**kwargs)``, its argument errors (from the experiment's options) as one-line RecipeErrors.
+
+    Raises:
+        RecipeError: the task refused its arguments; the message is the task's own, which names the argument.
+    """
+    try:
+        return task_class(**kwargs)
+    except ValueError as exc:
+        raise RecipeError(f"experiment: {exc}") from None
+
+
 def eval_set(task: SyntheticTask, level_key: str, levels: Sequence[Any], n_per_level: int, seed: int = EVAL_SEED) -> dict[Any, list[Example]]:
     """The first ``n_per_level`` held-out examples of each level, in index order (deterministic).
 
@@ -489,7 +503,7 @@ def run_grid(
     if settings.merge:
         from hydra_kit.experiments.merge import merged_grid  # merge.py builds on this module's types, so not at the top
 
-        return merged_grid(console, specs, settings, name, baselines, where or {}, merged_lists or {})
+        return merged_grid(console, specs, task, settings, name, baselines, where or {}, merged_lists or {})
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
@@ -500,12 +514,19 @@ def run_grid(
                 row.setdefault("model", spec.label)
                 row.setdefault("seed", seed)
             records.extend(rows)
-            run = {"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss}
+            run = {"model": spec.label, "seed": seed, "train_seconds": trained.seconds, "final_train_loss": trained.final_loss, "train_task": describe_task(task)}
             print_run(console, run, settings.steps)
             runs.append(run)
         if on_seed is not None:
             on_seed(records, runs)
     return records, runs
+
+
+def describe_task(task: SyntheticTask) -> dict[str, Any]:
+    """The training task's class and public settings (what ``--merge`` checks runs were trained on)."""
+    plain = (bool, int, float, str, type(None))
+    settings = {k: v for k, v in vars(task).items() if not k.startswith("_") and (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v)))}
+    return {"class": type(task).__name__, **settings}
 
 
 def print_run(console: Console, run: dict[str, Any], steps: int) -> None:

@@ -20,7 +20,7 @@ def test_worked_example_matches_docstring():
     example = task.sample(0, "train", 3)
     assert example.input_ids.tolist() == EXAMPLE_IDS
     assert example.targets.tolist() == EXAMPLE_TARGETS
-    assert example.meta == {"distance": 4, "offset": 10, "distractors": 2, "between": 2}
+    assert example.meta == {"distance": 4, "offsets": [10], "distractors": 2, "between": [2]}
     import hydra_kit.data.distant_premise as module
 
     assert str(EXAMPLE_IDS) in module.__doc__ and str(EXAMPLE_TARGETS) in module.__doc__
@@ -44,24 +44,58 @@ def test_premises_in_their_region_unique_answer_not_leaked(distance):
         position, value = match[0]
         assert value == ex.targets[-1]
         q_at, level = task.seq_len - 2, ex.meta["distance"]
-        assert q_at - position == ex.meta["offset"]
+        assert [q_at - position] == ex.meta["offsets"]
         for p, _, _ in found:  # every premise lies in the region: D .. D + region_len - 3 tokens back
             assert level <= q_at - p <= level + task.region_len - 3
         assert (ids[q_at - level + 3 : q_at] <= task.num_filler).all()  # the trailing filler
-        assert ex.meta["between"] == sum(position < p for p, _, _ in found)
+        assert ex.meta["between"] == [sum(position < p for p, _, _ in found)]
         assert ex.targets[-1] not in ids[-2:]  # the question holds no value
         keys_or_values = (ids >= task.key0) & (ids < task.premise)
         assert keys_or_values.sum() == 2 * 7 + 1  # filler and markers never overlap a premise's key/value slots
         seen.add(level)
-        offsets.add(ex.meta["offset"])
+        offsets.add(ex.meta["offsets"][0])
     assert seen == set([distance] if isinstance(distance, int) else distance)
     assert len(offsets) > 10  # the asked premise's offset is jittered, not fixed per level
 
 
 def test_the_asked_premise_is_any_of_the_region():
     task = DistantPremise(distance=[32, 256], num_distractors=4, num_values=8)
-    between = [task.sample(0, "train", i).meta["between"] for i in range(500)]
+    between = [task.sample(0, "train", i).meta["between"][0] for i in range(500)]
     assert set(between) == {0, 1, 2, 3, 4} and min(np.bincount(between)) > 60  # nearest ... farthest, evenly
+
+
+@pytest.mark.parametrize("distance", [6, [16, 40]])
+def test_several_questions_each_ask_a_different_premise(distance):
+    task = DistantPremise(distance=distance, num_distractors=7, num_values=8, num_questions=5)
+    assert task.seq_len == max([distance] if isinstance(distance, int) else distance) + task.region_len - 3 + 2 * 5
+    between = []
+    for i in range(200):
+        ex = task.sample(3, "train", i)
+        ids, q_at = ex.input_ids, task.seq_len - 10
+        assert ids[q_at::2].tolist() == [task.question] * 5 and (ids == task.question).sum() == 5
+        answered = np.flatnonzero(ex.targets != IGNORE_INDEX)
+        assert answered.tolist() == list(range(q_at + 1, task.seq_len, 2))
+        found = {k: (p, v) for p, k, v in premises(task, ids[: q_at + 2])}
+        assert len(found) == 8 and len(set(ids[answered].tolist())) == 5  # five different premises asked
+        for n, t in enumerate(answered):
+            position, value = found[int(ids[t])]
+            assert ex.targets[t] == value and value not in ids[q_at:]  # no answer anywhere in the input's questions
+            assert ex.meta["offsets"][n] == t - 1 - position and ex.meta["distance"] <= q_at - position
+        between += ex.meta["between"]
+    assert set(between) == set(range(8))
+
+
+def test_several_questions_exclusion_stays_near_chance():
+    # Asking half the premises: ruling out the premises asked before scores about mean(1 / (16 - i)), i < 8.
+    task = DistantPremise(distance=[16, 32], num_values=16, num_questions=8)
+    baselines = task.no_skill_baselines([task.sample(1_000_000_007, "val", i) for i in range(400)])
+    assert 0.06 < baselines["nearest premise not asked before"] < 0.11
+    assert max(baselines.values()) <= near_chance(task)
+
+
+def test_bad_question_count_is_explained():
+    with pytest.raises(ValueError, match="num_questions must be between 1 and the 4 premises"):
+        DistantPremise(num_distractors=3, num_questions=5)
 
 
 def near_chance(task: DistantPremise) -> float:

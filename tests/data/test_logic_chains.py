@@ -164,3 +164,20 @@ def test_train_val_and_length_generalisation_sets_are_disjoint():
 def test_bad_arguments_are_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LogicChains(**kwargs)
+
+
+def test_supervise_every_hop_targets_each_prefix_and_keeps_the_inputs():
+    plain = LogicChains(num_nodes=16, max_hops=4, num_distractors=4)
+    dense = LogicChains(num_nodes=16, max_hops=4, num_distractors=4, supervise_every_hop=True)
+    hops_seen = set()
+    for i in range(60):
+        a, b = plain.sample(2, "train", i), dense.sample(2, "train", i)
+        assert np.array_equal(a.input_ids, b.input_ids) and a.meta == b.meta
+        hops = a.meta["hops"]
+        answered = np.flatnonzero(b.targets != IGNORE_INDEX)
+        assert answered.tolist() == list(range(dense.seq_len - hops, dense.seq_len))
+        for t in answered:  # the i-th HOP's target: the node i hops from the start, found from the input so far
+            assert b.targets[t] == dense.follow(b.input_ids[: t + 1]) and b.targets[t] not in b.input_ids[dense.seq_len - hops - 2 :]
+        assert b.targets[-1] == a.targets[-1]
+        hops_seen.add(hops)
+    assert hops_seen == {1, 2, 3, 4}

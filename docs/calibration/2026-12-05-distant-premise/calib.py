@@ -1,9 +1,10 @@
-"""Calibration for E4: train one of the experiment's models on its task and print held-out accuracy over steps.
+"""Calibration for E4 (and E1): train one of the experiment's models on its task and print held-out accuracy over steps.
 
 The task, the model configs and the training (Lightning, warm-up then cosine over --steps, clipping 1.0,
-float32) are those of `hydra-kit experiment distant-premise` at its CPU size; the only addition is a callback
-that scores --eval held-out examples per distance every --every steps, so one run shows when (if) a model
-leaves chance. Usage: python calib.py transformer --steps 4000 --lr 1e-3
+float32) are those of `hydra-kit experiment distant-premise` (or, with --task logic-chains, `logic-chains`) at
+its CPU size; the only addition is a callback that scores --eval held-out examples per level every --every
+steps, so one run shows when (if) a model leaves chance.
+Usage: python calib.py transformer --steps 4000 --lr 1e-3 [--questions 8] [--task logic-chains]
 """
 import argparse
 import time
@@ -11,12 +12,13 @@ import time
 import lightning as L
 import torch
 
-from hydra_kit.data import DistantPremise, SyntheticDataModule
+from hydra_kit.data import DistantPremise, LogicChains, SyntheticDataModule
 from hydra_kit.experiments import runner
 from hydra_kit.model import HydraLM
 
 p = argparse.ArgumentParser()
 p.add_argument("model", choices=["hydra", "transformer"])
+p.add_argument("--task", choices=["distant-premise", "logic-chains"], default="distant-premise")
 p.add_argument("--steps", type=int, default=4000)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--batch-size", type=int, default=32)
@@ -24,13 +26,22 @@ p.add_argument("--every", type=int, default=250)
 p.add_argument("--eval", type=int, default=200, help="held-out examples per distance at each check")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--distractors", type=int, default=None, help="distractor premises (default: every value stated once, 15)")
+p.add_argument("--questions", type=int, default=1, help="questions per example, each about a different premise")
 a = p.parse_args()
 torch.set_num_threads(1)
 
-distances, values = [16, 32, 64], 16  # the experiment's CPU defaults (every value stated once)
-distractors = values - 1 if a.distractors is None else a.distractors
-task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values)
-examples = runner.eval_set(task, "distance", distances, a.eval)
+if a.task == "distant-premise":
+    distances, values = [16, 32, 64], 16  # the experiment's CPU defaults (every value stated once)
+    distractors = values - 1 if a.distractors is None else a.distractors
+    task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values, num_questions=a.questions)
+    levels, chance, level_key, shape = distances, 1 / values, "distance", f"{distractors} distractors, {a.questions} questions"
+    examples = runner.eval_set(task, level_key, levels, a.eval)
+else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every HOP supervised), scored at 1..4 and 6, 8
+    distractors = 8 if a.distractors is None else a.distractors
+    test_task = LogicChains(num_nodes=32, min_hops=1, max_hops=8, num_distractors=distractors)
+    task = LogicChains(num_nodes=32, min_hops=1, max_hops=4, num_distractors=distractors, seq_len=test_task.seq_len, supervise_every_hop=True)
+    levels, chance, level_key, shape = [1, 2, 3, 4, 6, 8], 1 / 32, "hops", f"{distractors} branches, every HOP supervised"
+    examples = runner.eval_set(test_task, level_key, levels, a.eval)
 hydra = runner.hydra_config("cpu", task.vocab_size)
 config = hydra if a.model == "hydra" else runner.dense_transformer(hydra)[0]
 
@@ -43,17 +54,17 @@ class HeldOut(L.Callback):
         step = trainer.global_step
         if step % a.every and step != a.steps:
             return
-        accs = {D: runner.evaluate(module, examples[D]).accuracy for D in distances}
+        accs = {level: runner.evaluate(module, examples[level]).accuracy for level in levels}
         module.train()
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        cells = " ".join(f"D{D}={acc:.3f}" for D, acc in accs.items())
+        cells = " ".join(f"{level_key[0].upper()}{level}={acc:.3f}" for level, acc in accs.items())
         print(f"step {step} t={time.perf_counter() - self.start:.0f}s train_loss={loss:.3f} {cells}", flush=True)
 
 
 L.seed_everything(a.seed, verbose=False)
 model = HydraLM(**dict(config, lr=a.lr, warmup_steps=50))
 data = SyntheticDataModule(task, batch_size=a.batch_size, train_size=a.steps * a.batch_size, val_size=a.batch_size, seed=a.seed)
-print(f"E4 calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {distractors} distractors, task length {task.seq_len}, chance {1 / values:.4f}", flush=True)
+print(f"{a.task} calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {shape}, task length {task.seq_len}, chance {chance:.4f}", flush=True)
 trainer = L.Trainer(
     accelerator="cpu", devices=1, max_steps=a.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
