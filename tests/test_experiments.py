@@ -24,7 +24,7 @@ TINY = ["--recipe", SMOKE, "--steps", "2", "--seeds", "1", "--eval", "3", "--bat
 CASES = {
     "logic-chains": (["--num-nodes", "16", "--distractors", "2", "--train-hops", "2", "--test-hops", "3"], "logic_chains", "hops", {"hydra", "hydra - workspace", "transformer"}, ["accuracy"]),
     "pkm-recall": (["--num-facts", "16", "--num-values", "4", "--context-facts", "2"], "pkm_recall", "book", {"hydra", "hydra - pkm", "transformer"}, ["accuracy", "latency_ms", "pkm_gate"]),
-    "distant-premise": (["--distances", "8", "16", "--distractors", "2", "--no-memory"], "distant_premise", "distance", {"hydra", "hydra - sga", "transformer"}, ["accuracy", "latency_ms", "peak_mem_mb"]),
+    "distant-premise": (["--distances", "8", "16", "--distractors", "2", "--no-memory", "--easy-steps", "1"], "distant_premise", "distance", {"hydra", "hydra - sga", "transformer"}, ["accuracy", "latency_ms", "peak_mem_mb"]),
     "expert-specialisation": (["--domains", "2", "--seq-len", "9"], "expert_specialisation", "domain", {"hydra", "hydra dense-mlp", "transformer"}, ["accuracy", "nmi_answer", "nmi_all"]),
     "mqar": (["--pairs", "2"], "mqar", "pairs", {"hydra", "transformer"}, ["accuracy"]),
 }
@@ -231,5 +231,12 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "last")]) == 2
     assert "other supervise_every_hop (supervise_every_hop=False; this command: supervise_every_hop=True)" in capsys.readouterr().err
+    # Another curriculum (E4 with and without its warm-up task) is refused by the recorded settings.
+    _run("distant-premise", tmp_path / "warm")
+    capsys.readouterr()
+    assert main(["experiment", "distant-premise", *TINY, *CASES["distant-premise"][0], "--easy-steps", "0", "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "warm")]) == 2
+    assert "trained with curriculum = [{'name': 'easy'" in capsys.readouterr().err
+    assert main(["experiment", "distant-premise", "--steps", "10", "--easy-steps", "10"]) == 2
+    assert "--easy-steps must be at least 0 and below --steps (10), got 10" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--first-seed", "-1"]) == 2
     assert "--first-seed must be 0 or more" in capsys.readouterr().err

@@ -51,6 +51,8 @@ about key 6, whose premise is the farthest of the three: it starts at position 1
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +100,7 @@ class DistantPremise(SyntheticTask):
             raise ValueError(f"DistantPremise: distance must be an int >= {PREMISE_LEN} or a non-empty list of them, got {distance!r}")
         if num_filler < 1 or num_values < 2:
             raise ValueError(f"DistantPremise: need num_filler >= 1 and num_values >= 2, got {num_filler} and {num_values}")
+        num_distractors_given, region_len_given = num_distractors, region_len
         num_distractors = num_values - 1 if num_distractors is None else num_distractors
         if num_distractors < 0 or num_keys <= num_distractors or num_values <= num_distractors:
             raise ValueError(
@@ -123,7 +126,36 @@ class DistantPremise(SyntheticTask):
         self.num_filler, self.num_keys, self.num_values = num_filler, num_keys, num_values
         self.key0, self.value0 = 1 + num_filler, 1 + num_filler + num_keys
         self.premise, self.question = 1 + num_filler + num_keys + num_values, 2 + num_filler + num_keys + num_values
+        # The adjustable arguments as given (None stays None: "the default for the other values"), so that a
+        # curriculum stage that restores them rebuilds exactly this task.
+        self._given = {"distance": distance, "num_distractors": num_distractors_given, "seq_len": seq_len, "region_len": region_len_given, "num_questions": num_questions}
         self._fitted: tuple[list[int], dict[int, int]] | None = None
+
+    #: constructor arguments :meth:`with_params` may change (length and difficulty, not the vocabulary)
+    adjustable = ("distance", "num_distractors", "seq_len", "region_len", "num_questions")
+
+    def params(self) -> dict[str, Any]:
+        """The :attr:`adjustable` arguments as given to the constructor (None where the default was taken)."""
+        return dict(self._given)
+
+    def with_params(self, changes: Mapping[str, Any]) -> DistantPremise:
+        """A copy of this task with some :attr:`adjustable` arguments changed (the curriculum hook).
+
+        A curriculum can start on a short task with few premises, where a small model finds the key lookup
+        within a few hundred steps, and move to the long one (``docs/calibration/2026-12-05-distant-premise``).
+
+        Raises:
+            ValueError: an argument is not adjustable, or the combination is invalid (as in the constructor).
+        """
+        unknown = sorted(set(changes) - set(self.adjustable))
+        if unknown:
+            raise ValueError(f"DistantPremise: cannot change {', '.join(map(repr, unknown))} during training; adjustable: {', '.join(self.adjustable)}")
+        merged = {**self._given, **changes}
+        if isinstance(merged["distance"], tuple):  # YAML and JSON give lists; a tuple is the same levels
+            merged["distance"] = list(merged["distance"])
+        return DistantPremise(
+            **merged, num_filler=self.num_filler, num_keys=self.num_keys, num_values=self.num_values, heldout_buckets=self.heldout_buckets
+        )
 
     @property
     def chance(self) -> float:

@@ -51,6 +51,8 @@ example of this instance has ten facts (two closed chains of four nodes, two bra
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +92,11 @@ class LogicChains(SyntheticTask):
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
+        # The adjustable arguments as given (None stays None), so that a curriculum stage restores exactly this task.
+        self._given = {
+            "min_hops": min_hops, "max_hops": max_hops, "num_distractors": num_distractors, "num_chains": num_chains,
+            "chain_len": chain_len, "seq_len": seq_len, "supervise_every_hop": supervise_every_hop,
+        }
         if min_hops < 1 or max_hops < min_hops:
             raise ValueError(f"LogicChains: need 1 <= min_hops <= max_hops, got min_hops={min_hops}, max_hops={max_hops}")
         if not 0 <= num_distractors <= num_nodes * (num_nodes - 2):
@@ -113,6 +120,27 @@ class LogicChains(SyntheticTask):
         self._seq_len = self.min_seq_len if seq_len is None else seq_len
         self.supervise_every_hop = supervise_every_hop
         self._length_tell: dict[tuple[int, int], str] | None = None
+
+    #: constructor arguments :meth:`with_params` may change (length and difficulty, not the vocabulary)
+    adjustable = ("min_hops", "max_hops", "num_distractors", "num_chains", "chain_len", "seq_len", "supervise_every_hop")
+
+    def params(self) -> dict[str, Any]:
+        """The :attr:`adjustable` arguments as given to the constructor (None where the default was taken)."""
+        return dict(self._given)
+
+    def with_params(self, changes: Mapping[str, Any]) -> LogicChains:
+        """A copy of this task with some :attr:`adjustable` arguments changed (the curriculum hook).
+
+        A curriculum can start on one-hop queries over a few short chains, where a small model learns to look
+        an edge up, and move to longer proofs among more facts.
+
+        Raises:
+            ValueError: an argument is not adjustable, or the combination is invalid (as in the constructor).
+        """
+        unknown = sorted(set(changes) - set(self.adjustable))
+        if unknown:
+            raise ValueError(f"LogicChains: cannot change {', '.join(map(repr, unknown))} during training; adjustable: {', '.join(self.adjustable)}")
+        return LogicChains(num_nodes=self.num_nodes, heldout_buckets=self.heldout_buckets, **{**self._given, **changes})
 
     @property
     def chance(self) -> float:

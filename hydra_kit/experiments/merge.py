@@ -61,7 +61,9 @@ def merged_grid(
 
 
 # What must agree between the runs that --merge joins: how they were trained and evaluated.
-MERGE_SETTINGS = ("size", "steps", "batch_size", "eval_per_level", "recipe", "lr", "transformer_lr")
+MERGE_SETTINGS = ("size", "steps", "batch_size", "eval_per_level", "recipe", "lr", "transformer_lr", "curriculum")
+# Settings added later: a file written before them was trained with this value.
+MERGE_SETTING_DEFAULTS: dict[str, Any] = {"curriculum": []}
 
 
 def load_merged(
@@ -94,7 +96,7 @@ def load_merged(
             found = payload.get("experiment") if isinstance(payload, dict) else type(payload).__name__
             raise RecipeError(f"{where}: holds experiment {found!r}, not {name!r}")
         for key in MERGE_SETTINGS:
-            theirs, ours = payload.get("settings", {}).get(key), getattr(settings, key)
+            theirs, ours = payload.get("settings", {}).get(key, MERGE_SETTING_DEFAULTS.get(key)), getattr(settings, key)
             if theirs != ours:
                 raise RecipeError(f"{where}: trained with {key} = {theirs!r}, but this command has {key} = {ours!r}; merge only runs of the same settings")
         models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}

@@ -201,6 +201,8 @@ class TrainSettings:
     lr: float = 3e-3
     warmup_steps: int = 50
     accelerator: str = "cpu"
+    #: :class:`~hydra_kit.callbacks.Curriculum` stages (data changes by step), empty for one task throughout
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -215,9 +217,13 @@ class TrainedModel:
 def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings) -> TrainedModel:
     """Train ``spec`` on ``task``'s training split with Lightning (float32, no logger, no checkpoints).
 
-    The model is returned on the device it trained on (``settings.accelerator``), in eval mode.
+    With ``settings.curriculum`` the task changes at the stages' steps (:class:`~hydra_kit.callbacks.Curriculum`);
+    ``task`` is then the task of the last stage, the one evaluated. The model is returned on the device it
+    trained on (``settings.accelerator``), in eval mode.
     """
     import lightning as L
+
+    from hydra_kit.callbacks.curriculum import Curriculum
 
     # One experiment trains many models: Lightning's per-Trainer banners (accelerator, tips) would bury the table.
     for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -238,6 +244,7 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[Curriculum(copy.deepcopy(settings.curriculum))] if settings.curriculum else None,
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -388,6 +395,8 @@ class Settings:
     transformer_lr: float = 1e-3
     first_seed: int = 0
     merge: list[str] = field(default_factory=list)
+    #: training stages set by the experiment (see :attr:`TrainSettings.curriculum`), recorded in its JSON
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -455,7 +464,7 @@ def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, di
 def train_settings(settings: Settings, spec: ModelSpec | None = None) -> TrainSettings:
     """How ``spec`` trains: the experiment's settings, with the model's own learning rate where it has one."""
     lr = spec.lr if spec is not None and spec.lr is not None else settings.lr
-    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=lr, accelerator=settings.accelerator)
+    return TrainSettings(steps=settings.steps, batch_size=settings.batch_size, lr=lr, accelerator=settings.accelerator, curriculum=settings.curriculum)
 
 
 def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, dict[str, int]]:

@@ -176,3 +176,19 @@ def test_longer_distance_test_set_is_disjoint_from_training():
 def test_bad_arguments_are_explained(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistantPremise(**kwargs)
+
+
+def test_curriculum_hook_shortens_the_task_and_restores_it_exactly():
+    task = DistantPremise(distance=[16, 32], num_values=16, num_questions=8)
+    easy = task.with_params({"distance": 4, "num_distractors": 3, "num_questions": 4, "region_len": 12})
+    assert easy.vocab_size == task.vocab_size and easy.seq_len == 4 + 12 - 3 + 2 * 4 < task.seq_len
+    example = easy.sample(0, "train", 0)
+    assert len(premises(easy, example.input_ids)) == 4 and (example.targets != IGNORE_INDEX).sum() == 4
+    # Restoring the arguments as given (None: the default for the others) rebuilds the very same task.
+    back = easy.with_params(task.params())
+    assert back.params() == task.params() and back.seq_len == task.seq_len and back.num_distractors == 15
+    assert np.array_equal(back.sample(3, "train", 7).input_ids, task.sample(3, "train", 7).input_ids)
+    with pytest.raises(ValueError, match=r"cannot change 'num_keys'.*adjustable: distance"):
+        task.with_params({"num_keys": 8})
+    with pytest.raises(ValueError, match="num_questions must be between 1 and the 4 premises"):
+        task.with_params({"num_distractors": 3})  # 8 questions about 4 premises

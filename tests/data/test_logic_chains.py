@@ -181,3 +181,19 @@ def test_supervise_every_hop_targets_each_prefix_and_keeps_the_inputs():
         assert b.targets[-1] == a.targets[-1]
         hops_seen.add(hops)
     assert hops_seen == {1, 2, 3, 4}
+
+
+def test_curriculum_hook_shortens_the_task_and_restores_it_exactly():
+    task = LogicChains(num_nodes=32, min_hops=1, max_hops=4, num_distractors=8, seq_len=130, supervise_every_hop=True)
+    easy = task.with_params({"max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None})
+    assert easy.vocab_size == task.vocab_size and easy.seq_len == 3 * 4 + 2 + 1
+    for i in range(20):  # one hop over two 2-node chains, answered by the one -> edge out of the start
+        example = easy.sample(0, "train", i)
+        assert example.meta["hops"] == 1 and easy.follow(example.input_ids) == example.targets[-1]
+    back = easy.with_params(task.params())
+    assert back.params() == task.params() and back.seq_len == 130 and back.chain_len == 16
+    assert np.array_equal(back.sample(3, "train", 7).targets, task.sample(3, "train", 7).targets)
+    with pytest.raises(ValueError, match=r"cannot change 'num_nodes'.*adjustable: min_hops"):
+        task.with_params({"num_nodes": 8})
+    with pytest.raises(ValueError, match="chain_len"):
+        task.with_params({"chain_len": 4})  # shorter than 2 * max_hops

@@ -27,13 +27,20 @@ p.add_argument("--eval", type=int, default=200, help="held-out examples per dist
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--distractors", type=int, default=None, help="distractor premises (default: every value stated once, 15)")
 p.add_argument("--questions", type=int, default=1, help="questions per example, each about a different premise")
+p.add_argument("--region-len", type=int, default=None, help="E4 premise region length (default: 4 tokens per premise)")
+p.add_argument(
+    "--easy-steps", type=int, nargs="*", default=[],
+    help="curriculum: steps on the easy task (E4: D 4, 4 premises back to back, 4 questions; E1: one hop, two 2-node chains, no branch), "
+    "then on a middle one if a second number is given (E4: 16 premises, D 4; E1: up to 2 hops, four 4-node chains, 4 branches), then the full task",
+)
+p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
 torch.set_num_threads(1)
 
 if a.task == "distant-premise":
-    distances, values = [16, 32, 64], 16  # the experiment's CPU defaults (every value stated once)
+    distances, values = a.distances, 16  # the experiment's CPU defaults: 16/32/64, every value stated once
     distractors = values - 1 if a.distractors is None else a.distractors
-    task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values, num_questions=a.questions)
+    task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values, num_questions=a.questions, region_len=a.region_len)
     levels, chance, level_key, shape = distances, 1 / values, "distance", f"{distractors} distractors, {a.questions} questions"
     examples = runner.eval_set(task, level_key, levels, a.eval)
 else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every HOP supervised), scored at 1..4 and 6, 8
@@ -65,9 +72,24 @@ L.seed_everything(a.seed, verbose=False)
 model = HydraLM(**dict(config, lr=a.lr, warmup_steps=50))
 data = SyntheticDataModule(task, batch_size=a.batch_size, train_size=a.steps * a.batch_size, val_size=a.batch_size, seed=a.seed)
 print(f"{a.task} calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {shape}, task length {task.seq_len}, chance {chance:.4f}", flush=True)
+callbacks: list[L.Callback] = [HeldOut()]
+if a.easy_steps:
+    from hydra_kit.callbacks import Curriculum
+
+    if a.task == "distant-premise":
+        easy = {"distance": 4, "num_distractors": 3, "num_questions": 4, "region_len": 12}
+        middle = {"distance": 4, "num_distractors": None, "num_questions": a.questions, "region_len": None}
+    else:
+        easy = {"max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None}
+        middle = {"max_hops": 2, "num_chains": 4, "chain_len": 4, "num_distractors": 4, "seq_len": None}
+    stages = [{"name": "easy", "at_step": 0, "data": easy}]
+    if len(a.easy_steps) > 1:
+        stages.append({"name": "middle", "at_step": a.easy_steps[0], "data": middle})
+    stages.append({"name": "full", "at_step": sum(a.easy_steps), "data": task.params()})
+    callbacks.append(Curriculum(stages))
 trainer = L.Trainer(
     accelerator="cpu", devices=1, max_steps=a.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    callbacks=[HeldOut()],
+    callbacks=callbacks,
 )
 trainer.fit(model, datamodule=data)
