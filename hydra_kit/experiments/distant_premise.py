@@ -8,7 +8,8 @@ every value is stated once per example (``num_values - 1`` distractors), so no v
 example asks ``--questions`` (default 8) different premises, each answer scored (with one question per
 example no model left chance on the CPU budget: ``docs/calibration/2026-12-05-distant-premise``).
 
-Training starts on a warm-up task (``--easy-steps``, default 40% of ``--steps`` on the CPU: 400 of 1,000): the same
+Training starts on a warm-up task (:mod:`hydra_kit.experiments.warmup`; ``--easy-steps``, default 40% of
+``--steps`` on the CPU: 400 of 1,000): the same
 vocabulary and format with 4 premises back to back and the questions 4 tokens after them, 21 tokens in all
 (:data:`EASY_TASK`), then switches to the task above (a :class:`~hydra_kit.callbacks.Curriculum` data
 stage). On the 141-token task alone the transformer stayed at chance for 4,000 CPU steps, with 8 questions,
@@ -45,7 +46,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import report, runner
+from hydra_kit.experiments import report, runner, warmup
 
 NAME = "distant_premise"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -68,17 +69,11 @@ def main(argv: list[str], console: Console) -> int:
     parser.add_argument("--distances", type=int, nargs="+", default=None, help="premise-to-question distances D (tokens)")
     parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example (default: every value stated once)")
     parser.add_argument("--questions", type=int, default=None, help="questions per example, each about a different premise (default 8, or every premise if fewer)")
-    parser.add_argument(
-        "--easy-steps", "--easy_steps", dest="easy_steps", type=int, default=None,
-        help="train the first N of --steps on a short, 4-premise version of the task, then on the task itself (default: 40%% of --steps on the CPU, 5%% at full size; 0: no warm-up task)",
-    )
+    warmup.add_argument(parser, "4 premises back to back, D = 4, 21 tokens; default 40%% of --steps on the CPU, 5%% at full size")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
     d = DEFAULTS[settings.size]
-    easy_steps = args.easy_steps if args.easy_steps is not None else int(d["easy_fraction"] * settings.steps)
-    if not 0 <= easy_steps < settings.steps:
-        raise runner.RecipeError(f"experiment distant-premise: --easy-steps must be at least 0 and below --steps ({settings.steps}), got {easy_steps}")
     distances = sorted(set(args.distances or d["distances"]))
     distractors = args.distractors if args.distractors is not None else d["distractors"]
     if distractors is None:
@@ -86,9 +81,8 @@ def main(argv: list[str], console: Console) -> int:
     num_keys, questions = max(32, distractors + 1), args.questions or min(d["questions"], distractors + 1)
     shape = {"num_distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "num_questions": questions}
     task = runner.build_task(DistantPremise, distance=distances, **shape)
-    if easy_steps:
-        easy = dict(EASY_TASK, num_questions=min(EASY_TASK["num_questions"], questions))
-        settings.curriculum = [{"name": "easy", "at_step": 0, "data": easy}, {"name": "distant premise", "at_step": easy_steps, "data": task.params()}]
+    easy_task = dict(EASY_TASK, num_questions=min(EASY_TASK["num_questions"], questions))
+    easy_steps = warmup.set_stages("distant-premise", settings, args.easy_steps, d["easy_fraction"], task, easy_task)
     console.print(
         f"[bold]E4 distant premise[/]: distances {distances}, {distractors} distractor premises in a region of {task.region_len} tokens, "
         f"{questions} questions per example, "
@@ -137,7 +131,7 @@ def main(argv: list[str], console: Console) -> int:
         """Summarise the seeds done so far and (re)write the CSV, JSON and PNG."""
         summary = report.with_baselines(report.summarise(records, ("model", "distance"), ("accuracy", "latency_ms", "peak_mem_mb")), baselines, "distance")
         extra = {
-            "task": {"easy_steps": easy_steps, "easy_task": settings.curriculum[0]["data"] if easy_steps else None, "distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "questions": questions, "seq_len": task.seq_len,
+            "task": {"easy_steps": easy_steps, "easy_task": easy_task if easy_steps else None, "distances": distances, "distractors": distractors, "num_keys": num_keys, "num_values": d["num_values"], "questions": questions, "seq_len": task.seq_len,
                      "region_len": task.region_len, "sga_window": window, "chance": task.chance},
             "baselines": baselines,
             "records": records,

@@ -31,13 +31,20 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import report, runner
+from hydra_kit.experiments import report, runner, warmup
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 300, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8},
-    "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "lr": 1e-3},
+    "cpu": {"steps": 300, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "easy_fraction": 0.4},
+    "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "lr": 1e-3, "easy_fraction": 0.05},
 }
+# The warm-up tasks (--easy-steps, :mod:`hydra_kit.experiments.warmup`), each for half of the warm-up steps:
+# one hop over two 2-node chains and no branch (4 facts, 15 tokens), then up to 2 hops over four 4-node chains
+# and 4 branches (20 facts, 64 tokens); then the task itself (40 facts, 130 tokens).
+EASY_TASKS = (
+    {"min_hops": 1, "max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None},
+    {"max_hops": 2, "num_chains": 4, "chain_len": 4, "num_distractors": 4},
+)
 
 
 def main(argv: list[str], console: Console) -> int:
@@ -50,6 +57,7 @@ def main(argv: list[str], console: Console) -> int:
     parser.add_argument("--distractors", type=int, default=None, help="branch facts (~>) per example, besides the closed chains")
     parser.add_argument("--train-hops", type=int, default=None, help="longest proof length in training")
     parser.add_argument("--test-hops", type=int, default=None, help="longest proof length evaluated")
+    warmup.add_argument(parser, "1 hop among 4 facts, then up to 2 among 20; default 40%% of --steps on the CPU, 5%% at full size")
     parser.add_argument("--last-hop-only", dest="every_hop", action="store_false", help="train on the last HOP's target only (default: every HOP's)")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
@@ -63,10 +71,12 @@ def main(argv: list[str], console: Console) -> int:
     test_task = runner.build_task(LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=test_hops, num_distractors=distractors)
     seq_len = test_task.seq_len
     train_task = runner.build_task(LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=train_hops, num_distractors=distractors, seq_len=seq_len, supervise_every_hop=args.every_hop)
+    easy_steps = warmup.set_stages("logic-chains", settings, args.easy_steps, d["easy_fraction"], train_task, *EASY_TASKS)
     levels = list(range(1, test_hops + 1))
     console.print(
         f"[bold]E1 logic chains[/]: train hops 1..{train_hops}, test hops 1..{test_hops}, {num_nodes} nodes, {distractors} distractors, "
-        f"length {seq_len}, training targets at {'every HOP' if args.every_hop else 'the last HOP'}; {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per hop count"
+        f"length {seq_len}, training targets at {'every HOP' if args.every_hop else 'the last HOP'}; {settings.seeds} seeds, {settings.steps} steps"
+        f"{f' (the first {easy_steps} on the warm-up tasks)' if easy_steps else ''}, {settings.eval_per_level} held-out examples per hop count"
     )
     examples = runner.eval_set(test_task, "hops", levels, settings.eval_per_level)
     # What a model trained on train_task could learn without following edges, scored on the same examples.
@@ -93,6 +103,7 @@ def main(argv: list[str], console: Console) -> int:
         summary = report.with_baselines(report.summarise(records, ("model", "hops"), ("accuracy",)), baselines, "hops")
         extra = {
             "task": {"num_nodes": num_nodes, "distractors": distractors, "num_chains": test_task.num_chains, "chain_len": test_task.chain_len,
+                     "easy_steps": easy_steps, "easy_tasks": list(EASY_TASKS) if easy_steps else None,
                      "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "supervise_every_hop": args.every_hop, "chance": test_task.chance},
             "baselines": baselines,
             "records": records,

@@ -4,7 +4,7 @@ The task, the model configs and the training (Lightning, warm-up then cosine ove
 float32) are those of `hydra-kit experiment distant-premise` (or, with --task logic-chains, `logic-chains`) at
 its CPU size; the only addition is a callback that scores --eval held-out examples per level every --every
 steps, so one run shows when (if) a model leaves chance.
-Usage: python calib.py transformer --steps 4000 --lr 1e-3 [--questions 8] [--task logic-chains]
+Usage: python calib.py transformer --steps 4000 --lr 1e-3 [--questions 8] [--task logic-chains|mqar] [--easy-steps 300 [300]]
 """
 import argparse
 import time
@@ -12,13 +12,13 @@ import time
 import lightning as L
 import torch
 
-from hydra_kit.data import DistantPremise, LogicChains, SyntheticDataModule
+from hydra_kit.data import MQAR, DistantPremise, LogicChains, SyntheticDataModule
 from hydra_kit.experiments import runner
 from hydra_kit.model import HydraLM
 
 p = argparse.ArgumentParser()
 p.add_argument("model", choices=["hydra", "transformer"])
-p.add_argument("--task", choices=["distant-premise", "logic-chains"], default="distant-premise")
+p.add_argument("--task", choices=["distant-premise", "logic-chains", "mqar"], default="distant-premise")
 p.add_argument("--steps", type=int, default=4000)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--batch-size", type=int, default=32)
@@ -31,7 +31,8 @@ p.add_argument("--region-len", type=int, default=None, help="E4 premise region l
 p.add_argument(
     "--easy-steps", type=int, nargs="*", default=[],
     help="curriculum: steps on the easy task (E4: D 4, 4 premises back to back, 4 questions; E1: one hop, two 2-node chains, no branch), "
-    "then on a middle one if a second number is given (E4: 16 premises, D 4; E1: up to 2 hops, four 4-node chains, 4 branches), then the full task",
+    "then on a middle one if a second number is given (E4: 16 premises, D 4; E1: up to 2 hops, four 4-node chains, 4 branches), then the full task "
+    "(E1 and E4 train on their first and, for E1, both warm-up tasks)",
 )
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
@@ -42,6 +43,11 @@ if a.task == "distant-premise":
     distractors = values - 1 if a.distractors is None else a.distractors
     task = DistantPremise(distance=distances, num_distractors=distractors, num_keys=max(32, distractors + 1), num_values=values, num_questions=a.questions, region_len=a.region_len)
     levels, chance, level_key, shape = distances, 1 / values, "distance", f"{distractors} distractors, {a.questions} questions"
+    examples = runner.eval_set(task, level_key, levels, a.eval)
+elif a.task == "mqar":  # the comparison: MQAR with as many pairs as E4 has premises (--distractors + 1), every key asked
+    pairs = 16 if a.distractors is None else a.distractors + 1
+    task = MQAR(num_pairs=pairs, num_queries=pairs, num_keys=32, num_values=32)
+    levels, chance, level_key, shape = [pairs], 1 / 32, "pairs", f"{pairs} pairs, every key asked"
     examples = runner.eval_set(task, level_key, levels, a.eval)
 else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every HOP supervised), scored at 1..4 and 6, 8
     distractors = 8 if a.distractors is None else a.distractors
@@ -76,12 +82,13 @@ callbacks: list[L.Callback] = [HeldOut()]
 if a.easy_steps:
     from hydra_kit.callbacks import Curriculum
 
-    if a.task == "distant-premise":
+    if a.task == "distant-premise":  # the experiment's warm-up task, then (second number) 16 premises at D 4
         easy = {"distance": 4, "num_distractors": 3, "num_questions": 4, "region_len": 12}
         middle = {"distance": 4, "num_distractors": None, "num_questions": a.questions, "region_len": None}
-    else:
-        easy = {"max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None}
-        middle = {"max_hops": 2, "num_chains": 4, "chain_len": 4, "num_distractors": 4, "seq_len": None}
+    else:  # the experiment's two warm-up tasks (hydra_kit/experiments/logic_chains.py)
+        from hydra_kit.experiments.logic_chains import EASY_TASKS
+
+        easy, middle = EASY_TASKS
     stages = [{"name": "easy", "at_step": 0, "data": easy}]
     if len(a.easy_steps) > 1:
         stages.append({"name": "middle", "at_step": a.easy_steps[0], "data": middle})
