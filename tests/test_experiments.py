@@ -240,3 +240,24 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pyt
     assert "--easy-steps must be at least 0 and below --steps (10), got 10" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--first-seed", "-1"]) == 2
     assert "--first-seed must be 0 or more" in capsys.readouterr().err
+
+
+def test_warmup_stages_split_the_easy_steps_and_restore_the_task() -> None:
+    from types import SimpleNamespace
+
+    from hydra_kit.data import LogicChains
+    from hydra_kit.experiments import warmup
+    from hydra_kit.experiments.logic_chains import EASY_TASKS
+    from hydra_kit.recipe import RecipeError
+
+    task = LogicChains(num_nodes=32, max_hops=4, seq_len=130, supervise_every_hop=True)
+    settings = SimpleNamespace(steps=1000, curriculum=[])
+    assert warmup.set_stages("logic-chains", settings, None, 0.4, task, *EASY_TASKS) == 400
+    assert [(s["name"], s["at_step"]) for s in settings.curriculum] == [("easy 1", 0), ("easy 2", 200), ("logic chains", 400)]
+    assert settings.curriculum[-1]["data"] == task.params()
+    assert warmup.set_stages("logic-chains", settings, 0, 0.4, task, *EASY_TASKS) == 0 and settings.curriculum == []
+    with pytest.raises(RecipeError, match="--easy-steps must be at least 0 and below --steps"):
+        warmup.set_stages("logic-chains", settings, 1000, 0.4, task, *EASY_TASKS)
+    # The stages are cumulative, and each is checked as it will be in force: 8 hops need chains of 16 nodes.
+    with pytest.raises(RecipeError, match=r"warm-up task \{'max_hops': 8, 'chain_len': 4\} is not valid.*chain_len"):
+        warmup.set_stages("logic-chains", settings, 10, 0.4, task, {"max_hops": 8}, {"chain_len": 4})
