@@ -23,6 +23,16 @@ checks each stays near chance):
 * branches use another relation token ``~>`` (think "is not"), so a model that ignores the relation takes a
   wrong turn; ``->`` stays *functional* (each node has one outgoing ``->`` edge), so the answer is unique.
 
+With ``num_queries`` Q > 1 (for training) the facts are followed by Q queries, each from another start node and
+with its own proof length; each query is scored like the single one (its last ``HOP``, or every ``HOP``). One
+forward pass over the ~130-token prompt then yields Q answers instead of one, as MQAR asks many keys of one
+context: on the CPU a small transformer did not learn E1's task with one query per example in 1,000 steps
+(``docs/calibration/2026-12-05-distant-premise``). The first query is the one a single-query example would
+have, right after the facts, so held-out evaluation (Q = 1) asks the question training asked first. Starts
+are distinct nodes drawn at random from the chains; a later query names only its start, never an answer.
+Examples are split (train / held-out) by a hash of their facts alone, so a held-out prompt is never trained
+on under other questions or another number of them.
+
 With ``supervise_every_hop`` (for training) every ``HOP`` carries a target: the ``i``-th ``HOP`` the node ``i``
 hops from ``start``. The input is unchanged and a prefix of a query is a query (``QUERY start HOP HOP`` asks
 two hops whatever follows), so this is the same task with ``L`` answers per example instead of one; the
@@ -76,6 +86,8 @@ class LogicChains(SyntheticTask):
             Give the training and the length-generalisation instance the same value.
         supervise_every_hop: a target at every ``HOP`` (the node reached so far), not only at the last; the
             inputs, and so the held-out split, are the same either way.
+        num_queries: queries after the facts, each from a distinct start node (at most num_chains * chain_len)
+            with its own proof length drawn in min_hops..max_hops.
         heldout_buckets: see :class:`SyntheticTask`.
     """
 
@@ -89,13 +101,14 @@ class LogicChains(SyntheticTask):
         chain_len: int | None = None,
         seq_len: int | None = None,
         supervise_every_hop: bool = False,
+        num_queries: int = 1,
         heldout_buckets: int = 10,
     ) -> None:
         super().__init__(heldout_buckets)
         # The adjustable arguments as given (None stays None), so that a curriculum stage restores exactly this task.
         self._given = {
             "min_hops": min_hops, "max_hops": max_hops, "num_distractors": num_distractors, "num_chains": num_chains,
-            "chain_len": chain_len, "seq_len": seq_len, "supervise_every_hop": supervise_every_hop,
+            "chain_len": chain_len, "seq_len": seq_len, "supervise_every_hop": supervise_every_hop, "num_queries": num_queries,
         }
         if min_hops < 1 or max_hops < min_hops:
             raise ValueError(f"LogicChains: need 1 <= min_hops <= max_hops, got min_hops={min_hops}, max_hops={max_hops}")
@@ -110,19 +123,25 @@ class LogicChains(SyntheticTask):
                 f"chain_len={chain_len}, num_chains={num_chains}, num_nodes={num_nodes} (num_nodes >= {2 * max_hops * num_chains} would do)"
             )
         self.num_nodes, self.min_hops, self.max_hops = num_nodes, min_hops, max_hops
+        if not 1 <= num_queries <= num_chains * chain_len:
+            raise ValueError(f"LogicChains: num_queries must lie in 1..num_chains * chain_len = {num_chains * chain_len} (one per start node), got {num_queries}")
         self.num_distractors, self.num_chains, self.chain_len = num_distractors, num_chains, chain_len
+        self.num_queries = num_queries
         self.pad, self.rel, self.nrel = 0, num_nodes + 1, num_nodes + 2
         self.query, self.hop = num_nodes + 3, num_nodes + 4
         self.num_facts = num_chains * chain_len + num_distractors
-        self.min_seq_len = 3 * self.num_facts + 2 + max_hops
+        self.min_seq_len = 3 * self.num_facts + num_queries * (2 + max_hops)
         if seq_len is not None and seq_len < self.min_seq_len:
-            raise ValueError(f"LogicChains: seq_len={seq_len} cannot hold {self.num_facts} facts and max_hops={max_hops}; it needs at least {self.min_seq_len}")
+            raise ValueError(
+                f"LogicChains: seq_len={seq_len} cannot hold {self.num_facts} facts and {num_queries} quer{'y' if num_queries == 1 else 'ies'} of up to "
+                f"max_hops={max_hops}; it needs at least {self.min_seq_len}"
+            )
         self._seq_len = self.min_seq_len if seq_len is None else seq_len
         self.supervise_every_hop = supervise_every_hop
         self._length_tell: dict[tuple[int, int], str] | None = None
 
     #: constructor arguments :meth:`with_params` may change (length and difficulty, not the vocabulary)
-    adjustable = ("min_hops", "max_hops", "num_distractors", "num_chains", "chain_len", "seq_len", "supervise_every_hop")
+    adjustable = ("min_hops", "max_hops", "num_distractors", "num_chains", "chain_len", "seq_len", "supervise_every_hop", "num_queries")
 
     def params(self) -> dict[str, Any]:
         """The :attr:`adjustable` arguments as given to the constructor (None where the default was taken)."""
@@ -167,27 +186,48 @@ class LogicChains(SyntheticTask):
             if successor.get(source) != target and (source, self.nrel, target) not in seen:
                 seen.add((source, self.nrel, target))
                 facts.append((source, self.nrel, target))
-        # Chain 0, at node 0, is as random as any chain and node: the order above is a random permutation.
-        start = int(chains[0, 0])
         shuffled = np.asarray(facts, dtype=np.int64)[rng.permutation(len(facts))].reshape(-1)
-        query = np.array([self.query, start] + [self.hop] * hops, dtype=np.int64)
-        body = np.concatenate([shuffled, query])
-        input_ids = np.concatenate([np.full(self._seq_len - len(body), self.pad, dtype=np.int64), body])
+        # Chain 0, at node 0, is as random as any chain and node: the order above is a random permutation.
+        # Further queries start at other nodes (flat index chain * chain_len + position), drawn after the
+        # facts so that a one-query example is the same whatever num_queries other instances use.
+        starts, lengths = [0], [hops]
+        if self.num_queries > 1:
+            starts += (1 + rng.choice(self.num_chains * self.chain_len - 1, size=self.num_queries - 1, replace=False)).tolist()
+            lengths += rng.integers(self.min_hops, self.max_hops + 1, size=self.num_queries - 1).tolist()
+        parts, answers = [shuffled], []
+        for flat, length in zip(starts, lengths, strict=True):
+            chain, at = divmod(int(flat), self.chain_len)
+            parts.append(np.array([self.query, chains[chain, at]] + [self.hop] * length, dtype=np.int64))
+            # the node 1..length hops on, one per HOP: the query's targets
+            answers.append(chains[chain, (at + np.arange(1, length + 1)) % self.chain_len])
+        body = np.concatenate(parts)
+        pad = self._seq_len - len(body)
+        input_ids = np.concatenate([np.full(pad, self.pad, dtype=np.int64), body])
         targets = np.full(self._seq_len, IGNORE_INDEX, dtype=np.int64)
-        if self.supervise_every_hop:
-            targets[len(targets) - hops :] = chains[0, 1 : hops + 1]
-        else:
-            targets[-1] = chains[0, hops]
+        end = pad + len(shuffled)
+        for part, answer in zip(parts[1:], answers, strict=True):
+            end += len(part)
+            if self.supervise_every_hop:
+                targets[end - len(answer) : end] = answer
+            else:
+                targets[end - 1] = answer[-1]
         return Example(input_ids, targets, {"hops": hops, "distractors": self.num_distractors})
 
+    def split_tokens(self, example: Example) -> np.ndarray:
+        """The facts alone (no padding, no query): a held-out prompt is held out under every question about it."""
+        ids = example.input_ids
+        facts = ids[: int(np.flatnonzero(ids == self.query)[0])]
+        return facts[facts != self.pad]
+
     def _parse(self, input_ids: np.ndarray) -> tuple[np.ndarray, int, int]:
-        """(facts (F, 3), start, hops) of an input that ends with its query."""
-        query_at = int(np.flatnonzero(input_ids == self.query)[-1])
-        facts = input_ids[:query_at]
+        """(facts (F, 3), start, hops so far) of the last query of an input that ends inside a query."""
+        queries = np.flatnonzero(input_ids == self.query)
+        facts = input_ids[: int(queries[0])]
+        query_at = int(queries[-1])
         return facts[facts != self.pad].reshape(-1, 3), int(input_ids[query_at + 1]), int((input_ids[query_at:] == self.hop).sum())
 
     def follow(self, input_ids: np.ndarray) -> int:
-        """Solve an example from its input alone (the oracle tests use): follow ``->`` from the start, L hops."""
+        """Solve an example from its input alone (the oracle tests use): follow ``->`` from the last query's start, L hops."""
         facts, node, hops = self._parse(input_ids)
         step = {int(a): int(b) for a, r, b in facts if r == self.rel}
         for _ in range(hops):

@@ -2,7 +2,7 @@
 
 A task generates one example from a ``numpy.random.Generator``. :meth:`SyntheticTask.sample` derives that
 generator from (seed, split, index), so example ``i`` of a split is the same in every process, epoch and
-resumed run, and assigns every possible example to exactly one split by a stable hash of its input tokens:
+resumed run, and assigns every possible example to exactly one split by a stable hash of its input tokens (or of its prompt):
 a held-out example can never appear in training, even by chance.
 """
 
@@ -65,9 +65,17 @@ class SyntheticTask(abc.ABC):
     def generate(self, rng: np.random.Generator) -> Example:
         """Draw one example (either split) from ``rng``."""
 
+    def split_tokens(self, example: Example) -> np.ndarray:
+        """The tokens that decide an example's split: all its input tokens unless a task says otherwise.
+
+        A task whose examples share a prompt under different questions hashes the prompt alone, so that a
+        held-out prompt is never trained on under another question (see :class:`~hydra_kit.data.LogicChains`).
+        """
+        return example.input_ids
+
     def is_heldout(self, example: Example) -> bool:
-        """Whether the example belongs to the held-out split (a stable hash of its input tokens)."""
-        digest = hashlib.blake2b(np.ascontiguousarray(example.input_ids, dtype=np.int64).tobytes(), digest_size=8).digest()
+        """Whether the example belongs to the held-out split (a stable hash of :meth:`split_tokens`)."""
+        digest = hashlib.blake2b(np.ascontiguousarray(self.split_tokens(example), dtype=np.int64).tobytes(), digest_size=8).digest()
         return int.from_bytes(digest, "little") % self.heldout_buckets == 0
 
     def sample(self, seed: int, split: str, index: int) -> Example:

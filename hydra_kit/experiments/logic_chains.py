@@ -2,10 +2,12 @@
 
 Every model is trained on :class:`~hydra_kit.data.LogicChains` with proof lengths 1..``--train-hops`` (default
 4) and evaluated on held-out chains of 1..``--test-hops`` (default 8) hops, built with the same node
-vocabulary, chains, branches and sequence length (the same prompts; only the query differs), so hops 5..8
-measure length generalisation. Training supervises every ``HOP`` of a query (the ``i``-th ``HOP``'s target is
-the node ``i`` hops on, never in the input; ``--last-hop-only`` trains on the last as the paper's task
-states it); evaluation scores the last ``HOP`` only. Compared: Hydra, Hydra without its workspace memory (the recipe's
+vocabulary, chains and branches (the same prompts; only the query differs), so hops 5..8 measure length
+generalisation. A training example asks ``--queries`` questions of its facts (default 8, each from another
+start node with its own length; the first is the one a held-out example asks), a held-out example one.
+Training supervises every ``HOP`` of a query (the ``i``-th ``HOP``'s target is the node ``i`` hops on, never
+in the input; ``--last-hop-only`` trains on the last as the paper's task states it); evaluation scores the
+last ``HOP`` only. Compared: Hydra, Hydra without its workspace memory (the recipe's
 ``workspace`` instance removed) and a dense transformer with Hydra's total parameter count (within 5 percent).
 
 Beside every model the table prints, per proof length, chance (1 / num_nodes) and the best no-skill
@@ -35,15 +37,15 @@ from hydra_kit.experiments import report, runner, warmup
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 300, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "easy_fraction": 0.4},
-    "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "lr": 1e-3, "easy_fraction": 0.05},
+    "cpu": {"steps": 300, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "queries": 8, "easy_fraction": 0.4},
+    "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "queries": 8, "lr": 1e-3, "easy_fraction": 0.05},
 }
 # The warm-up tasks (--easy-steps, :mod:`hydra_kit.experiments.warmup`), each for half of the warm-up steps:
-# one hop over two 2-node chains and no branch (4 facts, 15 tokens), then up to 2 hops over four 4-node chains
-# and 4 branches (20 facts, 64 tokens); then the task itself (40 facts, 130 tokens).
+# one hop over two 2-node chains and no branch, every node asked (4 facts, 4 queries, 24 tokens), then up to 2
+# hops over four 4-node chains and 4 branches (20 facts, 8 queries, 92 tokens); then the task itself.
 EASY_TASKS = (
-    {"min_hops": 1, "max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None},
-    {"max_hops": 2, "num_chains": 4, "chain_len": 4, "num_distractors": 4},
+    {"min_hops": 1, "max_hops": 1, "num_chains": 2, "chain_len": 2, "num_distractors": 0, "seq_len": None, "num_queries": 4},
+    {"max_hops": 2, "num_chains": 4, "chain_len": 4, "num_distractors": 4, "num_queries": 8},
 )
 
 
@@ -57,6 +59,7 @@ def main(argv: list[str], console: Console) -> int:
     parser.add_argument("--distractors", type=int, default=None, help="branch facts (~>) per example, besides the closed chains")
     parser.add_argument("--train-hops", type=int, default=None, help="longest proof length in training")
     parser.add_argument("--test-hops", type=int, default=None, help="longest proof length evaluated")
+    parser.add_argument("--queries", type=int, default=None, help="questions per training example, each from another start node (held-out examples ask one)")
     warmup.add_argument(parser, "1 hop among 4 facts, then up to 2 among 20; default 40%% of --steps on the CPU, 5%% at full size")
     parser.add_argument("--last-hop-only", dest="every_hop", action="store_false", help="train on the last HOP's target only (default: every HOP's)")
     args = parser.parse_args(argv)
@@ -67,15 +70,18 @@ def main(argv: list[str], console: Console) -> int:
     train_hops, test_hops = args.train_hops or d["train_hops"], args.test_hops or d["test_hops"]
     if test_hops < train_hops:
         raise runner.RecipeError(f"experiment logic-chains: --test-hops ({test_hops}) must be at least --train-hops ({train_hops})")
-    # The test instance fixes the length; the training instance shares it, so both have one token layout.
+    queries = args.queries or d["queries"]
+    # The same facts either way (one prompt distribution, split by a hash of the facts); training asks more of them.
     test_task = runner.build_task(LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=test_hops, num_distractors=distractors)
     seq_len = test_task.seq_len
-    train_task = runner.build_task(LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=train_hops, num_distractors=distractors, seq_len=seq_len, supervise_every_hop=args.every_hop)
+    train_task = runner.build_task(
+        LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=train_hops, num_distractors=distractors, supervise_every_hop=args.every_hop, num_queries=queries
+    )
     easy_steps = warmup.set_stages("logic-chains", settings, args.easy_steps, d["easy_fraction"], train_task, *EASY_TASKS)
     levels = list(range(1, test_hops + 1))
     console.print(
         f"[bold]E1 logic chains[/]: train hops 1..{train_hops}, test hops 1..{test_hops}, {num_nodes} nodes, {distractors} distractors, "
-        f"length {seq_len}, training targets at {'every HOP' if args.every_hop else 'the last HOP'}; {settings.seeds} seeds, {settings.steps} steps"
+        f"length {seq_len} ({train_task.seq_len} with {queries} queries in training), training targets at {'every HOP' if args.every_hop else 'the last HOP'}; {settings.seeds} seeds, {settings.steps} steps"
         f"{f' (the first {easy_steps} on the warm-up tasks)' if easy_steps else ''}, {settings.eval_per_level} held-out examples per hop count"
     )
     examples = runner.eval_set(test_task, "hops", levels, settings.eval_per_level)
@@ -104,7 +110,8 @@ def main(argv: list[str], console: Console) -> int:
         extra = {
             "task": {"num_nodes": num_nodes, "distractors": distractors, "num_chains": test_task.num_chains, "chain_len": test_task.chain_len,
                      "easy_steps": easy_steps, "easy_tasks": list(EASY_TASKS) if easy_steps else None,
-                     "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "supervise_every_hop": args.every_hop, "chance": test_task.chance},
+                     "train_hops": train_hops, "test_hops": test_hops, "seq_len": seq_len, "train_seq_len": train_task.seq_len, "queries": queries,
+                     "supervise_every_hop": args.every_hop, "chance": test_task.chance},
             "baselines": baselines,
             "records": records,
             "runs": runs,

@@ -11,7 +11,8 @@ EXAMPLE_TARGETS = [IGNORE_INDEX] * 33 + [4]
 
 
 def facts_of(task: LogicChains, ids: np.ndarray) -> np.ndarray:
-    query_at = int(np.flatnonzero(ids == task.query)[-1])
+    """(F, 3): the facts before the first query."""
+    query_at = int(np.flatnonzero(ids == task.query)[0])
     body = ids[:query_at]
     return body[body != task.pad].reshape(-1, 3)
 
@@ -197,3 +198,38 @@ def test_curriculum_hook_shortens_the_task_and_restores_it_exactly():
         task.with_params({"num_nodes": 8})
     with pytest.raises(ValueError, match="chain_len"):
         task.with_params({"chain_len": 4})  # shorter than 2 * max_hops
+
+
+def test_several_queries_share_the_facts_and_the_first_is_the_single_query():
+    single = LogicChains(num_nodes=16, max_hops=3, num_distractors=4, supervise_every_hop=True)
+    multi = LogicChains(num_nodes=16, max_hops=3, num_distractors=4, supervise_every_hop=True, num_queries=5)
+    assert multi.seq_len == 3 * (16 + 4) + 5 * (2 + 3)
+    for i in range(40):
+        one, many = single.generate(np.random.default_rng(i)), multi.generate(np.random.default_rng(i))
+        body = one.input_ids[one.input_ids != single.pad]
+        # the same facts, then the single query first; a one-query example does not depend on num_queries
+        assert np.array_equal(many.input_ids[many.input_ids != multi.pad][: len(body)], body)
+        first_answers = one.targets[one.targets != IGNORE_INDEX]
+        answers = many.targets[many.targets != IGNORE_INDEX]
+        assert np.array_equal(answers[: len(first_answers)], first_answers)
+        queries = np.flatnonzero(many.input_ids == multi.query)
+        assert len(queries) == 5
+        starts = many.input_ids[queries + 1]
+        assert len(set(starts.tolist())) == 5  # distinct start nodes
+        answered = np.flatnonzero(many.targets != IGNORE_INDEX)
+        assert (many.input_ids[answered] == multi.hop).all() and len(answered) == (many.input_ids == multi.hop).sum()
+        for t in answered:  # every HOP of every query: the node reached from that query's start so far
+            assert many.targets[t] == multi.follow(many.input_ids[: t + 1])
+    last_only = LogicChains(num_nodes=16, max_hops=3, num_distractors=4, num_queries=5).generate(np.random.default_rng(0))
+    assert (last_only.targets != IGNORE_INDEX).sum() == 5  # one answer per query, at its last HOP
+    with pytest.raises(ValueError, match=r"num_queries must lie in 1..num_chains \* chain_len = 16"):
+        LogicChains(num_nodes=16, max_hops=3, num_queries=17)
+
+
+def test_the_split_hashes_the_facts_so_held_out_prompts_are_never_trained_on():
+    # 72 possible fact lists: with a hash of the whole input, most would be trained on under some queries
+    single = LogicChains(num_nodes=4, min_hops=1, max_hops=1, num_distractors=0)
+    multi = single.with_params({"num_queries": 4})
+    trained = {facts_of(multi, multi.sample(0, "train", i).input_ids).tobytes() for i in range(2000)}
+    held_out = {facts_of(single, single.sample(0, "val", i).input_ids).tobytes() for i in range(200)}
+    assert len(trained) > 40 and held_out and not trained & held_out

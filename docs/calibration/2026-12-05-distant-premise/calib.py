@@ -26,7 +26,7 @@ p.add_argument("--every", type=int, default=250)
 p.add_argument("--eval", type=int, default=200, help="held-out examples per distance at each check")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--distractors", type=int, default=None, help="distractor premises (default: every value stated once, 15)")
-p.add_argument("--questions", type=int, default=1, help="questions per example, each about a different premise")
+p.add_argument("--questions", type=int, default=1, help="questions per example, each about a different premise (E1: queries per training example)")
 p.add_argument("--region-len", type=int, default=None, help="E4 premise region length (default: 4 tokens per premise)")
 p.add_argument(
     "--easy-steps", type=int, nargs="*", default=[],
@@ -52,8 +52,9 @@ elif a.task == "mqar":  # the comparison: MQAR with as many pairs as E4 has prem
 else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every HOP supervised), scored at 1..4 and 6, 8
     distractors = 8 if a.distractors is None else a.distractors
     test_task = LogicChains(num_nodes=32, min_hops=1, max_hops=8, num_distractors=distractors)
-    task = LogicChains(num_nodes=32, min_hops=1, max_hops=4, num_distractors=distractors, seq_len=test_task.seq_len, supervise_every_hop=True)
-    levels, chance, level_key, shape = [1, 2, 3, 4, 6, 8], 1 / 32, "hops", f"{distractors} branches, every HOP supervised"
+    task = LogicChains(num_nodes=32, min_hops=1, max_hops=4, num_distractors=distractors, supervise_every_hop=True, num_queries=a.questions,
+                       seq_len=test_task.seq_len if a.questions == 1 else None)
+    levels, chance, level_key, shape = [1, 2, 3, 4, 6, 8], 1 / 32, "hops", f"{distractors} branches, every HOP supervised, {a.questions} queries per training example"
     examples = runner.eval_set(test_task, level_key, levels, a.eval)
 hydra = runner.hydra_config("cpu", task.vocab_size)
 config = hydra if a.model == "hydra" else runner.dense_transformer(hydra)[0]
