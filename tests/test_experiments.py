@@ -237,7 +237,7 @@ def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pyt
     assert main(["experiment", "distant-premise", *TINY, *CASES["distant-premise"][0], "--easy-steps", "0", "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "warm")]) == 2
     assert "trained with curriculum = [{'name': 'easy'" in capsys.readouterr().err
     assert main(["experiment", "distant-premise", "--steps", "10", "--easy-steps", "10"]) == 2
-    assert "--easy-steps must be at least 0 and below --steps (10), got 10" in capsys.readouterr().err
+    assert "--easy-steps must be at least 0 and below --steps (10) in all, got 10" in capsys.readouterr().err
     assert main(["experiment", "mqar", "--first-seed", "-1"]) == 2
     assert "--first-seed must be 0 or more" in capsys.readouterr().err
 
@@ -258,6 +258,13 @@ def test_warmup_stages_split_the_easy_steps_and_restore_the_task() -> None:
     assert warmup.set_stages("logic-chains", settings, 0, 0.4, task, *EASY_TASKS) == 0 and settings.curriculum == []
     with pytest.raises(RecipeError, match="--easy-steps must be at least 0 and below --steps"):
         warmup.set_stages("logic-chains", settings, 1000, 0.4, task, *EASY_TASKS)
+    # one count per stage: the stages start at the running sums
+    assert warmup.set_stages("logic-chains", settings, [300, 100], 0.4, task, *EASY_TASKS) == 400
+    assert [(s["name"], s["at_step"]) for s in settings.curriculum] == [("easy 1", 0), ("easy 2", 300), ("logic chains", 400)]
+    with pytest.raises(RecipeError, match=r"below --steps \(1000\) in all, got 900 \+ 100"):
+        warmup.set_stages("logic-chains", settings, [900, 100], 0.4, task, *EASY_TASKS)
+    with pytest.raises(RecipeError, match="takes one number .* or 2, one per task; got 3"):
+        warmup.set_stages("logic-chains", settings, [1, 2, 3], 0.4, task, *EASY_TASKS)
     # The stages are cumulative, and each is checked as it will be in force: 8 hops need chains of 16 nodes.
     with pytest.raises(RecipeError, match=r"warm-up task \{'max_hops': 8, 'chain_len': 4\} is not valid.*chain_len"):
         warmup.set_stages("logic-chains", settings, 10, 0.4, task, {"max_hops": 8}, {"chain_len": 4})

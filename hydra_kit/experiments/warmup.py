@@ -14,6 +14,7 @@ and every model is evaluated on the experiment's own task only.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from hydra_kit.data.task import SyntheticTask
@@ -21,21 +22,23 @@ from hydra_kit.recipe import RecipeError
 
 
 def add_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--easy-steps N``: the number of training steps on the warm-up task (``what`` describes it)."""
+    """``--easy-steps N [M ...]``: training steps on the warm-up task(s) (``what`` describes them)."""
     parser.add_argument(
-        "--easy-steps", "--easy_steps", dest="easy_steps", type=int, default=None,
-        help=f"train the first N of --steps on a warm-up task ({what}), then on the task itself (default: the size's share of --steps; 0: none)",
+        "--easy-steps", "--easy_steps", dest="easy_steps", type=int, nargs="+", default=None, metavar="N",
+        help=f"train the first N of --steps on the warm-up task(s) ({what}), split evenly, or give one number per warm-up task; "
+        "then the task itself (default: the size's share of --steps; 0: none)",
     )
 
 
-def set_stages(name: str, settings: Any, easy_steps: int | None, fraction: float, task: SyntheticTask, *stages: dict[str, Any]) -> int:
-    """Put the warm-up stages in ``settings.curriculum``: each of ``stages`` (changes of ``task``'s arguments) for an
-    equal share of the warm-up steps, then ``task`` itself.
+def set_stages(name: str, settings: Any, easy_steps: int | Sequence[int] | None, fraction: float, task: SyntheticTask, *stages: dict[str, Any]) -> int:
+    """Put the warm-up stages in ``settings.curriculum``: each of ``stages`` (changes of ``task``'s arguments) for its
+    share of the warm-up steps, then ``task`` itself.
 
     Args:
         name: the experiment's command name, for errors.
         settings: the experiment's resolved settings (``steps`` is read, ``curriculum`` set).
-        easy_steps: ``--easy-steps``; None takes ``fraction`` of ``settings.steps``.
+        easy_steps: ``--easy-steps``: the warm-up steps, split evenly over the stages, or one count per stage;
+            None takes ``fraction`` of ``settings.steps``.
         fraction: the default share of the steps spent on the warm-up task.
         task: the experiment's training task; its :meth:`params` restore it after the warm-up.
         stages: the warm-up tasks as argument changes of ``task``, easiest first.
@@ -44,11 +47,17 @@ def set_stages(name: str, settings: Any, easy_steps: int | None, fraction: float
         The number of warm-up steps (0: none, and no curriculum).
 
     Raises:
-        RecipeError: ``--easy-steps`` is negative or not below ``--steps``, or a stage is not a valid task.
+        RecipeError: ``--easy-steps`` is negative, not below ``--steps`` in all, gives neither one count nor one per
+            stage, or a stage is not a valid task.
     """
-    steps = int(fraction * settings.steps) if easy_steps is None else easy_steps
-    if not 0 <= steps < settings.steps:
-        raise RecipeError(f"experiment {name}: --easy-steps must be at least 0 and below --steps ({settings.steps}), got {steps}")
+    counts = [int(fraction * settings.steps)] if easy_steps is None else [easy_steps] if isinstance(easy_steps, int) else list(easy_steps)
+    if len(counts) not in (1, len(stages)):
+        raise RecipeError(f"experiment {name}: --easy-steps takes one number (split evenly over the {len(stages)} warm-up tasks) or {len(stages)}, one per task; got {len(counts)}")
+    steps = sum(counts)
+    if min(counts) < 0 or steps >= settings.steps:
+        raise RecipeError(f"experiment {name}: --easy-steps must be at least 0 and below --steps ({settings.steps}) in all, got {' + '.join(map(str, counts))}")
+    # where each stage starts: an even split of one count, or the running sum of one count per stage
+    starts = [steps * i // len(stages) for i in range(len(stages))] if len(counts) == 1 else [sum(counts[:i]) for i in range(len(stages))]
     if not steps:
         settings.curriculum = []
         return 0
@@ -61,7 +70,7 @@ def set_stages(name: str, settings: Any, easy_steps: int | None, fraction: float
         except ValueError as exc:
             raise RecipeError(f"experiment {name}: the warm-up task {in_force} is not valid with these options: {exc}") from None
         label = "easy" if len(stages) == 1 else f"easy {i + 1}"
-        curriculum.append({"name": label, "at_step": steps * i // len(stages), "data": dict(changes)})
+        curriculum.append({"name": label, "at_step": starts[i], "data": dict(changes)})
     curriculum.append({"name": name.replace("-", " "), "at_step": steps, "data": task.params()})  # type: ignore[attr-defined]
     settings.curriculum = curriculum
     return steps
