@@ -263,7 +263,7 @@ def test_warmup_stages_split_the_easy_steps_and_restore_the_task() -> None:
     assert [(s["name"], s["at_step"]) for s in settings.curriculum] == [("easy 1", 0), ("easy 2", 300), ("logic chains", 400)]
     with pytest.raises(RecipeError, match=r"below --steps \(1000\) in all, got 900 \+ 100"):
         warmup.set_stages("logic-chains", settings, [900, 100], 0.4, task, *EASY_TASKS)
-    with pytest.raises(RecipeError, match="takes one number .* or 2, one per task; got 3"):
+    with pytest.raises(RecipeError, match=r"takes one number .* or 2, one per task; got 3"):
         warmup.set_stages("logic-chains", settings, [1, 2, 3], 0.4, task, *EASY_TASKS)
     # The stages are cumulative, and each is checked as it will be in force: 8 hops need chains of 16 nodes.
     with pytest.raises(RecipeError, match=r"warm-up task \{'max_hops': 8, 'chain_len': 4\} is not valid.*chain_len"):
