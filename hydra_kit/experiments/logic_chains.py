@@ -37,10 +37,11 @@ from hydra_kit.experiments import report, runner, warmup
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 300, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "queries": 8, "easy_fraction": 0.4},
+    "cpu": {"steps": 3500, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "queries": 8, "easy_steps": [1500, 500], "easy_fraction": 0.4},
     "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "queries": 8, "lr": 1e-3, "easy_fraction": 0.05},
 }
-# The warm-up tasks (--easy-steps, :mod:`hydra_kit.experiments.warmup`), each for half of the warm-up steps:
+# The warm-up tasks (--easy-steps, :mod:`hydra_kit.experiments.warmup`; on the CPU 1,500 and 500 steps, where the
+# calibration in docs/calibration/2026-12-05-distant-premise saw both models answer one hop of the full task):
 # one hop over two 2-node chains and no branch, every node asked (4 facts, 4 queries, 24 tokens), then up to 2
 # hops over four 4-node chains and 4 branches (20 facts, 8 queries, 92 tokens); then the task itself.
 EASY_TASKS = (
@@ -60,7 +61,7 @@ def main(argv: list[str], console: Console) -> int:
     parser.add_argument("--train-hops", type=int, default=None, help="longest proof length in training")
     parser.add_argument("--test-hops", type=int, default=None, help="longest proof length evaluated")
     parser.add_argument("--queries", type=int, default=None, help="questions per training example, each from another start node (held-out examples ask one)")
-    warmup.add_argument(parser, "1 hop among 4 facts, then up to 2 among 20; default 40%% of --steps on the CPU, 5%% at full size")
+    warmup.add_argument(parser, "1 hop among 4 facts, then up to 2 among 20; default 1500 500 on the CPU, 5%% of --steps at full size")
     parser.add_argument("--last-hop-only", dest="every_hop", action="store_false", help="train on the last HOP's target only (default: every HOP's)")
     args = parser.parse_args(argv)
     settings = runner.resolve_settings(args, NAME, DEFAULTS)
@@ -77,7 +78,10 @@ def main(argv: list[str], console: Console) -> int:
     train_task = runner.build_task(
         LogicChains, num_nodes=num_nodes, min_hops=1, max_hops=train_hops, num_distractors=distractors, supervise_every_hop=args.every_hop, num_queries=queries
     )
-    easy_steps = warmup.set_stages("logic-chains", settings, args.easy_steps, d["easy_fraction"], train_task, *EASY_TASKS)
+    # The size's calibrated counts where they fit in --steps; in a shorter run its share of --steps.
+    default_easy = d.get("easy_steps") if sum(d.get("easy_steps", [])) < settings.steps else None
+    easy = args.easy_steps if args.easy_steps is not None else default_easy
+    easy_steps = warmup.set_stages("logic-chains", settings, easy, d["easy_fraction"], train_task, *EASY_TASKS)
     levels = list(range(1, test_hops + 1))
     console.print(
         f"[bold]E1 logic chains[/]: train hops 1..{train_hops}, test hops 1..{test_hops}, {num_nodes} nodes, {distractors} distractors, "
