@@ -34,6 +34,8 @@ p.add_argument(
     "then on a middle one if a second number is given (E4: 16 premises, D 4; E1: up to 2 hops, four 4-node chains, 4 branches), then the full task "
     "(E1 and E4 train on their first and, for E1, both warm-up tasks)",
 )
+p.add_argument("--blocks", type=int, default=None, help="model depth instead of the CPU size's 4 (the E1 depth probe)")
+p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks)")
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
 torch.set_num_threads(1)
@@ -58,6 +60,10 @@ else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every H
     examples = runner.eval_set(test_task, level_key, levels, a.eval)
 hydra = runner.hydra_config("cpu", task.vocab_size)
 config = hydra if a.model == "hydra" else runner.dense_transformer(hydra)[0]
+if a.blocks:
+    config["n_blocks"] = a.blocks
+if a.hidden_mult and a.model == "transformer":
+    config["components"]["mlp"]["args"]["hidden_mult"] = a.hidden_mult
 
 
 class HeldOut(L.Callback):
@@ -78,7 +84,7 @@ class HeldOut(L.Callback):
 L.seed_everything(a.seed, verbose=False)
 model = HydraLM(**dict(config, lr=a.lr, warmup_steps=50))
 data = SyntheticDataModule(task, batch_size=a.batch_size, train_size=a.steps * a.batch_size, val_size=a.batch_size, seed=a.seed)
-print(f"{a.task} calibration: {a.model}, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {shape}, task length {task.seq_len}, chance {chance:.4f}", flush=True)
+print(f"{a.task} calibration: {a.model}, {config['n_blocks']} blocks, {sum(p.numel() for p in model.parameters()):,} params, lr {a.lr}, batch {a.batch_size}, {a.steps} steps; {shape}, task length {task.seq_len}, chance {chance:.4f}", flush=True)
 callbacks: list[L.Callback] = [HeldOut()]
 if a.easy_steps:
     from hydra_kit.callbacks import Curriculum
