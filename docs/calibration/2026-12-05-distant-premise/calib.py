@@ -35,7 +35,7 @@ p.add_argument(
     "(E1 and E4 train on their first and, for E1, both warm-up tasks)",
 )
 p.add_argument("--blocks", type=int, default=None, help="model depth instead of the CPU size's 4 (the E1 depth probe)")
-p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks)")
+p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks; ignored for hydra)")
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
 torch.set_num_threads(1)
