@@ -16,7 +16,7 @@ from hydra_kit.data import Example, SyntheticTask
 from hydra_kit.data.task import Heuristic
 from hydra_kit.experiments import EXPERIMENTS, report
 from hydra_kit.experiments.expert_specialisation import normalized_mutual_information
-from hydra_kit.experiments.runner import count_parameters, dense_transformer, hydra_config, without
+from hydra_kit.experiments.models import count_parameters, dense_transformer, hydra_config, without
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "recipes" / "experiments" / "smoke.yaml")
 TINY = ["--recipe", SMOKE, "--steps", "2", "--seeds", "1", "--eval", "3", "--batch-size", "4"]

@@ -46,7 +46,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import report, runner, warmup
+from hydra_kit.experiments import models, report, runner, warmup
 
 NAME = "distant_premise"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -95,21 +95,21 @@ def main(argv: list[str], console: Console) -> int:
     # The shortest sequence holding each distance: what a model pays to look D tokens back.
     probes = {D: DistantPremise(distance=D, **shape) for D in distances}
     probe_examples = {D: t.sample(runner.EVAL_SEED, "val", 0) for D, t in probes.items()}
-    hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
+    hydra = models.hydra_config(settings.size, task.vocab_size, settings.recipe)
     sga_names = [n for n, s in hydra["components"].items() if s.get("component") in ("sga", "SparseGlobalAttention")]
     if not sga_names:
         raise runner.RecipeError("experiment distant-premise: the Hydra recipe has no sga component instance to study")
     window = (hydra["components"][sga_names[0]].get("args") or {}).get("window", 256)
-    transformer, _ = runner.dense_transformer(hydra)
+    transformer, _ = models.dense_transformer(hydra)
     specs = [
-        runner.ModelSpec("hydra", hydra, f"full layout, SGA window {window}"),
-        runner.ModelSpec("hydra - sga", runner.without(hydra, *sga_names), "sga instance removed"),
-        runner.ModelSpec("transformer", transformer, "dense attention + SwiGLU, total params matched", lr=settings.transformer_lr),
+        models.ModelSpec("hydra", hydra, f"full layout, SGA window {window}"),
+        models.ModelSpec("hydra - sga", models.without(hydra, *sga_names), "sga instance removed"),
+        models.ModelSpec("transformer", transformer, "dense attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
     memory: dict[tuple[str, int], float | None] = {}
 
-    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+    def measure(trained: runner.TrainedModel, spec: models.ModelSpec, seed: int) -> list[dict[str, Any]]:
         rows = []
         for D in distances:
             cell = runner.evaluate(trained.model, examples[D])

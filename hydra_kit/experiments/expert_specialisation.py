@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from hydra_kit.experiments import report, runner
+from hydra_kit.experiments import models, report, runner
 
 NAME = "expert_specialisation"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -154,7 +154,7 @@ def dense_hydra(config: dict[str, Any], moe_name: str, target_active: int) -> tu
         out["components"]["mlp"] = {"component": "mlp", "blocks": blocks, "args": {"hidden_mult": hidden / d_model, "multiple_of": 16}}
         return out
 
-    return runner.match_hidden(make, target_active, "active_params", "dense-MLP Hydra")
+    return models.match_hidden(make, target_active, "active_params", "dense-MLP Hydra")
 
 
 def main(argv: list[str], console: Console) -> int:
@@ -178,22 +178,22 @@ def main(argv: list[str], console: Console) -> int:
     examples = runner.eval_set(task, "domain", levels, settings.eval_per_level)
     baselines = [dict(b, domain=names[b["domain"]]) for b in report.baseline_rows(task, examples, "domain")]
     report.print_baselines(console, "no-skill baselines per domain (held-out accuracy at the scored positions; bold: the best)", baselines, "domain")
-    hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
+    hydra = models.hydra_config(settings.size, task.vocab_size, settings.recipe)
     moe_names = [n for n, s in hydra["components"].items() if s.get("component") in ("moe", "MixtureOfExperts")]
     if not moe_names:
         raise runner.RecipeError("experiment expert-specialisation: the Hydra recipe has no moe component instance to study")
-    target = runner.count_parameters(hydra)["active_params"]
+    target = models.count_parameters(hydra)["active_params"]
     dense, _ = dense_hydra(hydra, moe_names[0], target)
-    transformer, _ = runner.dense_transformer(hydra, match="active_params")
+    transformer, _ = models.dense_transformer(hydra, match="active_params")
     specs = [
-        runner.ModelSpec("hydra", hydra, "full layout (MoE)"),
-        runner.ModelSpec("hydra dense-mlp", dense, "MoE -> SwiGLU MLP, active params matched"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, active params matched", lr=settings.transformer_lr),
+        models.ModelSpec("hydra", hydra, "full layout (MoE)"),
+        models.ModelSpec("hydra dense-mlp", dense, "MoE -> SwiGLU MLP, active params matched"),
+        models.ModelSpec("transformer", transformer, "attention + SwiGLU, active params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
     routing: list[dict[str, Any]] = []
 
-    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+    def measure(trained: runner.TrainedModel, spec: models.ModelSpec, seed: int) -> list[dict[str, Any]]:
         modules = moe_modules(trained.model)
         recorder = RoutingRecorder(modules, len(levels)) if modules else None
         rows: list[dict[str, Any]] = []

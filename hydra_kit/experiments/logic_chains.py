@@ -33,7 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hydra_kit.experiments import report, runner, warmup
+from hydra_kit.experiments import models, report, runner, warmup
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -92,16 +92,16 @@ def main(argv: list[str], console: Console) -> int:
     # What a model trained on train_task could learn without following edges, scored on the same examples.
     baselines = report.baseline_rows(train_task, examples, "hops")
     report.print_baselines(console, "no-skill baselines per proof length (held-out accuracy; bold: the best)", baselines, "hops")
-    hydra = runner.hydra_config(settings.size, train_task.vocab_size, settings.recipe)
-    transformer, _ = runner.dense_transformer(hydra)
+    hydra = models.hydra_config(settings.size, train_task.vocab_size, settings.recipe)
+    transformer, _ = models.dense_transformer(hydra)
     specs = [
-        runner.ModelSpec("hydra", hydra, "full layout"),
-        runner.ModelSpec("hydra - workspace", runner.without(hydra, "workspace"), "workspace instance removed"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
+        models.ModelSpec("hydra", hydra, "full layout"),
+        models.ModelSpec("hydra - workspace", models.without(hydra, "workspace"), "workspace instance removed"),
+        models.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
 
-    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+    def measure(trained: runner.TrainedModel, spec: models.ModelSpec, seed: int) -> list[dict[str, Any]]:
         rows = []
         for hops in levels:
             cell = runner.evaluate(trained.model, examples[hops])

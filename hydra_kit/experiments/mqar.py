@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from hydra_kit.data import MQAR
-from hydra_kit.experiments import report, runner
+from hydra_kit.experiments import models, report, runner
 
 NAME = "mqar"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -45,9 +45,9 @@ def main(argv: list[str], console: Console) -> int:
         raise runner.RecipeError(f"experiment mqar: --pairs {max(pairs)} exceeds the {num_keys} keys of --size {settings.size}")
     console.print(f"[bold]E6 MQAR[/]: pairs {pairs}, {settings.seeds} seeds, {settings.steps} steps, {settings.eval_per_level} held-out examples per cell")
     vocab = MQAR(num_pairs=1, num_queries=1, num_keys=num_keys, num_values=num_values).vocab_size
-    hydra = runner.hydra_config(settings.size, vocab, settings.recipe)
-    transformer, _ = runner.dense_transformer(hydra)
-    specs = [runner.ModelSpec("hydra", hydra, "full layout"), runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr)]
+    hydra = models.hydra_config(settings.size, vocab, settings.recipe)
+    transformer, _ = models.dense_transformer(hydra)
+    specs = [models.ModelSpec("hydra", hydra, "full layout"), models.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr)]
     counts = runner.describe_models(console, specs)
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -68,7 +68,7 @@ def main(argv: list[str], console: Console) -> int:
     for p in pairs:
         task, examples = tasks[p], examples_per_level[p]
 
-        def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int, p: int = p, examples: list = examples) -> list[dict[str, Any]]:
+        def measure(trained: runner.TrainedModel, spec: models.ModelSpec, seed: int, p: int = p, examples: list = examples) -> list[dict[str, Any]]:
             cell = runner.evaluate(trained.model, examples)
             return [{"pairs": p, "accuracy": cell.accuracy, "n_examples": cell.examples, "n_answers": cell.answers}]
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from hydra_kit.experiments import report, runner
+from hydra_kit.experiments import models, report, runner
 
 NAME = "pkm_recall"
 GATE_STAT = "router.gate_pkm"
@@ -91,19 +91,19 @@ def main(argv: list[str], console: Console) -> int:
         "recalling the table and ignoring the prompt (not a no-skill baseline: it needs every fact stored) scores "
         + ", ".join(f"{book} {acc:.3f}" for book, acc in recall_only.items())
     )
-    hydra = runner.hydra_config(settings.size, task.vocab_size, settings.recipe)
+    hydra = models.hydra_config(settings.size, task.vocab_size, settings.recipe)
     pkm_names = [n for n, s in hydra["components"].items() if s.get("component") in ("pkm", "ProductKeyMemory")]
     if not pkm_names:
         raise runner.RecipeError("experiment pkm-recall: the Hydra recipe has no pkm component instance to study")
-    transformer, _ = runner.dense_transformer(hydra)
+    transformer, _ = models.dense_transformer(hydra)
     specs = [
-        runner.ModelSpec("hydra", hydra, "full layout"),
-        runner.ModelSpec("hydra - pkm", runner.without(hydra, *pkm_names), "pkm instance removed"),
-        runner.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
+        models.ModelSpec("hydra", hydra, "full layout"),
+        models.ModelSpec("hydra - pkm", models.without(hydra, *pkm_names), "pkm instance removed"),
+        models.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
     ]
     counts = runner.describe_models(console, specs)
 
-    def measure(trained: runner.TrainedModel, spec: runner.ModelSpec, seed: int) -> list[dict[str, Any]]:
+    def measure(trained: runner.TrainedModel, spec: models.ModelSpec, seed: int) -> list[dict[str, Any]]:
         rows = []
         for book in BOOKS:
             cell = runner.evaluate(trained.model, examples[book])

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from hydra_kit.data import MQAR, DistantPremise, LogicChains, SyntheticDataModule
-from hydra_kit.experiments import runner
+from hydra_kit.experiments import models, runner
 from hydra_kit.model import HydraLM
 
 p = argparse.ArgumentParser()
@@ -36,6 +36,7 @@ p.add_argument(
 )
 p.add_argument("--blocks", type=int, default=None, help="model depth instead of the CPU size's 4 (the E1 depth probe)")
 p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks; ignored for hydra)")
+p.add_argument("--two-hop-only", action="store_true", help="E1: the middle warm-up task asks 2 hops in every query (min_hops 2), not 1 or 2")
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
 torch.set_num_threads(1)
@@ -58,8 +59,8 @@ else:  # E1 at its CPU size: 32 nodes, 8 branches; trained on 1..4 hops (every H
                        seq_len=test_task.seq_len if a.questions == 1 else None)
     levels, chance, level_key, shape = [1, 2, 3, 4, 6, 8], 1 / 32, "hops", f"{distractors} branches, every HOP supervised, {a.questions} queries per training example"
     examples = runner.eval_set(test_task, level_key, levels, a.eval)
-hydra = runner.hydra_config("cpu", task.vocab_size)
-config = hydra if a.model == "hydra" else runner.dense_transformer(hydra)[0]
+hydra = models.hydra_config("cpu", task.vocab_size)
+config = hydra if a.model == "hydra" else models.dense_transformer(hydra)[0]
 if a.blocks:
     config["n_blocks"] = a.blocks
 if a.hidden_mult and a.model == "transformer":
@@ -96,6 +97,8 @@ if a.easy_steps:
         from hydra_kit.experiments.logic_chains import EASY_TASKS
 
         easy, middle = EASY_TASKS
+        if a.two_hop_only:
+            middle = {**middle, "min_hops": 2}
     stages = [{"name": "easy", "at_step": 0, "data": easy}]
     if len(a.easy_steps) > 1:
         stages.append({"name": "middle", "at_step": a.easy_steps[0], "data": middle})
