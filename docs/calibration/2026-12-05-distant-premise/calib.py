@@ -37,6 +37,10 @@ p.add_argument(
 p.add_argument("--blocks", type=int, default=None, help="model depth instead of the CPU size's 4 (the E1 depth probe)")
 p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks; ignored for hydra)")
 p.add_argument("--two-hop-only", action="store_true", help="E1: the middle warm-up task asks 2 hops in every query (min_hops 2), not 1 or 2")
+p.add_argument(
+    "--middle", nargs="*", default=[], metavar="KEY=INT",
+    help="E1: override the middle warm-up task's LogicChains arguments, e.g. num_chains=2 chain_len=4 num_distractors=2 (a smaller two-hop task)",
+)
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
 a = p.parse_args()
 torch.set_num_threads(1)
@@ -99,6 +103,9 @@ if a.easy_steps:
         easy, middle = EASY_TASKS
         if a.two_hop_only:
             middle = {**middle, "min_hops": 2}
+        for item in a.middle:
+            key, _, value = item.partition("=")
+            middle = {**middle, key: int(value)}
     stages = [{"name": "easy", "at_step": 0, "data": easy}]
     if len(a.easy_steps) > 1:
         stages.append({"name": "middle", "at_step": a.easy_steps[0], "data": middle})
