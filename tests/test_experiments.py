@@ -209,6 +209,21 @@ def test_seeds_run_apart_merge_into_the_result_of_one_run(name: str, tmp_path: P
         assert merged["routing"] == first["routing"] + second["routing"] and merged["heatmaps"] == together["heatmaps"]
 
 
+def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--models trains the models named (the JSON still describes all); --merge joins the folders into the one-run result."""
+    together = _run("logic-chains", tmp_path / "together")
+    hydras = _run("logic-chains", tmp_path / "hydras", "--models", "hydra", "hydra - workspace")
+    transformer = _run("logic-chains", tmp_path / "transformer", "--models", "transformer")
+    assert {r["model"] for r in hydras["runs"]} == {"hydra", "hydra - workspace"} and {r["model"] for r in transformer["runs"]} == {"transformer"}
+    assert set(hydras["models"]) == set(transformer["models"]) == CASES["logic-chains"][3]
+    merged = _run("logic-chains", tmp_path / "merged", "--merge", str(tmp_path / "hydras"), str(tmp_path / "transformer"))
+    assert merged["records"] == together["records"] and merged["summary"] == together["summary"]
+    capsys.readouterr()
+    assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "x"), "--models", "hydra-workspace"]) == 2
+    err = capsys.readouterr().err
+    assert "--models 'hydra-workspace': no such model here; available: 'hydra', 'hydra - workspace', 'transformer'" in err and "Traceback" not in err
+
+
 def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run("mqar", tmp_path / "a")
     _run("mqar", tmp_path / "b")

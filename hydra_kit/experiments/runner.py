@@ -253,6 +253,8 @@ class Settings:
     transformer_lr: float = 1e-3
     first_seed: int = 0
     merge: list[str] = field(default_factory=list)
+    #: the labels of the models to train (empty: all); the JSON still describes every model, so --merge joins folders that split them
+    models: list[str] = field(default_factory=list)
     #: training stages set by the experiment (see :attr:`TrainSettings.curriculum`), recorded in its JSON
     curriculum: list[dict[str, Any]] = field(default_factory=list)
 
@@ -267,6 +269,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--merge", nargs="+", default=[], metavar="DIR",
         help="train nothing: join the finished seeds in these output folders of this experiment (same settings, disjoint seeds) into --out",
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=[], metavar="LABEL",
+        help="train only these of the compared models, by the label the tables print (quote 'hydra - workspace'); "
+        "run the others in another process or session and join the folders with --merge",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
@@ -305,6 +312,7 @@ def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, di
         transformer_lr=args.transformer_lr if args.transformer_lr is not None else d.get("transformer_lr", 1e-3),
         first_seed=args.first_seed,
         merge=[str(Path(m)) for m in args.merge],
+        models=list(args.models),
     )
     for key in ("seeds", "steps", "batch_size", "eval_per_level"):
         if getattr(settings, key) <= 0:
@@ -354,7 +362,7 @@ def run_grid(
     where: dict[str, Any] | None = None,
     merged_lists: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train every model for every seed on ``task`` and collect ``measure``'s records (model, seed added).
+    """Train every model (of ``settings.models``, if named) for every seed on ``task`` and collect ``measure``'s records (model, seed added).
 
     ``on_seed(records, runs)`` is called after each complete seed (every model trained and measured), so the
     output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
@@ -371,10 +379,15 @@ def run_grid(
         from hydra_kit.experiments.merge import merged_grid  # merge.py builds on this module's types, so not at the top
 
         return merged_grid(console, specs, task, settings, name, baselines, where or {}, merged_lists or {})
+    labels = [s.label for s in specs]
+    unknown = [m for m in settings.models if m not in labels]
+    if unknown:
+        raise RecipeError(f"experiment {name}: --models {', '.join(map(repr, unknown))}: no such model here; available: {', '.join(map(repr, labels))}")
+    chosen = [s for s in specs if not settings.models or s.label in settings.models]
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
-        for spec in specs:
+        for spec in chosen:
             trained = train(spec, task, seed, train_settings(settings, spec))
             rows = measure(trained, spec, seed)
             for row in rows:
