@@ -36,7 +36,7 @@ p.add_argument(
 )
 p.add_argument("--blocks", type=int, default=None, help="model depth instead of the CPU size's 4 (the E1 depth probe)")
 p.add_argument("--hidden-mult", type=float, default=None, help="the transformer's MLP width / d_model (default: matched to Hydra's params at 4 blocks; ignored for hydra)")
-p.add_argument("--two-hop-only", action="store_true", help="E1: the middle warm-up task asks 2 hops in every query (min_hops 2), not 1 or 2")
+p.add_argument("--two-hop-only", action="store_true", help="E1: the middle warm-up task asks 2 hops in every query (min_hops 2); its default since EASY_TASKS[1] became two-hop-only")
 p.add_argument(
     "--middle", nargs="*", default=[], metavar="KEY=INT",
     help="E1: override the middle warm-up task's LogicChains arguments, e.g. num_chains=2 chain_len=4 num_distractors=2 (a smaller two-hop task)",
