@@ -37,7 +37,7 @@ from hydra_kit.experiments import models, report, runner, warmup
 
 NAME = "logic_chains"
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 8000, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "queries": 8, "easy_steps": [1500, 5000], "easy_fraction": 0.8},
+    "cpu": {"steps": 8000, "batch_size": 32, "num_nodes": 32, "distractors": 8, "train_hops": 4, "test_hops": 8, "queries": 8, "easy_steps": [1500, 5000], "easy_fraction": 0.4},
     "full": {"steps": 20000, "batch_size": 64, "num_nodes": 64, "distractors": 16, "train_hops": 4, "test_hops": 8, "queries": 8, "lr": 1e-3, "easy_fraction": 0.05},
 }
 # The warm-up tasks (--easy-steps, :mod:`hydra_kit.experiments.warmup`; on the CPU 1,500 and 5,000 steps, from the
