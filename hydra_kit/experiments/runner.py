@@ -364,7 +364,7 @@ def run_grid(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train every model (of ``settings.models``, if named) for every seed on ``task`` and collect ``measure``'s records (model, seed added).
 
-    ``on_seed(records, runs)`` is called after each complete seed (every model trained and measured), so the
+    ``on_seed(records, runs)`` is called after each complete seed (every chosen model trained and measured), so the
     output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
 
     With ``settings.merge`` nothing is trained: the records and runs come from the ``<name>.json`` files of those
