@@ -93,6 +93,28 @@ def test_curriculum_changes_exactly_what_its_stages_say_at_their_steps(tmp_path)
     assert curriculum.stage_index == 2 and curriculum.state_dict()["position"] == 3
 
 
+def test_rehearsal_draws_a_share_of_batches_from_the_previous_task_and_resumes_exactly(tmp_path):
+    stages = [{"at_step": 0, "data": {"num_pairs": 2, "num_queries": 2}}, {"at_step": 4, "data": {"num_pairs": 4, "num_queries": 4}, "rehearse": 0.5}]
+    probe = Probe()
+    data = datamodule(pairs=4)
+    trainer(tmp_path, [Curriculum(stages), probe], 12).fit(tiny_model(), datamodule=data)
+    # The change reaches step 5 (example 20); from there every second batch (1, 3, 5 of the segment) is rehearsed.
+    assert [r["seq_len"] for r in probe.rows] == [7] * 5 + [13, 7, 13, 7, 13, 7, 13]
+    state = data.state_dict()
+    assert state["rehearsals"] == [(20, {"num_pairs": 2, "num_queries": 2}, 0.5, 4)]
+    assert data.task.params() == {"num_pairs": 4, "num_queries": 4}  # validation follows the stage's own task
+    resumed = datamodule(pairs=4)
+    resumed.load_state_dict(state)
+    tasks = lambda d: [d.schedule.task_for(n).params() for n in range(0, 80, 4)]  # noqa: E731
+    assert tasks(resumed) == tasks(data)
+    # Reached again (as on resume, at fit start), the same stage changes nothing: no new segment.
+    Curriculum(stages)
+    data.set_task_params({"num_pairs": 4, "num_queries": 4}, rehearse=({"num_pairs": 2, "num_queries": 2}, 0.5))
+    assert len(data.schedule.segments) == 3
+    with pytest.raises(ValueError, match=r"rehearsed share of batches must be in \(0, 1\), got 0"):
+        data.set_task_params({"num_pairs": 3}, rehearse=({"num_pairs": 2}, 0))
+
+
 def test_metric_trigger_ignores_values_logged_before_the_previous_stage(tmp_path):
     class Log(L.Callback):  # a metric that is high from the start: only values logged after stage 0 may count
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -118,6 +140,8 @@ def test_metric_trigger_ignores_values_logged_before_the_previous_stage(tmp_path
         ([{"at_step": 0, "lr_scale": 0}], "lr_scale must be a positive number, got 0"),
         ([{"at_step": 5}, {"at_step": 2}], "stages out of order: stage 1 at_step 2 comes after stage 0 at_step 5"),
         ([{"at_step": 0, "freeze": "mlp"}], "freeze must be a list of component instance names"),
+        ([{"at_step": 0, "rehearse": 0.25}], "rehearse keeps a share of batches on the task before this stage's data change, but the stage has no data"),
+        ([{"at_step": 0, "data": {"num_pairs": 2}, "rehearse": 1}], r"rehearse must be a fraction of batches in \(0, 1\), got 1"),
     ],
 )
 def test_bad_stage_specs_are_explained(stages, message):

@@ -280,6 +280,11 @@ def test_warmup_stages_split_the_easy_steps_and_restore_the_task() -> None:
         warmup.set_stages("logic-chains", settings, [900, 100], 0.4, task, *EASY_TASKS)
     with pytest.raises(RecipeError, match=r"takes one number .* or 2, one per task; got 3"):
         warmup.set_stages("logic-chains", settings, [1, 2, 3], 0.4, task, *EASY_TASKS)
+    # Rehearsal: only the stage after the warm-up keeps a share of batches on the last warm-up task.
+    warmup.set_stages("logic-chains", settings, [300, 100], 0.4, task, *EASY_TASKS, rehearse=0.25)
+    assert [s.get("rehearse") for s in settings.curriculum] == [None, None, 0.25]
+    with pytest.raises(RecipeError, match=r"--rehearse must be at least 0 and below 1, got 1\.0"):
+        warmup.set_stages("logic-chains", settings, [300, 100], 0.4, task, *EASY_TASKS, rehearse=1.0)
     # The stages are cumulative, and each is checked as it will be in force: 8 hops need chains of 16 nodes.
     with pytest.raises(RecipeError, match=r"warm-up task \{'max_hops': 8, 'chain_len': 4\} is not valid.*chain_len"):
         warmup.set_stages("logic-chains", settings, 10, 0.4, task, {"max_hops": 8}, {"chain_len": 4})

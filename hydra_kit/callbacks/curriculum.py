@@ -34,7 +34,7 @@ def check_recipe_callbacks(path: str, recipe: dict[str, Any]) -> None:
             raise RecipeError(f"{path}: trainer.callbacks[{i}]: {exc}") from None
 
 
-STAGE_KEYS = ("name", "at_step", "when", "enable", "disable", "freeze", "unfreeze", "data", "lr_scale")
+STAGE_KEYS = ("name", "at_step", "when", "enable", "disable", "freeze", "unfreeze", "data", "rehearse", "lr_scale")
 _NAME_LISTS = ("enable", "disable", "freeze", "unfreeze")
 LR_SCALE_KEY = "curriculum_lr_scale"  # kept in every optimizer param group, so it travels with optimizer state
 
@@ -71,6 +71,11 @@ def _validate_stage(i: int, stage: Any) -> dict[str, Any]:
             raise RecipeError(f"{where}: {both} both in {a} and {b}")
     if "data" in stage and (not isinstance(stage["data"], dict) or not all(isinstance(k, str) for k in stage["data"])):
         raise RecipeError(f"{where}: data must map task attribute names to values, got {stage['data']!r}")
+    if "rehearse" in stage:
+        if "data" not in stage:
+            raise RecipeError(f"{where}: rehearse keeps a share of batches on the task before this stage's data change, but the stage has no data")
+        if not _is_number(stage["rehearse"]) or not 0 < stage["rehearse"] < 1:
+            raise RecipeError(f"{where}: rehearse must be a fraction of batches in (0, 1), got {stage['rehearse']!r}")
     if "lr_scale" in stage and (not _is_number(stage["lr_scale"]) or stage["lr_scale"] <= 0):
         raise RecipeError(f"{where}: lr_scale must be a positive number, got {stage['lr_scale']!r}")
     return dict(stage)
@@ -99,6 +104,12 @@ class Curriculum(Callback):
       of step ``N + 1`` for a stage reached at step ``N`` (the data module records this, so a resumed run draws
       the same examples). With worker processes it takes effect at the next epoch, and a warning says so.
       Validation follows the current task.
+    * ``rehearse: f`` (with ``data``): a share ``f`` of this stage's training batches, whole batches spread
+      evenly, is drawn from the task in force before the stage (:class:`hydra_kit.data.synthetic.Rehearsal`),
+      until a later stage changes the data. Why: after thousands of steps at near-zero loss on a warm-up task,
+      the first batches of a harder task can drive a model to uniform predictions, losing what it had learned
+      (E1's transformer, one seed in three, ``docs/calibration/2026-12-05-distant-premise``); batches of the old
+      task keep that cheap way out costly.
     * ``lr_scale: s``: multiply the learning rate of every parameter group by ``s`` (cumulative over stages).
       The scale is applied to the LambdaLR scheduler's ``base_lrs`` and to each group's ``initial_lr`` and
       current ``lr``, so warm-up and cosine decay continue on the scaled base; the total scale is recorded in
@@ -115,7 +126,7 @@ class Curriculum(Callback):
 
     Args:
         stages: list of mappings with keys ``name`` (label), ``at_step``, ``when``, ``enable``, ``disable``,
-            ``freeze``, ``unfreeze``, ``data``, ``lr_scale``.
+            ``freeze``, ``unfreeze``, ``data``, ``rehearse``, ``lr_scale``.
     """
 
     def __init__(self, stages: list[dict[str, Any]]) -> None:
@@ -160,18 +171,24 @@ class Curriculum(Callback):
 
     # ------------------------------------------------------------ composition
     def cumulative(self, position: int | None = None) -> dict[str, Any]:
-        """The combined effect of stages 0..position-1: disabled, frozen, thawed names, data values, lr scale."""
+        """The combined effect of stages 0..position-1: disabled, frozen, thawed names, data values, rehearsal, lr scale.
+
+        ``rehearse`` is None or ``(data values before the newest data stage, its share of batches)``.
+        """
         disabled: set[str] = set()
         frozen: set[str] = set()
         data: dict[str, Any] = {}
+        rehearse: tuple[dict[str, Any], float] | None = None
         scale = 1.0
         for stage in self.stages[: self.position if position is None else position]:
             disabled = (disabled | set(stage.get("disable", []))) - set(stage.get("enable", []))
             frozen = (frozen | set(stage.get("freeze", []))) - set(stage.get("unfreeze", []))
-            data.update(stage.get("data", {}))
+            if "data" in stage:
+                rehearse = (dict(data), float(stage["rehearse"])) if "rehearse" in stage else None
+                data.update(stage["data"])
             scale *= float(stage.get("lr_scale", 1.0))
         touched = {n for s in self.stages for n in (*s.get("freeze", []), *s.get("unfreeze", []))}
-        return {"disabled": disabled, "frozen": frozen, "thawed": touched - frozen, "data": data, "lr_scale": scale}
+        return {"disabled": disabled, "frozen": frozen, "thawed": touched - frozen, "data": data, "rehearse": rehearse, "lr_scale": scale}
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -271,7 +288,7 @@ class Curriculum(Callback):
         for i in reached:
             stage = self.stages[i]
             label = f" ({stage['name']!r})" if "name" in stage else ""
-            changes = "; ".join(f"{k} {stage[k]}" for k in ("enable", "disable", "freeze", "unfreeze", "data", "lr_scale") if k in stage)
+            changes = "; ".join(f"{k} {stage[k]}" for k in ("enable", "disable", "freeze", "unfreeze", "data", "rehearse", "lr_scale") if k in stage)
             rank_zero_info(f"curriculum: stage {i}{label} reached at step {trainer.global_step}: {changes or 'no changes'}")
 
     @staticmethod
@@ -308,7 +325,10 @@ class Curriculum(Callback):
                 for p in instance_parameters(pl_module, name):
                     p.requires_grad_(flag)
         if self._data_defaults:  # checked at setup, so this cannot fail mid-run
-            self._datamodule(trainer).set_task_params({**self._data_defaults, **state["data"]})
+            rehearse = state["rehearse"]
+            self._datamodule(trainer).set_task_params(
+                {**self._data_defaults, **state["data"]}, rehearse=None if rehearse is None else ({**self._data_defaults, **rehearse[0]}, rehearse[1])
+            )
         self._apply_lr_scale(trainer, state["lr_scale"])
 
     def _apply_lr_scale(self, trainer: L.Trainer, scale: float) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,29 @@ from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
 
 
+@dataclass(frozen=True)
+class Rehearsal:
+    """Some batches of a schedule segment drawn from an earlier task, so what was learned on it is kept.
+
+    Args:
+        task: the earlier task.
+        fraction: share of the segment's batches drawn from it, in (0, 1).
+        batch: examples per (global) batch; a batch is drawn whole from one task, so its examples stack.
+    """
+
+    task: SyntheticTask
+    fraction: float
+    batch: int
+
+    def covers(self, index: int) -> bool:
+        """Whether batch ``index`` of the segment (counted from its start) is a rehearsal batch.
+
+        Spread evenly: batch b rehearses when floor((b + 1) f) > floor(b f), so of any n consecutive batches
+        floor(n f) or ceil(n f) rehearse (f = 0.25: batches 3, 7, 11, ...).
+        """
+        return math.floor((index + 1) * self.fraction) > math.floor(index * self.fraction)
+
+
 class TaskSchedule:
     """Which task (length, difficulty) each training example is drawn from: the curriculum hook's record.
 
@@ -21,10 +46,12 @@ class TaskSchedule:
     ``segments`` lists ``(first example number, task)`` in order; a change made while training takes effect at
     the first example not yet drawn, so the examples already loaded ahead of the step stay as they were, and
     the record (saved in checkpoints) makes a resumed run draw exactly the examples of an uninterrupted one.
+    ``rehearsals`` maps a segment's first example number to its :class:`Rehearsal`, if it has one.
     """
 
     def __init__(self, task: SyntheticTask) -> None:
         self.segments: list[tuple[int, SyntheticTask]] = [(0, task)]
+        self.rehearsals: dict[int, Rehearsal] = {}
         self.drawn = 0  # training examples drawn so far (by number), in this process
 
     @property
@@ -32,13 +59,24 @@ class TaskSchedule:
         """The task of the newest change (validation uses it)."""
         return self.segments[-1][1]
 
+    @property
+    def current_rehearsal(self) -> Rehearsal | None:
+        """The newest segment's rehearsal, if any."""
+        return self.rehearsals.get(self.segments[-1][0]) if len(self.segments) > 1 else None
+
     def task_for(self, number: int) -> SyntheticTask:
         """The task training example ``number`` is drawn from."""
         starts = [start for start, _ in self.segments]
-        return self.segments[bisect.bisect_right(starts, number) - 1][1]
+        i = bisect.bisect_right(starts, number) - 1
+        start, task = self.segments[i]
+        rehearsal = self.rehearsals.get(start) if i > 0 else None
+        if rehearsal is not None and rehearsal.covers((number - start) // rehearsal.batch):
+            return rehearsal.task
+        return task
 
-    def change(self, task: SyntheticTask, start: int) -> None:
-        """Draw examples numbered ``start`` onwards from ``task`` (``start`` >= every earlier change)."""
+    def change(self, task: SyntheticTask, start: int, rehearsal: Rehearsal | None = None) -> None:
+        """Draw examples numbered ``start`` onwards from ``task`` (``start`` >= every earlier change), some
+        batches from ``rehearsal``'s task if given."""
         if start < self.segments[-1][0]:
             raise ValueError(f"task change at example {start} precedes the previous change at {self.segments[-1][0]}")
         if start == self.segments[-1][0] and len(self.segments) > 1:
@@ -47,6 +85,9 @@ class TaskSchedule:
             self.segments = [(0, self.segments[0][1]), (0, task)]
         else:
             self.segments.append((start, task))
+        self.rehearsals.pop(start, None)
+        if rehearsal is not None:
+            self.rehearsals[start] = rehearsal
 
 
 class SyntheticDataset(Dataset[dict[str, torch.Tensor]]):
@@ -174,13 +215,31 @@ class SyntheticDataModule(L.LightningDataModule):
             raise ValueError(f"the change {dict(values)} would change the vocabulary ({self.task.vocab_size} -> {task.vocab_size} ids)")
         return task
 
-    def set_task_params(self, values: Mapping[str, Any]) -> None:
+    def set_task_params(self, values: Mapping[str, Any], rehearse: tuple[Mapping[str, Any], float] | None = None) -> None:
         """Change the task's length or difficulty from the next training example not yet drawn on.
 
         Validation uses the new task at once. With ``num_workers > 0`` the workers hold copies of the dataset,
         so the change reaches training at the start of the next epoch (data loaders are rebuilt every epoch).
+
+        Args:
+            values: task arguments to change (``task_params`` lists them).
+            rehearse: ``(values of an earlier task, fraction)``: that share of the training batches from here on
+                is drawn from the earlier task (a :class:`Rehearsal`), whole batches, spread evenly.
+
+        Raises:
+            ValueError: a value or the rehearsed task is invalid, or the fraction is not in (0, 1).
         """
-        if all(self.task_params().get(k) == v for k, v in values.items()):
+        rehearsal = None
+        if rehearse is not None:
+            params, fraction = rehearse
+            if not 0 < fraction < 1:
+                raise ValueError(f"the rehearsed share of batches must be in (0, 1), got {fraction}")
+            rehearsal = Rehearsal(self.task_with(params), float(fraction), self.batch_size * self._world_size())
+        current = self.schedule.current_rehearsal
+        same_rehearsal = (current is None and rehearsal is None) or (
+            current is not None and rehearsal is not None and current.fraction == rehearsal.fraction and current.task.params() == rehearsal.task.params()  # type: ignore[attr-defined]
+        )
+        if same_rehearsal and all(self.task_params().get(k) == v for k, v in values.items()):
             return
         task = self.task_with(values)
         start = self.schedule.drawn
@@ -191,7 +250,7 @@ class SyntheticDataModule(L.LightningDataModule):
         # same step (in step k the ranks together read examples k * batch_size * world ... (k + 1) * ... - 1).
         global_batch = self.batch_size * self._world_size()
         start = -(-start // global_batch) * global_batch
-        self.schedule.change(task, start)
+        self.schedule.change(task, start, rehearsal)
         self.task = task
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,6 +258,8 @@ class SyntheticDataModule(L.LightningDataModule):
         state: dict[str, Any] = {"seed": self.seed}
         if len(self.schedule.segments) > 1:
             state["task_schedule"] = [(start, dict(t.params())) for start, t in self.schedule.segments[1:]]  # type: ignore[attr-defined]
+        if self.schedule.rehearsals:
+            state["rehearsals"] = [(start, dict(r.task.params()), r.fraction, r.batch) for start, r in self.schedule.rehearsals.items()]  # type: ignore[attr-defined]
         if self.trainer is not None:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
             state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)  # type: ignore[attr-defined]
@@ -212,6 +273,8 @@ class SyntheticDataModule(L.LightningDataModule):
         self.schedule = TaskSchedule(base)
         for start, params in state_dict.get("task_schedule", []):
             self.schedule.change(base.with_params(params), int(start))  # type: ignore[attr-defined]
+        for start, params, fraction, batch in state_dict.get("rehearsals", []):
+            self.schedule.rehearsals[int(start)] = Rehearsal(base.with_params(params), float(fraction), int(batch))  # type: ignore[attr-defined]
         self.task = self.schedule.current
         if self._resume_epoch >= 0:  # every rank had read batches_done batches of its share
             self.schedule.drawn = self._resume_epoch * self.train_size + self._resume_batches * self.batch_size * self._world_size()

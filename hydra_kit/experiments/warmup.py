@@ -30,7 +30,9 @@ def add_argument(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def set_stages(name: str, settings: Any, easy_steps: int | Sequence[int] | None, fraction: float, task: SyntheticTask, *stages: dict[str, Any]) -> int:
+def set_stages(
+    name: str, settings: Any, easy_steps: int | Sequence[int] | None, fraction: float, task: SyntheticTask, *stages: dict[str, Any], rehearse: float = 0.0
+) -> int:
     """Put the warm-up stages in ``settings.curriculum``: each of ``stages`` (changes of ``task``'s arguments) for its
     share of the warm-up steps, then ``task`` itself.
 
@@ -42,14 +44,18 @@ def set_stages(name: str, settings: Any, easy_steps: int | Sequence[int] | None,
         fraction: the default share of the steps spent on the warm-up task.
         task: the experiment's training task; its :meth:`params` restore it after the warm-up.
         stages: the warm-up tasks as argument changes of ``task``, easiest first.
+        rehearse: share of the batches after the warm-up drawn from the last warm-up task (Curriculum ``rehearse``);
+            0: none.
 
     Returns:
         The number of warm-up steps (0: none, and no curriculum).
 
     Raises:
         RecipeError: ``--easy-steps`` is negative, not below ``--steps`` in all, gives neither one count nor one per
-            stage, or a stage is not a valid task.
+            stage, a stage is not a valid task, or ``rehearse`` is not in [0, 1).
     """
+    if not 0 <= rehearse < 1:
+        raise RecipeError(f"experiment {name}: --rehearse must be at least 0 and below 1, got {rehearse}")
     counts = [int(fraction * settings.steps)] if easy_steps is None else [easy_steps] if isinstance(easy_steps, int) else list(easy_steps)
     if len(counts) not in (1, len(stages)):
         raise RecipeError(f"experiment {name}: --easy-steps takes one number (split evenly over the {len(stages)} warm-up tasks) or {len(stages)}, one per task; got {len(counts)}")
@@ -71,6 +77,9 @@ def set_stages(name: str, settings: Any, easy_steps: int | Sequence[int] | None,
             raise RecipeError(f"experiment {name}: the warm-up task {in_force} is not valid with these options: {exc}") from None
         label = "easy" if len(stages) == 1 else f"easy {i + 1}"
         curriculum.append({"name": label, "at_step": starts[i], "data": dict(changes)})
-    curriculum.append({"name": name.replace("-", " "), "at_step": steps, "data": task.params()})  # type: ignore[attr-defined]
+    final: dict[str, Any] = {"name": name.replace("-", " "), "at_step": steps, "data": task.params()}  # type: ignore[attr-defined]
+    if rehearse:
+        final["rehearse"] = rehearse
+    curriculum.append(final)
     settings.curriculum = curriculum
     return steps

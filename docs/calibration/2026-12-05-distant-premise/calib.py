@@ -42,6 +42,13 @@ p.add_argument(
     help="E1: override the middle warm-up task's LogicChains arguments, e.g. num_chains=2 chain_len=4 num_distractors=2 (a smaller two-hop task)",
 )
 p.add_argument("--distances", type=int, nargs="+", default=[16, 32, 64], help="E4 levels D (trained on all, scored at each)")
+p.add_argument("--save-at", type=int, default=None, metavar="STEP", help="write a full Lightning checkpoint (model, optimizer, schedule, curriculum, data position) to --ckpt after STEP")
+p.add_argument("--ckpt", default="calib.ckpt", help="checkpoint path for --save-at")
+p.add_argument("--resume", default=None, metavar="PATH", help="continue from a --save-at checkpoint (same flags otherwise), e.g. to try a change at the last stage switch")
+p.add_argument("--switch-warmup", type=int, default=0, metavar="N", help="E1 stage-switch probe: ramp the learning rate linearly from 0 over the N steps after the last stage is reached")
+p.add_argument("--switch-reset", action="store_true", help="E1 stage-switch probe: clear the AdamW moments when the last stage is reached")
+p.add_argument("--rehearse", type=int, default=0, metavar="K", help="E1 stage-switch probe: after the last stage is reached, every K-th batch is drawn from the middle warm-up task")
+p.add_argument("--switch-lr-scale", type=float, default=None, help="E1 stage-switch probe: the last stage's lr_scale (Curriculum)")
 a = p.parse_args()
 torch.set_num_threads(1)
 
@@ -86,6 +93,27 @@ class HeldOut(L.Callback):
         print(f"step {step} t={time.perf_counter() - self.start:.0f}s train_loss={loss:.3f} {cells}", flush=True)
 
 
+class SwitchProbe(L.Callback):
+    """Changes to the optimisation at the step the last curriculum stage is reached (--switch-warmup, --switch-reset)."""
+
+    def __init__(self, switch_step: int) -> None:
+        self.switch_step = switch_step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.switch_step and a.switch_reset:
+            trainer.optimizers[0].state.clear()
+        if a.switch_warmup and self.switch_step <= step < self.switch_step + a.switch_warmup:
+            ramp = (step - self.switch_step + 1) / a.switch_warmup
+            for group in trainer.optimizers[0].param_groups:  # the scheduler set lr afresh after the last step
+                group["lr"] *= ramp
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if a.save_at is not None and trainer.global_step == a.save_at:
+            trainer.save_checkpoint(a.ckpt)
+            print(f"checkpoint at step {a.save_at}: {a.ckpt}", flush=True)
+
+
 L.seed_everything(a.seed, verbose=False)
 model = HydraLM(**dict(config, lr=a.lr, warmup_steps=50))
 data = SyntheticDataModule(task, batch_size=a.batch_size, train_size=a.steps * a.batch_size, val_size=a.batch_size, seed=a.seed)
@@ -110,10 +138,26 @@ if a.easy_steps:
     if len(a.easy_steps) > 1:
         stages.append({"name": "middle", "at_step": a.easy_steps[0], "data": middle})
     stages.append({"name": "full", "at_step": sum(a.easy_steps), "data": task.params()})
+    if a.rehearse:  # batches are read in order, so example n is in batch n // batch_size
+        from hydra_kit.data.synthetic import TaskSchedule
+
+        rehearsed = task.with_params({**easy, **middle})
+        first = sum(a.easy_steps) * a.batch_size
+        task_for = TaskSchedule.task_for
+
+        def task_with_rehearsal(self, number):
+            if number >= first and (number // a.batch_size) % a.rehearse == 0:
+                return rehearsed
+            return task_for(self, number)
+
+        TaskSchedule.task_for = task_with_rehearsal
+    if a.switch_lr_scale is not None:
+        stages[-1]["lr_scale"] = a.switch_lr_scale
     callbacks.append(Curriculum(stages))
+callbacks.append(SwitchProbe(sum(a.easy_steps) if a.easy_steps else 0))
 trainer = L.Trainer(
     accelerator="cpu", devices=1, max_steps=a.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
     gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     callbacks=callbacks,
 )
-trainer.fit(model, datamodule=data)
+trainer.fit(model, datamodule=data, ckpt_path=a.resume)
