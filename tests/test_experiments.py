@@ -288,3 +288,12 @@ def test_warmup_stages_split_the_easy_steps_and_restore_the_task() -> None:
     # The stages are cumulative, and each is checked as it will be in force: 8 hops need chains of 16 nodes.
     with pytest.raises(RecipeError, match=r"warm-up task \{'max_hops': 8, 'chain_len': 4\} is not valid.*chain_len"):
         warmup.set_stages("logic-chains", settings, 10, 0.4, task, {"max_hops": 8}, {"chain_len": 4})
+
+
+def test_table_titles_count_seeds_per_model_when_models_differ() -> None:
+    from hydra_kit.experiments.report import seeds_phrase
+
+    records = [{"model": "hydra", "seed": s, "hops": h} for s in (0, 1) for h in (1, 2)] + [{"model": "transformer", "seed": s} for s in (0, 1, 2)]
+    assert seeds_phrase(records) == "seeds per model: hydra 2, transformer 3"
+    assert seeds_phrase([r for r in records if r["model"] == "transformer"]) == "3 seeds"
+    assert seeds_phrase([records[0]]) == "1 seed"

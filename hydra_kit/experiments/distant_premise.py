@@ -147,7 +147,7 @@ def main(argv: list[str], console: Console) -> int:
     report.print_table(
         console,
         f"E4 distant premise: held-out accuracy, latency and peak memory against distance (SGA window {window}; mean ± std over "
-        f"{len({r['seed'] for r in records})} seeds; an accuracy is a claim only where above no-skill)",
+        f"{report.seeds_phrase(records)}; an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "distance"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("peak MB", "peak_mem_mb", 1)],

@@ -261,7 +261,7 @@ def main(argv: list[str], console: Console) -> int:
     report.print_table(
         console,
         f"E5 expert specialisation: held-out accuracy per domain and domain-expert NMI (mean over MoE layers; mean ± std over "
-        f"{len({r['seed'] for r in records})} seeds; an accuracy is a claim only where above no-skill)",
+        f"{report.seeds_phrase(records)}; an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "domain"),
         [("accuracy", "accuracy", 3), ("NMI answer pos.", "nmi_answer", 3), ("NMI all pos.", "nmi_all", 3)],

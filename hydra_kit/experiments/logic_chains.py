@@ -139,8 +139,7 @@ def main(argv: list[str], console: Console) -> int:
 
     records, runs = runner.run_grid(console, specs, train_task, settings, measure, on_seed=write, name=NAME, baselines=baselines)
     summary, paths = write(records, runs)
-    seeds_done = len({r["seed"] for r in records})
-    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {seeds_done} seeds; a claim only where above no-skill)"
+    title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {report.seeds_phrase(records)}; a claim only where above no-skill)"
     report.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
     report.report_files(console, paths)
     return 0

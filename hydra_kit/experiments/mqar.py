@@ -80,7 +80,6 @@ def main(argv: list[str], console: Console) -> int:
         records += r
         runs += [dict(row, pairs=p) for row in t]
     summary, paths = write(records, runs)
-    seeds_done = len({r["seed"] for r in records})
-    report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {seeds_done} seeds; a claim only where above no-skill)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {report.seeds_phrase(records)}; a claim only where above no-skill)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
     report.report_files(console, paths)
     return 0

@@ -140,7 +140,7 @@ def main(argv: list[str], console: Console) -> int:
     summary, paths = write(records, runs)
     report.print_table(
         console,
-        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {len({r['seed'] for r in records})} seeds; "
+        f"E3 PKM recall per book: accuracy, latency (batch 1), mean PKM gate (mean ± std over {report.seeds_phrase(records)}; "
         "an accuracy is a claim only where above no-skill)",
         summary,
         ("model", "book"),

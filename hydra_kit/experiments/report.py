@@ -61,6 +61,22 @@ def summarise(records: list[dict[str, Any]], group: Sequence[str], metrics: Sequ
     return rows
 
 
+def seeds_phrase(records: Sequence[Mapping[str, Any]]) -> str:
+    """How many seeds a table's means are over: "3 seeds", or per model when models differ (a partial or merged run).
+
+    >>> seeds_phrase([{"model": "a", "seed": 0}, {"model": "a", "seed": 1}, {"model": "b", "seed": 0}])
+    'seeds per model: a 2, b 1'
+    """
+    per_model: dict[str, set[Any]] = {}
+    for record in records:
+        per_model.setdefault(str(record["model"]), set()).add(record["seed"])
+    counts = {model: len(seeds) for model, seeds in per_model.items()}
+    if len(set(counts.values())) <= 1:
+        n = next(iter(counts.values()), 0)
+        return f"{n} seed{'' if n == 1 else 's'}"
+    return "seeds per model: " + ", ".join(f"{model} {n}" for model, n in counts.items())
+
+
 def fmt(mean: float, std: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "-"
