@@ -37,7 +37,7 @@ def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     extra, stem, level, models, metrics = CASES[name]
     assert main(["experiment", name, *TINY, *extra, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "mean ± std over 1 seeds" in printed and "compared models" in printed
+    assert "mean ± std over 1 seed;" in printed and "compared models" in printed
     with (tmp_path / f"{stem}.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows and {r["model"] for r in rows} == models
