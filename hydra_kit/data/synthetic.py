@@ -39,6 +39,11 @@ class Rehearsal:
         return math.floor((index + 1) * self.fraction) > math.floor(index * self.fraction)
 
 
+def _rehearsal_key(rehearsal: Rehearsal | None) -> tuple[float, dict[str, Any]] | None:
+    """What makes two rehearsals the same (tasks compare by their curriculum arguments)."""
+    return None if rehearsal is None else (rehearsal.fraction, dict(rehearsal.task.params()))  # type: ignore[attr-defined]
+
+
 class TaskSchedule:
     """Which task (length, difficulty) each training example is drawn from: the curriculum hook's record.
 
@@ -235,11 +240,7 @@ class SyntheticDataModule(L.LightningDataModule):
             if not 0 < fraction < 1:
                 raise ValueError(f"the rehearsed share of batches must be in (0, 1), got {fraction}")
             rehearsal = Rehearsal(self.task_with(params), float(fraction), self.batch_size * self._world_size())
-        current = self.schedule.current_rehearsal
-        same_rehearsal = (current is None and rehearsal is None) or (
-            current is not None and rehearsal is not None and current.fraction == rehearsal.fraction and current.task.params() == rehearsal.task.params()  # type: ignore[attr-defined]
-        )
-        if same_rehearsal and all(self.task_params().get(k) == v for k, v in values.items()):
+        if _rehearsal_key(self.schedule.current_rehearsal) == _rehearsal_key(rehearsal) and all(self.task_params().get(k) == v for k, v in values.items()):
             return
         task = self.task_with(values)
         start = self.schedule.drawn
