@@ -108,7 +108,6 @@ def test_rehearsal_draws_a_share_of_batches_from_the_previous_task_and_resumes_e
     tasks = lambda d: [d.schedule.task_for(n).params() for n in range(0, 80, 4)]  # noqa: E731
     assert tasks(resumed) == tasks(data)
     # Reached again (as on resume, at fit start), the same stage changes nothing: no new segment.
-    Curriculum(stages)
     data.set_task_params({"num_pairs": 4, "num_queries": 4}, rehearse=({"num_pairs": 2, "num_queries": 2}, 0.5))
     assert len(data.schedule.segments) == 3
     with pytest.raises(ValueError, match=r"rehearsed share of batches must be in \(0, 1\), got 0"):

@@ -234,12 +234,13 @@ class SyntheticDataModule(L.LightningDataModule):
         Raises:
             ValueError: a value or the rehearsed task is invalid, or the fraction is not in (0, 1).
         """
+        global_batch = self.batch_size * self._world_size()
         rehearsal = None
         if rehearse is not None:
             params, fraction = rehearse
             if not 0 < fraction < 1:
                 raise ValueError(f"the rehearsed share of batches must be in (0, 1), got {fraction}")
-            rehearsal = Rehearsal(self.task_with(params), float(fraction), self.batch_size * self._world_size())
+            rehearsal = Rehearsal(self.task_with(params), float(fraction), global_batch)
         if _rehearsal_key(self.schedule.current_rehearsal) == _rehearsal_key(rehearsal) and all(self.task_params().get(k) == v for k, v in values.items()):
             return
         task = self.task_with(values)
@@ -249,7 +250,6 @@ class SyntheticDataModule(L.LightningDataModule):
             start = max(start, (epoch + 1) * self.train_size)
         # Never inside a global batch: a batch's examples must stack, and under DDP every rank must switch at the
         # same step (in step k the ranks together read examples k * batch_size * world ... (k + 1) * ... - 1).
-        global_batch = self.batch_size * self._world_size()
         start = -(-start // global_batch) * global_batch
         self.schedule.change(task, start, rehearsal)
         self.task = task
