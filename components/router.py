@@ -35,6 +35,9 @@ class TokenRouter(CachedParameters, RouterComponent):
         budget_weight: lambda in R4.
         target_usage: rho_c in R4, the mean gate each component should settle at; one number for all, or
             instance name -> number (instances not named use 0.5).
+        gate_gain: a in the block's ``y = x + sum_c g_c * a * r_c * C_c(u)``. The default 2 centres the residual
+            weight on 1 at initialisation (gates start at 0.5), so the router starts as a pass-through instead of
+            halving every gated path (hydra-kit's decision, ``docs/design-decisions.md``); 1 is R2's plain gate.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.ROUTER
@@ -49,6 +52,7 @@ class TokenRouter(CachedParameters, RouterComponent):
         gate_threshold: float = 0.0,
         budget_weight: float = 0.01,
         target_usage: float | dict[str, float] = 0.5,
+        gate_gain: float = 2.0,
     ) -> None:
         super().__init__(d_model, layer_idx)
         if temperature <= 0:
@@ -58,6 +62,9 @@ class TokenRouter(CachedParameters, RouterComponent):
         usages = target_usage.values() if isinstance(target_usage, dict) else [target_usage]
         if not all(0.0 < u < 1.0 for u in usages):
             raise ValueError(f"router: every target_usage must lie in (0, 1), got {target_usage}")
+        if gate_gain <= 0:
+            raise ValueError(f"router: gate_gain must be positive, got {gate_gain}")
+        self.gate_gain = gate_gain
         self.temperature = temperature
         self.gate_threshold = gate_threshold
         self.budget_weight = budget_weight

@@ -7,9 +7,14 @@ Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t 
   (aligned to absolute position 0); when a chunk is complete, its ``globals_per_chunk`` tokens with the
   highest router score s (``context.global_score``) become global and are visible to every LATER chunk,
   never to the chunk itself or an earlier one, so a future score can never change what an earlier query
-  reads. Only the most recent ``max_global`` globals are kept. A global token's value is scaled by
-  sigmoid(s), which is how the selection receives a gradient. A global that is also inside the query's
+  reads. Only the most recent ``max_global`` globals are kept. A global that is also inside the query's
   local window is masked on the global side so no key counts twice.
+
+Every scored token's value, local or global, is scaled by its salience ``2 * sigmoid(s)`` (1 at
+initialisation, where s is near 0). This is how the selection learns: a token whose value helps the queries
+that read it, in any local window, gets a higher score and so becomes a global of its chunk. Scaling only the
+chosen globals (HYDRA.md's first form) gave the score a gradient from the few tokens already chosen, and a
+token pushed out of the top-k never came back (``docs/calibration/2026-12-07-mechanisms``).
 
 Without a score (no router in the block) the layer is plain sliding-window attention: no token becomes
 global and no query reads globals. There is deliberately no learned fallback score.
@@ -49,10 +54,10 @@ class SGAState:
 
     Attributes:
         keys: (B, n, H, hd) rotated keys of the last n = min(offset, window) tokens.
-        values: (B, n, H, hd) their values.
+        values: (B, n, H, hd) their values (scaled by the salience when scored).
         partial_scores: (B, offset % window) router scores of the tokens of the incomplete chunk.
         global_keys: (B, G, H, hd) rotated keys of the globals chosen so far (G <= max_global), oldest first.
-        global_values: (B, G, H, hd) their values, already scaled by sigmoid(score).
+        global_values: (B, G, H, hd) their values (scaled by the salience, as every scored value is).
         global_scores: (B, G) their scores; -inf marks an empty slot (a chunk with too few scored tokens).
         global_pos: (B, G) long absolute positions.
         offset: number of tokens processed so far.
@@ -95,6 +100,11 @@ def select_globals(chunk_scores: Tensor, per_chunk: int) -> Tensor:
         (B, C, k) long in-chunk positions.
     """
     return chunk_scores.topk(per_chunk, dim=-1).indices.sort(dim=-1).values
+
+
+def salience(score: Tensor) -> Tensor:
+    """The factor ``2 * sigmoid(s)`` on a scored token's value: 1 at s = 0, in (0, 2); shape of ``score``."""
+    return 2.0 * torch.sigmoid(score)
 
 
 def _windows(entries: Tensor, n_old: int, per_chunk: int, size: int, n_blocks: int, fill: float) -> Tensor:
@@ -163,7 +173,9 @@ class SparseGlobalAttention(TriPathComponent):
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
     gated_by_router: ClassVar[bool] = True
-    layerscale_init: ClassVar[float] = 0.2
+    # 1.0 as for dense attention, not the paper's 0.2: a damped attention path learns its lookups that much
+    # slower under Adam (hydra-kit's decision, docs/design-decisions.md).
+    layerscale_init: ClassVar[float] = 1.0
     # 40 tokens = 5 chunks of 8; 2 globals per chunk overflow max_global=4 from the 4th chunk on.
     example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 2, "window": 8, "globals_per_chunk": 2, "max_global": 4}
     # Queries attended in one pass (rounded to whole blocks): bounds transient memory, never changes results.
@@ -245,14 +257,14 @@ class SparseGlobalAttention(TriPathComponent):
             chunk_start: (C,) absolute position of each chunk's first token.
 
         Returns:
-            keys, values (scaled by sigmoid(score)): (B, n, H, hd); scores, positions: (B, n).
+            keys, values: (B, n, H, hd); scores, positions: (B, n). An empty slot (score -inf) is masked by
+            every reader.
         """
         index = select_globals(scores, self.globals_per_chunk)  # (B, C, k)
         gather = index[..., None, None].expand(-1, -1, -1, self.n_heads, self.head_dim)
         picked = scores.gather(2, index).flatten(1)  # (B, C * k)
         new_keys = keys.gather(2, gather).flatten(1, 2)  # (B, C * k, H, hd)
-        # sigmoid(-inf) = 0: an empty slot carries a zero value as well as being masked.
-        new_values = values.gather(2, gather).flatten(1, 2) * torch.sigmoid(picked)[..., None, None]
+        new_values = values.gather(2, gather).flatten(1, 2)
         new_pos = (chunk_start[:, None] + index).flatten(1)
         return (
             torch.cat([state.global_keys, new_keys], 1),
@@ -331,6 +343,8 @@ class SparseGlobalAttention(TriPathComponent):
 
         key, value = self.kv(x).view(batch, seq_len, 2, h, hd).unbind(2)  # (B, L, H, hd) each
         key = self._rotate(key, torch.arange(start, start + seq_len, device=dev))
+        if read_globals:
+            value = value * salience(score)[..., None, None]
         # Key grid over absolute positions (c0 - 1) * w ... (c0 + n_blocks) * w - 1. Slots with no key (before
         # the carried window, after the input) are zeros that no query's mask ever admits.
         front, back = w + r - n_prev, n_blocks * w - r - seq_len
@@ -352,7 +366,7 @@ class SparseGlobalAttention(TriPathComponent):
             g_keys, g_values, g_scores, g_pos = self._promote(state, chunk_k, chunk_v, chunk_scores, chunk_start)
             done = g_scores[:, n_old : n_old + n_done * k]
             if collects_aux(context) and (done > NEG_INF).any():
-                stats["global_gate"] = torch.sigmoid(done[done > NEG_INF]).mean().detach()
+                stats["global_salience"] = salience(done[done > NEG_INF]).mean().detach()
 
         # Queries: whole blocks when every grid slot is a real, kept token; otherwise gather per block only the
         # kept real queries (skipped tokens issue no query: real saving, not a zero multiply).
@@ -429,8 +443,12 @@ class SparseGlobalAttention(TriPathComponent):
             new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
         return ComponentOutput(update=update, stats=stats, state=new_state)
 
-    def _window_with(self, state: SGAState, x_t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int]:
+    def _window_with(
+        self, state: SGAState, x_t: Tensor, value_scale: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int]:
         """The query (B, H, hd) of token x_t (B, D), and the window with its key and value: (B, n + 1, H, hd) each.
+
+        ``value_scale`` (B,) is the token's salience when it is scored (its value is stored scaled, as in forward).
 
         Also returns the buffers the window lives in and its start in them. Under autograd, a concatenation
         (in-place writes would corrupt saved activations). At inference, the new key and value go in place after
@@ -440,6 +458,8 @@ class SparseGlobalAttention(TriPathComponent):
         n, pos = state.keys.shape[1], state.offset
         if torch.is_grad_enabled():
             q, key, value = self._qkv_step(x_t, pos)
+            if value_scale is not None:
+                value = value * value_scale[:, None, None]
             return q, torch.cat([state.keys, key[:, None]], 1), torch.cat([state.values, value[:, None]], 1), None, None, 0
         key_buffer, value_buffer, start = state.key_buffer, state.value_buffer, state.start
         if key_buffer is None or value_buffer is None or start + n >= key_buffer.shape[1]:
@@ -454,6 +474,8 @@ class SparseGlobalAttention(TriPathComponent):
             q = fused[:, 0]
         else:
             q, key_buffer[:, slot], value_buffer[:, slot] = self._qkv_step(x_t, pos)
+        if value_scale is not None:
+            value_buffer[:, slot] *= value_scale[:, None, None]
         return q, key_buffer[:, start : slot + 1], value_buffer[:, start : slot + 1], key_buffer, value_buffer, start
 
     def _qkv_step(self, x_t: Tensor, pos: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -473,7 +495,8 @@ class SparseGlobalAttention(TriPathComponent):
             score = score.to(x_t.dtype)
         keep = None if context is None else context.keep
         pos = state.offset
-        q, keys, values, key_buffer, value_buffer, start = self._window_with(state, x_t)  # (B, H, hd), (B, n + 1, H, hd)
+        value_scale = salience(score) if score is not None and self.uses_globals else None
+        q, keys, values, key_buffer, value_buffer, start = self._window_with(state, x_t, value_scale)  # (B, H, hd), (B, n + 1, H, hd)
         reveal = state.global_reveal
         if keep is not None and not bool(keep.any()):
             update = x_t.new_zeros(x_t.shape)  # nobody in the batch issues a query

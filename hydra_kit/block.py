@@ -4,7 +4,10 @@
 
     u_t = RMSNorm(x_t)
     r_t = Router(u_t)                                   # one gate per gated component, in (0, 1)
-    y_t = x_t + sum_c g_c * r_t^c * Component_c(u)_t    # r^c = 1 for ungated components or without a router
+    y_t = x_t + sum_c g_c * a * r_t^c * Component_c(u)_t    # r^c = 1 for ungated components or without a router
+
+``a`` is the router's ``gate_gain`` (2 for hydra-kit's router, so that a gate at its initial 0.5 passes a path
+at its full LayerScale; see :class:`~hydra_kit.protocol.RouterComponent`).
 
 A block holds only the components its recipe places there; an absent component contributes nothing.
 """
@@ -159,8 +162,11 @@ class TriPathBlock(CachedParameters):
             update = result.update
             scale = self.layerscale[name]
             if gate is not None:
+                assert self.router is not None
                 weight = gate if keep is None else gate * keep
-                scale = scale * weight.unsqueeze(-1).to(update.dtype)  # (B, L, 1): g_c * r_t^c
+                if self.router.gate_gain != 1.0:
+                    scale = scale * self.router.gate_gain
+                scale = scale * weight.unsqueeze(-1).to(update.dtype)  # (B, L, 1): g_c * gain * r_t^c
             y = torch.addcmul(y, update, scale)
             out.aux_losses.update({f"{name}.{k}": v for k, v in result.aux_losses.items()})
             out.stats.update({f"{name}.{k}": v for k, v in result.stats.items()})
@@ -211,5 +217,7 @@ class TriPathBlock(CachedParameters):
             if stepped.stats:
                 out.stats.update({f"{name}.{k}": v for k, v in stepped.stats.items()})
             out.state[name] = stepped.state
+        if gates is not None and router is not None and router.gate_gain != 1.0:
+            gates = gates * router.gate_gain
         out.hidden = gated_residual(x[:, 0], updates, gates, plan.residual)[:, None]  # (B, 1, D)
         return out

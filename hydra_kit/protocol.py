@@ -195,11 +195,16 @@ class RouterComponent(TriPathComponent):
     The block calls :meth:`configure_gates` once, right after construction, with the instance names of the
     components it gates; the router creates its gate parameters there. At inference, tokens whose gate is
     below ``gate_threshold`` skip the gated component.
+
+    The block scales component c's update by ``g_c * gate_gain * r_t^c``: ``r`` in (0, 1) is the gate the
+    threshold and the usage budget speak of, and ``gate_gain`` (default 1) lets a router centre its residual
+    weight on 1 at initialisation (gain 2 with gates starting at 0.5) instead of halving every gated path.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.ROUTER
     gated_by_router: ClassVar[bool] = False
     gate_threshold: float = 0.0
+    gate_gain: float = 1.0
 
     @abc.abstractmethod
     def configure_gates(self, names: list[str]) -> None:

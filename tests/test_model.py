@@ -85,6 +85,33 @@ def test_dropped_component_is_absent():
         small_model(dropped=["nope"])
 
 
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_block_weights_each_gated_update_by_layerscale_gain_and_gate(gain):
+    comps = copy.deepcopy(GATED)
+    comps["router"]["args"] = {"gate_gain": gain}
+    block = small_model(comps).blocks[0]
+    x = torch.randn(2, 7, 32)
+    u = block.norm(x)
+    gates = block.router.route(u).gates  # (B, L, G)
+    expected = x.clone()
+    for name, component in block.mixers.items():
+        weight = block.layerscale[name] * gain * gates[..., block.gate_index[name], None]
+        expected = expected + weight * component(u).update
+    torch.testing.assert_close(block(x).hidden, expected)
+    # The one-token decoding path applies the same gain.
+    state = block.init_state(2, device=x.device, dtype=x.dtype)
+    with torch.inference_mode():
+        stepped = block(x[:, :1], state, collect_aux=False).hidden
+    torch.testing.assert_close(stepped, expected[:, :1], rtol=1e-5, atol=1e-6)
+
+
+def test_router_starts_as_a_pass_through_by_default():
+    block = small_model().blocks[0]
+    gates = block.router.route(block.norm(torch.randn(2, 5, 32))).gates
+    assert block.router.gate_gain == 2.0
+    torch.testing.assert_close(block.router.gate_gain * gates, torch.ones_like(gates), atol=0.05, rtol=0)
+
+
 def _set_threshold(model: HydraLM, threshold: float) -> None:
     for block in model.blocks:
         block.router.gate_threshold = threshold

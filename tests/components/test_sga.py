@@ -67,8 +67,8 @@ def reference_sga(m: SparseGlobalAttention, x: Tensor, score: Tensor | None, cou
             glob = [p for p in earlier if count_duplicates or t - p > w]
             local = list(range(max(0, t - w), t + 1))
             keys, vals = key[b, local + glob], value[b, local + glob]  # (n, H, hd)
-            if glob:
-                vals[len(local) :] *= torch.sigmoid(score[b, glob])[:, None, None]
+            if score is not None and k and cap:  # every scored value, local or global, times its salience
+                vals = vals * (2 * torch.sigmoid(score[b, local + glob]))[:, None, None]
             probs = torch.einsum("hd,nhd->hn", q[b, t], keys).div(math.sqrt(m.head_dim)).softmax(-1)
             out[b, t] = torch.einsum("hn,nhd->hd", probs, vals)
     return m.out(out.flatten(2))
@@ -97,7 +97,7 @@ def test_conforms_variants(extra: dict) -> None:
 def test_class_attributes_and_flops() -> None:
     assert SparseGlobalAttention.path is ComponentPath.SEQUENCE
     assert SparseGlobalAttention.gated_by_router
-    assert SparseGlobalAttention.layerscale_init == 0.2
+    assert SparseGlobalAttention.layerscale_init == 1.0  # hydra-kit's decision, not the paper's 0.2
     m = SparseGlobalAttention(64, 0)
     assert not m.pointwise
     # Without globals and with a window covering the sequence, the cost is dense causal attention's.
@@ -156,6 +156,8 @@ def test_equals_dense_causal_attention_when_window_covers_the_sequence(with_scor
     m = build(window=64)
     x, score = inputs(2, 40, 16)
     q, k, v = rotated_qkv(m, x)
+    if with_score:
+        v = v * (2 * torch.sigmoid(score))[..., None, None]  # the salience of every scored value
     dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     expected = m.out(dense.transpose(1, 2).flatten(2))
     got = m(x, ComponentContext(global_score=score if with_score else None)).update
@@ -189,14 +191,16 @@ def test_query_reads_a_global_token_far_outside_its_window() -> None:
     assert influence(build(window=4, globals_per_chunk=1, max_global=4), x, score, 30)[2] == 0
 
 
-def test_selection_receives_gradient_through_sigmoid_scaling() -> None:
+def test_selection_receives_gradient_through_the_salience_of_every_token() -> None:
     m = build()
     x, score = inputs(1, 40, 16)
     score.requires_grad_(True)
     m(x, ComponentContext(global_score=score)).update.square().sum().backward()
     picked = global_schedule(score.detach(), 8, 2, 4)[0, -1]  # globals the last chunk reads
     assert (score.grad[0, picked] != 0).all()
-    assert score.grad[0, 32:].abs().sum() == 0  # picks of the last chunk are visible to nobody yet
+    # Every token, chosen or not, is read in some local window: its score learns whether its value helps, so a
+    # token left out of the top-k can still climb into it.
+    assert (score.grad[0] != 0).all()
 
 
 def first_causality_violation(schedule, score: Tensor, window: int) -> int | None:
