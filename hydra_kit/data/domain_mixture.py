@@ -162,6 +162,10 @@ class DomainMixture(SyntheticTask):
           Its score is what a model that mixes up the domains gets;
         * ``position prior``: the answer most often seen at this (operator, position) in 3000 training examples
           (sorting, the domain this replaced, scored 0.21 against chance 0.03 this way: order statistics).
+
+        No "not asked before" rule is listed (as MQAR and DistantPremise have): the answer positions hold the same
+        ``POS_i`` tokens in the same order in every example, so earlier positions rule nothing out, and the
+        earlier answers, which a permutation rule would exclude, are never in the input.
         """
 
         def first(input_ids: np.ndarray, t: int) -> int:

@@ -22,7 +22,9 @@ the time, and only the pair identifies the fact.
 
 The prompt's values are distinct, and by default (``context_facts = num_values - num_queries``) every value is
 stated exactly once, so "the most frequent value in the prompt" or "the last one" is chance too; with fewer
-context facts, guessing a stated value scores 1 / (prompt facts) on open-book questions. Distractor facts are true
+context facts, guessing a stated value scores 1 / (prompt facts) on open-book questions. With several queries an
+open-book guess can skip the facts whose subjects earlier queries asked (1 / (prompt facts - i) at query i,
+counted from 0; listed in :meth:`FactRecall.heuristics`). Distractor facts are true
 table facts of other subjects. Both books hold the same number of facts, ``context_facts + num_queries``
 (closed-book prompts get ``num_queries`` more distractors), so the length or layout of a prompt never tells the
 book; only whether the asked subject appears does. Nothing after ``SEP`` is a value.
@@ -244,7 +246,12 @@ class FactRecall(SyntheticTask):
         * ``first subject token``: the same for the subject's first token;
         * ``commonest answer``: the value most often asked in those training examples;
         * ``most frequent value``: the value stated most often in the prompt (the smallest on a tie);
-        * ``last value``: the value of the prompt's last fact.
+        * ``last value``: the value of the prompt's last fact;
+        * ``first fact not asked before`` (with several queries): the value of the prompt's first fact whose
+          subject no earlier query asked. Subjects are asked at most once and the earlier queries' subjects are
+          in the input, so on open-book prompts this rules their facts out without reading the current subject
+          (1 / (prompt facts - i) at query i, counted from 0); closed-book prompts never state an asked subject,
+          so there it rules nothing out.
 
         Matching only one subject token against the prompt (reading with half the key) is not listed: it is
         reading, the mechanism open-book questions are about, not a shortcut around it.
@@ -279,10 +286,21 @@ class FactRecall(SyntheticTask):
             values = prompt_values(input_ids[: t + 1])
             return int(values[-1]) if len(values) else commonest
 
-        return {
+        def first_not_asked(input_ids: np.ndarray, t: int) -> int:
+            sep_at = int(np.flatnonzero(input_ids == self.sep)[0])
+            facts = input_ids[:sep_at].reshape(-1, 3)
+            earlier = input_ids[sep_at + 1 : t - 1].reshape(-1, 2)  # the subjects of the earlier queries, not the current one
+            asked = (facts[:, None, :2] == earlier[None, :, :]).all(axis=2).any(axis=1)
+            left = facts[~asked, 2]
+            return int(left[0]) if len(left) else commonest
+
+        heuristics: dict[str, Heuristic] = {
             "last subject token": lambda input_ids, t: by_last.get(int(input_ids[t]), commonest),
             "first subject token": lambda input_ids, t: by_first.get(int(input_ids[t - 1]), commonest),
             "commonest answer": lambda input_ids, t: commonest,
             "most frequent value": most_frequent,
             "last value": last_value,
         }
+        if self.num_queries > 1:
+            heuristics["first fact not asked before"] = first_not_asked
+        return heuristics

@@ -90,7 +90,8 @@ def test_every_shortcut_stays_near_chance_in_both_books():
     task = FactRecall(num_facts=256, num_values=16, num_queries=2)
     assert task.context_facts == 14
     examples = [task.sample(1_000_000_007, "val", i) for i in range(1100)]
-    assert set(task.heuristics()) == {"last subject token", "first subject token", "commonest answer", "most frequent value", "last value"}
+    assert set(task.heuristics()) == {"last subject token", "first subject token", "commonest answer", "most frequent value", "last value", "first fact not asked before"}
+    assert "first fact not asked before" not in FactRecall(num_facts=256, num_values=16, num_queries=1).heuristics()  # nothing asked before
     for book in ("closed", "open"):
         level = [e for e in examples if e.meta["book"] == book][:500]
         assert len(level) == 500
@@ -116,6 +117,19 @@ def test_fewer_context_facts_leave_the_stated_value_ceiling():
     task = FactRecall(num_facts=256, num_values=16, num_queries=2, context_facts=6, mode="open")
     baselines = task.no_skill_baselines([task.sample(1_000_000_007, "val", i) for i in range(400)])
     assert 1 / 16 < baselines["most frequent value"] < 1 / 8 + 0.04  # one of the 8 stated values
+
+
+def test_elimination_rules_out_the_facts_earlier_queries_asked():
+    # Prompt 1 2 -> v17, 3 4 -> v18, 5 6 -> v19 (pool 16: values 17..32, SEP 33); asked 1 2, now 5 6: 3 4 is first left.
+    task = FactRecall(num_facts=256, num_values=16, num_queries=2)
+    ids = np.array([1, 2, 17, 3, 4, 18, 5, 6, 19, task.sep, 1, 2, 5, 6])
+    assert task.heuristics()["first fact not asked before"](ids, len(ids) - 1) == 18
+    assert task.heuristics()["first fact not asked before"](ids[:12], 11) == 17  # the first query: nothing ruled out
+    # Open book, 8 of 16 facts asked: 1 / (16 - i) at query i, (1/16 + ... + 1/9) / 8 = 0.083 on average, above the
+    # 1/16 of guessing a stated value; 4,000 answers give a standard error of about 0.004.
+    many = FactRecall(num_facts=256, num_values=16, num_queries=8, context_facts=8, mode="open")
+    baselines = many.no_skill_baselines([many.sample(0, "val", i) for i in range(500)])
+    assert baselines["first fact not asked before"] == pytest.approx(sum(1 / (16 - i) for i in range(8)) / 8, abs=0.02)
 
 
 def test_modes_and_fractions_do_what_they_say():
