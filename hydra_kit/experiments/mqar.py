@@ -1,4 +1,4 @@
-"""E6: multi-query associative recall (Zoology's MQAR, arXiv 2312.04927), Hydra vs a size-matched transformer.
+"""E6: multi-query associative recall (Zoology's MQAR, arXiv 2312.04927): Hydra, Hydra without its router, a size-matched transformer.
 
 Each number of key-value pairs is its own task instance (MQAR has one sequence length per instance), so
 every model is trained once per level; accuracy is over all query positions of the first ``--eval`` held-out
@@ -48,7 +48,13 @@ def main(argv: list[str], console: Console) -> int:
     vocab = MQAR(num_pairs=1, num_queries=1, num_keys=num_keys, num_values=num_values).vocab_size
     hydra = models.hydra_config(settings.size, vocab, settings.recipe)
     transformer, _ = models.dense_transformer(hydra)
-    specs = [models.ModelSpec("hydra", hydra, "full layout"), models.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr)]
+    routers = [n for n, spec in hydra["components"].items() if spec.get("component") in ("router", "TokenRouter")]
+    specs = [
+        models.ModelSpec("hydra", hydra, "full layout"),
+        # Without its router every gate is 1 and SGA has no score (a sliding window): what the router adds.
+        *([models.ModelSpec("hydra - router", models.without(hydra, *routers), "router instance removed")] if routers else []),
+        models.ModelSpec("transformer", transformer, "attention + SwiGLU, total params matched", lr=settings.transformer_lr),
+    ]
     counts = runner.describe_models(console, specs)
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
