@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from hydra_kit.components.kernels.pkm_step import pkm_read_cpu
 from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
 from hydra_kit.nn import Linear
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
+from hydra_kit.protocol import (
+    ComponentContext,
+    ComponentOutput,
+    ComponentPath,
+    TriPathComponent,
+    collects_aux,
+    wants_diagnostics,
+)
 
 __all__ = ["ProductKeyMemory", "candidate_pairs", "product_topk", "slot_usage_stats"]
 
@@ -251,6 +258,8 @@ class ProductKeyMemory(TriPathComponent):
         if self.out is not None:
             y = self.out(y)  # (B, L, D)
         stats = slot_usage_stats(slots, weights, self.n_slots) if collects_aux(context) else {}
+        if wants_diagnostics(context):  # H(p) = log(n_slots) - KL(p || uniform): nats of key usage, log(n_slots) at best
+            stats["usage_entropy"] = (math.log(self.n_slots) - stats["usage_kl"]).to(stats["usage_kl"].dtype)
         return ComponentOutput(update=y, stats=stats)
 
     def extra_repr(self) -> str:

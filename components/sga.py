@@ -38,7 +38,15 @@ from torch.utils.checkpoint import checkpoint
 from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
 from hydra_kit.nn.decode_attention import decode_attention
 from hydra_kit.nn.decode_rotary import qkv_rotary
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
+from hydra_kit.protocol import (
+    AttentionMap,
+    ComponentContext,
+    ComponentOutput,
+    ComponentPath,
+    TriPathComponent,
+    collects_aux,
+    wants_diagnostics,
+)
 
 __all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "select_globals"]
 
@@ -367,6 +375,8 @@ class SparseGlobalAttention(TriPathComponent):
             done = g_scores[:, n_old : n_old + n_done * k]
             if collects_aux(context) and (done > NEG_INF).any():
                 stats["global_salience"] = salience(done[done > NEG_INF]).mean().detach()
+            if wants_diagnostics(context) and read_globals and start == 0 and seq_len > w:
+                stats["global_attn_share"] = self._global_attention_share(x, context)
 
         # Queries: whole blocks when every grid slot is a real, kept token; otherwise gather per block only the
         # kept real queries (skipped tokens issue no query: real saving, not a zero multiply).
@@ -542,3 +552,44 @@ class SparseGlobalAttention(TriPathComponent):
                 new_state.global_reveal = None
             new_state.partial_scores = new_state.partial_scores[:, :0]
         return ComponentOutput(update=update, state=new_state)
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, context: ComponentContext | None = None, positions: Tensor | None = None) -> AttentionMap:
+        """Attention weights of the queries at ``positions`` (default: all) of x (B, L, D), a sequence from position 0.
+
+        The keys, masks and global selection of :meth:`forward` written out densely over the L key positions, for
+        inspection and diagnostics: O(Q * L) memory. (A scored value is scaled by its salience after the softmax,
+        so the scaling is not part of the weights.)
+        """
+        batch, seq_len, _ = x.shape
+        h, hd, w = self.n_heads, self.head_dim, self.window
+        pos = torch.arange(seq_len, device=x.device)
+        positions = pos if positions is None else positions.to(x.device)
+        key = self._rotate(self.kv(x).view(batch, seq_len, 2, h, hd)[:, :, 0], pos)  # (B, L, H, hd)
+        q = self._rotate(self.q(x[:, positions]).view(batch, -1, h, hd), positions)  # (B, Q, H, hd)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32: weights of bfloat16 runs too
+        logits = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), key.to(dtype)) * hd**-0.5  # (B, H, Q, L)
+        qp = positions[:, None]  # (Q, 1)
+        local = ((pos <= qp) & (qp <= pos + w)).expand(batch, -1, -1)  # (B, Q, L)
+        hits = torch.zeros(local.shape, dtype=torch.long, device=x.device)
+        score = None if context is None else context.global_score
+        if score is not None and self.uses_globals:
+            schedule = global_schedule(score.to(x.dtype), w, self.globals_per_chunk, self.max_global)  # (B, C, M), -1: empty
+            seen = schedule[:, positions // w]  # (B, Q, M): the globals each query's chunk may read
+            # As in forward: a global inside the query's local window is read there, not through the global set.
+            hits.scatter_add_(2, seen.clamp_min(0), ((seen >= 0) & (qp > seen + w)).long())
+        via_global = hits > 0
+        visible = local | via_global
+        weights = logits.masked_fill(~visible[:, None], NEG_INF).softmax(-1)  # each query sees itself: no empty row
+        return AttentionMap(weights=weights, positions=positions, visible=visible, via_global=via_global)
+
+    def _global_attention_share(self, x: Tensor, context: ComponentContext | None) -> Tensor:
+        """Mean attention mass on global tokens over heads and up to 32 evenly spaced queries past the first chunk.
+
+        Queries of the first chunk have no global to read, so they are left out rather than averaged in as zeros.
+        """
+        seq_len = x.shape[1]
+        n = min(32, seq_len - self.window)
+        positions = torch.linspace(self.window, seq_len - 1, n, device=x.device).round().long().unique()
+        amap = self.attention_map(x, context, positions)
+        return (amap.weights * amap.via_global[:, None]).sum(-1).mean().to(x.dtype)

@@ -26,7 +26,14 @@ from hydra_kit.components.kernels.workspace_step import WorkspaceReadWeights, wo
 from hydra_kit.nn import Linear
 from hydra_kit.nn.decode_attention import decode_attention
 from hydra_kit.nn.native import CachedParameters
-from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
+from hydra_kit.protocol import (
+    ComponentContext,
+    ComponentOutput,
+    ComponentPath,
+    TriPathComponent,
+    collects_aux,
+    wants_diagnostics,
+)
 
 
 @dataclass
@@ -43,6 +50,25 @@ class WorkspaceState:
     slots: Tensor
     pending: Tensor
     read_kv: Tensor | None = None
+
+
+@torch.no_grad()
+def read_statistics(probs: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """How the reads spread over the slots (detached scalars, in ``dtype``).
+
+    Args:
+        probs: (hops, B, L, S) each token's read attention over the S slots, per hop.
+
+    Returns:
+        read_entropy: mean entropy of one read's distribution over the slots, in nats (0: every read takes one
+            slot; log S: spread over all).
+        slot_usage: exp(entropy of the mean read distribution) / S, the effective share of slots read at all
+            (1: all slots equally, 1 / S: one slot takes every read).
+    """
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (hops, B, L)
+    mean = probs.flatten(0, 2).mean(0)  # (S,)
+    usage = (-torch.special.xlogy(mean, mean).sum()).exp() / probs.shape[-1]
+    return {"read_entropy": entropy.mean().to(dtype), "slot_usage": usage.to(dtype)}
 
 
 class WorkspaceMemory(CachedParameters, TriPathComponent):
@@ -111,11 +137,17 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
         padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
         query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
         read = query.new_zeros(())
+        diagnose = wants_diagnostics(context)
+        read_probs = []
         for _ in range(self.read_hops):
+            if diagnose:  # the weights scaled_dot_product_attention does not return, recomputed for the stats
+                read_probs.append((query @ keys.transpose(-1, -2) * self.d_slot**-0.5).detach().float().softmax(-1))  # (B, C, Q, S)
             read = F.scaled_dot_product_attention(query, keys, values)  # (B, C, Q, Ds)
             query = query + self.hop(read)
         update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
         stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
+        if diagnose and length > 0:
+            stats.update(read_statistics(torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length], x.dtype))
         new_state = WorkspaceState(slots, tokens[:, n_full * q :].clone())  # clone: a slice would pin all of tokens
         return ComponentOutput(update=update, stats=stats, state=new_state)
 

@@ -55,10 +55,10 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.callbacks import Ablation, KnockOut, Throughput
-from hydra_kit.checkpoint import CheckpointError, safe_torch_load
+from hydra_kit.checkpoint import load_model
 from hydra_kit.cli import check_recipes, load_recipe, merged_model_section, quiet_lightning
 from hydra_kit.lightning_cli import HydraCLI
-from hydra_kit.model import DEFAULT_COMPONENTS, HydraLM, default_registry
+from hydra_kit.model import DEFAULT_COMPONENTS, default_registry
 from hydra_kit.recipe import RecipeError, resolve_components
 
 DEFAULT_RECIPE = "recipes/full.yaml"
@@ -229,11 +229,7 @@ def knockout_runs(
     recipe: str, overrides: list[str], ckpt_path: str, drops: list[tuple[str, ...]], out: Path, console: Console, warmup_batches: int = 5
 ) -> list[RunResult]:
     """Validate one checkpoint as is and with each drop set knocked out."""
-    safe_torch_load(ckpt_path)  # a missing, truncated or tampered file fails here, naming it
-    try:
-        model = HydraLM.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{ckpt_path}: not a hydra-kit HydraLM checkpoint ({str(exc).splitlines()[0]})") from None
+    model, _ = load_model(ckpt_path)  # a missing, truncated, tampered or foreign file fails here, naming it
     instances = [r.name for r in model.resolved]
     routers = {r.name for r in model.resolved if r.is_router}
     note = f" (routers {sorted(routers)} cannot be knocked out: drop them in --mode train)" if routers & {n for d in drops for n in d} else ""

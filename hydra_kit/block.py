@@ -38,12 +38,18 @@ class BlockOutput:
         aux_losses: instance name -> scalar loss, e.g. ``{"moe.load_balance": ...}``.
         stats: instance name.stat -> detached scalar.
         state: instance name -> recurrent state after the last token.
+        diagnostics: only from ``forward(..., diagnostics=True)``: instance name -> stat -> detached tensor, this
+            block's alone. Every run instance has ``layerscale`` (g) and ``update_rel_norm``
+            (||g * r * update|| / ||x||, the share of the residual stream it writes); a gated one ``gate_mean``
+            and ``gate`` (all its gates r, 1-D, for a histogram); then the component's own stats (the router's
+            under its instance name).
     """
 
     hidden: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,13 +122,16 @@ class TriPathBlock(CachedParameters):
         update[keep] = out.update[0]
         return ComponentOutput(update, out.aux_losses, out.stats, None)
 
-    def forward(self, x: Tensor, state: dict[str, Any] | None = None, *, collect_aux: bool = True) -> BlockOutput:
+    def forward(self, x: Tensor, state: dict[str, Any] | None = None, *, collect_aux: bool = True, diagnostics: bool = False) -> BlockOutput:
         """Apply the block to x (B, L, D), continuing from ``state`` when given.
 
         ``collect_aux=False`` (decoding) lets the components skip their auxiliary losses and statistics; the
-        hidden state and the recurrent state are the same either way.
+        hidden state and the recurrent state are the same either way. ``diagnostics=True`` (a few logged training
+        steps, inspection) also fills ``BlockOutput.diagnostics`` and asks the components for their costlier
+        statistics; it implies ``collect_aux``.
         """
-        if state is not None and x.shape[1] == 1 and not self.knocked_out:
+        collect_aux = collect_aux or diagnostics
+        if state is not None and x.shape[1] == 1 and not self.knocked_out and not diagnostics:
             decoded = self._decode_step(x, state, collect_aux)
             if decoded is not None:
                 return decoded
@@ -138,6 +147,8 @@ class TriPathBlock(CachedParameters):
             threshold = self.router.gate_threshold if not self.training else 0.0
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
+            if diagnostics and self.router_name is not None:
+                out.diagnostics[self.router_name] = dict(routed.stats)
         decoding = state is not None and x.shape[1] == 1
         y = x
         if decoding:  # one token: each component's dedicated recurrent step (O(1) for the SSM and memories)
@@ -153,11 +164,11 @@ class TriPathBlock(CachedParameters):
                 result = self._run_gathered(component, u, keep)
             elif decoding:
                 assert state is not None
-                step_context = ComponentContext(score_t, None if keep is None else keep[:, 0], collect_aux)
+                step_context = ComponentContext(score_t, None if keep is None else keep[:, 0], collect_aux, diagnostics)
                 stepped = component.step(u_t, state[name], step_context)
                 result = ComponentOutput(stepped.update[:, None], stepped.aux_losses, stepped.stats, stepped.state)
             else:
-                context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux)
+                context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux, diagnostics=diagnostics)
                 result = component(u, context, None if state is None else state[name])
             update = result.update
             scale = self.layerscale[name]
@@ -171,8 +182,23 @@ class TriPathBlock(CachedParameters):
             out.aux_losses.update({f"{name}.{k}": v for k, v in result.aux_losses.items()})
             out.stats.update({f"{name}.{k}": v for k, v in result.stats.items()})
             out.state[name] = result.state
+            if diagnostics:
+                out.diagnostics[name] = self._diagnose(name, x, update, scale, gate, result.stats)
         out.hidden = y
         return out
+
+    @torch.no_grad()
+    def _diagnose(self, name: str, x: Tensor, update: Tensor, scale: Tensor, gate: Tensor | None, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The per-block diagnostics of one instance (see :class:`BlockOutput`); x, update (B, L, D), gate (B, L)."""
+        # Norms over the whole batch: the ratio of the RMS sizes of what the instance writes and of the stream it
+        # writes into, in float32 so a low-precision run does not overflow the sums of squares.
+        written = (update * scale).float().norm()
+        diag = {"layerscale": self.layerscale[name].detach().clone(), "update_rel_norm": written / x.float().norm().clamp_min(1e-12)}
+        if gate is not None:
+            diag["gate_mean"] = gate.float().mean()
+            diag["gate"] = gate.detach().flatten()  # (B * L,)
+        diag.update(stats)
+        return diag
 
     def _decode_plan(self) -> tuple[_DecodePlan]:
         """What a one-token step looks up on every call, looked up once (cached by :meth:`kernel_parameters`)."""

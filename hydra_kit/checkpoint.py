@@ -20,6 +20,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from hydra_kit.model import HydraLM
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read safely; the message names the file and the likely cause."""
@@ -67,6 +69,27 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is truncated or corrupt and cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[HydraLM, dict[str, Any]]:
+    """The HydraLM a checkpoint holds, built from its hyper-parameters and weights, and the checkpoint itself.
+
+    The one loader of the commands that read a trained model (``generate``, ``inspect``, ``ablate --mode
+    knockout``). Read weights-only (:func:`safe_torch_load`); the model is in training mode, on the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not a checkpoint of a HydraLM (names the file).
+    """
+    checkpoint = safe_torch_load(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is not a hydra-kit checkpoint (it has no hyper_parameters or state_dict)")
+    try:
+        model = HydraLM(**{k: v for k, v in hparams.items() if not k.startswith("_")})  # "_instantiator": LightningCLI's
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is not a hydra-kit HydraLM checkpoint ({str(exc).splitlines()[0]})") from None
+    return model, checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

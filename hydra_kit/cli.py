@@ -5,6 +5,7 @@
     hydra-kit fit --config recipes/full.yaml        # LightningCLI subcommands: fit, validate, test, predict
     hydra-kit components                            # discovered components with distribution and version
     hydra-kit summary --config recipes/full-29m.yaml [--json] [--seq_len 8192]
+    hydra-kit inspect --ckpt_path runs/full/version_0/checkpoints/last.ckpt [--task mqar] [--examples 64]
 
 ``--no-plugins`` (or ``HYDRA_KIT_NO_PLUGINS=1``) loads only hydra-kit's own components. Recipes are checked
 before Lightning parses them, so a mistake is reported with the file, the key and the valid choices.
@@ -30,6 +31,7 @@ commands:
   components                        list the discovered components
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
   generate --ckpt_path CKPT ...     stream tokens from a checkpoint (--prompt TEXT or --prompt-ids ...)
+  inspect --ckpt_path CKPT ...      per-block gates, LayerScale, update norms, component stats on held-out examples (--help)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
@@ -216,8 +218,7 @@ def cmd_generate(argv: list[str]) -> int:
 
     import torch
 
-    from hydra_kit.checkpoint import safe_torch_load
-    from hydra_kit.model import HydraLM
+    from hydra_kit.checkpoint import load_model
 
     parser = argparse.ArgumentParser(prog="hydra-kit generate", description=cmd_generate.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by hydra-kit fit")
@@ -233,12 +234,7 @@ def cmd_generate(argv: list[str]) -> int:
         raise RecipeError("generate: --max_new_tokens and --temperature must be >= 0 and --top_k >= 1")
     if args.prompt is not None and not args.prompt:
         raise RecipeError("generate: --prompt is empty; give at least one character (or token ids with --prompt-ids)")
-    checkpoint = safe_torch_load(args.ckpt_path)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
-        raise RecipeError(f"{args.ckpt_path}: not a hydra-kit checkpoint (no hyper_parameters/state_dict)")
-    model = HydraLM(**{k: v for k, v in hparams.items() if not k.startswith("_")})
-    model.load_state_dict(checkpoint["state_dict"])
+    model, _ = load_model(args.ckpt_path)
     vocab = model.hparams["vocab_size"]
     if args.prompt is not None:
         if vocab < 256:
@@ -341,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_summary(rest)
         if command == "generate":
             return cmd_generate(rest)
+        if command == "inspect":
+            from hydra_kit.inspection import main as inspect_main
+
+            return inspect_main(rest)
         if command == "bench":
             from hydra_kit.bench import main as bench_main
 

@@ -1,8 +1,9 @@
 """hydra-kit's LightningCLI: HydraLM, any LightningDataModule, and the defaults a run should have.
 
-Defaults: a rich progress bar over steps, TensorBoard event files and checkpoints (last and best by validation
-loss) under ``runs/<name>/version_<n>/``, atomic checkpoint writes, gradient clipping, and the synthetic default
-task. At the end of ``fit`` the final validation, the run directory and the checkpoints are printed.
+Defaults: a rich progress bar over steps, TensorBoard event files (without Lightning's placeholder ``hp_metric``)
+and checkpoints (last and best by validation loss) under ``runs/<name>/version_<n>/``, per-block diagnostics every
+50 steps (:class:`hydra_kit.callbacks.Diagnostics`, section ``diagnostics``), atomic checkpoint writes, gradient
+clipping, and the synthetic default task. At the end of ``fit`` the final validation, the run directory and the checkpoints are printed.
 
 A run's saved ``config.yaml`` (and ``--print_config``) holds only what can be written back: the atomic checkpoint
 IO, the progress bar and the model summary are added when the trainer is built, not kept in the configuration,
@@ -26,6 +27,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from rich.console import Console
 
+from hydra_kit.callbacks.diagnostics import Diagnostics
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
 from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, safe_torch_load
 from hydra_kit.data import SyntheticDataModule
@@ -43,7 +45,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 10,
     "gradient_clip_val": 1.0,
     "reload_dataloaders_every_n_epochs": 1,
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "hydra"}},
+    # default_hp_metric off: Lightning's placeholder "hp_metric" scalar (-1, never updated) is noise in TensorBoard.
+    # A recipe naming TensorBoardLogger keeps this unless it sets the key (jsonargparse merges init_args).
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "hydra", "default_hp_metric": False}},
     # Objects, not configuration: LightningCLI adds default callbacks to the trainer without writing them into
     # config.yaml. The checkpoint IO is added the same way in HydraCLI._instantiate_trainer (an object given as a
     # trainer default would be written as an unreadable string and break reloading the saved config).
@@ -226,6 +230,8 @@ class HydraCLI(LightningCLI):
         # that a killed run loses little work and resumes with `--ckpt_path last`.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        # Per-block diagnostics every N steps (hydra_kit.callbacks.Diagnostics): --diagnostics.every_n_steps 0 turns them off.
+        parser.add_lightning_class_args(Diagnostics, "diagnostics")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",

@@ -74,12 +74,15 @@ class ModelOutput:
         aux_losses: name -> scalar, summed over the blocks holding the component instance.
         stats: name -> detached scalar, averaged over the blocks holding it.
         state: per-block recurrent state after the last token (a list of dicts).
+        diagnostics: only from ``forward(..., diagnostics=True)``: per block, instance -> stat -> detached tensor,
+            not averaged (see :class:`hydra_kit.block.BlockOutput`); empty otherwise.
     """
 
     logits: Tensor
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
     state: list[dict[str, Any]] = field(default_factory=list)
+    diagnostics: list[dict[str, dict[str, Tensor]]] = field(default_factory=list)
 
 
 def state_nbytes(state: Any) -> int:
@@ -187,6 +190,9 @@ class HydraLM(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)  # exp of the mean loss over the scored positions
         self._bytes_per_token: float | None = None  # declared by byte-level data modules: enables val/bpb
+        self._diagnostics_requested = False
+        # The per-block diagnostics of the last training step that was asked for them (request_diagnostics).
+        self.last_diagnostics: list[dict[str, dict[str, Tensor]]] = []
 
     # ------------------------------------------------------------------ model
     @property
@@ -225,11 +231,15 @@ class HydraLM(L.LightningModule):
         dtype = dtype or self.embed.weight.dtype
         return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.tri_path_blocks]
 
-    def forward(self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True) -> ModelOutput:
+    def forward(
+        self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
+    ) -> ModelOutput:
         """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing).
 
         ``collect_aux=False`` (decoding) skips the auxiliary losses and statistics: the output then has empty
-        ``aux_losses`` and ``stats``, and the same logits and state.
+        ``aux_losses`` and ``stats``, and the same logits and state. ``diagnostics=True`` also returns per-block
+        diagnostics (``ModelOutput.diagnostics``) and lets components add their costlier statistics, which
+        ``stats`` then averages too; the logits and state are the same.
         """
         limit = self.max_seq_len if input_ids.shape[1] > 1 else None  # every component takes one token (decoding)
         if limit is not None and input_ids.shape[1] > limit:
@@ -238,18 +248,28 @@ class HydraLM(L.LightningModule):
         aux: dict[str, Tensor] = {}
         stat_lists: dict[str, list[Tensor]] = defaultdict(list)
         new_state = []
+        per_block: list[dict[str, dict[str, Tensor]]] = []
         for i, block in enumerate(self.tri_path_blocks):
-            out = block(h, None if state is None else state[i], collect_aux=collect_aux)
+            out = block(h, None if state is None else state[i], collect_aux=collect_aux, diagnostics=diagnostics)
             h = out.hidden
             for k, v in out.aux_losses.items():
                 aux[k] = aux[k] + v if k in aux else v
             for k, v in out.stats.items():
                 stat_lists[k].append(v)
             new_state.append(out.state)
+            if diagnostics:
+                per_block.append(out.diagnostics)
         head_weight = self.embed.weight if self.head is None else self.head.weight
         logits = linear(self.norm(h), head_weight)  # (B, L, V)
         stats = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in stat_lists.items()}
-        return ModelOutput(logits, aux, stats, new_state)
+        return ModelOutput(logits, aux, stats, new_state, per_block)
+
+    def request_diagnostics(self) -> None:
+        """Compute per-block diagnostics in the next training step; they land in :attr:`last_diagnostics`.
+
+        Called by :class:`hydra_kit.callbacks.Diagnostics` on the steps it logs, so that the other steps pay nothing.
+        """
+        self._diagnostics_requested = True
 
     @torch.inference_mode()
     def generate(
@@ -299,7 +319,11 @@ class HydraLM(L.LightningModule):
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         input_ids, targets = batch["input_ids"], batch["targets"]
-        out = self(input_ids)
+        diagnostics = stage == "train" and self._diagnostics_requested
+        out = self(input_ids, diagnostics=diagnostics)
+        if diagnostics:
+            self._diagnostics_requested = False
+            self.last_diagnostics = out.diagnostics
         task_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
         loss = task_loss + aux_total

@@ -21,6 +21,12 @@ Per-parameter optimiser hints (attributes set on ``nn.Parameter`` objects, read 
 * ``_hydra_lr_scale = float``: multiply the base learning rate for this parameter (e.g. PKM values).
 * ``_hydra_sparse_grad = True``: the parameter receives sparse gradients (``nn.EmbeddingBag(sparse=True)``);
   it is updated with SparseAdam (see :mod:`hydra_kit.optim`).
+
+Diagnostics (optional, backwards compatible): on the training steps a diagnostics logger samples, and in
+``hydra-kit inspect``, the block passes ``context.diagnostics = True``; a component may then add statistics too
+costly for every step to its ``stats`` (still detached scalars). A component that attends over positions may
+also offer ``attention_map(x, context, positions=None) -> AttentionMap`` for inspection (see
+:class:`AttentionMap`); the core calls it only where it exists.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "AttentionMap",
     "ComponentContext",
     "ComponentOutput",
     "ComponentPath",
@@ -41,6 +48,7 @@ __all__ = [
     "RouterOutput",
     "TriPathComponent",
     "collects_aux",
+    "wants_diagnostics",
 ]
 
 
@@ -65,16 +73,46 @@ class ComponentContext:
             does; a component that honours ``keep`` skips their work (e.g. issues no attention query).
         collect_aux: False when the caller discards auxiliary losses and statistics (decoding): the component
             may then skip computing them and return empty dicts. The update and the state must not change.
+        diagnostics: True on the few steps whose statistics are logged per block (and in ``hydra-kit inspect``):
+            the component may add statistics too costly for every step (attention shares, entropies). The
+            update and the state must not change. Components that ignore it keep working.
     """
 
     global_score: Tensor | None = None
     keep: Tensor | None = None
     collect_aux: bool = True
+    diagnostics: bool = False
 
 
 def collects_aux(context: ComponentContext | None) -> bool:
     """Whether the caller wants auxiliary losses and statistics (no context: yes)."""
     return context is None or context.collect_aux
+
+
+def wants_diagnostics(context: ComponentContext | None) -> bool:
+    """Whether the caller asks for the costlier diagnostic statistics too (no context: no)."""
+    return context is not None and context.diagnostics and context.collect_aux
+
+
+@dataclass
+class AttentionMap:
+    """Where some queries of a sequence look: what an attending component's ``attention_map`` returns.
+
+    The sequence starts at position 0 (no carried state). Only inspection uses it: it may cost O(Q * L) memory.
+
+    Attributes:
+        weights: (B, H, Q, L) attention probabilities of the queries at ``positions`` over the key positions
+            (0 where a key is not visible).
+        positions: (Q,) long positions of the queries.
+        visible: (B, Q, L) bool, the key positions each query may read.
+        via_global: (B, Q, L) bool, those it reads through a set of global tokens rather than a local window
+            (all False for a component without one).
+    """
+
+    weights: Tensor
+    positions: Tensor
+    visible: Tensor
+    via_global: Tensor
 
 
 @dataclass
@@ -181,6 +219,7 @@ class TriPathComponent(nn.Module, abc.ABC):
                 global_score=None if context.global_score is None else context.global_score[:, None],
                 keep=None if context.keep is None else context.keep[:, None],
                 collect_aux=context.collect_aux,
+                diagnostics=context.diagnostics,
             )
         out = self.forward(x_t[:, None], step_context, state)
         return ComponentOutput(out.update[:, 0], out.aux_losses, out.stats, out.state)

@@ -20,10 +20,13 @@ their short path, e.g. ``hydra_kit.callbacks.Curriculum``.
 * :class:`KnockOut` switches component instances off during validation/test only (no retraining).
 * :class:`Ablation` checks that instances removed with ``model.dropped`` really are gone, and says so.
 * :class:`Throughput` measures tokens per second of training and validation batches.
+* :class:`Diagnostics` logs gates, LayerScale, update and gradient norms and component statistics per block
+  every N steps (``diag/block<i>.<instance>/<stat>``); ``hydra-kit fit`` adds it (``--diagnostics.every_n_steps``).
 * :class:`StepProgressBar` and :class:`ParameterSummary` are what ``hydra-kit fit`` shows (added by the CLI).
 """
 
 from hydra_kit.callbacks.curriculum import Curriculum, check_recipe_callbacks
+from hydra_kit.callbacks.diagnostics import Diagnostics
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
 from hydra_kit.callbacks.instances import instance_names, instance_parameters
 from hydra_kit.callbacks.knockout import Ablation, KnockOut
@@ -32,6 +35,7 @@ from hydra_kit.callbacks.throughput import Throughput
 __all__ = [
     "Ablation",
     "Curriculum",
+    "Diagnostics",
     "KnockOut",
     "ParameterSummary",
     "StepProgressBar",

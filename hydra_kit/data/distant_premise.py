@@ -200,6 +200,16 @@ class DistantPremise(SyntheticTask):
         meta = {"distance": distance, "offsets": offsets, "distractors": self.num_distractors, "between": [premises - 1 - a for a in asked]}
         return Example(input_ids, targets, meta)
 
+    def evidence(self, example: Example) -> dict[int, list[int]]:
+        """Each answer position (a question's key) -> the positions of the premise about that key (marker, key, value)."""
+        input_ids = example.input_ids
+        found = {}
+        for t in np.flatnonzero(example.targets != IGNORE_INDEX):
+            _, starts = self._premises(input_ids[: t + 1])
+            start = int(next(s for s in starts if input_ids[s + 1] == input_ids[t]))
+            found[int(t)] = [start, start + 1, start + 2]
+        return found
+
     # --- no-skill baselines (issue 17) ---
 
     def _premises(self, input_ids: np.ndarray) -> tuple[int, np.ndarray]:

@@ -135,6 +135,16 @@ class MQAR(SyntheticTask):
             "first pair not asked before": first_not_asked,
         }
 
+    def evidence(self, example: Example) -> dict[int, list[int]]:
+        """Each query position -> the positions of its key-value pair in the listing (key, value)."""
+        input_ids = example.input_ids
+        listing = input_ids[: int(np.flatnonzero(input_ids == self.sep)[0])]
+        found = {}
+        for t in np.flatnonzero(example.targets != IGNORE_INDEX):
+            at = int(np.flatnonzero(listing[0::2] == input_ids[t])[0]) * 2  # keys sit at even positions
+            found[int(t)] = [at, at + 1]
+        return found
+
     @property
     def vocab_size(self) -> int:
         return self.sep + 1

@@ -90,6 +90,15 @@ class SyntheticTask(abc.ABC):
                 return example
         raise RuntimeError(f"{type(self).__name__}: could not draw a {split} example; is the example space too small?")
 
+    def evidence(self, example: Example) -> dict[int, list[int]] | None:
+        """Where the fact each answer needs is stated: answer position -> the input positions stating it.
+
+        For tasks whose question looks up one stated fact (an MQAR key-value pair, a DistantPremise premise),
+        so that ``hydra-kit inspect`` can ask whether attention found it. None (the default): the task does
+        not say.
+        """
+        return None
+
     # --- no-skill baselines (issue 17): what an accuracy must beat before it shows a mechanism working ---
 
     @property

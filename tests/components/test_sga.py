@@ -361,3 +361,39 @@ def test_inference_step_writes_in_place_after_the_window_it_was_given() -> None:
     assert torch.equal(state.keys, before[0]) and torch.equal(state.values, before[1])
     assert after.key_buffer is not None and after.keys.data_ptr() != state.keys.data_ptr()
     assert torch.equal(after.keys[:, :-1], before[0][:, 1:])  # the window slid by one token
+
+
+@pytest.mark.parametrize("seq_len", [5, 8, 37])
+def test_attention_map_reproduces_the_forward(seq_len):
+    """The dense map of inspection has the forward's masks and global selection: weights times the values (a
+    scored one scaled by its salience 2 sigmoid(s)) through the output projection give the forward's update."""
+    torch.manual_seed(0)
+    module = SparseGlobalAttention(16, 0, **SMALL).double()
+    x, score = torch.randn(2, seq_len, 16, dtype=torch.float64), torch.randn(2, seq_len, dtype=torch.float64)
+    context = ComponentContext(global_score=score)
+    amap = module.attention_map(x, context)
+    assert amap.weights.shape == (2, 2, seq_len, seq_len) and (amap.via_global <= amap.visible).all()
+    assert not (amap.visible & ~torch.ones(seq_len, seq_len, dtype=torch.bool).tril()).any()  # causal
+    torch.testing.assert_close(amap.weights.sum(-1), torch.ones(2, 2, seq_len, dtype=torch.float64))
+    _, value = module.kv(x).view(2, seq_len, 2, 2, 8).unbind(2)  # (B, L, H, hd)
+    scaled = 2 * torch.sigmoid(score)  # (B, L): every scored key's value, local or global
+    y = torch.einsum("bhqk,bk,bkhd->bqhd", amap.weights, scaled, value).reshape(2, seq_len, 16)
+    torch.testing.assert_close(module.out(y), module(x, context).update)
+    # The globals a query reads are those global_schedule gives its chunk, outside its window.
+    schedule = global_schedule(score, 8, 2, 4)
+    for t in range(seq_len):
+        expected = {int(p) for p in schedule[0, t // 8] if p >= 0 and t > p + 8}
+        assert set(torch.nonzero(amap.via_global[0, t]).flatten().tolist()) == expected
+    some = torch.tensor([seq_len - 1, 0])
+    torch.testing.assert_close(module.attention_map(x, context, some).weights, amap.weights[:, :, some])
+
+
+def test_global_attention_share_is_a_diagnostic_only():
+    torch.manual_seed(0)
+    module = SparseGlobalAttention(16, 0, **SMALL)
+    x, score = torch.randn(2, 40, 16), torch.randn(2, 40)
+    assert "global_attn_share" not in module(x, ComponentContext(global_score=score)).stats
+    share = module(x, ComponentContext(global_score=score, diagnostics=True)).stats["global_attn_share"]
+    amap = module.attention_map(x, ComponentContext(global_score=score), torch.arange(8, 40))
+    torch.testing.assert_close(share, (amap.weights * amap.via_global[:, None]).sum(-1).mean())  # 32 queries: all past chunk 0
+    assert "global_attn_share" not in module(x, ComponentContext(diagnostics=True)).stats  # no router, no globals

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -60,3 +62,31 @@ def test_more_hops_change_the_read():
 def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="workspace: n_slots"):
         WorkspaceMemory(32, 0, n_slots=0)
+
+
+def test_read_statistics_measure_how_reads_spread_over_slots():
+    from hydra_kit.components.workspace import read_statistics
+
+    one_slot = torch.zeros(1, 1, 6, 4)
+    one_slot[..., 2] = 1.0
+    stats = read_statistics(one_slot, torch.float32)
+    assert stats["read_entropy"].item() == 0.0 and stats["slot_usage"].item() == pytest.approx(0.25)
+    spread = read_statistics(torch.full((2, 1, 6, 4), 0.25), torch.float32)
+    assert stats.keys() == spread.keys()
+    assert spread["read_entropy"].item() == pytest.approx(math.log(4)) and spread["slot_usage"].item() == pytest.approx(1.0)
+    # Every read on one slot, but a different slot per token: sharp reads, all slots used.
+    rotating = torch.eye(4)[torch.arange(8) % 4].view(1, 1, 8, 4)
+    stats = read_statistics(rotating, torch.float32)
+    assert stats["read_entropy"].item() == 0.0 and stats["slot_usage"].item() == pytest.approx(1.0)
+
+
+def test_read_statistics_only_when_asked_and_over_the_real_tokens():
+    from hydra_kit.protocol import ComponentContext
+
+    torch.manual_seed(0)
+    module = WorkspaceMemory(16, 0, n_slots=4, chunk_size=8, read_hops=2)
+    x = torch.randn(2, 21, 16)
+    assert set(module(x).stats) == {"write_gate"}
+    stats = module(x, ComponentContext(diagnostics=True)).stats
+    assert {"write_gate", "read_entropy", "slot_usage"} == set(stats)
+    assert 0.0 <= stats["read_entropy"].item() <= math.log(4) + 1e-6 and 0.25 - 1e-6 <= stats["slot_usage"].item() <= 1.0 + 1e-6

@@ -192,3 +192,17 @@ def test_curriculum_hook_shortens_the_task_and_restores_it_exactly():
         task.with_params({"num_keys": 8})
     with pytest.raises(ValueError, match="num_questions must be between 1 and the 4 premises"):
         task.with_params({"num_distractors": 3})  # 8 questions about 4 premises
+
+
+def test_evidence_is_the_premise_of_the_asked_key():
+    task = DistantPremise(distance=4, num_distractors=2, num_filler=3, num_keys=4, num_values=4, region_len=10)
+    assert task.evidence(task.sample(0, "train", 3)) == {12: [1, 2, 3]}  # the worked example's farthest premise
+    task = DistantPremise(distance=[8, 16], num_questions=3)
+    for i in range(20):
+        example = task.sample(0, "val", i)
+        found = task.evidence(example)
+        assert sorted(found) == np.flatnonzero(example.targets != IGNORE_INDEX).tolist()
+        for t, (marker, key, value) in found.items():
+            ids = example.input_ids
+            assert (ids[marker], ids[key], ids[value]) == (task.premise, ids[t], example.targets[t])
+        assert [t - 1 - found[t][0] for t in sorted(found)] == example.meta["offsets"]  # offsets count from the QUESTION marker

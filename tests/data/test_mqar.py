@@ -113,3 +113,15 @@ def test_elimination_shortcut_matches_its_docstring_example():
 def test_too_few_values_for_distinct_values_is_explained():
     with pytest.raises(ValueError, match="num_values must be at least"):
         MQAR(num_pairs=8, num_queries=8, num_keys=32, num_values=4)
+
+
+def test_evidence_is_the_asked_key_value_pair():
+    task = MQAR(num_pairs=2, num_queries=2, num_keys=4, num_values=4)
+    assert task.evidence(task.sample(0, "train", 0)) == {5: [2, 3], 6: [0, 1]}  # the worked example: k4 v5, k3 v6
+    task = MQAR(num_pairs=8, num_queries=5)
+    for i in range(20):
+        example = task.sample(1, "val", i)
+        found = task.evidence(example)
+        assert sorted(found) == np.flatnonzero(example.targets != IGNORE_INDEX).tolist()
+        for t, (key_at, value_at) in found.items():
+            assert example.input_ids[key_at] == example.input_ids[t] and example.input_ids[value_at] == example.targets[t]
