@@ -14,6 +14,7 @@ before Lightning parses them, so a mistake is reported with the file, the key an
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -143,6 +144,11 @@ def check_recipes(paths: list[str], argv: list[str]) -> None:
     from hydra_kit.recipe import resolve_components
 
     valid_model_keys = set(inspect.signature(HydraLM.__init__).parameters) - {"self"}
+    for key in ("vocab_size", "d_model", "n_blocks"):
+        value = _override(argv, f"model.{key}")
+        # Checked here, before the component placement below reads n_blocks (it would report "valid: 0..-3").
+        if value is not None and value.lstrip("-").isdigit() and int(value) <= 0:
+            raise RecipeError(f"--model.{key}: expected a positive integer, got {value}")
     n_blocks = int(merged_model_section(paths, argv).get("n_blocks", 4))
     for path in paths:
         recipe = load_recipe(path)
@@ -230,8 +236,15 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise RecipeError("generate: --max_new_tokens and --temperature must be >= 0 and --top_k >= 1")
+    if args.max_new_tokens < 0:
+        raise RecipeError(f"generate: --max_new_tokens: expected an integer >= 0, got {args.max_new_tokens}")
+    # `not x >= 0` rather than `x < 0`: NaN compares false with everything and reached torch.multinomial.
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise RecipeError(f"generate: --temperature: expected a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise RecipeError(f"generate: --top_k: expected an integer >= 1, got {args.top_k}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise RecipeError(f"generate: --seed: expected an integer in -2**63..2**64-1, got {args.seed}")
     if args.prompt is not None and not args.prompt:
         raise RecipeError("generate: --prompt is empty; give at least one character (or token ids with --prompt-ids)")
     model, _ = load_model(args.ckpt_path)
@@ -245,15 +258,25 @@ def cmd_generate(argv: list[str]) -> int:
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise RecipeError(f"--prompt-ids: ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
+    if args.top_k is not None and args.top_k > vocab:
+        raise RecipeError(f"generate: --top_k: expected an integer in 1..{vocab} (the model's vocabulary), got {args.top_k}")
     generator = torch.Generator().manual_seed(args.seed)
     tokens = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        value = int(token[0])
-        text = decoder.decode(bytes([value])) if args.prompt is not None and value < 256 else f"{value} "
-        sys.stdout.write(text)
+    try:
+        for token in tokens:
+            value = int(token[0])
+            text = decoder.decode(bytes([value])) if args.prompt is not None and value < 256 else f"{value} "
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    except BrokenPipeError:
+        # The reader left (`| head -c 40`): stop quietly, as Unix tools do. Python would flush stdout again at exit
+        # and fail on the closed pipe, so point it at devnull first (the Python docs' recipe, library/signal).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import json
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -269,11 +270,25 @@ class HydraCLI(LightningCLI):
             config["enable_model_summary"] = False  # ours replaces Lightning's (which printed "Total FLOPs: 0")
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except RecipeError:
+            raise
+        except ValueError as exc:
+            # A data module (or its task) chosen by class_path is built inside jsonargparse's check of a union type,
+            # which wraps the constructor's own message in a page about the union's subtypes: report that message.
+            cause = _constructor_error(exc)
+            if cause is None:
+                raise
+            raise RecipeError(str(cause)) from None
+
     def before_instantiate_classes(self) -> None:
         """Check trainer limits, apply recipe ablations, resolve ``--ckpt_path last``, check the checkpoint fits."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
         _check_step_limits(trainer, fitting=self.subcommand in (None, "fit"))
+        _check_strategy(trainer.get("strategy"))
         _apply_ablation_callbacks(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
@@ -329,9 +344,53 @@ class HydraCLI(LightningCLI):
         console.print("checkpoints: " + (", ".join(paths) or "-"))
 
 
+def _constructor_error(exc: BaseException) -> ValueError | None:
+    """The ValueError a class raised in its constructor, when jsonargparse wrapped it while instantiating; else None."""
+    import jsonargparse
+
+    package = str(Path(jsonargparse.__file__).parent)
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if root is exc or not isinstance(root, ValueError):
+        return None
+    frames = traceback.extract_tb(root.__traceback__)
+    # The innermost frame is the constructor's raise; one in jsonargparse itself is a parsing problem, not the class's.
+    if not frames or frames[-1].filename.startswith(package):
+        return None
+    return root
+
+
 def _config_paths(argv: list[str]) -> list[str]:
     paths = [path for flag, path in itertools.pairwise(argv) if flag in ("--config", "-c")]
     return paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+# Lightning's DDP strategies that register DDPStrategy with find_unused_parameters=False.
+_PLAIN_DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def _check_strategy(strategy: Any) -> None:
+    """Refuse DDP without unused-parameter detection, which fails at the second step with a page of traceback.
+
+    Sparse components (experts not chosen, gates of absent paths, global tokens not picked) leave some
+    parameters without a gradient in a given step, and plain DDP waits for every gradient.
+    """
+    if isinstance(strategy, str):
+        name = strategy
+        if name not in _PLAIN_DDP:
+            return
+    elif hasattr(strategy, "get") and str(strategy.get("class_path", "")).rsplit(".", 1)[-1] == "DDPStrategy":
+        init = strategy.get("init_args") or {}
+        if init.get("find_unused_parameters"):
+            return
+        name = "DDPStrategy without find_unused_parameters"
+    else:
+        return
+    raise RecipeError(
+        f"--trainer.strategy {name}: Hydra's sparse components leave some parameters without a gradient in a step, which "
+        f"plain DDP cannot handle; use --trainer.strategy ddp_find_unused_parameters_true"
+    )
 
 
 def _check_step_limits(trainer: Any, *, fitting: bool) -> None:

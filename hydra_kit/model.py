@@ -122,6 +122,34 @@ def embedding_rows(report: dict[str, Any]) -> list[tuple[str, int, float]]:
     return [("embedding", embed, 0.0), ("output head", head, 2 * head / 1e6)]
 
 
+def _check_optimiser_args(*, lr: float, weight_decay: float, betas: Any, warmup_steps: int, min_lr_ratio: float, init_std: float) -> None:
+    """Refuse optimiser and initialisation hyper-parameters that torch would reject deep inside ``fit`` (or accept and diverge on).
+
+    Raises:
+        RecipeError: naming the key (``model.lr``), the value and the valid range.
+    """
+
+    def bad(key: str, value: Any, expected: str) -> RecipeError:
+        return RecipeError(f"model.{key}: expected {expected}, got {value!r}")
+
+    # `not x > 0` rather than `x <= 0`, so that NaN is refused too.
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise bad("lr", lr, "a finite number > 0")
+    if not (isinstance(weight_decay, int | float) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise bad("weight_decay", weight_decay, "a finite number >= 0")
+    if not (isinstance(betas, list | tuple) and len(betas) == 2):
+        raise bad("betas", betas, "two numbers in [0, 1), like [0.9, 0.95]")
+    for i, beta in enumerate(betas):
+        if not (isinstance(beta, int | float) and 0 <= beta < 1):
+            raise bad(f"betas[{i}]", beta, "a number in [0, 1)")
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise bad("warmup_steps", warmup_steps, "an integer >= 0")
+    if not (isinstance(min_lr_ratio, int | float) and 0 <= min_lr_ratio <= 1):
+        raise bad("min_lr_ratio", min_lr_ratio, "a number in [0, 1]")
+    if not (isinstance(init_std, int | float) and math.isfinite(init_std) and init_std > 0):
+        raise bad("init_std", init_std, "a finite number > 0")
+
+
 class HydraLM(L.LightningModule):
     """A Hydra-family decoder-only language model built from component plugins.
 
@@ -165,6 +193,7 @@ class HydraLM(L.LightningModule):
         self.save_hyperparameters()
         if vocab_size <= 0 or d_model <= 0 or n_blocks <= 0:
             raise RecipeError(f"model: vocab_size ({vocab_size}), d_model ({d_model}) and n_blocks ({n_blocks}) must be positive")
+        _check_optimiser_args(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, init_std=init_std)
         spec = dict(DEFAULT_COMPONENTS if components is None else components)
         for name in dropped or []:
             if name not in spec:
