@@ -8,8 +8,10 @@ tampered file fails with a message that names it.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from hydra_kit.model import HydraLM
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +51,48 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # the names atomic_torch_save writes under: .<target>.tmp-<pid>
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_torch_save` left in ``directory`` by processes no longer alive.
+
+    A process killed while writing (``kill -9``, out of memory) leaves its ``.<name>.tmp-<pid>``, possibly as large
+    as a checkpoint; a live process may be writing one right now, so only a dead writer's file goes. Process ids
+    are those of this machine: a folder shared between machines may hold a live writer elsewhere whose id is
+    free here, which is why this runs only when a run starts or resumes in the folder.
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(directory)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or not path.is_file() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # another process starting in the same folder removed it first
+            continue
+        removed.append(path)
+    if removed:
+        log.info("removed %d temporary checkpoint file(s) of killed runs in %s: %s", len(removed), folder, ", ".join(p.name for p in removed))
+    return removed
 
 
 def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
@@ -108,6 +154,12 @@ class LastCheckpoint(ModelCheckpoint):
     Lightning's ModelCheckpoint skips the end-of-training save once any "last" checkpoint was written in the
     run, which leaves ``last.ckpt`` behind the final step when the run length is not a multiple of the interval.
     """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # A run starting or resuming here clears what a killed writer left (the folder is resolved by now).
+        if trainer.is_global_zero and self.dirpath is not None:
+            remove_stale_temporaries(self.dirpath)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

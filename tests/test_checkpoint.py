@@ -56,3 +56,43 @@ def test_sequence_longer_than_supported_is_explained(monkeypatch):
     monkeypatch.setattr(type(model.blocks[0].mixers["mlp"]), "max_seq_len", 8)
     with pytest.raises(ValueError, match="sequence of length 9 exceeds the 8 tokens"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped), so no process holds it for now."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    import os
+
+    from hydra_kit.checkpoint import remove_stale_temporaries
+
+    dead = tmp_path / f".last.ckpt.tmp-{_dead_pid()}"  # what `kill -9` during atomic_torch_save leaves
+    live = tmp_path / f".last.ckpt.tmp-{os.getpid()}"  # a writer that is still running
+    other = tmp_path / "notes.tmp-1"  # not a name atomic_torch_save writes
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()
+    assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_run_starting_in_a_checkpoint_folder_clears_dead_writers_temporaries(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from hydra_kit.checkpoint import LastCheckpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    dead = folder / f".last.ckpt.tmp-{_dead_pid()}"
+    dead.write_bytes(b"partial")
+    callback = LastCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    callback.setup(trainer, HydraLM(vocab_size=8, d_model=16, n_blocks=1, components={"mlp": {"component": "mlp", "blocks": "all"}}), "fit")
+    assert not dead.exists()
