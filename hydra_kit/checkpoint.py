@@ -97,6 +97,12 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
 
 def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with a clear error for missing, truncated, corrupt or tampered files."""
+    if os.path.isdir(path):
+        # Where a run folder keeps them, not a recursive search: a directory can be as large as "/".
+        patterns = ("*.ckpt", "checkpoints/*.ckpt", "version_*/checkpoints/*.ckpt", "*/version_*/checkpoints/*.ckpt")
+        inside = sorted(p.relative_to(path).as_posix() for pattern in patterns for p in Path(path).glob(pattern))[:5]
+        hint = f"; checkpoints inside: {', '.join(inside)}" if inside else "; it holds no .ckpt file"
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is a directory, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not exist")
     if not zipfile.is_zipfile(path):

@@ -114,3 +114,12 @@ def test_generate_into_a_closed_pipe_exits_quietly(byte_ckpt):
     assert proc.wait(timeout=120) == 0, err
     assert err == "", err
 
+
+
+@pytest.mark.parametrize("command", ["generate", "validate"])
+def test_directory_as_ckpt_path_is_named_a_directory(tmp_path, capsys, lightning_logs_here, command):
+    folder = tmp_path / "runs-folder"
+    folder.mkdir()
+    extra = ["--prompt-ids", "1"] if command == "generate" else ["--config", str(quick_recipe(tmp_path))]
+    assert _exit_code([command, "--ckpt_path", str(folder), *extra]) == 2
+    assert f"checkpoint '{folder}' is a directory, not a checkpoint file" in _error_line(capsys.readouterr().err)

@@ -96,3 +96,13 @@ def test_run_starting_in_a_checkpoint_folder_clears_dead_writers_temporaries(tmp
     trainer = Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, enable_progress_bar=False, enable_model_summary=False)
     callback.setup(trainer, HydraLM(vocab_size=8, d_model=16, n_blocks=1, components={"mlp": {"component": "mlp", "blocks": "all"}}), "fit")
     assert not dead.exists()
+
+
+def test_directory_given_as_checkpoint_is_named_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file; it holds no \.ckpt file"):
+        safe_torch_load(tmp_path)
+    run = tmp_path / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    atomic_torch_save({"w": torch.zeros(2)}, run / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file; checkpoints inside: version_0/checkpoints/last\.ckpt"):
+        safe_torch_load(tmp_path)

@@ -42,13 +42,14 @@ class TextDataError(RecipeError):
     """The text data cannot be used (missing, empty, too short); the message names the path and the fix."""
 
 
-def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = False) -> tuple[np.ndarray, list[Path]]:
+def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = False, key: str = "data.path") -> tuple[np.ndarray, list[Path]]:
     """The bytes of a file, or of the matching files under a folder concatenated, and the files read.
 
     Args:
         path: a file or a folder.
         pattern: file-name pattern for a folder (recursive glob).
         allow_binary: accept files that are not UTF-8 text.
+        key: the recipe key that gave ``path`` (``data.path`` or ``data.val_path``), named in errors.
 
     Raises:
         TextDataError: the path does not exist, a folder has no matching file, a file is not UTF-8 text (unless
@@ -63,21 +64,21 @@ def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = Fa
         files = sorted(p for p in root.rglob(pattern) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if not files:
             present = sorted(p.name for p in root.iterdir())[:10]
-            raise TextDataError(f"data.path {str(root)!r}: no file matching {pattern!r} in this folder (it holds: {', '.join(present) or 'nothing'}); set data.pattern")
+            raise TextDataError(f"{key} {str(root)!r}: no file matching {pattern!r} in this folder (it holds: {', '.join(present) or 'nothing'}); set data.pattern")
     else:
-        raise TextDataError(f"data.path {str(root)!r}: no such file or folder; pass --data.init_args.path FILE_OR_FOLDER")
+        raise TextDataError(f"{key} {str(root)!r}: no such file or folder; pass --data.init_args.{key.split('.')[-1]} FILE_OR_FOLDER")
     parts = [np.fromfile(f, dtype=np.uint8) for f in files]
     if not allow_binary:
         for file, part in zip(files, parts, strict=True):
-            _check_utf8(file, part)
+            _check_utf8(file, part, key=key)
     data = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
     if data.size == 0:
         what = "file is empty" if root.is_file() else f"{len(files)} matching file(s) are all empty"
-        raise TextDataError(f"data.path {str(root)!r}: the {what}; there is no text to train on")
+        raise TextDataError(f"{key} {str(root)!r}: the {what}; there is no text to {'validate' if key == 'data.val_path' else 'train'} on")
     return data, files
 
 
-def _check_utf8(file: Path, data: np.ndarray, chunk: int = 1 << 22) -> None:
+def _check_utf8(file: Path, data: np.ndarray, chunk: int = 1 << 22, key: str = "data.path") -> None:
     """Raise TextDataError naming the file and offset of the first byte that is not valid UTF-8."""
     import codecs
 
@@ -89,7 +90,7 @@ def _check_utf8(file: Path, data: np.ndarray, chunk: int = 1 << 22) -> None:
         except UnicodeDecodeError as exc:
             offset = start - pending + exc.start
             raise TextDataError(
-                f"data.path {str(file)!r}: not UTF-8 text (byte 0x{int(data[min(offset, len(data) - 1)]):02x} at offset "
+                f"{key} {str(file)!r}: not UTF-8 text (byte 0x{int(data[min(offset, len(data) - 1)]):02x} at offset "
                 f"{offset:,} is not valid UTF-8); name a text file, or set data.init_args.allow_binary true to train on any bytes"
             ) from None
 
@@ -170,18 +171,18 @@ class TextDataModule(L.LightningDataModule):
         if val_path is None:
             split_at = round(len(data) * (1.0 - val_fraction))
             train, val, val_files = data[:split_at], data[split_at:], files
-            sources = [("training", path, train), ("validation", path, val)]
+            sources = [("training", "data.path", path, train), ("validation", "data.path", path, val)]
             how = f" ({len(data):,} bytes split at val_fraction {val_fraction})"
         else:
             train = data
-            val, val_files = read_bytes(val_path, self.pattern, self.allow_binary)
-            sources = [("training", path, train), ("validation", val_path, val)]
+            val, val_files = read_bytes(val_path, self.pattern, self.allow_binary, key="data.val_path")
+            sources = [("training", "data.path", path, train), ("validation", "data.val_path", val_path, val)]
             how = ""
         window = seq_len + 1
-        for name, source, part in sources:
+        for name, key, source, part in sources:
             if len(part) < window:
                 raise TextDataError(
-                    f"data.path {source!r}: {len(part):,} {name} bytes{how}, shorter than one window of "
+                    f"{key} {source!r}: {len(part):,} {name} bytes{how}, shorter than one window of "
                     f"seq_len + 1 = {window} bytes; use a longer text or a smaller seq_len"
                 )
         self._loaded = (train, val, files, val_files)

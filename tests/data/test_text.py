@@ -104,6 +104,24 @@ def test_bad_input_names_the_path(tmp_path, files, target, kwargs, match):
         dm.setup("fit")
 
 
+@pytest.mark.parametrize(
+    ("files", "val_target", "match"),
+    [
+        ({}, "missing.txt", r"data\.val_path '.*missing\.txt': no such file or folder; pass --data\.init_args\.val_path"),
+        ({"empty.txt": b""}, "empty.txt", r"data\.val_path '.*empty\.txt': the file is empty; there is no text to validate on"),
+        ({"short.txt": b"tiny"}, "short.txt", r"data\.val_path '.*short\.txt': 4 validation bytes, shorter than one window"),
+    ],
+    ids=["missing", "empty", "too-short"],
+)
+def test_bad_val_path_is_named_val_path(tmp_path, files, val_target, match):
+    (tmp_path / "train.txt").write_text("x" * 1000)
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    dm = TextDataModule(str(tmp_path / "train.txt"), seq_len=16, val_path=str(tmp_path / val_target))
+    with pytest.raises(TextDataError, match=match):
+        dm.setup("fit")
+
+
 def test_too_few_windows_for_a_batch_is_explained(tmp_path):
     (tmp_path / "t.txt").write_text("y" * 1000)
     dm = TextDataModule(str(tmp_path / "t.txt"), seq_len=64, batch_size=16, val_fraction=0.5)
