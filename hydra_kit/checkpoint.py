@@ -8,6 +8,7 @@ tampered file fails with a message that names it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -95,8 +96,49 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+# The checkpoint key holding the SHA-256 of the state dict's tensors, written by AtomicCheckpointIO.
+DIGEST_KEY = "hydra_kit_state_dict_sha256"
+
+
+def state_dict_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over the tensors of a state dict: for each key in sorted order, its name, dtype, shape and bytes.
+
+    Torch's zip archive keeps no checksum of the tensor data it reads back, so a flipped bit on disk or in a copy
+    loads as a silently different weight; this digest, stored beside the weights, catches it.
+    """
+    hasher = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _verify_digest(checkpoint: Any, path: str | os.PathLike[str]) -> None:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        return
+    stored = checkpoint.get(DIGEST_KEY)
+    if stored is None:
+        if "hyper_parameters" not in checkpoint:  # not a model checkpoint of hydra-kit: the caller refuses it
+            return
+        log.warning("checkpoint %r has no weight digest (written before hydra-kit stored one): its weights are not verified", os.fspath(path))
+        return
+    if stored != state_dict_digest(checkpoint["state_dict"]):
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} is corrupt: its weights do not match the SHA-256 digest stored when it was "
+            f"written (changed on disk or in a copy); it was not loaded"
+        )
+
+
 def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with a clear error for missing, truncated, corrupt or tampered files."""
+    """``torch.load(weights_only=True)`` with a clear error for missing, truncated, corrupt or tampered files.
+
+    A checkpoint written by :class:`AtomicCheckpointIO` carries a digest of its weights, checked here; one
+    without (older checkpoints) loads with a warning.
+    """
     if os.path.isdir(path):
         # Where a run folder keeps them, not a recursive search: a directory can be as large as "/".
         patterns = ("*.ckpt", "checkpoints/*.ckpt", "version_*/checkpoints/*.ckpt", "*/version_*/checkpoints/*.ckpt")
@@ -113,7 +155,7 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             f"checkpoint archive ({size:,} bytes)"
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {os.fspath(path)!r} holds objects that weights-only loading refuses (tampered, or written "
@@ -121,6 +163,8 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is truncated or corrupt and cannot be read ({str(exc).splitlines()[0]})") from None
+    _verify_digest(checkpoint, path)
+    return checkpoint
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[HydraLM, dict[str, Any]]:
@@ -148,6 +192,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic writes and weights-only reads (the default of every hydra-kit run)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = {**checkpoint, DIGEST_KEY: state_dict_digest(checkpoint["state_dict"])}
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:

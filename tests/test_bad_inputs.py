@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import HYDRA_KIT, quick_recipe
 
+from hydra_kit.checkpoint import AtomicCheckpointIO
 from hydra_kit.model import HydraLM
 
 
@@ -41,7 +42,7 @@ def byte_ckpt(tmp_path):
     torch.manual_seed(0)
     model = HydraLM(vocab_size=256, d_model=16, n_blocks=1, components={"mlp": {"component": "mlp", "blocks": "all"}})
     path = tmp_path / "byte.ckpt"
-    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    AtomicCheckpointIO().save_checkpoint({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
     return path
 
 

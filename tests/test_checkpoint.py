@@ -106,3 +106,59 @@ def test_directory_given_as_checkpoint_is_named_a_directory(tmp_path):
     atomic_torch_save({"w": torch.zeros(2)}, run / "last.ckpt")
     with pytest.raises(CheckpointError, match=r"is a directory, not a checkpoint file; checkpoints inside: version_0/checkpoints/last\.ckpt"):
         safe_torch_load(tmp_path)
+
+
+def _tiny_checkpoint(path):
+    """A real checkpoint of a small HydraLM written by the checkpoint IO of every run; returns the model."""
+    from hydra_kit.checkpoint import AtomicCheckpointIO
+
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=32, d_model=16, n_blocks=1, components={"mlp": {"component": "mlp", "blocks": "all"}})
+    AtomicCheckpointIO().save_checkpoint({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return model
+
+
+def test_checkpoint_with_a_flipped_weight_byte_is_refused_naming_the_file(tmp_path, capsys):
+    from hydra_kit.checkpoint import DIGEST_KEY
+    from hydra_kit.cli import main
+
+    path = tmp_path / "model.ckpt"
+    model = _tiny_checkpoint(path)
+    assert DIGEST_KEY in safe_torch_load(path)  # intact: loads, digest present
+    weight = model.embed.weight.detach().numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(weight)
+    assert at > 0  # torch stores tensors uncompressed, and keeps no checksum of them
+    data[at + len(weight) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.ckpt' is corrupt: its weights do not match the SHA-256 digest"):
+        safe_torch_load(path)
+    assert main(["generate", "--ckpt_path", str(path), "--prompt-ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and f"checkpoint '{path}' is corrupt" in err, err
+
+
+def test_checkpoint_without_a_digest_loads_with_one_warning(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "old.ckpt"
+    model = _tiny_checkpoint(tmp_path / "new.ckpt")
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)  # as before digests
+    with caplog.at_level(logging.WARNING, logger="hydra_kit.checkpoint"):
+        loaded = safe_torch_load(path)
+    assert torch.equal(loaded["state_dict"]["embed.weight"], model.embed.weight)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"checkpoint '{path}' has no weight digest (written before hydra-kit stored one): its weights are not verified"]
+
+
+def test_digest_depends_on_names_shapes_and_bytes():
+    from hydra_kit.checkpoint import state_dict_digest
+
+    base = {"a": torch.arange(6.0), "b": torch.ones(2, dtype=torch.bfloat16)}
+    digest = state_dict_digest(base)
+    assert digest == state_dict_digest(dict(reversed(base.items())))  # fixed order, whatever the dict's
+    assert digest != state_dict_digest({**base, "a": torch.arange(6.0).reshape(2, 3)})
+    assert digest != state_dict_digest({"c": base["a"], "b": base["b"]})
+    changed = base["a"].clone()
+    changed[3] = 3.0000002
+    assert digest != state_dict_digest({**base, "a": changed})
