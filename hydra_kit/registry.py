@@ -8,14 +8,19 @@ hydra-kit's own ``pyproject.toml`` exactly as a third-party package declares its
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote, urlparse
 
 from hydra_kit.protocol import TriPathComponent
 
 ENTRY_POINT_GROUP = "hydra_kit.components"
 FIRST_PARTY_DISTRIBUTION = "hydra-kit"
+# The running hydra_kit package: first-party means "the distribution that installed these very files".
+_PACKAGE_INIT = Path(__file__).resolve().parent / "__init__.py"
 
 
 class ComponentRegistryError(ValueError):
@@ -32,6 +37,8 @@ class ComponentEntry:
         distribution: name of the installed distribution that declared it.
         version: that distribution's version.
         target: the entry point's ``module:Class`` string.
+        first_party: declared by the distribution that installed the running ``hydra_kit`` package (checked by
+            the files it installed, not by its name: see :func:`is_first_party`).
     """
 
     name: str
@@ -39,10 +46,7 @@ class ComponentEntry:
     distribution: str
     version: str
     target: str
-
-    @property
-    def first_party(self) -> bool:
-        return _normalise(self.distribution) == _normalise(FIRST_PARTY_DISTRIBUTION)
+    first_party: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,34 @@ def _normalise(distribution: str) -> str:
     return distribution.lower().replace("_", "-").replace(".", "-")
 
 
+def _installs_running_package(dist: metadata.Distribution) -> bool:
+    """True when ``dist`` installed the ``hydra_kit`` package this process runs (a wheel or an editable install)."""
+    try:
+        for file in dist.files or ():
+            if file.parts == ("hydra_kit", "__init__.py") and Path(str(dist.locate_file(file))).resolve() == _PACKAGE_INIT:
+                return True
+        # An editable install (pip install -e) lists no package files; it records the source tree it points at.
+        direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    except (OSError, ValueError, TypeError):
+        return False
+    url = urlparse(str(direct_url.get("url", "")))
+    if url.scheme != "file" or not (direct_url.get("dir_info") or {}).get("editable"):
+        return False
+    return (Path(unquote(url.path)) / "hydra_kit" / "__init__.py").resolve() == _PACKAGE_INIT
+
+
+def is_first_party(entry_point: metadata.EntryPoint) -> bool:
+    """Whether ``entry_point`` is declared by hydra-kit's own distribution.
+
+    The name alone proves nothing (any package may call itself ``hydra-kit`` in its metadata), so the
+    distribution must also be the one whose files are the running ``hydra_kit`` package.
+    """
+    dist = entry_point.dist
+    if dist is None or _normalise(dist.metadata["Name"] or dist.name) != _normalise(FIRST_PARTY_DISTRIBUTION):
+        return False
+    return _installs_running_package(dist)
+
+
 def _distribution_of(entry_point: metadata.EntryPoint) -> tuple[str, str]:
     dist = entry_point.dist
     if dist is None:
@@ -121,7 +153,8 @@ def discover(
 
     Args:
         third_party: when False, only components of the hydra-kit distribution itself are loaded (the CLI
-            sets this from ``--no-plugins`` or ``HYDRA_KIT_NO_PLUGINS=1``).
+            sets this from ``--no-plugins`` or ``HYDRA_KIT_NO_PLUGINS=1``); a distribution is hydra-kit's own
+            when it installed the running ``hydra_kit`` package (:func:`is_first_party`), whatever its name.
         entry_points: the entry points to load instead of the installed ones (tests use this).
 
     Returns:
@@ -137,12 +170,13 @@ def discover(
     registry = Registry()
     for ep in entry_points:
         distribution, version = _distribution_of(ep)
-        if not third_party and _normalise(distribution) != _normalise(FIRST_PARTY_DISTRIBUTION):
+        first_party = is_first_party(ep)
+        if not third_party and not first_party:
             registry.skipped[ep.name] = f"{distribution} {version}"
             continue
         existing = registry.entries.get(ep.name)
         if existing is not None:
-            if existing.target == ep.value and _normalise(existing.distribution) == _normalise(distribution):
+            if existing.target == ep.value and _normalise(existing.distribution) == _normalise(distribution) and existing.first_party == first_party:
                 continue  # the same distribution seen twice on sys.path
             raise ComponentRegistryError(
                 f"component name {ep.name!r} is declared twice: by {existing.distribution} {existing.version} "
@@ -150,7 +184,9 @@ def discover(
             )
         try:
             obj = ep.load()
-        except Exception as exc:  # a broken plugin must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit at import) must not take the others down
             registry.failures.append(LoadFailure(ep.name, distribution, version, f"{type(exc).__name__}: {exc}"))
             continue
         if not (isinstance(obj, type) and issubclass(obj, TriPathComponent)):
@@ -159,5 +195,5 @@ def discover(
                 f"entry point {ep.name!r} = {ep.value!r} of {distribution} {version} is {what}, "
                 f"not a subclass of hydra_kit.TriPathComponent"
             )
-        registry.entries[ep.name] = ComponentEntry(ep.name, obj, distribution, version, ep.value)
+        registry.entries[ep.name] = ComponentEntry(ep.name, obj, distribution, version, ep.value, first_party)
     return registry

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,19 +12,25 @@ from hydra_kit.registry import ENTRY_POINT_GROUP, ComponentRegistryError, discov
 
 
 class FakeDistribution(metadata.Distribution):
-    def __init__(self, name: str, version: str) -> None:
+    """An installed distribution as importlib.metadata sees it; ``root`` and ``record`` place its files somewhere."""
+
+    def __init__(self, name: str, version: str, root: Path | None = None, record: str | None = None) -> None:
         self._text = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        self._root = root
+        self._record = record
 
     def read_text(self, filename: str) -> str | None:
+        if filename == "RECORD":
+            return self._record
         return self._text if filename in ("METADATA", "PKG-INFO") else None
 
-    def locate_file(self, path):  # pragma: no cover - not used
-        return path
+    def locate_file(self, path):
+        return path if self._root is None else self._root / path
 
 
-def entry(name: str, value: str, dist: str = "hydra-kit-fake", version: str = "1.2.3") -> metadata.EntryPoint:
+def entry(name: str, value: str, dist: str | metadata.Distribution = "hydra-kit-fake", version: str = "1.2.3") -> metadata.EntryPoint:
     ep = metadata.EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
-    return ep._for(FakeDistribution(dist, version))
+    return ep._for(dist if isinstance(dist, metadata.Distribution) else FakeDistribution(dist, version))
 
 
 def test_loads_components_with_distribution_and_version():
@@ -56,11 +64,65 @@ def test_broken_plugin_is_reported_and_others_still_load():
 
 
 def test_third_party_switch_keeps_first_party_only():
-    eps = [entry("cummean", "fake_components:CumulativeMeanMixer", "hydra-kit", "0.1.0"), entry("other", "fake_components:LookAheadMixer", "someone-else", "1.0")]
+    own = metadata.distribution("hydra-kit")  # the distribution that installed the running hydra_kit package
+    eps = [entry("cummean", "fake_components:CumulativeMeanMixer", own), entry("other", "fake_components:LookAheadMixer", "someone-else", "1.0")]
     assert discover(entry_points=eps, third_party=False).names() == ["cummean"]
     assert discover(entry_points=eps).names() == ["cummean", "other"]
     with pytest.raises(ComponentRegistryError, match=r"unknown component 'other' \(declared by someone-else 1\.0, but third-party plugins are disabled"):
         discover(entry_points=eps, third_party=False).resolve("other")
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_reported_and_others_still_load():
+    sys.modules.pop("exiting_plugin", None)
+    registry = discover(entry_points=[entry("exiting", "exiting_plugin:Thing", "hydra-kit-exiting", "0.4"), entry("cummean", "fake_components:CumulativeMeanMixer")])
+    assert registry.names() == ["cummean"]
+    (failure,) = registry.failures
+    assert (failure.name, failure.distribution, failure.version) == ("exiting", "hydra-kit-exiting", "0.4")
+    assert failure.error == "SystemExit: 3"
+    assert failure.describe() == "component 'exiting' from hydra-kit-exiting 0.4 failed to load: SystemExit: 3"
+
+
+def test_a_plugin_calling_sys_exit_at_import_does_not_stop_the_components_command(capsys, monkeypatch):
+    import hydra_kit.registry
+
+    sys.modules.pop("exiting_plugin", None)
+    real = metadata.entry_points
+    installed = [*real(group=ENTRY_POINT_GROUP), entry("exiting", "exiting_plugin:Thing", "hydra-kit-exiting", "0.4")]
+    monkeypatch.setattr(hydra_kit.registry.metadata, "entry_points", lambda group=None, **kw: installed if group == ENTRY_POINT_GROUP else real(**kw) if group is None else real(group=group, **kw))
+    out = " ".join(_listed(capsys, ["components"]).split())
+    assert "ssm" in out
+    assert "component 'exiting' from hydra-kit-exiting 0.4 failed to load: SystemExit: 3" in out
+
+
+def test_a_keyboard_interrupt_while_importing_a_plugin_is_not_swallowed(monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    ep = entry("slow", "fake_components:CumulativeMeanMixer")
+    monkeypatch.setattr(type(ep), "load", lambda self: interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        discover(entry_points=[ep])
+
+
+def test_a_distribution_named_hydra_kit_elsewhere_is_third_party(tmp_path):
+    # Another package calling itself hydra-kit, with its own hydra_kit/__init__.py somewhere else.
+    (tmp_path / "hydra_kit").mkdir()
+    (tmp_path / "hydra_kit" / "__init__.py").write_text("")
+    impostor = FakeDistribution("hydra_kit", "9.9", root=tmp_path, record="hydra_kit/__init__.py,,\n")
+    eps = [entry("impostor", "broken_plugin:Thing", impostor), entry("cummean", "fake_components:CumulativeMeanMixer", impostor)]
+    registry = discover(entry_points=eps, third_party=False)
+    assert registry.names() == [] and registry.failures == []  # its code never ran: broken_plugin was not imported
+    assert registry.skipped == {"impostor": "hydra_kit 9.9", "cummean": "hydra_kit 9.9"}
+    assert not discover(entry_points=eps).resolve("cummean").first_party
+    # One that lists no files at all (no location) is not first-party either.
+    assert discover(entry_points=[entry("cummean", "fake_components:CumulativeMeanMixer", "hydra-kit", "0.1.0")], third_party=False).names() == []
+
+
+def test_the_installed_first_party_distribution_is_recognised_by_its_files():
+    from hydra_kit.registry import is_first_party
+
+    own = metadata.distribution("hydra-kit")
+    assert is_first_party(entry("cummean", "fake_components:CumulativeMeanMixer", own))
 
 
 def test_unknown_name_lists_available():
