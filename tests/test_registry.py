@@ -50,7 +50,7 @@ def test_duplicate_names_name_both_distributions():
 
 def test_non_component_is_rejected_with_distribution():
     with pytest.raises(ComponentRegistryError, match=r"'bad'.*hydra-kit-fake 1\.2\.3.*not a subclass of hydra_kit\.TriPathComponent"):
-        discover(entry_points=[entry("bad", "fake_components:NotAComponent")])
+        discover(entry_points=[entry("bad", "fake_components:NotAComponent")]).resolve("bad")  # raised when loaded
 
 
 def test_broken_plugin_is_reported_and_others_still_load():
@@ -101,7 +101,7 @@ def test_a_keyboard_interrupt_while_importing_a_plugin_is_not_swallowed(monkeypa
     ep = entry("slow", "fake_components:CumulativeMeanMixer")
     monkeypatch.setattr(type(ep), "load", lambda self: interrupted())
     with pytest.raises(KeyboardInterrupt):
-        discover(entry_points=[ep])
+        discover(entry_points=[ep]).resolve("slow")
 
 
 def test_a_distribution_named_hydra_kit_elsewhere_is_third_party(tmp_path):
@@ -208,3 +208,71 @@ def test_a_plugin_packaging_bug_is_one_line_that_names_it_and_no_plugins(monkeyp
         assert "ssm" in capsys.readouterr().out
     finally:
         configure_plugins(third_party=True)
+
+
+# --------------------------------------------------------------------- issue 35, item 4c: plugins imported on demand
+def _forget(*modules: str) -> None:
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def test_discover_imports_no_plugin():
+    _forget("broken_plugin", "exiting_plugin")
+    eps = [entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9"), entry("exiting", "exiting_plugin:Thing", "hydra-kit-exiting", "0.4"), entry("cummean", "fake_components:CumulativeMeanMixer")]
+    registry = discover(entry_points=eps)
+    assert registry.declared() == ["broken", "cummean", "exiting"] and registry.failures == []
+    assert not any(e.loaded for e in registry.entries.values())
+    assert registry.resolve("cummean").cls.__name__ == "CumulativeMeanMixer"
+    assert registry.resolve("CumulativeMeanMixer").name == "cummean"  # a class name: only the entries whose target matches
+    assert "broken_plugin" not in sys.modules and "exiting_plugin" not in sys.modules and registry.failures == []
+    with pytest.raises(ComponentRegistryError, match=r"unknown component 'exiting' \(component 'exiting' from hydra-kit-exiting 0\.4 failed to load: SystemExit: 3\)"):
+        registry.resolve("exiting")
+    assert "broken_plugin" not in sys.modules  # the failure of one plugin loaded no other
+
+
+def test_a_class_name_no_target_matches_loads_every_plugin_and_reports_the_broken_ones():
+    _forget("broken_plugin")
+    registry = discover(entry_points=[entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9"), entry("cummean", "fake_components:CumulativeMeanMixer")])
+    with pytest.raises(ComponentRegistryError, match=r"unknown component 'NoSuchMixer'; available: cummean \(CumulativeMeanMixer\)"):
+        registry.resolve("NoSuchMixer")
+    assert [f.name for f in registry.failures] == ["broken"]
+
+
+def _run_with_installed(monkeypatch, capsys, extra: list[metadata.EntryPoint], argv: list[str]) -> tuple[int, str, str]:
+    from conftest import REPO
+
+    import hydra_kit.model
+    import hydra_kit.registry
+    from hydra_kit import cli
+    from hydra_kit.model import configure_plugins
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HYDRA_KIT_NO_PLUGINS", raising=False)
+    real = metadata.entry_points
+    installed = [*real(group=ENTRY_POINT_GROUP), *extra]
+    monkeypatch.setattr(hydra_kit.registry.metadata, "entry_points", lambda group=None, **kw: installed if group == ENTRY_POINT_GROUP else real(**kw) if group is None else real(group=group, **kw))
+    monkeypatch.setattr(hydra_kit.model, "_registry_cache", {})
+    try:
+        code = cli.main(argv)
+    finally:
+        configure_plugins(third_party=True)
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())
+
+
+def test_a_broken_plugin_affects_only_the_runs_that_use_it(monkeypatch, capsys, tmp_path):
+    import yaml
+    from conftest import REPO
+
+    _forget("broken_plugin", "exiting_plugin")
+    plugins = [entry("exiting", "exiting_plugin:Thing", "hydra-kit-exiting", "0.4"), entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9")]
+    code, _, err = _run_with_installed(monkeypatch, capsys, plugins, ["summary", "--config", "recipes/tiny.yaml"])
+    assert code == 0, err
+    assert "broken_plugin" not in sys.modules and "exiting_plugin" not in sys.modules  # never imported
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny.yaml").read_text())
+    recipe["model"]["components"]["extra"] = {"component": "exiting", "blocks": [0]}
+    path = tmp_path / "uses-exiting.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = _run_with_installed(monkeypatch, capsys, plugins, ["summary", "--config", str(path)])
+    assert code == 2
+    assert "model.components.extra.component: unknown component 'exiting' (component 'exiting' from hydra-kit-exiting 0.4 failed to load: SystemExit: 3)" in err, err
