@@ -98,6 +98,7 @@ class ComponentEntry:
         if self._cls is None:
             assert self._entry_point is not None
             self._cls = self._load(self._entry_point)
+            self._entry_point = None  # loaded: models that hold this entry need not carry the metadata along
         return self._cls
 
     @property
