@@ -15,7 +15,9 @@ contiguous float32 CPU tensors with autograd off, and everything else takes the 
 A source file is compiled once per machine (``cc -O3 -march=native -fopenmp``; about a second) into a cache
 directory private to the user (``~/.cache/hydra-kit/kernels`` unless :func:`set_cache_dir` names another): it is
 created with mode 0700, and one owned by someone else or writable by group or others is refused (a warning, and
-the PyTorch paths run), so no other user can plant a library that this process would load. A library's name is
+the PyTorch paths run), so no other user can plant a library that this process would load. The directories above
+it are checked too, as ssh checks those above its keys: each must belong to root or the user and be writable by
+no one else unless it is sticky (as ``/tmp`` is), or the cache is refused in the same way. A library's name is
 keyed by a hash of its source, the flags, the compiler and the CPU (what ``-march=native`` resolves to), so a
 cache shared between machines never hands one CPU's code to another. Processes building the same library take
 turns under a lock file in that directory; each writes under a temporary name and renames, so none ever loads a
@@ -129,8 +131,9 @@ def default_cache_dir() -> Path:
 def set_cache_dir(path: str | os.PathLike[str] | None) -> None:
     """Build and load the kernels in ``path`` (None: :func:`default_cache_dir`), for libraries not loaded yet.
 
-    The directory is created with mode 0700 if missing; one owned by another user or writable by group or others
-    is refused when a library is built, and the PyTorch paths run.
+    The directory is created with mode 0700 if missing; one owned by another user or writable by group or others,
+    or below a directory that is (unless sticky and owned by root or this user), is refused when a library is
+    built, and the PyTorch paths run.
     """
     global _cache_dir
     _cache_dir = None if path is None else Path(path)
@@ -153,12 +156,45 @@ def _check_private(path: Path, what: str) -> None:
         )
 
 
+def _check_ancestors(path: Path, what: str) -> None:
+    """Raise unless no one but this user (and root) can replace ``path`` through a directory above it.
+
+    Each existing directory from ``/`` down to ``path``'s parent, along the path as given and along its resolved
+    form (a symbolic link is only as safe as the directory holding it), must belong to root or this user and must
+    not be writable by group or others unless it is sticky (``/tmp``: others may add entries but not rename
+    ours). This is the check ssh makes of the directories above its keys: a private cache inside a directory
+    anyone may write is not private, since its parent can be renamed away and replaced.
+    """
+    uid = os.getuid()
+    given = Path(os.path.abspath(path))
+    above = sorted({*given.parents, *given.resolve().parents}, key=lambda p: (len(p.parts), str(p)))
+    for directory in above:
+        try:
+            info = directory.stat()
+        except FileNotFoundError:
+            continue  # created below, mode 0700, by this process
+        if info.st_uid not in (0, uid):
+            raise RuntimeError(
+                f"{what} {path}: the directory above it, {directory}, belongs to uid {info.st_uid}, not to this user "
+                f"(uid {uid}) or root; refusing to use it (choose another directory with hydra_kit.nn.native.set_cache_dir)"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            raise RuntimeError(
+                f"{what} {path}: the directory above it, {directory}, is writable by group or others and not sticky "
+                f"(mode {stat.S_IMODE(info.st_mode):o}), so others could replace the cache; refusing to use it "
+                "(chmod go-w it, or choose another directory with hydra_kit.nn.native.set_cache_dir)"
+            )
+
+
 def _private_directory(path: Path) -> Path:
-    """``path``, created with mode 0700 if missing, after checking that it is this user's alone."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
+    """``path``, created with mode 0700 if missing, after checking that it and the directories above are safe."""
+    _check_ancestors(path, "kernel cache")  # before creating anything inside a directory others may write
+    for directory in [*reversed(Path(os.path.abspath(path)).parents), path]:
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
     if not path.is_dir():
         raise RuntimeError(f"kernel cache {path} is not a directory")
+    _check_ancestors(path, "kernel cache")  # again: the directories just created, and any symbolic link now resolved
     _check_private(path, "kernel cache")
     return path
 

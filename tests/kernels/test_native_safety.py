@@ -327,6 +327,79 @@ def test_a_cache_directory_owned_by_someone_else_is_refused(tmp_path: Path, cach
 
 
 @needs_compiler
+def test_a_cache_below_a_world_writable_non_sticky_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may rename the home directory below it away and put their own in its place
+    home = shared / "home"
+    (home / ".cache" / "hydra-kit" / "kernels").mkdir(parents=True, mode=0o700)
+    for d in (home, home / ".cache", home / ".cache" / "hydra-kit"):
+        d.chmod(0o700)
+    monkeypatch.setenv("HOME", str(home))
+    native.set_cache_dir(None)  # the default, ~/.cache/hydra-kit/kernels
+    library = _library(tmp_path)
+    assert library.load() is None
+    reason = library.unavailable_reason()
+    assert reason is not None and f"the directory above it, {shared}, is writable by group or others and not sticky" in reason
+    assert reason.count("refusing") == 1 and caplog.text.count("is writable by group or others and not sticky") == 1  # one warning
+    assert list((home / ".cache" / "hydra-kit" / "kernels").iterdir()) == []  # nothing built, nothing loaded
+
+
+@needs_compiler
+def test_a_missing_cache_is_not_created_below_a_world_writable_non_sticky_directory(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o707)  # writable by others, no sticky bit
+    library = _library(tmp_path)
+    assert library.load() is None
+    assert "not sticky" in str(library.unavailable_reason())
+    assert not cache.exists()  # refused before anything was created inside it
+
+
+@needs_compiler
+def test_a_cache_reached_through_a_link_in_a_world_writable_directory_is_refused(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "link").symlink_to(private)  # safe where it points, but anyone may replace the link
+    native.set_cache_dir(shared / "link" / "kernels")
+    try:
+        library = _library(tmp_path)
+        assert library.load() is None
+        assert f"{shared}, is writable by group or others and not sticky" in str(library.unavailable_reason())
+    finally:
+        native.set_cache_dir(None)
+
+
+@needs_compiler
+def test_a_cache_below_a_sticky_world_writable_directory_is_accepted(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache").chmod(0o1777)  # like /tmp: others may add entries, but not rename or remove ours
+    assert _works(_library(tmp_path))
+
+
+@needs_compiler
+def test_a_cache_below_a_directory_owned_by_someone_else_is_refused(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    theirs = tmp_path / "cache"
+    theirs.mkdir(mode=0o755)
+    cache.mkdir(mode=0o700)
+    me = os.getuid()
+    if me == 0:
+        os.chown(theirs, 4321, 4321)  # root may give it away; the cache itself stays root's
+        owner = 4321
+    else:
+        monkeypatch.setattr(os, "getuid", lambda: me + 1)  # every directory of this user now belongs to "another"
+        owner = me
+    library = _library(tmp_path)
+    assert library.load() is None
+    reason = library.unavailable_reason()
+    assert reason is not None and "the directory above it" in reason and f"belongs to uid {owner}" in reason
+
+
+@needs_compiler
 def test_a_library_file_others_can_write_is_refused(tmp_path: Path, cache: Path) -> None:
     assert _works(_library(tmp_path))
     (built,) = cache.glob("*.so")
