@@ -6,6 +6,7 @@ The paper's router equations (v3 eqs. 1-4) could not be recovered; these are hyd
     (R2) r_t^c = sigmoid(z_t^c / tau)             soft gate, temperature tau
     (R3) s_t = w_g . u_t                          global-token score used by sparse global attention
     (R4) L_router = lambda * sum_c (mean_t r_t^c - rho_c)^2
+    (R5) the block adds g_c * a * r_t^c * C_c(u)_t, a = gate_gain (default 2: the weight starts at 1)
 
 Gates depend only on the token's own block input, so they are causal and are known before the gated
 components run: at inference, tokens whose gate is below ``gate_threshold`` skip the component.
