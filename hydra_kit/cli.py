@@ -269,7 +269,8 @@ def cmd_generate(argv: list[str]) -> int:
             text = decoder.decode(bytes([value])) if args.prompt is not None and value < 256 else f"{value} "
             sys.stdout.write(text)
             sys.stdout.flush()
-        sys.stdout.write("\n")
+        # Bytes of a character the generation cut short come out as U+FFFD, as a whole decode would give them.
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader left (`| head -c 40`): stop quietly, as Unix tools do. Python would flush stdout again at exit
