@@ -334,7 +334,21 @@ def run_lightning(argv: list[str]) -> int:
     from hydra_kit.lightning_cli import HydraCLI
 
     HydraCLI(args=argv)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down a DDP process group on every rank together, before the interpreter shuts down.
+
+    Left to the interpreter's exit, one rank can destroy its gloo group while the other's worker threads still
+    run, and the process aborts ("terminate called without an active exception", exit -6) after a good run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
