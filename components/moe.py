@@ -1,4 +1,4 @@
-"""Mixture of SwiGLU experts with top-k softmax routing and real sparse dispatch (HYDRA.md 3.5).
+"""Mixture of SwiGLU experts with top-k softmax routing and real sparse dispatch (docs/design.md 3.5).
 
 Shazeer et al. 2017 (arXiv 1701.06538) top-k gating, Switch Transformer (Fedus et al. 2021, arXiv 2101.03961)
 load-balance loss and capacity factor, ST-MoE (Zoph et al. 2022, arXiv 2202.08906) router z-loss. Hydra
@@ -8,7 +8,7 @@ to it, and chunk routing is causal: chunk c is routed from the tokens of chunk c
 
 Dispatch: the (token, expert) assignments are sorted by expert, the tokens gathered into one contiguous slice per
 expert, each expert's SwiGLU runs on its slice with plain matmuls, and the outputs, weighted by their gate, are
-scatter-added back. Experts are a ModuleList of :class:`hydra_kit.nn.SwiGLU`: on the 2-core CPU this was as fast
+scatter-added back. Experts are a ModuleList of :class:`hydra_kit.ops.SwiGLU`: on the 2-core CPU this was as fast
 as stacked (E, D, 2H) / (E, H, D) weights (0.66 s vs 0.67 s forward+backward for 16,384 assignments, D = H = 512;
 both at ~105 GFLOP/s, the matmul roof) and keeps per-expert names and hooks.
 
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.components.kernels.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
-from hydra_kit.nn import Linear, SwiGLU
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import Linear, SwiGLU
+from hydra_kit.ops.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
+from hydra_kit.ops.packed import PackedWeights, Reader
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["MixtureOfExperts", "MoEState", "Routing", "dispatch"]
@@ -81,7 +81,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
 
     Args:
         x: (N, D) tokens.
-        experts: E modules mapping (n, D) and a row scale (n, 1) to (n, D) (:class:`hydra_kit.nn.SwiGLU`).
+        experts: E modules mapping (n, D) and a row scale (n, 1) to (n, D) (:class:`hydra_kit.ops.SwiGLU`).
         expert_idx: (N, k) long expert of each assignment.
         weight: (N, k) gate weight of each assignment.
         active: (N, k) bool, assignments to compute (False: dropped by capacity or token skipped); None = all.
@@ -113,7 +113,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     return slots.view(n_tokens, top_k, -1).sum(1)
 
 
-class MixtureOfExperts(CachedParameters, TriPathComponent):
+class MixtureOfExperts(TriPathComponent):
     """Top-k mixture of SwiGLU experts with sparse dispatch, token or causal chunk routing, optional capacity.
 
     Args:
@@ -214,6 +214,7 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         # Chunk 0 has no past to summarise: a learned summary lets it learn its own preferred experts. Random like a
         # token (a zero start would tie every logit and always pick experts 0..k-1).
         self.start_summary = nn.Parameter(torch.randn(d_model)) if routing == "chunk" else None
+        self._step_pack: PackedWeights[MoEStepWeights] = PackedWeights()  # what the C step reads, packed once
 
     @property
     def pointwise(self) -> bool:
@@ -374,8 +375,7 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         if keep is not None and not bool(keep[0]):
             return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
         # Collecting the 2E expert weights through the module tree costs more than the kernel: they are cached.
-        (packed,), suit_kernel = self.kernel_parameters(self._step_parameters)
-        fused = moe_step_cpu(x_t, packed, self.top_k) if suit_kernel else None
+        fused = moe_step_cpu(x_t, self._step_pack.get(self, self._pack_step), self.top_k)
         if fused is not None:  # the same as below in one C call (CPU, float32, no autograd)
             return ComponentOutput(update=fused[0])
         logits = self.router(x_t)[0]  # (E,)
@@ -390,9 +390,12 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         assert update is not None
         return ComponentOutput(update=update)
 
-    def _step_parameters(self) -> tuple[MoEStepWeights]:
-        """What the C step reads: the router and expert weights, checked and packed with their addresses (see ``step``)."""
-        return (pack_moe_step_weights(self.router.weight, *self.expert_weights()),)
+    def _pack_step(self, read: Reader) -> MoEStepWeights:
+        """What the C step reads: the router and expert weights, checked and packed with their addresses (see ``step``;
+        cached by ``self._step_pack``, which watches what ``read`` reads)."""
+        gate_up = [read(f"experts.{e}.gate_up.weight") for e in range(len(self.experts))]
+        down = [read(f"experts.{e}.down.weight") for e in range(len(self.experts))]
+        return pack_moe_step_weights(read("router.weight"), gate_up, down)
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
         """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""

@@ -1,4 +1,4 @@
-"""Sparse global attention (SGA): a sliding local window plus router-chosen global tokens (HYDRA.md 3.4).
+"""Sparse global attention (SGA): a sliding local window plus router-chosen global tokens (docs/design.md 3.4).
 
 Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t attends to
 
@@ -13,7 +13,7 @@ Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t 
 Every scored token's value, local or global, is scaled by its salience ``2 * sigmoid(s)`` (1 at
 initialisation, where s is near 0). This is how the selection learns: a token whose value helps the queries
 that read it, in any local window, gets a higher score and so becomes a global of its chunk. Scaling only the
-chosen globals (HYDRA.md's first form) gave the score a gradient from the few tokens already chosen, and a
+chosen globals (the design's first form) gave the score a gradient from the few tokens already chosen, and a
 token pushed out of the top-k never came back (``docs/calibration/2026-12-07-mechanisms``).
 
 Without a score (no router in the block) the layer is plain sliding-window attention: no token becomes
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
-from hydra_kit.nn.decode_attention import decode_attention
-from hydra_kit.nn.decode_rotary import qkv_rotary
+from hydra_kit.ops import Linear, RotaryEmbedding, apply_rotary
+from hydra_kit.ops.decode_attention import decode_attention
+from hydra_kit.ops.rotary import qkv_rotary
 from hydra_kit.protocol import (
     AttentionMap,
     ComponentContext,

@@ -1,4 +1,4 @@
-"""One query per sequence and head against sets of cached keys: the attention of a decoding step, in C on CPU.
+"""The attention of a decoding step: one query per sequence and head against sets of cached keys, in C on CPU.
 
 Dense attention decoding one token reads its whole key/value cache; sparse global attention reads its window, the
 new token and its globals. ``decode_attention.c`` streams each set's keys once and values once (scores, a
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
 __all__ = ["LIBRARY", "decode_attention", "decode_attention_reference"]
 
@@ -62,7 +62,7 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
     if not sets:
         raise ValueError(f"decode_attention: no key sets for the query of shape {tuple(q.shape)}")
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
-    library = LIBRARY.load() if q.dim() == 3 and native.usable(q) else None
+    library = dispatch.kernel(LIBRARY, q) if q.dim() == 3 else None
     fields: list[int] = []  # per set, as decode_attention.c reads it (SET_FIELDS): addresses, length, strides, mask
     head_major = True
     for keys, values, mask in sets:

@@ -4,7 +4,7 @@ Decoding one token through :class:`hydra_kit.components.pkm.ProductKeyMemory` in
 LayerNorm, two sub-key score products, three ``topk`` calls, gathers, a softmax and an ``EmbeddingBag``: about 20
 ops of 5-10 us fixed cost for a few hundred kilobytes of reads. The kernel does the same selection and weighted
 sum; the PyTorch path is the reference (``tests/kernels/test_native_decode.py``). Built on first use by
-:mod:`hydra_kit.nn.native`.
+:mod:`hydra_kit.ops.native`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "MAX_ROWS", "pkm_read_cpu"]
+__all__ = ["LIBRARY", "MAX_SELECT", "pkm_read_cpu"]
 
-MAX_ROWS = 8  # tokens per call; more go through the batched PyTorch path
 MAX_SELECT = 4096  # as in pkm_step.c: longest list a selection runs over
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
@@ -44,7 +43,7 @@ def pkm_read_cpu(
     cannot take these tensors.
 
     Args:
-        x: (..., D), at most ``MAX_ROWS`` tokens.
+        x: (..., D), at most ``dispatch.MAX_ROWS`` tokens.
         query_weight: (H * dk, D); gain, bias: (H, dk); sub_keys: (H, 2, n_keys, dk / 2); values: (n_keys^2, dv).
         rows, cols: (P,) long candidate pairs (``candidate_pairs``), each in [0, top_k).
         top_k: slots read per head, 1 to min(n_keys, P).
@@ -52,20 +51,18 @@ def pkm_read_cpu(
 
     Returns:
         None when the kernel cannot take the tensors (not contiguous float32 on the CPU, or long pairs, autograd on,
-        more than ``MAX_ROWS`` tokens, lists longer than ``MAX_SELECT``); shapes that do not fit together, a top_k
+        more than ``dispatch.MAX_ROWS`` tokens, lists longer than ``MAX_SELECT``); shapes that do not fit together, a top_k
         out of range or a pair outside the k-lists raise a ValueError.
     """
-    tensors = (x, query_weight, gain, bias, sub_keys, values)
-    if not native.usable(*tensors) or not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() for t in (rows, cols)):
+    tokens = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    library = dispatch.kernel(LIBRARY, x, query_weight, gain, bias, sub_keys, values, rows=tokens)
+    if library is None or not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() for t in (rows, cols)):
         return None
     _check_shapes(x, query_weight, gain, bias, sub_keys, values, rows, cols, top_k)
     heads, _, n_keys, half = sub_keys.shape
     d_model, d_value = x.shape[-1], values.shape[1]
-    tokens, n_candidates = x.numel() // d_model, rows.shape[0]
-    if not 0 < tokens <= MAX_ROWS or max(n_keys, n_candidates) > MAX_SELECT:
-        return None
-    library = LIBRARY.load()
-    if library is None:
+    n_candidates = rows.shape[0]
+    if max(n_keys, n_candidates) > MAX_SELECT:
         return None
     d_key = 2 * half
     out = x.new_empty(*x.shape[:-1], d_value)
@@ -92,10 +89,10 @@ def _check_shapes(
         )
     heads, _, n_keys, half = sub_keys.shape
     d_model, d_key = x.shape[-1], 2 * half
-    native.expect_shape("pkm_read", f"query_weight (for x {tuple(x.shape)})", query_weight, (heads * d_key, d_model))
-    native.expect_shape("pkm_read", "gain", gain, (heads, d_key))
-    native.expect_shape("pkm_read", "bias", bias, (heads, d_key))
-    native.expect_shape("pkm_read", "values", values, (n_keys * n_keys, values.shape[1]))
+    dispatch.expect_shape("pkm_read", f"query_weight (for x {tuple(x.shape)})", query_weight, (heads * d_key, d_model))
+    dispatch.expect_shape("pkm_read", "gain", gain, (heads, d_key))
+    dispatch.expect_shape("pkm_read", "bias", bias, (heads, d_key))
+    dispatch.expect_shape("pkm_read", "values", values, (n_keys * n_keys, values.shape[1]))
     if rows.dim() != 1 or rows.shape != cols.shape:
         raise ValueError(f"pkm_read: candidate rows {tuple(rows.shape)} and cols {tuple(cols.shape)}: expected two (P,)")
     if not 0 < top_k <= min(n_keys, rows.shape[0]):

@@ -3,7 +3,7 @@
 :meth:`hydra_kit.components.ssm.SelectiveSSM.step` in PyTorch is about 30 small ops per token (the causal conv at
 one position, dt, the decay, the state update, the read-out, the gated norm), each costing 5-10 us of fixed
 overhead on our CPUs, plus the two projections; this kernel does them in one pass. The PyTorch step is the reference it is tested against
-(``tests/components/test_ssm.py``). Built on first use by :mod:`hydra_kit.nn.native`.
+(``tests/components/test_ssm.py``). Built on first use by :mod:`hydra_kit.ops.native`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
 __all__ = ["LIBRARY", "SSMStepWeights", "pack_ssm_step_weights", "ssm_step_cpu"]
 
@@ -75,12 +75,12 @@ class SSMStepWeights:
             (heads,), (heads,), (heads,), (d_inner,),
         )  # fmt: skip
         for name, t, shape in zip(names, tensors, shapes, strict=True):
-            native.expect_shape("ssm_step", name, t, shape)
+            dispatch.expect_shape("ssm_step", name, t, shape)
         dims = (d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups, d_model)
         object.__setattr__(self, "tensors", tensors)
         object.__setattr__(self, "addresses", native.addresses(tensors))
         object.__setattr__(self, "dims", (ctypes.c_long * len(dims))(*dims))
-        object.__setattr__(self, "suits", native.suits(*tensors))
+        object.__setattr__(self, "suits", dispatch.suits(*tensors))
         object.__setattr__(self, "d_model", d_model)
         object.__setattr__(self, "conv_state_shape", (d_conv - 1, conv_dim))
         object.__setattr__(self, "ssm_state_shape", (heads, headdim, d_state))
@@ -111,7 +111,8 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
         None when the kernel cannot take the tensors (not contiguous float32 on the CPU, autograd on); a token or
         state whose shape does not fit the weights raises a ValueError.
     """
-    if not weights.suits or not native.usable(u, conv_state, ssm_state):
+    library = dispatch.kernel(LIBRARY, u, conv_state, ssm_state, weights_suit=weights.suits)
+    if library is None:
         return None
     batch = u.shape[0] if u.dim() == 2 else -1
     if (
@@ -122,9 +123,6 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
             f"ssm_step: token {tuple(u.shape)}, conv state {tuple(conv_state.shape)} and SSM state {tuple(ssm_state.shape)} "
             f"do not fit the weights: expected (B, {weights.d_model}), (B, *{weights.conv_state_shape}), (B, *{weights.ssm_state_shape})"
         )
-    library = LIBRARY.load()
-    if library is None:
-        return None
     heads, headdim, _ = weights.ssm_state_shape
     conv_dim, d_inner = weights.conv_state_shape[1], heads * headdim
     out = u.new_empty(batch, weights.d_model)
