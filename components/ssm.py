@@ -210,6 +210,11 @@ class SelectiveSSM(TriPathComponent):
         g = g.unflatten(-1, (self.ngroups, self.d_inner // self.ngroups))  # Mamba-2 normalises each group alone
         return F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2) * self.norm.weight
 
+    def _conv_bias(self) -> Tensor:  # (conv_dim,); the conv is built with a bias
+        bias = self.conv.bias
+        assert bias is not None
+        return bias
+
     def _mix(self, proj: Tensor, conv_in: Tensor, ssm_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Everything between the two projections, for one piece of the sequence.
 
@@ -224,7 +229,7 @@ class SelectiveSSM(TriPathComponent):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self.conv.bias))  # (B, T, conv_dim)
+        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self._conv_bias()))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
@@ -289,7 +294,7 @@ class SelectiveSSM(TriPathComponent):
                 return ComponentOutput(update=update, state=SSMState(conv, ssm))
         z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
-        xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at the last position
+        xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self._conv_bias())  # the conv at the last position
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, H)
