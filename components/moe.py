@@ -8,9 +8,9 @@ to it, and chunk routing is causal: chunk c is routed from the tokens of chunk c
 
 Dispatch: the (token, expert) assignments are sorted by expert, the tokens gathered into one contiguous slice per
 expert, each expert's SwiGLU runs on its slice with plain matmuls, and the outputs, weighted by their gate, are
-scatter-added back. Experts are a ModuleList of :class:`hydra_kit.ops.SwiGLU`: on the 2-core CPU this was as fast
-as stacked (E, D, 2H) / (E, H, D) weights (0.66 s vs 0.67 s forward+backward for 16,384 assignments, D = H = 512;
-both at ~105 GFLOP/s, the matmul roof) and keeps per-expert names and hooks.
+scatter-added back. Experts are a ModuleList of :class:`hydra_kit.ops.SwiGLU`: on CPU this runs as fast as stacked
+(E, D, 2H) / (E, H, D) weights (both at the matmul roof; ``docs/benchmarks.md``) and keeps per-expert names and
+hooks.
 
 Capacity (optional) is made causal and chunk-invariant: positions are cut into fixed windows of
 ``capacity_window`` tokens (absolute positions, per example); inside a window an expert accepts its first
@@ -105,8 +105,8 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     parts = zip(experts, xs.split(counts), gate.split(counts), strict=True)
     outs = [expert(part, row_scale=part_gate) for expert, part, part_gate in parts if part.shape[0]]
     # Combine by copying every output back to its assignment's slot and summing each token's k slots (slots of
-    # dropped assignments stay zero). PyTorch's CPU index_add_ took 30 ms even for a single row, which made it
-    # the largest cost of decoding; a copy to distinct rows and a sum do not have that problem.
+    # dropped assignments stay zero). PyTorch's CPU index_add_ has a large fixed cost even for a single row
+    # (docs/benchmarks.md); a copy to distinct rows and a sum do not.
     slots = x.new_zeros(n_tokens * top_k, x.shape[-1])  # (N*k, D)
     if outs:
         slots.index_copy_(0, assignment, torch.cat(outs))

@@ -80,7 +80,7 @@ class SelectiveSSM(TriPathComponent):
         expand: inner width d_inner = expand * d_model.
         headdim: channels per head P (ssd only); must divide d_inner.
         d_conv: width of the causal depthwise convolution (1 disables mixing in it).
-        chunk_size: scan chunk length; 64 measured fastest on CPU at L = 8192, d_model = 512.
+        chunk_size: scan chunk length (the default is the fastest on CPU at 8K tokens; ``docs/benchmarks.md``).
         ngroups: groups of heads sharing B and C (ssd only); must divide the number of heads.
         variant: "ssd" (Mamba-2, scalar decay per head) or "diagonal" (the paper's one state per channel).
         backend: scan implementation. "torch": the chunked scan of this file, on any device. "mamba_ssm": the
@@ -93,9 +93,8 @@ class SelectiveSSM(TriPathComponent):
         a_init_range: range of the uniform initial decay rate -A (lambda for the diagonal variant).
         norm_eps: epsilon of the gated RMSNorm.
         recompute: under autograd, save only the input projection of each segment and recompute the
-            convolution, scan and gated norm in backward (same gradients). Hydra-29M, one 8K-token training
-            step, peak memory by ``hydra-kit bench``'s probe: 6.6 GB without it, 4.4 GB with it, 3.5 GB when sparse
-            attention and the experts recompute too (their default); the transformer of equal size: 3.6 GB.
+            convolution, scan and gated norm in backward (same gradients): about a third less peak memory
+            in a long-sequence training step (``docs/benchmarks.md``), for one more pass of the cheap part.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE

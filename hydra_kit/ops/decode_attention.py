@@ -3,9 +3,8 @@
 Dense attention decoding one token reads its whole key/value cache; sparse global attention reads its window, the
 new token and its globals. ``decode_attention.c`` streams each set's keys once and values once (scores, a
 vectorised softmax, the weighted sum), with no copy of the cache into one tensor and no per-set launch; its threads
-split a head-major cache (dense attention's) by heads and a key-major one (SGA's) by tiles of keys. On our CPUs
-PyTorch's ``scaled_dot_product_attention`` with a single query reads a 16K-token cache at 15-20 GB/s and
-matmul-softmax-matmul at 18-25 GB/s (noisy); see ``docs/benchmarks.md``. Both models use this same kernel when
+split a head-major cache (dense attention's) by heads and a key-major one (SGA's) by tiles of keys, and read it
+faster than PyTorch's single-query ``scaled_dot_product_attention`` (``docs/benchmarks.md``). Both models use this same kernel when
 it can run, so the comparison stays like for like; otherwise :func:`decode_attention` computes the same in
 PyTorch (:func:`decode_attention_reference`, the reference the tests hold the kernel to).
 """
