@@ -15,10 +15,12 @@ The ops, by module (reference: the PyTorch function the tests hold the faster ve
   projection of a decoding step), :mod:`.decode_attention` (``decode_attention.c``), :mod:`.residual`
   (``residual.c``: a block's gated residual sum): the decoding ops of the core and of every attention.
 - :mod:`.scan` (the SSD and diagonal chunked scans, PyTorch), :mod:`.mamba_ssd` (mamba-ssm's fused Triton SSD
-  scan, GPU), :mod:`.conv` (the causal depthwise convolution), :mod:`.ssm_step` (``ssm_step.c``).
+  scan, GPU), :mod:`.conv` (the causal depthwise convolution), :mod:`.ssm_step` (``ssm_step.c``, and its
+  ``ssm_step_reference``).
 - :mod:`.moe_step`, :mod:`.router_step`, :mod:`.workspace_step`, :mod:`.pkm_step` (each with its ``.c``): the
-  one-token step of the mixture of experts, the router, the workspace read and the product-key memory read. Their
-  reference is the component's own PyTorch step, which runs whenever the kernel does not.
+  one-token step of the mixture of experts, the router, the workspace read and the product-key memory read. Each
+  step module has its ``*_reference`` in PyTorch ops, tested against both the kernel and the component's own
+  PyTorch step (which is what runs whenever the kernel does not).
 - :mod:`.pkm_topk` (``product_topk``, PyTorch) with its Triton kernel (``_pkm_topk_triton``).
 
 Nothing here imports triton or mamba-ssm at import time: each accelerated module loads its accelerator on first

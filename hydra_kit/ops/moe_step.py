@@ -3,7 +3,8 @@
 The single-sequence path of :meth:`hydra_kit.components.moe.MixtureOfExperts.step` in PyTorch is the router
 product, softmax, top-k, a host sync to pick the experts, and per expert two products and three element-wise ops:
 about 15 ops of 5-10 us fixed cost each, for about 40 us of weights to read. The kernel does all of it in one call;
-the PyTorch path is the reference it is tested against (``tests/components/test_moe.py``). Built on first use by
+:func:`moe_step_reference` is the same in PyTorch ops, the reference it is tested against (as is the component's
+own step). Built on first use by
 :mod:`hydra_kit.ops.native`.
 """
 
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "MAX_TOP_K", "MoEStepWeights", "moe_step_cpu", "pack_moe_step_weights"]
+__all__ = ["LIBRARY", "MAX_TOP_K", "MoEStepWeights", "moe_step_cpu", "moe_step_reference", "pack_moe_step_weights"]
 
 MAX_TOP_K = 64  # the kernel keeps the picks' weights on its stack
 
@@ -111,3 +113,14 @@ def moe_step_cpu(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tens
         chosen.data_ptr(), scratch.data_ptr(), n_experts, d_model, hidden, top_k,
     )  # fmt: skip
     return y, chosen
+
+
+def moe_step_reference(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tensor, Tensor]:
+    """:func:`moe_step_cpu` in PyTorch ops: the update (1, D) of one token x_t (1, D) and its experts (k,) long."""
+    top_p, chosen = F.linear(x_t, weights.router_weight)[0].float().softmax(-1).topk(top_k)  # (k,) most probable first
+    weight = (top_p / top_p.sum()).to(x_t.dtype)
+    update = x_t.new_zeros(x_t.shape)
+    for j, e in enumerate(chosen.tolist()):
+        gate, up = F.linear(x_t, weights.gate_up[e]).chunk(2, dim=-1)  # (1, F) each
+        update = update + F.linear(F.silu(gate) * up * weight[j], weights.down[e])
+    return update, chosen

@@ -3,7 +3,8 @@
 Decoding one token through :class:`hydra_kit.components.pkm.ProductKeyMemory` in PyTorch is a query product, a
 LayerNorm, two sub-key score products, three ``topk`` calls, gathers, a softmax and an ``EmbeddingBag``: about 20
 ops of 5-10 us fixed cost for a few hundred kilobytes of reads. The kernel does the same selection and weighted
-sum; the PyTorch path is the reference (``tests/kernels/test_native_decode.py``). Built on first use by
+sum; :func:`pkm_read_reference` is the same read in PyTorch ops, the reference it is tested against (as is the
+component's own path). Built on first use by
 :mod:`hydra_kit.ops.native`.
 """
 
@@ -13,11 +14,13 @@ import ctypes
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hydra_kit.ops import dispatch, native
+from hydra_kit.ops.pkm_topk import product_topk
 
-__all__ = ["LIBRARY", "MAX_SELECT", "pkm_read_cpu"]
+__all__ = ["LIBRARY", "MAX_SELECT", "pkm_read_cpu", "pkm_read_reference"]
 
 MAX_SELECT = 4096  # as in pkm_step.c: longest list a selection runs over
 
@@ -97,3 +100,18 @@ def _check_shapes(
         raise ValueError(f"pkm_read: candidate rows {tuple(rows.shape)} and cols {tuple(cols.shape)}: expected two (P,)")
     if not 0 < top_k <= min(n_keys, rows.shape[0]):
         raise ValueError(f"pkm_read: top_k {top_k} for {n_keys} sub-keys and {rows.shape[0]} candidate pairs")
+
+
+def pkm_read_reference(
+    x: Tensor, query_weight: Tensor, gain: Tensor, bias: Tensor, sub_keys: Tensor, values: Tensor, rows: Tensor,
+    cols: Tensor, top_k: int, eps: float = 1e-5,
+) -> Tensor:  # fmt: skip
+    """:func:`pkm_read_cpu` in PyTorch ops (any device, dtype, number of tokens): the read (..., d_value) of x (..., D)."""
+    heads, _, _, half = sub_keys.shape
+    q = F.linear(x, query_weight).unflatten(-1, (heads, 2 * half))  # (..., H, dk)
+    q = F.layer_norm(q, (2 * half,), eps=eps) * gain + bias
+    q1, q2 = q.chunk(2, dim=-1)  # (..., H, dk / 2) each
+    scores1 = torch.einsum("...hd,hnd->...hn", q1, sub_keys[:, 0])  # (..., H, n_keys)
+    scores2 = torch.einsum("...hd,hnd->...hn", q2, sub_keys[:, 1])
+    scores, slots = product_topk(scores1, scores2, top_k, rows, cols)  # (..., H, k)
+    return (values[slots] * scores.softmax(-1)[..., None]).sum((-3, -2))  # the heads' reads, summed

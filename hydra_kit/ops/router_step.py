@@ -1,7 +1,8 @@
 """The token router's gates and global score for a few tokens as one C call on CPU (``router_step.c``).
 
-Used by :meth:`hydra_kit.components.router.TokenRouter.route` when the caller wants no losses (decoding); its
-PyTorch path is the reference (``tests/kernels/test_native_decode.py``). Built on first use by
+Used by :meth:`hydra_kit.components.router.TokenRouter.route` when the caller wants no losses (decoding);
+:func:`router_step_reference` is the same in PyTorch ops, the reference the kernel is tested against (as is the
+router's own PyTorch path). Built on first use by
 :mod:`hydra_kit.ops.native`.
 """
 
@@ -11,11 +12,13 @@ import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "RouterStepWeights", "router_step_cpu"]
+__all__ = ["LIBRARY", "RouterStepWeights", "router_step_cpu", "router_step_reference"]
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 LIBRARY = native.NativeLibrary(Path(__file__).with_name("router_step.c"), {"hk_router_step": [_p] * 6 + [_l] * 3 + [_f]})
@@ -79,3 +82,9 @@ def router_step_cpu(u: Tensor, weights: RouterStepWeights, temperature: float) -
         gates.data_ptr(), score.data_ptr(), rows, d_model, n_gates, temperature,
     )  # fmt: skip
     return gates, score
+
+
+def router_step_reference(u: Tensor, weights: RouterStepWeights, temperature: float) -> tuple[Tensor, Tensor]:
+    """:func:`router_step_cpu` in PyTorch ops (what the router's ``route`` computes): gates (..., G), score (...)."""
+    gates = torch.sigmoid(F.linear(u, weights.gate_weight, weights.gate_bias) / temperature)
+    return gates, F.linear(u, weights.score_weight).squeeze(-1)

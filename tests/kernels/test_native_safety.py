@@ -2,7 +2,7 @@
 
 - Every wrapper checks what it hands to C; the calls of ``_boundary_cases.py`` run in a child process, because
   before these checks some of them aborted the interpreter.
-- :class:`hydra_kit.nn.native.CachedParameters` notices a replaced Parameter or submodule, so the kernel reads the
+- :class:`hydra_kit.ops.packed.PackedWeights` notices a replaced Parameter or submodule, so the kernel reads the
   weights the module has now, never stale or freed ones.
 - Libraries are built in a directory private to the user, keyed by the CPU, under a lock shared between processes.
 """
