@@ -213,3 +213,36 @@ def test_a_module_with_a_pack_pickles(kernel_calls: Calls) -> None:
         ssm.step(torch.randn(1, 32), ssm.init_state(1, device=torch.device("cpu"), dtype=torch.float32))
     torch.save(ssm, io.BytesIO())
     assert isinstance(ssm.in_proj, Linear)
+
+
+def test_block_decoding_follows_functional_call(kernel_calls: Calls) -> None:
+    from pathlib import Path
+
+    from hydra_kit.bench import build_model
+    from hydra_kit.ops.residual import LIBRARY as RESIDUAL
+
+    model = build_model(str(Path(__file__).resolve().parents[2] / "recipes/tiny.yaml")).eval()
+    ids = torch.randint(0, model.hparams["vocab_size"], (1, 3), generator=torch.Generator().manual_seed(67))
+    name = next(iter(model.blocks[0].layerscale))
+    other = {f"blocks.0.layerscale.{name}": torch.tensor(-2.0), "blocks.0.norm.weight": torch.rand(model.blocks[0].norm.weight.shape) + 0.5}
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(other, strict=False)
+
+    def decode(run: Callable[[Tensor, Any], Any], init: Any) -> Tensor:
+        with torch.inference_mode():
+            state, logits = init, []
+            for t in range(ids.shape[1]):
+                out = run(ids[:, t : t + 1], state)
+                logits.append(out.logits)
+                state = out.state
+        return torch.cat(logits, 1)
+
+    calls = kernel_calls(RESIDUAL)
+    own = decode(lambda x, s: model(x, s, collect_aux=False), model.init_state(1))  # the plans are built here
+    called = decode(lambda x, s: functional_call(model, other, (x, s), {"collect_aux": False}), model.init_state(1))
+    with native.native_kernels(False):
+        reference = decode(lambda x, s: twin(x, s, collect_aux=False), twin.init_state(1))
+    assert calls["hk_gated_residual"] == 2 * 2 * ids.shape[1]  # two blocks, two runs with the kernels on
+    torch.testing.assert_close(called, reference, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(called, own, atol=1e-3)
+    torch.testing.assert_close(decode(lambda x, s: model(x, s, collect_aux=False), model.init_state(1)), own)
