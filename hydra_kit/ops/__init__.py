@@ -23,6 +23,9 @@ The ops, by module (reference: the PyTorch function the tests hold the faster ve
   PyTorch step (which is what runs whenever the kernel does not).
 - :mod:`.pkm_topk` (``product_topk``, PyTorch) with its Triton kernel (``_pkm_topk_triton``).
 
+``hydra_kit.ops.linear`` names the function (as ``torch.nn.functional.linear`` does); the module's other names
+are imported from it directly (``from hydra_kit.ops.linear import LIBRARY``).
+
 Nothing here imports triton or mamba-ssm at import time: each accelerated module loads its accelerator on first
 use and says, in words, why it cannot run on this machine (``*unavailable_reason``).
 """
