@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -396,7 +396,8 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
         """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""
-        return [e.gate_up.weight for e in self.experts], [e.down.weight for e in self.experts]
+        experts = [cast(SwiGLU, e) for e in self.experts]  # nn.ModuleList yields plain Modules to a type checker
+        return [e.gate_up.weight for e in experts], [e.down.weight for e in experts]
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity is None else f"capacity={self.capacity}/{self.capacity_window} tokens"

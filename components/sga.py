@@ -516,7 +516,7 @@ class SparseGlobalAttention(TriPathComponent):
                 if reveal is None:  # a global is visible past the window; an empty slot never
                     reveal = torch.where(state.global_scores > NEG_INF, state.global_pos + (w + 1), torch.iinfo(torch.long).max)
                 visible = reveal <= pos  # (B, G)
-            sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
+            sets: list[tuple[Tensor, Tensor, Tensor | None]] = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
             if visible is not None:
                 sets.append((state.global_keys.transpose(1, 2), state.global_values.transpose(1, 2), visible))
             y = decode_attention(q, sets, hd**-0.5)  # (B, H, hd): the C kernel, or the same in PyTorch

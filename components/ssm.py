@@ -405,6 +405,7 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
+        assert self.conv.bias is not None  # built with bias=True
         xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self.conv.bias))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
@@ -470,6 +471,7 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
                 return ComponentOutput(update=update, state=SSMState(conv, ssm))
         z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
+        assert self.conv.bias is not None  # built with bias=True
         xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at the last position
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)

@@ -20,7 +20,7 @@ from hydra_kit.nn import native
 __all__ = ["LIBRARY", "SSMStepWeights", "pack_ssm_step_weights", "ssm_step_cpu"]
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": [_p, _p, _p, _f] + [_p] * 6 + [_l]})
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": [_p] * 3 + [_f] + [_p] * 6 + [_l]})
 
 
 @dataclass(frozen=True)
