@@ -10,6 +10,7 @@ file when one exists at that path; otherwise it names a packaged recipe, spelled
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ class PackagedRecipe:
 
     Attributes:
         name: its path under the recipes folder without ``.yaml``, e.g. ``full-29m`` or ``experiments/smoke``.
-        description: the first line of its leading comment ("" when it has none).
+        description: the first sentence of its leading comment ("" when it has none).
         path: the file.
     """
 
@@ -47,14 +48,22 @@ def recipes_folder() -> Path:
 
 
 def describe(path: Path) -> str:
-    """The first line of a recipe's leading comment block, without the ``#``; "" when it starts with no comment."""
+    """The first sentence of a recipe's leading comment block, on one line; "" when the file starts with no comment.
+
+    The block ends at the first line that is not a comment, or a bare ``#``.
+    """
+    words: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             text = line.strip()
-            if not text:
+            if not text and not words:
                 continue
-            return text.lstrip("#").strip() if text.startswith("#") else ""
-    return ""
+            if not text.startswith("#") or not text.lstrip("#").strip():
+                break
+            words.extend(text.lstrip("#").split())
+    summary = " ".join(words)
+    end = re.search(r"\.(\s|$)", summary)
+    return summary[: end.start() + 1] if end else summary
 
 
 def packaged_recipes() -> list[PackagedRecipe]:
