@@ -122,7 +122,9 @@ class TextDataModule(L.LightningDataModule):
     """Byte-level language modelling on a text file or folder, split into training and validation by position.
 
     Args:
-        path: a text file, or a folder whose files matching ``pattern`` are read (sorted, concatenated).
+        path: a text file, or a folder whose files matching ``pattern`` are read (sorted, concatenated). A
+            relative ``data/...`` path that does not exist from the working folder names the sample data shipped
+            with hydra-kit (``data/wikitext-2-sample/valid-sample.txt`` is recipes/text.yaml's default).
         seq_len: bytes per example (the model sees seq_len bytes and predicts the next byte at each).
         batch_size: examples per batch.
         val_fraction: share of the byte stream, taken from its end, held out for validation (unused with
