@@ -369,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_lightning()  # every command: experiments, ablations and bench train through Lightning too
     command, rest = argv[0], argv[1:]
     try:
+        # C2 (packaging), temporary wiring until C1's dispatcher takes it: packaged names in --config, `recipes`.
+        from hydra_kit.recipe_files import resolve_config_args  # C2
+
+        argv = resolve_config_args(argv)  # C2
+        command, rest = argv[0], argv[1:]  # C2
+        if command == "recipes":  # C2
+            from hydra_kit.commands.recipes import main as recipes_main  # C2
+
+            return recipes_main(rest)  # C2
         if command == "components":
             return cmd_components(rest, third_party)
         if command == "summary":
