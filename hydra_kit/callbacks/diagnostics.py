@@ -70,8 +70,8 @@ class Diagnostics(Callback):
             return
         self._requested_at = None
         blocks = getattr(pl_module, "tri_path_blocks", [])
-        per_block: list[dict[str, dict[str, Tensor]]] = list(getattr(pl_module, "last_diagnostics", []))
-        pl_module.last_diagnostics = []  # type: ignore[assignment]
+        take = getattr(pl_module, "take_diagnostics", None)
+        per_block: list[dict[str, dict[str, Tensor]]] = take() if callable(take) else []
         scalars: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
         for i, block in enumerate(blocks):
