@@ -265,7 +265,9 @@ def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_pa
 def test_best_checkpoint_is_the_best_of_the_current_stage(tmp_path):
     """A harder stage has a higher validation loss: "best" must start over there, not stay in the easy stage."""
     stages = [{"at_step": 0, "data": {"num_pairs": 1, "num_queries": 1}}, {"at_step": 20, "data": {"num_pairs": 6, "num_queries": 6}}]
-    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1, filename="best-{step}")
+    from hydra_kit.checkpoint import StageCheckpoint
+
+    best = StageCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1, filename="best-{step}")
     torch.manual_seed(0)
     trainer_ = L.Trainer(
         max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -13,8 +13,6 @@ uses of Lightning internals in :mod:`hydra_kit.compat` and is re-exported here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary
 from rich.console import Console

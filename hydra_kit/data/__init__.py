@@ -10,4 +10,4 @@ from hydra_kit.data.synthetic import SyntheticDataModule, SyntheticDataset
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
 from hydra_kit.data.text import TextDataError, TextDataModule
 
-__all__ = ["IGNORE_INDEX", "MQAR", "CurriculumData", "TokenData", "check_curriculum_data", "check_token_data", "DistantPremise", "DomainMixture", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask", "TextDataError", "TextDataModule"]
+__all__ = ["IGNORE_INDEX", "MQAR", "CurriculumData", "DistantPremise", "DomainMixture", "Example", "FactRecall", "LogicChains", "SyntheticDataModule", "SyntheticDataset", "SyntheticTask", "TextDataError", "TextDataModule", "TokenData", "check_curriculum_data", "check_token_data"]
