@@ -97,7 +97,8 @@ class HydraNetwork(nn.Module):
                 raise RecipeError(f"model.dropped: {name!r} is not a component instance of this recipe; instances: {', '.join(spec)}")
             del spec[name]
         self.vocab_size = vocab_size
-        self.resolved: list[ResolvedComponent] = resolve_components(spec, n_blocks, registry or default_registry(), "model.components")
+        registry = registry if registry is not None else default_registry()
+        self.resolved: list[ResolvedComponent] = resolve_components(spec, n_blocks, registry, "model.components")
         # Registration order (embed, head, blocks, norm) is the parameter order optimizer states are saved in.
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=init_std)
