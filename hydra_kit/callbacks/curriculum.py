@@ -303,7 +303,7 @@ class Curriculum(Callback):
         if reached or force_apply:
             self._apply(trainer, pl_module)
         for i in reached:
-            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]  # public, set untyped by a connector
                 if isinstance(callback, StageAware):
                     callback.on_curriculum_stage(i)
         for i in reached:
