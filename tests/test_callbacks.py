@@ -309,3 +309,17 @@ def test_schedule_follows_the_param_groups_scale_and_reads_old_scaled_base_rates
     restored_opt.step()
     restored.step()
     assert restored_opt.param_groups[0]["lr"] == pytest.approx(0.5 * shape(1))
+
+
+def test_a_checkpoint_that_cannot_follow_the_stages_is_named_at_setup(tmp_path):
+    from hydra_kit.callbacks import StageAware
+    from hydra_kit.checkpoint import StageCheckpoint
+
+    plain = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    staged = StageCheckpoint(dirpath=tmp_path / "staged", monitor="val/loss")
+    assert isinstance(staged, StageAware) and not isinstance(plain, StageAware)
+    curriculum = Curriculum([{"at_step": 2, "disable": ["sga"]}])
+    t = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[curriculum, plain, staged], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"Curriculum: ModelCheckpoint\(monitor='val/loss'\) keeps one best checkpoint across stages") as caught:
+        curriculum.setup(t, tiny_model(), "fit")
+    assert not any("StageCheckpoint(" in str(w.message) for w in caught)
