@@ -6,8 +6,9 @@ recipe section (:mod:`hydra_kit.recipe`); the network never imports a concrete c
 metrics, optimizer) is :class:`hydra_kit.model.HydraLM`, a LightningModule that owns one of these.
 
 The instance API (:meth:`HydraNetwork.disable`, :meth:`~HydraNetwork.enable`, :meth:`~HydraNetwork.freeze`,
-:meth:`~HydraNetwork.unfreeze`, :meth:`~HydraNetwork.set_knocked_out`, :meth:`~HydraNetwork.instance_parameters`)
-is what callbacks may use to switch component instances on and off; they never write block internals.
+:meth:`~HydraNetwork.unfreeze`, :meth:`~HydraNetwork.set_knocked_out`, :meth:`~HydraNetwork.instance_parameters`,
+:meth:`~HydraNetwork.block_instances`) is what callbacks may use to find, switch on and off, and freeze component
+instances; they never write block internals.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from hydra_kit import accounting
 from hydra_kit.block import TriPathBlock
 from hydra_kit.nn import RMSNorm, linear
+from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
 
@@ -192,6 +194,16 @@ class HydraNetwork(nn.Module):
             if block.router is not None and block.router_name == name:
                 params.extend(block.router.parameters())
         return params
+
+    def block_instances(self) -> list[tuple[int, dict[str, TriPathComponent]]]:
+        """Per block, in order: (its layer index, instance name -> component module), its router included."""
+        rows = []
+        for block in self.tri_path_blocks:
+            owners = dict(block.components())
+            if block.router is not None and block.router_name is not None:
+                owners[block.router_name] = block.router
+            rows.append((block.layer_idx, owners))
+        return rows
 
     def freeze(self, names: Iterable[str]) -> None:
         """Stop training these instances (``requires_grad`` off for their parameters, LayerScale included)."""
