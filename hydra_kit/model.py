@@ -24,12 +24,11 @@ from torchmetrics.text import Perplexity
 from hydra_kit import compat
 from hydra_kit.block import TriPathBlock
 from hydra_kit.data.protocol import check_token_data
+from hydra_kit.data.task import IGNORE_INDEX
 from hydra_kit.network import HydraNetwork, ModelOutput
 from hydra_kit.optim import DenseSparseAdam, ScaledLambdaLR, warmup_cosine
 from hydra_kit.recipe import RecipeError, ResolvedComponent
 from hydra_kit.registry import default_registry
-
-IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "HydraLM", "ModelOutput", "NonFiniteLossError"]
 
@@ -118,8 +117,6 @@ class HydraLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if vocab_size <= 0 or d_model <= 0 or n_blocks <= 0:
-            raise RecipeError(f"model: vocab_size ({vocab_size}), d_model ({d_model}) and n_blocks ({n_blocks}) must be positive")
         _check_optimiser_args(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
         self.network = HydraNetwork(vocab_size, d_model, n_blocks, components, dropped, init_std, tie_embeddings, registry=default_registry())
         self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
