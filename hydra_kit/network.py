@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from hydra_kit import accounting
 from hydra_kit.block import TriPathBlock
-from hydra_kit.nn import RMSNorm, linear
+from hydra_kit.ops import RMSNorm, linear
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
