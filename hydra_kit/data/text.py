@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from hydra_kit.compat import batches_processed
 from hydra_kit.package_data import package_folder
 from hydra_kit.recipe import RecipeError
 
@@ -271,8 +272,7 @@ class TextDataModule(L.LightningDataModule):
         if self.trainer is not None:
             # `processed`, not `completed`: checkpoints are written in on_train_batch_end, after a batch is processed
             # and before it counts as completed.
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            state.update(epoch=self.trainer.current_epoch, batches_done=int(getattr(progress, "processed", progress.completed)))
+            state.update(epoch=self.trainer.current_epoch, batches_done=batches_processed(self.trainer))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
