@@ -91,7 +91,7 @@ def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path)
     import yaml
 
     from hydra_kit.callbacks import Ablation
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     path = quick_recipe(tmp_path, "ablated")
     recipe = yaml.safe_load(path.read_text())
@@ -110,7 +110,7 @@ def test_knockout_recipe_from_a_saved_run_config_drops_subcommand_options(tmp_pa
     # of knockout mode refused ("Option 'weights_only' is not accepted", issue 18 item 4).
     from hydra_kit.ablate import recipe_from_run
     from hydra_kit.checkpoint import AtomicCheckpointIO
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(quick_recipe(tmp_path)), "--print_config"])

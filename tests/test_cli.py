@@ -175,7 +175,7 @@ def test_saved_config_and_print_config_reproduce_the_run(trained):
 
 def test_checkpoint_io_is_atomic_once_whether_or_not_the_recipe_names_it(tmp_path):
     from hydra_kit.checkpoint import AtomicCheckpointIO
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     path = quick_recipe(tmp_path)
     assert isinstance(HydraCLI(args=["--config", str(path)], run=False).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -260,7 +260,7 @@ def test_mistyped_option_is_one_line_with_a_suggestion(tmp_path, capsys, lightni
      ({"max_steps": 500, "val_check_interval": 200}, 200), ({"max_steps": -1, "val_check_interval": 200}, 200), ({"max_steps": 50, "val_check_interval": 0.5}, 0.5)],
 )
 def test_short_runs_validate_before_they_end(trainer, expected):
-    from hydra_kit.lightning_cli import _check_step_limits
+    from hydra_kit.config.checks import check_step_limits
 
-    _check_step_limits(trainer, fitting=True)
+    check_step_limits(trainer, fitting=True)
     assert trainer["val_check_interval"] == expected

@@ -10,16 +10,17 @@ import torch
 from conftest import REPO, run_cli
 from fake_components import CumulativeMeanMixer
 
-from hydra_kit.cli import check_recipes, load_recipe, merged_model_section
+from hydra_kit.config import load_recipe
+from hydra_kit.config.lightning import model_config
 from hydra_kit.model import HydraLM
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def build_on_meta(path: Path) -> HydraLM:
-    check_recipes([str(path)], [])
+    config = model_config([str(path)])  # parsed and checked as fit parses it
     with torch.device("meta"):
-        return HydraLM(**merged_model_section([str(path)]))
+        return HydraLM(**config)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

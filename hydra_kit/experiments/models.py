@@ -64,7 +64,7 @@ def hydra_config(size: str, vocab_size: int, recipe: str | None = None) -> dict[
     if recipe is None and size == "cpu":
         config = copy.deepcopy(CPU_HYDRA)
     else:
-        from hydra_kit.cli import load_recipe
+        from hydra_kit.config import load_recipe
 
         path = recipe or str(FULL_RECIPE)
         section = load_recipe(path).get("model") or {}
