@@ -3,13 +3,13 @@
 One module for ``hydra-kit ablate``, ``hydra-kit experiment`` and ``hydra-kit bench``, so that the same
 measurements are aggregated, printed and written the same way everywhere.
 
-Numbers are aggregated, never adjusted. A missing measurement stays missing: NaN in memory, ``-`` in tables,
-an empty cell in CSV files and ``null`` in JSON files (strict JSON has no NaN).
+Numbers are aggregated, never adjusted. A missing measurement stays missing: NaN in memory and in files
+(``nan`` in CSV, ``NaN`` in JSON, which Python's ``json`` reads back), ``-`` in tables.
 
 The spread is the sample standard deviation (n - 1 denominator). **For fewer than two values it is undefined
-and is NaN**: one seed measures no spread, so tables print the mean without ``±``, files leave the cell empty,
-figures draw no error bar, and a claim that subtracts the spread (``experiments.report.above``) subtracts
-nothing. Every caller reads the spread through :func:`mean_spread`.
+and is NaN**: one seed measures no spread, so tables print the mean without ``±``, files hold NaN, figures
+draw no error bar, and a claim that subtracts the spread (``experiments.report.above``) subtracts nothing.
+Every caller reads the spread through :func:`mean_spread`.
 """
 
 from __future__ import annotations
@@ -81,37 +81,21 @@ def print_table(out: Console, title: str, columns: Sequence[str], rows: Iterable
     out.print(table)
 
 
-def _cell(value: Any) -> Any:
-    return "" if is_missing(value) else value
-
-
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> Path:
-    """``rows`` as CSV with a header (``fields``, default the first row's keys); missing values as empty cells."""
+    """``rows`` as CSV with a header (``fields``, default the first row's keys; other keys are left out)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(fields if fields is not None else (rows[0] if rows else []))
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in names})
+        writer.writerows(rows)
     return path
 
 
-def _strict(value: Any) -> Any:
-    """``value`` with NaN replaced by None at any depth (strict JSON has no NaN)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
-
-
 def write_json(path: Path, payload: Any) -> Path:
-    """``payload`` as indented, strict JSON (NaN written as null; other objects by ``str``)."""
+    """``payload`` as indented JSON (missing values as ``NaN``; objects json cannot write, by ``str``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_strict(payload), indent=2, default=str, allow_nan=False), encoding="utf-8")
+    path.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     return path
 
 

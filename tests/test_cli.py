@@ -264,3 +264,43 @@ def test_short_runs_validate_before_they_end(trainer, expected):
 
     check_step_limits(trainer, fitting=True)
     assert trainer["val_check_interval"] == expected
+
+
+def _imports(path) -> set[str]:
+    """The hydra_kit modules a source file imports (lazy imports inside functions too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {name for name in found if name.startswith("hydra_kit")}
+
+
+def test_imports_point_down_the_tiers():
+    package = REPO / "hydra_kit"
+
+    def module(path) -> str:
+        return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+    files = {module(p): p for p in package.rglob("*.py")}
+    commands = ("hydra_kit.commands", "hydra_kit.cli")
+    studies = ("hydra_kit.ablate", "hydra_kit.bench", "hydra_kit.experiments", "hydra_kit.inspection")
+    config_tier = ("hydra_kit.config", "hydra_kit.reporting", "hydra_kit.errors")
+    for name, path in files.items():
+        imported = _imports(path)
+        if not name.startswith(commands):  # nothing imports the commands tier
+            assert not [i for i in imported if i.startswith(commands)], f"{name} imports the commands tier"
+        if name.startswith(config_tier):  # the config tier knows no ablation, benchmark or experiment
+            assert not [i for i in imported if i.startswith(studies)], f"{name} imports {imported}"
+    assert _imports(package / "errors.py") == set()  # the user-error type can be imported from anywhere
+
+
+def test_recipe_error_lives_in_errors_and_keeps_its_old_import():
+    from hydra_kit.errors import RecipeError
+    from hydra_kit.recipe import RecipeError as FromRecipe
+
+    assert FromRecipe is RecipeError and issubclass(RecipeError, ValueError)
