@@ -129,18 +129,6 @@ def _apply_ablation_callbacks(config: Any) -> None:
         model["dropped"] = list(dict.fromkeys([*(model.get("dropped") or []), *drop]))
 
 
-def _apply_ablation_callbacks(config: Any) -> None:
-    """Add the instances named by ``hydra_kit.callbacks.Ablation`` callbacks to ``model.dropped``, before the model is built."""
-    callbacks = config["trainer"].get("callbacks") or []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        class_path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
-        if class_path.rsplit(".", 1)[-1] != "Ablation":
-            continue
-        drop = list((callback.get("init_args") or {}).get("drop") or [])
-        model = config["model"]
-        model["dropped"] = list(dict.fromkeys([*(model.get("dropped") or []), *drop]))
-
-
 class _ValidationStep(Callback):
     """Remembers the global step of the last validation during fit (to validate the final weights if it was not)."""
 
