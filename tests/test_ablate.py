@@ -107,7 +107,7 @@ def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path)
 
 def test_knockout_recipe_from_a_saved_run_config_drops_subcommand_options(tmp_path, capsys):
     # A run's config.yaml is a `fit` configuration: it holds ckpt_path and weights_only, which the single-run CLI
-    # of knockout mode refused ("Option 'weights_only' is not accepted", issue 18 item 4).
+    # of knockout mode refused ("Option 'weights_only' is not accepted").
     from hydra_kit.ablate import recipe_from_run
     from hydra_kit.checkpoint import AtomicCheckpointIO
     from hydra_kit.config.lightning import HydraCLI

@@ -102,7 +102,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert "broken.yaml: line 3" in " ".join(result.stderr.split())
 
 
-# ------------------------------------------------------------------------------------- issue 18, items 2, 3, 7, 8
+# --------------------------------------------------------------- what a user sees: output, warnings, saved configs
 def run_unfiltered(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     """`hydra-kit ARGS` with Python's warnings shown, as a user sees them (run_cli hides them)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
@@ -140,7 +140,7 @@ def test_fit_output_counts_steps_lists_last_ckpt_and_has_no_warning_noise(traine
         assert noise not in out + err, noise
     assert "MFLOP/token" in out and "forward FLOPs per token at L=" in out  # the model summary of parameter_report
     assert "final validation (step 20): val/acc = " in out
-    # The final accuracy is read against chance and the task's best no-skill shortcut (issue 17).
+    # The final accuracy is read against chance and the task's best no-skill shortcut.
     verdict = re.search(r"held-out accuracy (\S+): chance (\S+), best no-skill baseline (\S+) \((.+?)\), (above|not above) it", out)
     assert verdict is not None, out
     accuracy, chance, best = (float(verdict.group(i).rstrip(":,")) for i in (1, 2, 3))

@@ -28,7 +28,7 @@ CASES = {
     "expert-specialisation": (["--domains", "2", "--seq-len", "9"], "expert_specialisation", "domain", {"hydra", "hydra dense-mlp", "transformer"}, ["accuracy", "nmi_answer", "nmi_all"]),
     "mqar": (["--pairs", "2"], "mqar", "pairs", {"hydra", "hydra - router", "transformer"}, ["accuracy"]),
 }
-# Experiments whose tables, files and figures carry chance and the best no-skill baseline per level (issue 17).
+# Experiments whose tables, files and figures carry chance and the best no-skill baseline per level.
 BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation", "mqar"}
 
 
