@@ -46,7 +46,6 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 from rich.console import Console
-from rich.table import Table
 
 from hydra_kit.callbacks import Ablation, KnockOut, Throughput
 from hydra_kit.checkpoint import load_model
@@ -55,6 +54,7 @@ from hydra_kit.errors import RecipeError
 from hydra_kit.model import DEFAULT_COMPONENTS, default_registry
 from hydra_kit.recipe import resolve_components
 from hydra_kit.reporting import fmt, mean_spread, write_csv, write_json
+from hydra_kit.reporting import print_table as report_table
 
 DEFAULT_RECIPE = "recipes/full.yaml"
 METRICS = ("val_loss", "val_acc", "tokens_per_s", "total_params", "active_params")
@@ -293,12 +293,9 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, console: Console) -> None:
     """The ablation table: one row per configuration, mean ± spread of each metric and of its delta."""
-    table = Table(title=title)
     columns = ["run", "removed", "params", "active", "val loss", "Δ loss", "val acc", "Δ acc", f"{throughput_kind} tok/s", "Δ tok/s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "removed") else "right")
-    for row in rows:
-        table.add_row(
+    cells = [
+        [
             row["label"],
             ", ".join(row["dropped"]) or "-",
             fmt(row["total_params"], None, ",.0f"),
@@ -309,8 +306,10 @@ def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, co
             fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True),
             fmt(row["tokens_per_s"], row["tokens_per_s_std"], ",.0f"),
             fmt(row["delta_tokens_per_s"], row["delta_tokens_per_s_std"], ",.0f", signed=True),
-        )
-    console.print(table)
+        ]
+        for row in rows
+    ]
+    report_table(console, title, columns, cells, left=("run", "removed"))
 
 
 def write_outputs(rows: list[dict[str, Any]], results: list[RunResult], meta: dict[str, Any], out: Path) -> list[Path]:

@@ -272,16 +272,21 @@ def gpu_peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
 
 
 def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
+    """Measure every recipe of ``args.recipes`` at every length and mode; the records and the matmul roof (GFLOP/s).
+
+    ``args`` holds the options of ``hydra-kit bench`` (:mod:`hydra_kit.commands.bench`).
+    """
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     native.set_enabled(args.cpu_kernels == "on")
     if args.cpu_kernels == "on" and device.type == "cpu" and (reason := native_unavailable_reason()) is not None:
         console.print(f"[yellow]{reason}[/]")
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # The recipes first: a mistake in one is reported before anything is measured.
+    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
     console.print(f"C decoding kernels (hydra_kit.nn.native): {'on' if native.enabled() else 'off'}, for every model")
-    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
     paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []
