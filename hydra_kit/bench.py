@@ -34,8 +34,8 @@ from rich.console import Console
 from hydra_kit.bench_report import Record
 from hydra_kit.config.lightning import model_config
 from hydra_kit.model import IGNORE_INDEX, HydraLM, state_nbytes
-from hydra_kit.nn import native
-from hydra_kit.nn.decode_linear import LIBRARY as LINEAR_LIBRARY
+from hydra_kit.ops import native
+from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 
 DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
@@ -286,7 +286,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
-    console.print(f"C decoding kernels (hydra_kit.nn.native): {'on' if native.enabled() else 'off'}, for every model")
+    console.print(f"C decoding kernels (hydra_kit.ops.native): {'on' if native.enabled() else 'off'}, for every model")
     paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.errors import RecipeError
-from hydra_kit.nn import native
+from hydra_kit.ops import native
 from hydra_kit.reporting import pyplot, write_csv, write_json
 
 
@@ -149,7 +149,7 @@ def write_outputs(
     payload = {
         "matmul_gflops": roof,
         "threads": torch.get_num_threads(),
-        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.nn.native (both models alike)
+        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.ops.native (both models alike)
         "records": rows,
         "targets": targets,
     }

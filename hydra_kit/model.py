@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from hydra_kit.block import TriPathBlock
-from hydra_kit.nn import RMSNorm, linear
+from hydra_kit.ops import RMSNorm, linear
 from hydra_kit.optim import DenseSparseAdam
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components

@@ -135,6 +135,7 @@ UNKNOWN_OPTION_CASES = {
     "bench": ["bench", "--recipes", "{recipe}"],
     "ablate": ["ablate", "--drop", "sga", "--config", "{recipe}", "--out", "{out}"],
     "experiment": ["experiment", "mqar"],
+    "recipes": ["recipes"],
 }
 
 

@@ -11,7 +11,7 @@ from conftest import REPO
 
 from hydra_kit.bench_report import Record, check_targets
 from hydra_kit.cli import main as hydra_kit
-from hydra_kit.nn import native
+from hydra_kit.ops import native
 
 
 def _record(model: str, seq_len: int, mode: str, tokens_per_s: float, mem: float | None = None, cache: float | None = None) -> Record:

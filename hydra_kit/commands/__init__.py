@@ -38,6 +38,7 @@ COMMANDS = {
     "bench": "bench",
     "ablate": "ablate",
     "experiment": "experiment",
+    "recipes": "recipes",
 }
 USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
 
@@ -50,6 +51,7 @@ commands:
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
+  recipes [--copy NAME]             list the packaged recipes, or write one out to edit (--config takes their names)
 
 options:
   --no-plugins                      load only hydra-kit's own components (also HYDRA_KIT_NO_PLUGINS=1)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (hydra-kit --help)")
     from hydra_kit.checkpoint import CheckpointError
+    from hydra_kit.config.files import resolve_config_args
     from hydra_kit.config.trainer import quiet_lightning
     from hydra_kit.model import NonFiniteLossError, configure_plugins
     from hydra_kit.registry import ComponentRegistryError
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_lightning()  # every command: experiments, ablations and bench train through Lightning too
     module = importlib.import_module(f"hydra_kit.commands.{COMMANDS[command]}")
     try:
+        # Recipe options (--config, --recipe, --recipes) may name a packaged recipe: every command gets files.
+        argv = resolve_config_args(argv)
+        rest = argv[1:]
         if command in LIGHTNING_COMMANDS:
             return int(module.main(argv))
         if command == "components":

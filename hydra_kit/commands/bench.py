@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
     parser.add_argument(
         "--cpu-kernels", choices=["on", "off"], default="on",
-        help="C decoding kernels (hydra_kit.nn.native) for every model; off: PyTorch ops only",
+        help="C decoding kernels (hydra_kit.ops.native) for every model; off: PyTorch ops only",
     )  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(highlight=False)

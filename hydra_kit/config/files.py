@@ -1,16 +1,17 @@
 """Recipe files: where a ``--config`` value points, and reading one YAML recipe with one-line errors.
 
-:func:`config_path` is the one place where a ``--config`` value becomes a file path; every command resolves
-its recipes through it (:func:`resolve_config_args` for an argument list).
+A ``--config`` value becomes a file path in one place, :func:`hydra_kit.recipe_files.resolve_config` (a file,
+or a packaged recipe's name); :func:`config_path` and :func:`resolve_config_args` (an argument list) call it.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Any
 
+from hydra_kit import recipe_files
 from hydra_kit.errors import RecipeError
+from hydra_kit.recipe_files import resolve_config
 
 __all__ = ["config_path", "config_paths", "load_recipe", "parse_recipe_text", "read_text", "resolve_config_args"]
 
@@ -18,16 +19,13 @@ CONFIG_FLAGS = ("--config", "-c")
 
 
 def config_path(value: str) -> str:
-    """The recipe file a ``--config`` value names.
+    """The recipe file a ``--config`` value names: the path itself when it is a file, else a packaged recipe's file
+    (:func:`hydra_kit.recipe_files.resolve_config`: ``full``, ``full.yaml`` or ``recipes/full.yaml``).
 
     Raises:
-        RecipeError: no such file.
+        RecipeError: neither a file nor a packaged recipe; the message lists the packaged names.
     """
-    if os.path.isfile(value):
-        return value
-    if os.path.isdir(value):
-        raise RecipeError(f"{value}: is a directory, not a recipe file")
-    raise RecipeError(f"{value}: recipe file not found")
+    return resolve_config(value)
 
 
 def config_paths(argv: list[str]) -> list[str]:
@@ -42,20 +40,13 @@ def config_paths(argv: list[str]) -> list[str]:
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config`` value replaced by the file :func:`config_path` resolves it to.
+    """``argv`` with every recipe option's value (``--config``, ``-c``, ``--recipe``, ``--recipes``) turned into a
+    file path by :func:`config_path`.
 
     Raises:
-        RecipeError: a ``--config`` value names no recipe.
+        RecipeError: a value names no recipe.
     """
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        if i > 0 and argv[i - 1] in CONFIG_FLAGS and not arg.startswith("-"):
-            out.append(config_path(arg))
-        elif arg.startswith("--config="):
-            out.append("--config=" + config_path(arg.split("=", 1)[1]))
-        else:
-            out.append(arg)
-    return out
+    return recipe_files.resolve_config_args(argv)
 
 
 def parse_recipe_text(path: str, text: str) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""The tri-path block on its own: the gated residual sum (docs/design.md 3.1), state carrying, one-token decoding,
+inference-time gate skipping and the per-block diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fake_components import CumulativeMeanMixer
+
+from hydra_kit.block import TriPathBlock
+from hydra_kit.components.mlp import SwiGLUMLP
+from hydra_kit.components.router import TokenRouter
+
+D = 16
+
+
+def _block(*, router: bool, threshold: float = 0.0, gain: float = 2.0) -> TriPathBlock:
+    torch.manual_seed(0)
+    components = {"mix": CumulativeMeanMixer(D, 0), "mlp": SwiGLUMLP(D, 0)}
+    if router:
+        components["router"] = TokenRouter(D, 0, gate_threshold=threshold, gate_gain=gain)
+    block = TriPathBlock(D, 0, components, layerscale={"mix": 0.8, "mlp": 0.5}, gated={"mlp"})
+    if router:  # gates away from 0.5 and different per token, so a wrong gate cannot pass unnoticed
+        assert block.router is not None and block.router.gate_proj is not None
+        torch.nn.init.normal_(block.router.gate_proj.weight, std=1.0)
+    return block
+
+
+def test_without_a_router_the_block_adds_each_component_scaled_by_its_layerscale():
+    block = _block(router=False)
+    x = torch.randn(2, 7, D)
+    u = block.norm(x)
+    expected = x + 0.8 * block.mixers["mix"](u).update + 0.5 * block.mixers["mlp"](u).update
+    torch.testing.assert_close(block(x).hidden, expected)
+
+
+def test_a_router_weights_only_its_gated_components_by_gain_times_gate():
+    block = _block(router=True, gain=2.0)
+    x = torch.randn(2, 7, D)
+    u = block.norm(x)
+    assert block.router is not None
+    gate = block.router.route(u).gates[..., 0:1]  # (B, L, 1): the one gated component, "mlp"
+    assert gate.std() > 0.05  # the gates differ per token
+    expected = x + 0.8 * block.mixers["mix"](u).update + 0.5 * 2.0 * gate * block.mixers["mlp"](u).update
+    torch.testing.assert_close(block(x).hidden, expected)
+
+
+def test_a_block_with_no_components_is_the_identity_and_two_routers_are_refused():
+    x = torch.randn(1, 3, D)
+    torch.testing.assert_close(TriPathBlock(D, 0, {}, layerscale={}, gated=set())(x).hidden, x)
+    routers = {"a": TokenRouter(D, 0), "b": TokenRouter(D, 0)}
+    with pytest.raises(ValueError, match="at most one router"):
+        TriPathBlock(D, 0, routers, layerscale={}, gated=set())
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_chunks_with_carried_state_and_one_token_steps_equal_the_whole_sequence(router):
+    block = _block(router=router).eval()
+    x = torch.randn(2, 9, D)
+    with torch.no_grad():
+        whole = block(x).hidden
+        state = block.init_state(2, device=x.device, dtype=x.dtype)
+        first = block(x[:, :4], state)
+        second = block(x[:, 4:], first.state)
+        torch.testing.assert_close(torch.cat([first.hidden, second.hidden], 1), whole)
+        state = block.init_state(2, device=x.device, dtype=x.dtype)
+        steps = []
+        for t in range(x.shape[1]):
+            out = block(x[:, t : t + 1], state, collect_aux=False)
+            steps.append(out.hidden)
+            state = out.state
+        torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_at_inference_tokens_below_the_gate_threshold_skip_the_component_and_in_training_none_do():
+    block = _block(router=True, threshold=0.5)
+    x = torch.randn(2, 11, D)
+    u = block.norm(x)
+    assert block.router is not None
+    gate = block.router.route(u).gates[..., 0]  # (B, L)
+    skipped = gate < 0.5
+    assert skipped.any() and (~skipped).any()
+    without_mlp = x + 0.8 * block.mixers["mix"](u).update
+    block.eval()
+    with torch.no_grad():
+        hidden = block(x).hidden
+    torch.testing.assert_close(hidden[skipped], without_mlp[skipped])
+    assert not torch.allclose(hidden[~skipped], without_mlp[~skipped])
+    block.train()
+    assert not torch.allclose(block(x).hidden[skipped], without_mlp[skipped])  # training never skips
+
+
+def test_diagnostics_report_layerscale_update_share_and_gates_per_instance():
+    block = _block(router=True)
+    x = torch.randn(2, 5, D)
+    diagnostics = block(x, diagnostics=True).diagnostics
+    assert set(diagnostics) == {"router", "mix", "mlp"}
+    assert float(diagnostics["mix"]["layerscale"]) == pytest.approx(0.8)
+    assert "gate" not in diagnostics["mix"]  # ungated
+    assert diagnostics["mlp"]["gate"].shape == (2 * 5,)
+    u = block.norm(x)
+    written = (0.8 * block.mixers["mix"](u).update).norm() / x.norm()
+    torch.testing.assert_close(diagnostics["mix"]["update_rel_norm"], written.detach())
+    assert "gate_mlp" in diagnostics["router"]
