@@ -1,0 +1,1 @@
+"""The commands tier: one module per ``hydra-kit`` subcommand, each with ``main(argv) -> int``."""
