@@ -60,6 +60,7 @@ class SplitPlan:
 
     val_fraction: float
     seed: int
+    phase: float = field(init=False)  # u of the module docstring
 
     def __post_init__(self) -> None:
         self.phase = float(np.random.default_rng([self.seed, 0x5EED]).random())

@@ -18,6 +18,7 @@ smaller than the shards' is refused at setup in one line naming the shard folder
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -43,9 +44,10 @@ class ShardDataError(RecipeError):
     """The shard folder cannot be used (missing, incomplete, mismatched); the message names it and the fix."""
 
 
-def _round_key(seed: int, epoch: int, round_: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{round_}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed: int, epoch: int) -> tuple[int, ...]:
+    """The four 64-bit round keys of the permutation of (seed, epoch)."""
+    return tuple(int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{r}".encode(), digest_size=8).digest(), "little") for r in range(4))
 
 
 def permute(index: int, n: int, seed: int, epoch: int) -> int:
@@ -59,7 +61,7 @@ def permute(index: int, n: int, seed: int, epoch: int) -> int:
         raise IndexError(f"index {index} outside range({n})")
     half = max(1, ((n - 1).bit_length() + 1) // 2)
     mask = (1 << half) - 1
-    keys = [_round_key(seed, epoch, r) for r in range(4)]
+    keys = _round_keys(seed, epoch)
     x = index
     while True:
         left, right = x >> half, x & mask
@@ -187,6 +189,18 @@ class ShardDataModule(L.LightningDataModule):
             raise ShardDataError(f"{key}: {META_FILE} cannot be read ({exc}); run hydra-kit prepare --out {self.path} again") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ShardDataError(f"{key}: {META_FILE} is not a hydra-kit token-shard description (format {FORMAT!r}); run hydra-kit prepare --out {self.path}")
+        try:
+            self._check_shards(meta)
+        except ShardDataError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardDataError(f"{key}: {META_FILE} is malformed ({type(exc).__name__}: {exc}); run hydra-kit prepare --out {self.path} again") from None
+        self._meta = meta
+        return meta
+
+    def _check_shards(self, meta: dict[str, Any]) -> None:
+        """Raise ShardDataError when a shard or the tokenizer file that meta.json lists is missing or truncated."""
+        folder, key = self.folder, f"data.path {self.path!r}"
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in ("train", "val"):
             for shard in meta["splits"][split]["shards"]:
@@ -204,8 +218,8 @@ class ShardDataModule(L.LightningDataModule):
         tokenizer = meta.get("tokenizer", {})
         if tokenizer.get("file") and not (folder / tokenizer["file"]).is_file():
             raise ShardDataError(f"{key}: {tokenizer['file']} listed in {META_FILE} is missing; copy the whole folder, or run hydra-kit prepare --out {self.path} again")
-        self._meta = meta
-        return meta
+        for name in ("vocab_size", "eos_id"):
+            int(meta[name])  # present, and a number
 
     @property
     def vocab_size(self) -> int:

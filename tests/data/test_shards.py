@@ -128,8 +128,9 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(byte_shards):
         (lambda d: (d / "train-00001.bin").unlink(), "shard train-00001.bin listed in meta.json is missing"),
         (lambda d: (d / "val-00000.bin").write_bytes(b"\x00\x01"), "val-00000.bin has 2 bytes"),
         (lambda d: (d / "meta.json").write_text("{}"), "not a hydra-kit token-shard description"),
+        (lambda d: (d / "meta.json").write_text('{"format": "hydra-kit-token-shards", "dtype": "uint16"}'), r"meta\.json is malformed \(KeyError: 'splits'\)"),
     ],
-    ids=["no-meta", "missing-shard", "truncated-shard", "foreign-meta"],
+    ids=["no-meta", "missing-shard", "truncated-shard", "foreign-meta", "malformed-meta"],
 )
 def test_a_damaged_shard_folder_is_one_line(byte_shards, tmp_path, damage, match):
     folder = tmp_path / "copy"
