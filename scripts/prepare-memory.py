@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Peak memory of ``hydra-kit prepare`` and of reading its shards, on generated corpora of two sizes (a benchmark).
 
-Generates a corpus of synthetic text (Zipf-distributed pseudo-words in sentences and paragraphs, one document per
-file of about 1 MB) into a temporary folder, then for each size runs, each in its own process:
+Generates a corpus of synthetic text (Zipf-distributed pseudo-words in sentences, paragraphs separated by blank
+lines, files of about 1.2 MB) into a temporary folder, then for each size runs, each in its own process:
 
 1. ``hydra-kit prepare`` (``hydra_kit.commands.prepare.main``) with the chosen tokenizer, paragraphs as documents
    (``--documents blank_lines``);
@@ -13,7 +13,7 @@ file of about 1 MB) into a temporary folder, then for each size runs, each in it
 It samples each process's resident memory (``/proc/PID/status``: VmRSS, RssAnon, RssFile) every 20 ms and reads
 its peak (``ru_maxrss`` from ``wait4``), and prints a Markdown table. docs/data.md holds the figures it gave.
 
-    nice -n 19 .venv/bin/python scripts/prepare-memory.py                    # 63 MB and 253 MB, BPE 4096
+    nice -n 19 .venv/bin/python scripts/prepare-memory.py                    # about 63 MB and 244 MB, BPE 4096
     nice -n 19 .venv/bin/python scripts/prepare-memory.py --sizes_mb 5,10    # a quick check of the script
 """
 
@@ -50,7 +50,7 @@ IMPORTS = "import torch, lightning, tokenizers, hydra_kit.data.shards, hydra_kit
 
 
 def generate(folder: Path, megabytes: int, seed: int) -> None:
-    """Write ``megabytes`` files of about 1 MB of synthetic English-like text into ``folder``."""
+    """Write ``megabytes`` files of about 1.2 MB of synthetic text (30,000 pseudo-words, Zipf-distributed) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
@@ -107,7 +107,7 @@ def measure(argv: list[str]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes_mb", default="50,200", help="corpus sizes in MB of 1.27 MB files (the first is a subset of the second)")
+    parser.add_argument("--sizes_mb", default="50,200", help="corpus sizes in files of about 1.2 MB (the first is a subset of the second)")
     parser.add_argument("--tokenizer", default="bpe", help="bpe or bytes")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--read_batches", type=int, default=2000, help="training (and validation) batches of 16 x 256 read")

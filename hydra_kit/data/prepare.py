@@ -43,6 +43,7 @@ FORMAT = "hydra-kit-token-shards"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
+TRAIN_UNIT_CHARS = 1 << 16  # characters per unit of text handed to the BPE trainer
 
 
 class PrepareError(CorpusError):
@@ -199,7 +200,8 @@ def prepare(
         encoder: Encoder
         if tokenizer == "bpe":
             task = bar.add_task("training the BPE", total=sum(f.stat().st_size for f in files))
-            read = _documents(files, documents, lambda n: bar.advance(task, n), chunk_chars, "--input")
+            # Smaller units here: the trainer reads its iterator ahead in batches of units, so their size bounds that.
+            read = _documents(files, documents, lambda n: bar.advance(task, n), min(chunk_chars, TRAIN_UNIT_CHARS), "--input")
             assert vocab_size is not None
             encoder = train_bpe((text for i, text, _ in read if plan is None or not plan.is_val(i)), vocab_size)
         else:
