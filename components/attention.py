@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
-from hydra_kit.nn.decode_attention import decode_attention
-from hydra_kit.nn.decode_rotary import qkv_rotary
+from hydra_kit.ops import Linear, RotaryEmbedding, apply_rotary
+from hydra_kit.ops.decode_attention import decode_attention
+from hydra_kit.ops.rotary import qkv_rotary
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 

@@ -1,4 +1,4 @@
-"""Mixture of SwiGLU experts with top-k softmax routing and real sparse dispatch (HYDRA.md 3.5).
+"""Mixture of SwiGLU experts with top-k softmax routing and real sparse dispatch (docs/design.md 3.5).
 
 Shazeer et al. 2017 (arXiv 1701.06538) top-k gating, Switch Transformer (Fedus et al. 2021, arXiv 2101.03961)
 load-balance loss and capacity factor, ST-MoE (Zoph et al. 2022, arXiv 2202.08906) router z-loss. Hydra
@@ -8,9 +8,9 @@ to it, and chunk routing is causal: chunk c is routed from the tokens of chunk c
 
 Dispatch: the (token, expert) assignments are sorted by expert, the tokens gathered into one contiguous slice per
 expert, each expert's SwiGLU runs on its slice with plain matmuls, and the outputs, weighted by their gate, are
-scatter-added back. Experts are a ModuleList of :class:`hydra_kit.nn.SwiGLU`: on the 2-core CPU this was as fast
-as stacked (E, D, 2H) / (E, H, D) weights (0.66 s vs 0.67 s forward+backward for 16,384 assignments, D = H = 512;
-both at ~105 GFLOP/s, the matmul roof) and keeps per-expert names and hooks.
+scatter-added back. Experts are a ModuleList of :class:`hydra_kit.ops.SwiGLU`: on CPU this runs as fast as stacked
+(E, D, 2H) / (E, H, D) weights (both at the matmul roof; ``docs/benchmarks.md``) and keeps per-expert names and
+hooks.
 
 Capacity (optional) is made causal and chunk-invariant: positions are cut into fixed windows of
 ``capacity_window`` tokens (absolute positions, per example); inside a window an expert accepts its first
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.components.kernels.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
-from hydra_kit.nn import Linear, SwiGLU
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import Linear, SwiGLU
+from hydra_kit.ops.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
+from hydra_kit.ops.packed import PackedWeights, Reader
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["MixtureOfExperts", "MoEState", "Routing", "dispatch"]
@@ -81,7 +81,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
 
     Args:
         x: (N, D) tokens.
-        experts: E modules mapping (n, D) and a row scale (n, 1) to (n, D) (:class:`hydra_kit.nn.SwiGLU`).
+        experts: E modules mapping (n, D) and a row scale (n, 1) to (n, D) (:class:`hydra_kit.ops.SwiGLU`).
         expert_idx: (N, k) long expert of each assignment.
         weight: (N, k) gate weight of each assignment.
         active: (N, k) bool, assignments to compute (False: dropped by capacity or token skipped); None = all.
@@ -105,15 +105,15 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     parts = zip(experts, xs.split(counts), gate.split(counts), strict=True)
     outs = [expert(part, row_scale=part_gate) for expert, part, part_gate in parts if part.shape[0]]
     # Combine by copying every output back to its assignment's slot and summing each token's k slots (slots of
-    # dropped assignments stay zero). PyTorch's CPU index_add_ took 30 ms even for a single row, which made it
-    # the largest cost of decoding; a copy to distinct rows and a sum do not have that problem.
+    # dropped assignments stay zero). PyTorch's CPU index_add_ has a large fixed cost even for a single row
+    # (docs/benchmarks.md); a copy to distinct rows and a sum do not.
     slots = x.new_zeros(n_tokens * top_k, x.shape[-1])  # (N*k, D)
     if outs:
         slots.index_copy_(0, assignment, torch.cat(outs))
     return slots.view(n_tokens, top_k, -1).sum(1)
 
 
-class MixtureOfExperts(CachedParameters, TriPathComponent):
+class MixtureOfExperts(TriPathComponent):
     """Top-k mixture of SwiGLU experts with sparse dispatch, token or causal chunk routing, optional capacity.
 
     Args:
@@ -214,6 +214,7 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         # Chunk 0 has no past to summarise: a learned summary lets it learn its own preferred experts. Random like a
         # token (a zero start would tie every logit and always pick experts 0..k-1).
         self.start_summary = nn.Parameter(torch.randn(d_model)) if routing == "chunk" else None
+        self._step_pack: PackedWeights[MoEStepWeights] = PackedWeights()  # what the C step reads, packed once
 
     @property
     def pointwise(self) -> bool:
@@ -374,8 +375,7 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         if keep is not None and not bool(keep[0]):
             return ComponentOutput(update=x_t.new_zeros(x_t.shape))  # skipped token: no expert runs
         # Collecting the 2E expert weights through the module tree costs more than the kernel: they are cached.
-        (packed,), suit_kernel = self.kernel_parameters(self._step_parameters)
-        fused = moe_step_cpu(x_t, packed, self.top_k) if suit_kernel else None
+        fused = moe_step_cpu(x_t, self._step_pack.get(self, self._pack_step), self.top_k)
         if fused is not None:  # the same as below in one C call (CPU, float32, no autograd)
             return ComponentOutput(update=fused[0])
         logits = self.router(x_t)[0]  # (E,)
@@ -390,13 +390,17 @@ class MixtureOfExperts(CachedParameters, TriPathComponent):
         assert update is not None
         return ComponentOutput(update=update)
 
-    def _step_parameters(self) -> tuple[MoEStepWeights]:
-        """What the C step reads: the router and expert weights, checked and packed with their addresses (see ``step``)."""
-        return (pack_moe_step_weights(self.router.weight, *self.expert_weights()),)
+    def _pack_step(self, read: Reader) -> MoEStepWeights:
+        """What the C step reads: the router and expert weights, checked and packed with their addresses (see ``step``;
+        cached by ``self._step_pack``, which watches what ``read`` reads)."""
+        gate_up = [read(f"experts.{e}.gate_up.weight") for e in range(len(self.experts))]
+        down = [read(f"experts.{e}.down.weight") for e in range(len(self.experts))]
+        return pack_moe_step_weights(read("router.weight"), gate_up, down)
 
     def expert_weights(self) -> tuple[list[Tensor], list[Tensor]]:
         """The experts' gate_up (2F, D) and down (D, F) weights, as two lists of Parameters."""
-        return [e.gate_up.weight for e in self.experts], [e.down.weight for e in self.experts]
+        experts = [cast("SwiGLU", e) for e in self.experts]
+        return [e.gate_up.weight for e in experts], [e.down.weight for e in experts]
 
     def extra_repr(self) -> str:
         capacity = "dropless" if self.capacity is None else f"capacity={self.capacity}/{self.capacity_window} tokens"

@@ -1,4 +1,4 @@
-"""Product-key memory: a huge key-value table searched exactly in sub-linear time (HYDRA.md 3.7).
+"""Product-key memory: a huge key-value table searched exactly in sub-linear time (docs/design.md 3.7).
 
 Lample et al. 2019, "Large Memory Layers with Product Keys" (arXiv 1907.05242). Each of ``heads`` queries is
 split in two halves; half ``j`` is scored against its own table of ``n_keys`` sub-keys. A full key is a pair of
@@ -19,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hydra_kit.components.kernels.pkm_step import pkm_read_cpu
-from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_installed, triton_unavailable_reason
-from hydra_kit.nn import Linear
+from hydra_kit.ops import Linear
+from hydra_kit.ops.pkm_step import pkm_read_cpu
+from hydra_kit.ops.pkm_topk import (
+    candidate_pairs,
+    pkm_topk_triton,
+    product_topk,
+    triton_installed,
+    triton_unavailable_reason,
+)
 from hydra_kit.protocol import (
     ComponentContext,
     ComponentOutput,
@@ -31,44 +37,7 @@ from hydra_kit.protocol import (
     wants_diagnostics,
 )
 
-__all__ = ["ProductKeyMemory", "candidate_pairs", "product_topk", "slot_usage_stats"]
-
-
-def candidate_pairs(top_k: int) -> tuple[Tensor, Tensor]:
-    """Positions (a, b) in the two sorted per-half top-k lists that can belong to the product top-k.
-
-    With both lists sorted in decreasing order, every pair (a', b') with a' <= a and b' <= b scores at least as
-    high as (a, b), so (a, b) ranks no better than (a + 1) * (b + 1) and only pairs with (a + 1)(b + 1) <= k
-    can enter the top-k (ties broken by position). That is about k ln k candidates instead of k^2 (119 instead
-    of 1024 at k = 32), with the same exact result.
-
-    Returns:
-        rows, cols: (P,) long positions in the first and second list.
-    """
-    pairs = [(a, b) for a in range(top_k) for b in range(top_k) if (a + 1) * (b + 1) <= top_k]
-    rows, cols = zip(*pairs, strict=True)
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
-def product_topk(scores1: Tensor, scores2: Tensor, top_k: int, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact top-k over all sub-key pairs, from the two half-score tables.
-
-    Args:
-        scores1, scores2: (..., n_keys) scores of each query half against its sub-key table.
-        top_k: k, at most n_keys.
-        rows, cols: (P,) candidate positions from :func:`candidate_pairs` (all k x k pairs also work).
-
-    Returns:
-        scores: (..., k) full-key scores, decreasing.
-        slots: (..., k) long slot indices, slot = i1 * n_keys + i2.
-    """
-    n_keys = scores1.shape[-1]
-    best1, idx1 = scores1.topk(top_k, dim=-1)  # (..., k) each, sorted decreasing
-    best2, idx2 = scores2.topk(top_k, dim=-1)
-    candidates = best1[..., rows] + best2[..., cols]  # (..., P)
-    scores, pos = candidates.topk(top_k, dim=-1)  # (..., k)
-    slots = idx1.gather(-1, rows[pos]) * n_keys + idx2.gather(-1, cols[pos])  # (..., k)
-    return scores, slots
+__all__ = ["ProductKeyMemory", "slot_usage_stats"]
 
 
 @torch.no_grad()
@@ -114,7 +83,7 @@ class ProductKeyMemory(TriPathComponent):
             read by the trainer from the parameter's ``_hydra_lr_scale``.
         query_dropout: dropout on the normalised queries during training.
         backend: scoring and top-k implementation. "torch": matmuls and ``topk`` (any device); "triton": our fused
-            kernel (:mod:`hydra_kit.components.kernels.pkm_topk`; needs triton and a CUDA device, and says why
+            kernel (:mod:`hydra_kit.ops.pkm_topk`; needs triton and a CUDA device, and says why
             when either is missing); "auto": triton for CUDA tensors when triton is installed, torch otherwise.
             The default is "torch": the kernel is verified against it only in triton's CPU interpreter so far,
             never compiled on a GPU, so a GPU run opts in with "auto" or "triton".

@@ -1,4 +1,4 @@
-"""The per-token router of a tri-path block (HYDRA.md 3.2, equations R1-R4).
+"""The per-token router of a tri-path block (docs/design.md 3.2, equations R1-R5).
 
 The paper's router equations (v3 eqs. 1-4) could not be recovered; these are hydra-kit's::
 
@@ -19,13 +19,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from hydra_kit.components.kernels.router_step import RouterStepWeights, router_step_cpu
-from hydra_kit.nn import Linear
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import Linear
+from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.router_step import RouterStepWeights, router_step_cpu
 from hydra_kit.protocol import ComponentPath, RouterComponent, RouterOutput
 
 
-class TokenRouter(CachedParameters, RouterComponent):
+class TokenRouter(RouterComponent):
     """Sigmoid gates per token and gated component, plus the global-token score for SGA.
 
     Args:
@@ -74,12 +74,12 @@ class TokenRouter(CachedParameters, RouterComponent):
         self.gate_proj: Linear | None = None  # created by configure_gates, once the gated names are known
         self.score_proj = Linear(d_model, 1, bias=False)  # w_g of R3
         self.register_buffer("rho", torch.zeros(0), persistent=False)
+        self._step_pack: PackedWeights[RouterStepWeights] = PackedWeights()  # what the C step reads, checked once
 
     def configure_gates(self, names: list[str]) -> None:
-        self.clear_kernel_parameters()
         self.gate_names = list(names)
         self.gate_proj = Linear(self.d_model, len(names))
-        # Small weights and zero bias: every gate starts near sigmoid(0) = 0.5 (HYDRA.md 3.2).
+        # Small weights and zero bias: every gate starts near sigmoid(0) = 0.5 (docs/design.md 3.2).
         nn.init.normal_(self.gate_proj.weight, std=0.02 / self.d_model**0.5)
         nn.init.zeros_(self.gate_proj.bias)
         if isinstance(self.target_usage, dict):
@@ -91,18 +91,16 @@ class TokenRouter(CachedParameters, RouterComponent):
             rho = [self.target_usage] * len(names)
         self.rho = torch.tensor(rho, dtype=self.gate_proj.weight.dtype)
 
-    def _step_parameters(self) -> tuple[RouterStepWeights]:
-        """The weights the C step reads, checked (cached by :meth:`kernel_parameters`)."""
-        assert self.gate_proj is not None and self.gate_proj.bias is not None
-        return (RouterStepWeights(self.gate_proj.weight, self.gate_proj.bias, self.score_proj.weight),)
+    def _pack_step(self, read: Reader) -> RouterStepWeights:
+        """The weights the C step reads, checked (cached by ``self._step_pack``, which watches what ``read`` reads)."""
+        return RouterStepWeights(read("gate_proj.weight"), read("gate_proj.bias"), read("score_proj.weight"))
 
     def active_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def route(self, x: Tensor, *, collect_aux: bool = True) -> RouterOutput:
         if not collect_aux and self.gate_names:  # gates exist: configure_gates() was called
-            (weights,), suit_kernel = self.kernel_parameters(self._step_parameters)
-            fused = router_step_cpu(x, weights, self.temperature) if suit_kernel else None
+            fused = router_step_cpu(x, self._step_pack.get(self, self._pack_step), self.temperature)
             if fused is not None:  # decoding: the same gates and score in one C call (CPU, float32, no autograd)
                 return RouterOutput(gates=fused[0], global_score=fused[1], aux_losses={}, stats={})
         if self.gate_proj is None:

@@ -1,4 +1,4 @@
-"""Sparse global attention (SGA): a sliding local window plus router-chosen global tokens (HYDRA.md 3.4).
+"""Sparse global attention (SGA): a sliding local window plus router-chosen global tokens (docs/design.md 3.4).
 
 Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t attends to
 
@@ -13,7 +13,7 @@ Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t 
 Every scored token's value, local or global, is scaled by its salience ``2 * sigmoid(s)`` (1 at
 initialisation, where s is near 0). This is how the selection learns: a token whose value helps the queries
 that read it, in any local window, gets a higher score and so becomes a global of its chunk. Scaling only the
-chosen globals (HYDRA.md's first form) gave the score a gradient from the few tokens already chosen, and a
+chosen globals (the design's first form) gave the score a gradient from the few tokens already chosen, and a
 token pushed out of the top-k never came back (``docs/calibration/2026-12-07-mechanisms``).
 
 Without a score (no router in the block) the layer is plain sliding-window attention: no token becomes
@@ -23,6 +23,10 @@ Cost is O(L * (window + max_global)) in time and memory: queries are processed i
 (one block per chunk), each against the 2 * window keys of its own and the previous chunk plus the globals
 of earlier chunks, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. No L x L
 tensor exists anywhere.
+
+The file is longer than most (about 600 lines) on purpose: the batched forward, the one-token decoding step and
+the inspection map each apply the same selection and visibility rules, and keeping them side by side is what
+keeps them from drifting apart (the conformance check compares forward and step).
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.nn import Linear, RotaryEmbedding, apply_rotary
-from hydra_kit.nn.decode_attention import decode_attention
-from hydra_kit.nn.decode_rotary import qkv_rotary
+from hydra_kit.ops import Linear, RotaryEmbedding, apply_rotary
+from hydra_kit.ops.decode_attention import decode_attention
+from hydra_kit.ops.rotary import qkv_rotary
 from hydra_kit.protocol import (
     AttentionMap,
     ComponentContext,
@@ -516,7 +520,7 @@ class SparseGlobalAttention(TriPathComponent):
                 if reveal is None:  # a global is visible past the window; an empty slot never
                     reveal = torch.where(state.global_scores > NEG_INF, state.global_pos + (w + 1), torch.iinfo(torch.long).max)
                 visible = reveal <= pos  # (B, G)
-            sets = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
+            sets: list[tuple[Tensor, Tensor, Tensor | None]] = [(keys.transpose(1, 2), values.transpose(1, 2), None)]  # (B, H, n + 1, hd): all local keys visible
             if visible is not None:
                 sets.append((state.global_keys.transpose(1, 2), state.global_values.transpose(1, 2), visible))
             y = decode_attention(q, sets, hd**-0.5)  # (B, H, hd): the C kernel, or the same in PyTorch

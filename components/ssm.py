@@ -1,4 +1,4 @@
-"""Selective state-space backbone: a Mamba-2 mixer computed by a chunked scan (HYDRA.md 3.3).
+"""Selective state-space backbone: a Mamba-2 mixer computed by a chunked scan (docs/design.md 3.3).
 
 Dao & Gu 2024, "Transformers are SSMs" (state-space duality, arXiv 2405.21060). Per head h, with a scalar decay
 ``A_h < 0`` and a data-dependent step ``dt_t > 0``, the state ``S`` (headdim x d_state) follows
@@ -9,10 +9,10 @@ The ``diagonal`` variant is the Hydra paper's own equation (arXiv 2508.15099): o
 ``s_t = alpha_t s_{t-1} + B_t U_t``, ``alpha_t = exp(-softplus(dt_t) lambda)``, ``y_t = C_t s_t + W_skip U_t``,
 with B_t, C_t, dt_t per channel and W_skip diagonal.
 
-The torch backend splits the sequence into chunks of ``chunk_size``: inside a chunk the output is one causal
-(chunk x chunk) matrix product, across chunks only the (d_state x headdim) states are carried. Nothing of size
-L x L exists and there is no Python loop over time. Both scans take an initial state and return the final one,
-so a sequence may be processed in pieces (and :meth:`SelectiveSSM.step` is the O(1) recurrent update).
+The scans, the convolution and the one-token step kernel are ops (:mod:`hydra_kit.ops.scan`,
+:mod:`hydra_kit.ops.conv`, :mod:`hydra_kit.ops.mamba_ssd`, :mod:`hydra_kit.ops.ssm_step`); this module is the
+layer around them. Both scans take an initial state and return the final one, so a sequence may be processed in
+pieces (and :meth:`SelectiveSSM.step` is the O(1) recurrent update).
 """
 
 from __future__ import annotations
@@ -27,197 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
-from hydra_kit.components.kernels.ssm_step import SSMStepWeights, pack_ssm_step_weights, ssm_step_cpu
-from hydra_kit.nn import Linear, RMSNorm
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import Linear, RMSNorm
+from hydra_kit.ops.conv import causal_depthwise_conv
+from hydra_kit.ops.mamba_ssd import mamba_ssd_scan, unavailable_reason
+from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
+from hydra_kit.ops.ssm_step import SSMStepWeights, pack_ssm_step_weights, ssm_step_cpu
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
-__all__ = ["SSMState", "SelectiveSSM", "causal_depthwise_conv", "diagonal_chunked_scan", "ssd_chunked_scan"]
-
-
-def _half_range(dtype: torch.dtype) -> float:
-    """Largest |exponent| we let a factored decay take: exp of it times a sum of products stays finite."""
-    return math.log(torch.finfo(dtype).max) - 25.0  # 63.7 in float32, 684 in float64
-
-
-def _pad_time(t: Tensor, pad: int) -> Tensor:
-    """Append ``pad`` zero steps along dim 1 (zero step size means: no decay and no input, the state is kept)."""
-    if pad == 0:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
-
-
-def _split_chunks(chunk_size: int, *ts: Tensor) -> tuple[int, int, list[Tensor]]:
-    """Chunk length l (at most the sequence length), chunk count c and the inputs padded along dim 1 to c * l."""
-    seq_len = ts[0].shape[1]
-    ell = min(chunk_size, seq_len)
-    pad = (-seq_len) % ell
-    return ell, (seq_len + pad) // ell, [_pad_time(t, pad) for t in ts]
-
-
-def _carry_states(local: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
-    """Pass states across chunks: S_in[k+1] = decay[k] * S_in[k] + local[k], S_in[0] = initial.
-
-    Args:
-        local: (b, c, *S) state each chunk builds from its own inputs, at its end.
-        decay: (b, c, *S-broadcastable) total decay of each chunk.
-        initial: (b, *S) state before the first chunk.
-
-    Returns:
-        starts: (b, c, *S) state entering each chunk; final: (b, *S) state after the last chunk.
-    """
-    # A loop over chunks (not time steps) on small tensors; unbind keeps its backward linear in the chunk count.
-    state, starts = initial, []
-    for loc, dec in zip(local.unbind(1), decay.unbind(1), strict=True):
-        starts.append(state)
-        state = state * dec + loc
-    return torch.stack(starts, dim=1), state
-
-
-def ssd_chunked_scan(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Chunked SSD scan (Mamba-2): S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t (no D skip).
-
-    Args:
-        x: (b, L, H, P) inputs per head.
-        dt: (b, L, H) positive step sizes.
-        A: (H,) negative decay rates.
-        B, C: (b, L, G, N) input and output projections; head h uses group h // (H / G).
-        chunk_size: tokens per chunk; L need not be a multiple (the tail is padded with zero steps).
-        initial_state: (b, H, P, N) state before the first token, or None for zeros.
-
-    Returns:
-        y: (b, L, H, P); final_state: (b, H, P, N).
-    """
-    b, seq_len, H, P = x.shape
-    G, N = B.shape[-2:]
-    Hg = H // G
-    if initial_state is None:
-        initial_state = x.new_zeros(b, H, P, N)
-    if seq_len == 0:
-        return x.new_zeros(x.shape), initial_state
-    ell, c, (x, dt, B, C) = _split_chunks(chunk_size, x, dt, B, C)
-
-    acum = (dt * A).view(b, c, ell, H).cumsum(2)  # (b, c, l, H) log decay from the chunk start through t
-    last = acum[:, :, -1]  # (b, c, H) log decay of the whole chunk
-    Bc = B.view(b, c, ell, G, N).transpose(2, 3)  # (b, c, G, l, N)
-    Cc = C.view(b, c, ell, G, N).transpose(2, 3)
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, c, G, l, l): shared by the Hg heads of a group
-
-    def by_group(t: Tensor) -> Tensor:  # (b, c, l, H, P) -> (b, c, G, l, Hg*P), a view when G == 1
-        return t.reshape(b, c, ell, G, Hg * P).transpose(2, 3)
-
-    def by_head(t: Tensor) -> Tensor:  # inverse of by_group
-        return t.transpose(2, 3).reshape(b, c, ell, H, P)
-
-    # Within a chunk, exp(acum_t - acum_s) = exp(acum_t - m) * exp(m - acum_s) for any m: with m half the chunk's
-    # decay, both factors stay within exp(+-range/2), so when that fits the float type, the per-head decay moves
-    # onto x and y and all heads of a group share ONE causal (l x l) @ (l x Hg*P) product. Otherwise (a chunk
-    # decaying by more than ~exp(-127) in float32) fall back to exact per-head decay matrices.
-    factored = bool((-last).max() <= 2 * _half_range(x.dtype)) if last.numel() else True
-    if factored:
-        m = (0.5 * last).detach()[:, :, None]  # (b, c, 1, H); the result does not depend on m
-        # dt and the decay folded into one small (b, c, l, H) factor: one pass over x instead of two.
-        xm = x.view(b, c, ell, H, P) * (dt.view(b, c, ell, H) * (m - acum).exp())[..., None]  # (b, c, l, H, P)
-        ydiag = CB.tril() @ by_group(xm)  # (b, c, G, l, Hg*P), still to be scaled by exp(acum - m)
-        local = Bc.transpose(-1, -2) @ by_group(xm)  # (b, c, G, N, Hg*P)
-        local = local.view(b, c, G, N, Hg, P) * (last[:, :, None] - m).exp().view(b, c, G, 1, Hg, 1)
-    else:
-        xdt = (x * dt[..., None]).view(b, c, ell, H, P)
-        seg = acum.transpose(2, 3)[..., :, None] - acum.transpose(2, 3)[..., None, :]  # (b, c, H, l, l)
-        causal = torch.ones(ell, ell, dtype=torch.bool, device=x.device).tril()
-        decay = seg.masked_fill(~causal, -math.inf).exp()
-        mix = decay.view(b, c, G, Hg, ell, ell) * CB[:, :, :, None]  # (b, c, G, Hg, l, l)
-        ydiag = mix.view(b, c, H, ell, ell) @ xdt.transpose(2, 3)  # (b, c, H, l, P)
-        xe = xdt * (last[:, :, None] - acum).exp()[..., None]  # decay from t to the chunk end
-        local = (Bc.transpose(-1, -2) @ by_group(xe)).view(b, c, G, N, Hg, P)
-
-    init = initial_state.view(b, G, Hg, P, N).permute(0, 1, 4, 2, 3)  # (b, G, N, Hg, P)
-    starts, final = _carry_states(local, last.exp().view(b, c, G, 1, Hg, 1), init)  # (b, c, G, N, Hg, P)
-    final_state = final.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
-
-    if factored:
-        starts = starts * m.exp().view(b, c, G, 1, Hg, 1)
-        y = ydiag + Cc @ starts.view(b, c, G, N, Hg * P)  # (b, c, G, l, Hg*P)
-        y = by_head(y) * (acum - m).exp()[..., None]
-    else:
-        yoff = by_head(Cc @ starts.view(b, c, G, N, Hg * P)) * acum.exp()[..., None]
-        y = ydiag.transpose(2, 3) + yoff
-    return y.reshape(b, c * ell, H, P)[:, :seq_len], final_state
-
-
-def _scan_within_chunks(alpha: Tensor, w: Tensor) -> Tensor:
-    """h_t = alpha_t h_{t-1} + w_t along dim 2 from h = 0, in log2(l) doubling steps (Hillis & Steele 1986).
-
-    Used by the diagonal scan when a chunk decays too much for the factored form; stable for any decay.
-    """
-    ell, shift = alpha.shape[2], 1
-    while shift < ell:
-        w = torch.cat([w[:, :, :shift], w[:, :, shift:] + alpha[:, :, shift:] * w[:, :, :-shift]], dim=2)
-        alpha = torch.cat([alpha[:, :, :shift], alpha[:, :, shift:] * alpha[:, :, :-shift]], dim=2)
-        shift *= 2
-    return w
-
-
-def diagonal_chunked_scan(
-    u: Tensor, log_alpha: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Chunked scan of one scalar state per channel: s_t = exp(log_alpha_t) s_{t-1} + B_t u_t, y_t = C_t s_t.
-
-    Args:
-        u, B, C: (b, L, D) inputs, input gates and output gates per channel.
-        log_alpha: (b, L, D) log decays (<= 0).
-        chunk_size: tokens per chunk; any L works.
-        initial_state: (b, D) state before the first token, or None for zeros.
-
-    Returns:
-        y: (b, L, D); final_state: (b, D).
-    """
-    b, seq_len, D = u.shape
-    if initial_state is None:
-        initial_state = u.new_zeros(b, D)
-    if seq_len == 0:
-        return u.new_zeros(u.shape), initial_state
-    ell, c, (u, log_alpha, B, C) = _split_chunks(chunk_size, u, log_alpha, B, C)
-
-    acum = log_alpha.view(b, c, ell, D).cumsum(2)  # (b, c, l, D)
-    last = acum[:, :, -1]  # (b, c, D)
-    w = (B * u).view(b, c, ell, D)
-    if bool((-last).max() <= 2 * _half_range(u.dtype)) if last.numel() else True:
-        # Same factoring as the SSD scan: the in-chunk sum becomes a cumulative sum.
-        m = (0.5 * last).detach()[:, :, None]
-        h_local = (acum - m).exp() * (w * (m - acum).exp()).cumsum(2)  # (b, c, l, D)
-    else:
-        h_local = _scan_within_chunks(log_alpha.view(b, c, ell, D).exp(), w)
-    starts, final = _carry_states(h_local[:, :, -1], last.exp(), initial_state)  # (b, c, D)
-    h = h_local + acum.exp() * starts[:, :, None]
-    y = C * h.view(b, c * ell, D)
-    return y[:, :seq_len], final
-
-
-def causal_depthwise_conv(padded: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """Causal depthwise convolution as K shifted multiply-adds, channels last.
-
-    Same result as ``F.conv1d(..., groups=channels)`` on the transposed input, but its backward runs at memory
-    speed: on the 2-core CPU, PyTorch's depthwise ``convolution_backward`` took over 10x longer for
-    (8192 tokens, 1152 channels, K = 4) than this, which made it the largest single cost of a training step.
-
-    Args:
-        padded: (B, K - 1 + T, C) the previous K - 1 inputs followed by the T new ones.
-        weight: (C, K) taps; tap K - 1 multiplies the current token.
-        bias: (C,).
-
-    Returns:
-        (B, T, C).
-    """
-    taps = weight.shape[1]
-    length = padded.shape[1] - (taps - 1)
-    y = torch.addcmul(bias, padded[:, taps - 1 :], weight[:, taps - 1])
-    for k in range(taps - 1):
-        y = torch.addcmul(y, padded[:, k : k + length], weight[:, k])
-    return y
+__all__ = ["SSMState", "SelectiveSSM"]
 
 
 @dataclass
@@ -248,7 +66,7 @@ def _scan_backend(requested: str, variant: str, x: Tensor) -> str:
     return "mamba_ssm" if reason is None else "torch"
 
 
-class SelectiveSSM(CachedParameters, TriPathComponent):
+class SelectiveSSM(TriPathComponent):
     """Mamba-2 selective SSM mixer, the always-on backbone of every Hydra block.
 
     in_proj -> (z, x, B, C, dt); causal depthwise conv + SiLU on (x, B, C); chunked scan with decay
@@ -262,7 +80,7 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         expand: inner width d_inner = expand * d_model.
         headdim: channels per head P (ssd only); must divide d_inner.
         d_conv: width of the causal depthwise convolution (1 disables mixing in it).
-        chunk_size: scan chunk length; 64 measured fastest on CPU at L = 8192, d_model = 512.
+        chunk_size: scan chunk length (the default is the fastest on CPU at 8K tokens; ``docs/benchmarks.md``).
         ngroups: groups of heads sharing B and C (ssd only); must divide the number of heads.
         variant: "ssd" (Mamba-2, scalar decay per head) or "diagonal" (the paper's one state per channel).
         backend: scan implementation. "torch": the chunked scan of this file, on any device. "mamba_ssm": the
@@ -275,9 +93,8 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         a_init_range: range of the uniform initial decay rate -A (lambda for the diagonal variant).
         norm_eps: epsilon of the gated RMSNorm.
         recompute: under autograd, save only the input projection of each segment and recompute the
-            convolution, scan and gated norm in backward (same gradients). Hydra-29M, one 8K-token training
-            step, peak memory by ``hydra-kit bench``'s probe: 6.6 GB without it, 4.4 GB with it, 3.5 GB when sparse
-            attention and the experts recompute too (their default); the transformer of equal size: 3.6 GB.
+            convolution, scan and gated norm in backward (same gradients): about a third less peak memory
+            in a long-sequence training step (``docs/benchmarks.md``), for one more pass of the cheap part.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
@@ -354,6 +171,7 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         self.D = nn.Parameter(torch.ones(nheads))
         for param in (self.dt_bias, self.A_log, self.D):
             param._hydra_no_weight_decay = True  # type: ignore[attr-defined]
+        self._step_pack: PackedWeights[SSMStepWeights] = PackedWeights()  # what the C step reads, packed once
 
     def extra_repr(self) -> str:
         return (
@@ -391,6 +209,11 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         g = g.unflatten(-1, (self.ngroups, self.d_inner // self.ngroups))  # Mamba-2 normalises each group alone
         return F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2) * self.norm.weight
 
+    def _conv_bias(self) -> Tensor:  # (conv_dim,); the conv is built with a bias
+        bias = self.conv.bias
+        assert bias is not None
+        return bias
+
     def _mix(self, proj: Tensor, conv_in: Tensor, ssm_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Everything between the two projections, for one piece of the sequence.
 
@@ -405,7 +228,7 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self.conv.bias))  # (B, T, conv_dim)
+        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self._conv_bias()))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
@@ -450,10 +273,11 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
             return ComponentOutput(update=x.new_zeros(x.shape[0], 0, self.d_model), state=state)
         return ComponentOutput(update=torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], state=state)
 
-    def _step_parameters(self) -> tuple[SSMStepWeights]:
-        """The parameters the C step reads, packed (cached by :meth:`kernel_parameters`)."""
-        w = (self.in_proj.weight, self.out_proj.weight, self.conv.weight, self.conv.bias, self.dt_bias, self.A_log)
-        return (pack_ssm_step_weights(*w, self.D, self.norm.weight, headdim=self.headdim, d_state=self.d_state, groups=self.ngroups),)
+    def _pack_step(self, read: Reader) -> SSMStepWeights:
+        """The parameters the C step reads, packed (cached by ``self._step_pack``, which watches what ``read`` reads)."""
+        names = ("in_proj.weight", "out_proj.weight", "conv.weight", "conv.bias", "dt_bias", "A_log", "D", "norm.weight")
+        weights = [read(name) for name in names]
+        return pack_ssm_step_weights(*weights, headdim=self.headdim, d_state=self.d_state, groups=self.ngroups)
 
     def step(self, x_t: Tensor, state: SSMState, context: ComponentContext | None = None) -> ComponentOutput:
         """The O(1) recurrent update for one token x_t (B, D).
@@ -463,14 +287,13 @@ class SelectiveSSM(CachedParameters, TriPathComponent):
         """
         batch = x_t.shape[0]
         if self.variant == "ssd":
-            (packed,), suit_kernel = self.kernel_parameters(self._step_parameters)
-            fused = ssm_step_cpu(x_t, state.conv, state.ssm, packed, self.norm_eps) if suit_kernel else None
+            fused = ssm_step_cpu(x_t, state.conv, state.ssm, self._step_pack.get(self, self._pack_step), self.norm_eps)
             if fused is not None:  # the same step as below, as one C call (CPU, float32, no autograd)
                 update, conv, ssm = fused
                 return ComponentOutput(update=update, state=SSMState(conv, ssm))
         z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         window = torch.cat([state.conv, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
-        xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias)  # the conv at the last position
+        xbc = F.silu((window * self.conv.weight[:, 0].t()).sum(1) + self._conv_bias())  # the conv at the last position
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, H)

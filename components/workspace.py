@@ -1,4 +1,4 @@
-"""Workspace memory: a per-sequence slot scratchpad written chunk by chunk and read in several hops (HYDRA.md 3.6).
+"""Workspace memory: a per-sequence slot scratchpad written chunk by chunk and read in several hops (docs/design.md 3.6).
 
 The paper describes a "latent reasoning workspace" but not its equations; its public code is non-causal and
 updates shared slots with ``.data`` writes. This one is causal, differentiable and per example:
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hydra_kit.components.kernels.workspace_step import WorkspaceReadWeights, workspace_read_cpu
-from hydra_kit.nn import Linear
-from hydra_kit.nn.decode_attention import decode_attention
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import Linear
+from hydra_kit.ops.decode_attention import decode_attention
+from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.workspace_step import WorkspaceReadWeights, workspace_read_cpu
 from hydra_kit.protocol import (
     ComponentContext,
     ComponentOutput,
@@ -71,7 +71,7 @@ def read_statistics(probs: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     return {"read_entropy": entropy.mean().to(dtype), "slot_usage": usage.to(dtype)}
 
 
-class WorkspaceMemory(CachedParameters, TriPathComponent):
+class WorkspaceMemory(TriPathComponent):
     """Per-sequence slot memory with chunk-wise gated writes and multi-hop reads; state = slots + pending chunk.
 
     Args:
@@ -104,6 +104,7 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
         self.read_kv = Linear(d_slot, 2 * d_slot, bias=False)
         self.hop = Linear(d_slot, d_slot, bias=False)
         self.out = Linear(d_slot, d_model, bias=False)
+        self._step_pack: PackedWeights[WorkspaceReadWeights] = PackedWeights()  # what the C read takes, checked once
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> WorkspaceState:
         slots = self.initial_slots.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
@@ -157,14 +158,13 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
         Same result as ``forward`` on a length-1 input; the slots' read keys and values are cached in the state.
         """
         read_kv = self.read_kv(state.slots) if state.read_kv is None else state.read_kv  # (B, S, 2 Ds)
-        (weights,), suit_kernel = self.kernel_parameters(self._step_parameters)
-        update = workspace_read_cpu(x_t, read_kv, weights, self.read_hops) if suit_kernel else None
+        update = workspace_read_cpu(x_t, read_kv, self._step_pack.get(self, self._pack_step), self.read_hops)
         if update is None:  # else: the same read as below, in one C call (CPU, float32, no autograd)
             keys, values = (t[:, None] for t in read_kv.chunk(2, dim=-1))  # (B, 1, S, Ds): one head of width Ds
             query = self.read_query(x_t)[:, None]  # (B, 1, Ds)
             read = query
             for _ in range(self.read_hops):
-                # One query: the decoding kernel, about 5 us here where scaled_dot_product_attention costs 90.
+                # One query: the decoding op costs a fraction of scaled_dot_product_attention's fixed cost.
                 read = decode_attention(query, [(keys, values, None)], self.d_slot**-0.5)  # (B, 1, Ds)
                 query = query + self.hop(read)
             update = self.out(read[:, 0])  # (B, D)
@@ -177,9 +177,9 @@ class WorkspaceMemory(CachedParameters, TriPathComponent):
             stats["write_gate"] = gate.detach()
         return ComponentOutput(update=update, stats=stats, state=WorkspaceState(slots, pending[:, :0]))
 
-    def _step_parameters(self) -> tuple[WorkspaceReadWeights]:
-        """The weights the C read kernel takes, checked (cached by :meth:`kernel_parameters`)."""
-        return (WorkspaceReadWeights(self.read_query.weight, self.hop.weight, self.out.weight),)
+    def _pack_step(self, read: Reader) -> WorkspaceReadWeights:
+        """The weights the C read kernel takes, checked (cached by ``self._step_pack``, which watches what ``read`` reads)."""
+        return WorkspaceReadWeights(read("read_query.weight"), read("hop.weight"), read("out.weight"))
 
     def flops_per_token(self, seq_len: int) -> float:
         d, ds, s, q = self.d_model, self.d_slot, self.n_slots, self.chunk_size

@@ -58,8 +58,9 @@ from hydra_kit.callbacks import Ablation, KnockOut, Throughput
 from hydra_kit.checkpoint import load_model
 from hydra_kit.cli import check_recipes, load_recipe, merged_model_section, quiet_lightning
 from hydra_kit.lightning_cli import HydraCLI
-from hydra_kit.model import DEFAULT_COMPONENTS, default_registry
+from hydra_kit.network import DEFAULT_COMPONENTS
 from hydra_kit.recipe import RecipeError, resolve_components
+from hydra_kit.registry import default_registry
 
 DEFAULT_RECIPE = "recipes/full.yaml"
 METRICS = ("val_loss", "val_acc", "tokens_per_s", "total_params", "active_params")

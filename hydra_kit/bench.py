@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from hydra_kit.accounting import state_nbytes
 from hydra_kit.bench_report import Record, check_targets, print_table, print_targets, write_outputs
 from hydra_kit.cli import check_recipes, merged_model_section
-from hydra_kit.model import HydraLM, state_nbytes
-from hydra_kit.nn import native
-from hydra_kit.nn.decode_linear import LIBRARY as LINEAR_LIBRARY
+from hydra_kit.model import HydraLM
+from hydra_kit.ops import native
+from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 
 DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]

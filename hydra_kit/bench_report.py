@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hydra_kit.nn import native
+from hydra_kit.ops import native
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The tri-path block (HYDRA.md 3.1, paper eq. 5, pre-norm).
+"""The tri-path block (docs/design.md 3.1, paper eq. 5, pre-norm).
 
 ::
 
@@ -22,10 +22,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from hydra_kit.nn import RMSNorm
-from hydra_kit.nn.decode_residual import ResidualPlan, gated_residual
-from hydra_kit.nn.layers import rms_norm
-from hydra_kit.nn.native import CachedParameters
+from hydra_kit.ops import RMSNorm, rms_norm
+from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.residual import ResidualPlan, gated_residual
 from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, RouterOutput, TriPathComponent
 
 
@@ -65,7 +64,7 @@ class _DecodePlan:
     residual: ResidualPlan
 
 
-class TriPathBlock(CachedParameters):
+class TriPathBlock(nn.Module):
     """One Hydra block: a shared pre-norm, an optional router, and the gated sum of its components.
 
     Args:
@@ -107,6 +106,7 @@ class TriPathBlock(CachedParameters):
         # Instances switched off without removing their parameters (knock-out evaluation, curriculum stages):
         # they are not run at all and contribute nothing.
         self.knocked_out: set[str] = set()
+        self._decode_pack: PackedWeights[_DecodePlan] = PackedWeights()  # what a one-token step looks up, once
 
     def components(self) -> dict[str, TriPathComponent]:
         """The block's non-router components by instance name (an nn.ModuleDict yields them as plain Modules)."""
@@ -200,12 +200,16 @@ class TriPathBlock(CachedParameters):
         diag.update(stats)
         return diag
 
-    def _decode_plan(self) -> tuple[_DecodePlan]:
-        """What a one-token step looks up on every call, looked up once (cached by :meth:`kernel_parameters`)."""
-        components = tuple((name, cast("TriPathComponent", component)) for name, component in self.mixers.items())
-        columns = [self.gate_index.get(name) if self.router is not None else None for name in self.mixers]
-        residual = ResidualPlan(columns, [self.layerscale[name] for name in self.mixers])
-        return (_DecodePlan(self.norm.weight, self.norm.eps, self.router, self.router_name, self._route_takes_collect_aux, components, residual),)
+    def _decode_plan(self, read: Reader) -> _DecodePlan:
+        """What a one-token step looks up on every call, looked up once (cached by ``self._decode_pack``, which
+        watches every module and parameter read through ``read``)."""
+        names = list(self.mixers)
+        components = tuple((name, cast("TriPathComponent", read(f"mixers.{name}"))) for name in names)
+        router = cast("RouterComponent | None", read("router"))
+        columns = [self.gate_index.get(name) if router is not None else None for name in names]
+        residual = ResidualPlan(columns, [read(f"layerscale.{name}") for name in names])
+        norm_eps = read("norm").eps
+        return _DecodePlan(read("norm.weight"), norm_eps, router, self.router_name, self._route_takes_collect_aux, components, residual)
 
     def _decode_step(self, x: Tensor, state: dict[str, Any], collect_aux: bool) -> BlockOutput | None:
         """:meth:`forward` for one token per sequence, x (B, 1, D), or None when a gate threshold is in force.
@@ -215,9 +219,9 @@ class TriPathBlock(CachedParameters):
         the weights stream through the caches. The modules and parameters it needs are looked up once
         (:meth:`_decode_plan`; the components' ``step`` methods are still looked up per call, so a replaced
         method takes effect), and the gated sum of the updates is one call
-        (:func:`hydra_kit.nn.decode_residual.gated_residual`).
+        (:func:`hydra_kit.ops.residual.gated_residual`).
         """
-        (plan,), _ = self.kernel_parameters(self._decode_plan)
+        plan = self._decode_pack.get(self, self._decode_plan)
         router = plan.router
         if router is not None and router.gate_threshold > 0 and not self.training:
             return None  # tokens may skip components: the general loop

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from hydra_kit import compat
 from hydra_kit.model import HydraLM
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,12 @@ def load_model(path: str | os.PathLike[str]) -> tuple[HydraLM, dict[str, Any]]:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO: atomic writes and weights-only reads (the default of every hydra-kit run)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None) -> None:
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint = {**checkpoint, DIGEST_KEY: state_dict_digest(checkpoint["state_dict"])}
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return safe_torch_load(path, map_location if map_location is not None else "cpu")
 
 
@@ -214,6 +214,26 @@ class LastCheckpoint(ModelCheckpoint):
             remove_stale_temporaries(self.dirpath)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            self._last_global_step_saved = trainer.global_step
+        if self.save_last and compat.last_saved_step(self) != trainer.global_step:
+            compat.save_last_now(self, trainer)
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose "best" starts over at every curriculum stage (``hydra-kit fit``'s best checkpoint).
+
+    A stage changes the task or the model, so its validation loss does not compare with an earlier stage's (a
+    harder task has a higher loss): kept across stages, the best checkpoint would stay in the easiest stage
+    forever. :class:`hydra_kit.callbacks.Curriculum` calls :meth:`on_curriculum_stage` (the
+    :class:`hydra_kit.callbacks.StageAware` protocol) when a stage is reached; the best files written so far
+    stay on disk, so each finished stage leaves its best behind. Without a curriculum it is a ModelCheckpoint.
+    """
+
+    def on_curriculum_stage(self, stage_index: int) -> None:
+        """Forget the best and top-k scores kept so far: from now on they are the new stage's."""
+        if self.monitor is None:
+            return
+        self.best_k_models = {}
+        self.kth_best_model_path = ""
+        self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
+        self.best_model_score = None
+        self.best_model_path = ""

@@ -140,8 +140,9 @@ def check_recipes(paths: list[str], argv: list[str]) -> None:
     import inspect
 
     from hydra_kit.callbacks import check_recipe_callbacks
-    from hydra_kit.model import HydraLM, default_registry
+    from hydra_kit.model import HydraLM
     from hydra_kit.recipe import resolve_components
+    from hydra_kit.registry import default_registry
 
     valid_model_keys = set(inspect.signature(HydraLM.__init__).parameters) - {"self"}
     for key in ("vocab_size", "d_model", "n_blocks"):
@@ -173,7 +174,8 @@ def cmd_summary(argv: list[str]) -> int:
 
     import torch
 
-    from hydra_kit.model import HydraLM, embedding_rows
+    from hydra_kit.accounting import embedding_rows
+    from hydra_kit.model import HydraLM
 
     parser = argparse.ArgumentParser(prog="hydra-kit summary", description=cmd_summary.__doc__)
     parser.add_argument("--config", "-c", action="append", required=True, help="recipe YAML (repeatable)")
@@ -362,13 +364,22 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     from hydra_kit.checkpoint import CheckpointError
-    from hydra_kit.model import NonFiniteLossError, configure_plugins
-    from hydra_kit.registry import ComponentRegistryError
+    from hydra_kit.model import NonFiniteLossError
+    from hydra_kit.registry import ComponentRegistryError, configure_plugins
 
     configure_plugins(third_party=third_party)
     quiet_lightning()  # every command: experiments, ablations and bench train through Lightning too
     command, rest = argv[0], argv[1:]
     try:
+        # C2 (packaging), temporary wiring until C1's dispatcher takes it: packaged names in --config, `recipes`.
+        from hydra_kit.recipe_files import resolve_config_args  # C2
+
+        argv = resolve_config_args(argv)  # C2
+        command, rest = argv[0], argv[1:]  # C2
+        if command == "recipes":  # C2
+            from hydra_kit.commands.recipes import main as recipes_main  # C2
+
+            return recipes_main(rest)  # C2
         if command == "components":
             return cmd_components(rest, third_party)
         if command == "summary":

@@ -28,12 +28,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from rich.console import Console
 
+from hydra_kit import compat
 from hydra_kit.callbacks.diagnostics import Diagnostics
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
-from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, safe_torch_load
+from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, StageCheckpoint, safe_torch_load
 from hydra_kit.data import SyntheticDataModule
 from hydra_kit.data.task import best_no_skill
-from hydra_kit.model import DEFAULT_COMPONENTS, HydraLM
+from hydra_kit.model import HydraLM
+from hydra_kit.network import DEFAULT_COMPONENTS
 from hydra_kit.recipe import RecipeError
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -85,7 +87,7 @@ def _explain_parse_error(parser: LightningArgumentParser, message: str) -> tuple
     import importlib
     import re
 
-    known = [s.lstrip("-") for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    known = compat.long_options(parser)
     prefix = "--"
     # A class given by class_path rejected its arguments: keep that reason, not the union's list of attempts.
     problem = re.search(r'Parser key "([\w.]+)":.*?Problem with given class_path \'([\w.]+)\': (.*?)(?: - Expected a |$)', message)
@@ -229,7 +231,7 @@ class HydraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoints: the best by validation loss, and "last.ckpt", rewritten atomically every few steps so
         # that a killed run loses little work and resumes with `--ckpt_path last`.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StageCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         # Per-block diagnostics every N steps (hydra_kit.callbacks.Diagnostics): --diagnostics.every_n_steps 0 turns them off.
         parser.add_lightning_class_args(Diagnostics, "diagnostics")

@@ -1,17 +1,17 @@
-"""HydraLM: a decoder-only language model assembled from component plugins by a recipe.
+"""HydraLM: the LightningModule that trains a :class:`~hydra_kit.network.HydraNetwork` (steps, metrics, optimizer).
 
-Token embedding (tied with the output head), ``n_blocks`` tri-path blocks (:mod:`hydra_kit.block`), final
-RMSNorm. Which component sits in which block comes from the ``components`` recipe section
-(:mod:`hydra_kit.recipe`); the model never imports a concrete component.
+The network (embedding, blocks, head, forward, generation) is a plain ``nn.Module`` in :mod:`hydra_kit.network`;
+this module adds what training needs: the loss and its metrics, the report of a non-finite loss, the optimizer
+and its schedule, the RNG state in checkpoints, and the checks of the data module against
+:class:`hydra_kit.data.TokenData`. Recipes name it ``class_path: hydra_kit.model.HydraLM``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -21,109 +21,24 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from hydra_kit import compat
 from hydra_kit.block import TriPathBlock
-from hydra_kit.nn import RMSNorm, linear
-from hydra_kit.optim import DenseSparseAdam
-from hydra_kit.protocol import TriPathComponent
-from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
-from hydra_kit.registry import Registry, discover
+from hydra_kit.data.protocol import check_token_data
+from hydra_kit.data.task import IGNORE_INDEX
+from hydra_kit.network import HydraNetwork, ModelOutput
+from hydra_kit.optim import DenseSparseAdam, ScaledLambdaLR, warmup_cosine
+from hydra_kit.recipe import RecipeError, ResolvedComponent
+from hydra_kit.registry import default_registry
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "HydraLM", "ModelOutput", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step, the component and the last good checkpoint."""
 
-# The model a bare `HydraLM()` builds: the SSM backbone with a SwiGLU MLP in every block.
-DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
-    "ssm": {"component": "ssm", "blocks": "all"},
-    "mlp": {"component": "mlp", "blocks": "all"},
-}
 
-_registry_cache: dict[bool, Registry] = {}
-
-
-def default_registry(third_party: bool | None = None) -> Registry:
-    """The registry models are built from, discovered once per process.
-
-    Args:
-        third_party: load third-party plugins; None keeps the process-wide choice (the CLI's ``--no-plugins``
-            sets it through :func:`configure_plugins`).
-    """
-    if third_party is None:
-        third_party = _plugin_policy["third_party"]
-    if third_party not in _registry_cache:
-        _registry_cache[third_party] = discover(third_party=third_party)
-    return _registry_cache[third_party]
-
-
-_plugin_policy = {"third_party": True}
-
-
-def configure_plugins(*, third_party: bool) -> None:
-    """Choose, for this process, whether models load third-party components (called by the CLI)."""
-    _plugin_policy["third_party"] = third_party
-
-
-@dataclass
-class ModelOutput:
-    """Output of :meth:`HydraLM.forward`.
-
-    Attributes:
-        logits: (B, L, V).
-        aux_losses: name -> scalar, summed over the blocks holding the component instance.
-        stats: name -> detached scalar, averaged over the blocks holding it.
-        state: per-block recurrent state after the last token (a list of dicts).
-        diagnostics: only from ``forward(..., diagnostics=True)``: per block, instance -> stat -> detached tensor,
-            not averaged (see :class:`hydra_kit.block.BlockOutput`); empty otherwise.
-    """
-
-    logits: Tensor
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, Tensor] = field(default_factory=dict)
-    state: list[dict[str, Any]] = field(default_factory=list)
-    diagnostics: list[dict[str, dict[str, Tensor]]] = field(default_factory=list)
-
-
-def state_nbytes(state: Any) -> int:
-    """Bytes of memory held by the tensors of a (nested) recurrent state: the decoding cache size.
-
-    Counts each storage once and whole: a view into a preallocated buffer holds the entire buffer.
-    """
-    storages: dict[int, int] = {}
-
-    def visit(node: Any) -> None:
-        if isinstance(node, Tensor):
-            storage = node.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(node, dict):
-            for v in node.values():
-                visit(v)
-        elif isinstance(node, list | tuple):
-            for v in node:
-                visit(v)
-        elif hasattr(node, "__dataclass_fields__"):
-            for f in node.__dataclass_fields__:
-                visit(getattr(node, f))
-
-    visit(state)
-    return sum(storages.values())
-
-
-def embedding_rows(report: dict[str, Any]) -> list[tuple[str, int, float]]:
-    """The embedding and output-head lines of a :meth:`HydraLM.parameter_report` as (label, params, MFLOP/token).
-
-    One line for a tied head (the embedding is the head), two for an untied one; the embedding lookup itself
-    costs no FLOPs, the head a multiply-add per weight.
-    """
-    embed, head = int(report["embedding_params"]), int(report.get("head_params", 0))
-    if not head:
-        return [("embedding (tied head)", embed, 2 * embed / 1e6)]
-    return [("embedding", embed, 0.0), ("output head", head, 2 * head / 1e6)]
-
-
-def _check_optimiser_args(*, lr: float, weight_decay: float, betas: Any, warmup_steps: int, min_lr_ratio: float, init_std: float) -> None:
-    """Refuse optimiser and initialisation hyper-parameters that torch would reject deep inside ``fit`` (or accept and diverge on).
+def _check_optimiser_args(*, lr: float, weight_decay: float, betas: Any, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Refuse optimiser hyper-parameters that torch would reject deep inside ``fit`` (or accept and diverge on).
 
     Raises:
         RecipeError: naming the key (``model.lr``), the value and the valid range.
@@ -146,12 +61,21 @@ def _check_optimiser_args(*, lr: float, weight_decay: float, betas: Any, warmup_
         raise bad("warmup_steps", warmup_steps, "an integer >= 0")
     if not (isinstance(min_lr_ratio, int | float) and 0 <= min_lr_ratio <= 1):
         raise bad("min_lr_ratio", min_lr_ratio, "a number in [0, 1]")
-    if not (isinstance(init_std, int | float) and math.isfinite(init_std) and init_std > 0):
-        raise bad("init_std", init_std, "a finite number > 0")
+
+
+# Refusal of LightningCLI's `--optimizer`, which would train every parameter in one group.
+OPTIMIZER_OPTION_REFUSED = (
+    "--optimizer: HydraLM builds its own optimizer from its parameter groups (no weight decay on norms, biases and "
+    "LayerScale; PKM's sparse value tables in SparseAdam at their own learning rate), which --optimizer would replace "
+    "with one group; set --model.lr, --model.weight_decay, --model.betas, --model.warmup_steps and --model.min_lr_ratio instead"
+)
+
+# The network's top-level submodules: the state-dict keys of checkpoints written before HydraLM held a network.
+_NETWORK_CHILDREN = ("embed.", "head.", "blocks.", "norm.")
 
 
 class HydraLM(L.LightningModule):
-    """A Hydra-family decoder-only language model built from component plugins.
+    """A Hydra-family decoder-only language model built from component plugins, trained with Lightning.
 
     Args:
         vocab_size: number of token ids the model accepts (must cover the data's vocabulary).
@@ -167,11 +91,13 @@ class HydraLM(L.LightningModule):
         warmup_steps: linear warm-up steps, followed by cosine decay to ``min_lr_ratio * lr``.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         init_std: standard deviation of the embedding initialisation.
-        tie_embeddings: share the token embedding with the output head (HYDRA.md 3.1, the default). ``False`` gives
-            the head its own (vocab_size, d_model) matrix. Measured on MQAR with 8 pairs (issue 17,
-            ``docs/calibration/2026-12-04-mqar``): tied, a 2-block transformer stayed on the 1/num_pairs
-            plateau for 1,000 steps and Hydra of ``recipes/full.yaml`` reached 0.14 after 900; untied, the same
-            models reached 0.99 after 200 steps and 0.97 after 900. The small recipes therefore untie it.
+        tie_embeddings: share the token embedding with the output head (docs/design.md 3.1, the default). ``False``
+            gives the head its own (vocab_size, d_model) matrix; the small recipes untie it (why:
+            docs/design-decisions.md).
+
+    Attributes:
+        network: the :class:`~hydra_kit.network.HydraNetwork` being trained; its instance API (``disable``,
+            ``enable``, ``freeze``, ``unfreeze``, ``set_knocked_out``) is what callbacks use.
     """
 
     def __init__(
@@ -191,30 +117,8 @@ class HydraLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if vocab_size <= 0 or d_model <= 0 or n_blocks <= 0:
-            raise RecipeError(f"model: vocab_size ({vocab_size}), d_model ({d_model}) and n_blocks ({n_blocks}) must be positive")
-        _check_optimiser_args(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, init_std=init_std)
-        spec = dict(DEFAULT_COMPONENTS if components is None else components)
-        for name in dropped or []:
-            if name not in spec:
-                raise RecipeError(f"model.dropped: {name!r} is not a component instance of this recipe; instances: {', '.join(spec)}")
-            del spec[name]
-        self.resolved: list[ResolvedComponent] = resolve_components(spec, n_blocks, default_registry(), "model.components")
-        self.embed = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.embed.weight, std=init_std)
-        self.head: nn.Linear | None = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
-        blocks = []
-        for idx in range(n_blocks):
-            here = [r for r in self.resolved if idx in r.blocks]
-            built = {}
-            for r in here:
-                try:
-                    built[r.name] = r.build(d_model, idx)
-                except ValueError as exc:
-                    raise RecipeError(f"model.components.{r.name}.args: building block {idx} failed: {exc}") from None
-            blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
-        self.blocks = nn.ModuleList(blocks)
-        self.norm = RMSNorm(d_model)
+        _check_optimiser_args(lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+        self.network = HydraNetwork(vocab_size, d_model, n_blocks, components, dropped, init_std, tie_embeddings, registry=default_registry())
         self.train_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_acc = MulticlassAccuracy(num_classes=vocab_size, average="micro", ignore_index=IGNORE_INDEX)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)  # exp of the mean loss over the scored positions
@@ -222,76 +126,68 @@ class HydraLM(L.LightningModule):
         self._diagnostics_requested = False
         # The per-block diagnostics of the last training step that was asked for them (request_diagnostics).
         self.last_diagnostics: list[dict[str, dict[str, Tensor]]] = []
+        self.register_load_state_dict_pre_hook(_prefix_network_keys)
 
-    # ------------------------------------------------------------------ model
+    # ------------------------------------------------- the network, delegated
     @property
-    def max_seq_len(self) -> int | None:
-        """The longest sequence every component supports (None: unbounded)."""
-        limits = [r.entry.cls.max_seq_len for r in self.resolved if r.entry.cls.max_seq_len is not None]
-        return min(limits) if limits else None
+    def resolved(self) -> list[ResolvedComponent]:
+        """The recipe's component instances, resolved (:attr:`HydraNetwork.resolved`)."""
+        return self.network.resolved
 
-    def _length_bound(self) -> str:
-        """The component instance(s) that bound the sequence length, for error messages."""
-        limit = self.max_seq_len
-        names = [f"model.components.{r.name} ({r.entry.cls.__name__}, max_seq_len {limit})" for r in self.resolved if r.entry.cls.max_seq_len == limit]
-        return " and ".join(names) or "no component"
+    @property
+    def embed(self) -> nn.Embedding:
+        """The token embedding (the output head too when tied)."""
+        return self.network.embed
+
+    @property
+    def head(self) -> nn.Linear | None:
+        """The untied output head, or None."""
+        return self.network.head
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The tri-path blocks."""
+        return self.network.blocks
+
+    @property
+    def norm(self) -> nn.Module:
+        """The final norm."""
+        return self.network.norm
 
     @property
     def tri_path_blocks(self) -> list[TriPathBlock]:
         """The blocks, typed (an nn.ModuleList yields them as plain Modules)."""
-        return cast("list[TriPathBlock]", list(self.blocks))
+        return self.network.tri_path_blocks
 
-    def set_knocked_out(self, names: set[str] | list[str]) -> None:
-        """Switch component instances off (not run, zero contribution) without removing their parameters.
+    @property
+    def max_seq_len(self) -> int | None:
+        """The longest sequence every component supports (None: unbounded)."""
+        return self.network.max_seq_len
 
-        Raises:
-            RecipeError: a name is not an instance of this model; the message lists the instances.
-        """
-        known = {r.name for r in self.resolved if not r.is_router}
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise RecipeError(f"knock-out: unknown component instance(s) {unknown}; instances: {', '.join(sorted(known))}")
-        for block in self.tri_path_blocks:
-            block.knocked_out = set(names) & set(block.mixers)
+    def set_knocked_out(self, names: Iterable[str]) -> None:
+        """Switch exactly these component instances off (:meth:`HydraNetwork.set_knocked_out`)."""
+        self.network.set_knocked_out(names)
 
     def init_state(self, batch_size: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
         """Per-block recurrent state before the first token."""
-        device = device or self.embed.weight.device
-        dtype = dtype or self.embed.weight.dtype
-        return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.tri_path_blocks]
+        return self.network.init_state(batch_size, device=device, dtype=dtype)
 
     def forward(
         self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
     ) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing).
+        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`."""
+        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics)
 
-        ``collect_aux=False`` (decoding) skips the auxiliary losses and statistics: the output then has empty
-        ``aux_losses`` and ``stats``, and the same logits and state. ``diagnostics=True`` also returns per-block
-        diagnostics (``ModelOutput.diagnostics``) and lets components add their costlier statistics, which
-        ``stats`` then averages too; the logits and state are the same.
-        """
-        limit = self.max_seq_len if input_ids.shape[1] > 1 else None  # every component takes one token (decoding)
-        if limit is not None and input_ids.shape[1] > limit:
-            raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens {self._length_bound()} supports")
-        h = self.embed(input_ids)  # (B, L, D)
-        aux: dict[str, Tensor] = {}
-        stat_lists: dict[str, list[Tensor]] = defaultdict(list)
-        new_state = []
-        per_block: list[dict[str, dict[str, Tensor]]] = []
-        for i, block in enumerate(self.tri_path_blocks):
-            out = block(h, None if state is None else state[i], collect_aux=collect_aux, diagnostics=diagnostics)
-            h = out.hidden
-            for k, v in out.aux_losses.items():
-                aux[k] = aux[k] + v if k in aux else v
-            for k, v in out.stats.items():
-                stat_lists[k].append(v)
-            new_state.append(out.state)
-            if diagnostics:
-                per_block.append(out.diagnostics)
-        head_weight = self.embed.weight if self.head is None else self.head.weight
-        logits = linear(self.norm(h), head_weight)  # (B, L, V)
-        stats = {k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in stat_lists.items()}
-        return ModelOutput(logits, aux, stats, new_state, per_block)
+    def generate(
+        self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+    ) -> Iterator[Tensor]:
+        """Yield new tokens (B,) one at a time after a prompt (B, T); see :meth:`HydraNetwork.generate`."""
+        self.eval()
+        return self.network.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+
+    def parameter_report(self, seq_len: int) -> dict[str, Any]:
+        """Total and active (per-token) parameters and forward FLOPs per token, per instance and per block."""
+        return self.network.parameter_report(seq_len)
 
     def request_diagnostics(self) -> None:
         """Compute per-block diagnostics in the next training step; they land in :attr:`last_diagnostics`.
@@ -300,50 +196,10 @@ class HydraLM(L.LightningModule):
         """
         self._diagnostics_requested = True
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[Tensor]:
-        """Yield new tokens (B,) one at a time after a prompt (B, T), with recurrent state (no recomputation).
-
-        The prompt is processed in one forward (prefill); every new token then costs one ``step`` per
-        component: constant work for the SSM and memories, a bounded window plus global set for sparse
-        attention, and a growing key/value cache only for dense attention.
-
-        Args:
-            prompt: (B, T) token ids, T >= 1.
-            max_new_tokens: number of tokens to generate.
-            temperature: sampling temperature; 0 means greedy (argmax).
-            top_k: sample only among the k most likely tokens.
-            generator: random generator for sampling (reproducible generation).
-        """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
-        vocab = self.hparams["vocab_size"]
-        if int(prompt.max()) >= vocab or int(prompt.min()) < 0:
-            raise ValueError(f"generate: prompt token ids must lie in [0, {vocab}); got {int(prompt.min())}..{int(prompt.max())}")
-        self.eval()
-        state = self.init_state(prompt.shape[0])
-        out = self(prompt, state, collect_aux=False)
-        state, logits = out.state, out.logits[:, -1]
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                scaled = logits.float() / temperature
-                if top_k is not None and top_k < scaled.shape[-1]:
-                    kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
-            yield token
-            out = self(token[:, None], state, collect_aux=False)
-            state, logits = out.state, out.logits[:, -1]
+    def take_diagnostics(self) -> list[dict[str, dict[str, Tensor]]]:
+        """The per-block diagnostics of the last step that computed them (:attr:`last_diagnostics`), cleared."""
+        taken, self.last_diagnostics = self.last_diagnostics, []
+        return taken
 
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
@@ -383,35 +239,12 @@ class HydraLM(L.LightningModule):
         return loss
 
     def _describe_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float) -> str:
-        """Re-run the batch with hooks to name the first component whose output went non-finite."""
-        culprit = "no component output (the task loss or the head)"
-        found: list[str] = []
-
-        def hook(name: str, block_idx: int):  # type: ignore[no-untyped-def]
-            def record(module: nn.Module, args: Any, output: Any) -> None:
-                update = getattr(output, "update", None)
-                if not found and isinstance(update, Tensor) and not torch.isfinite(update).all():
-                    found.append(f"component {name!r} in block {block_idx}")
-
-            return record
-
-        handles = [c.register_forward_hook(hook(n, b.layer_idx)) for b in self.tri_path_blocks for n, c in b.components().items()]
-        try:
-            with torch.no_grad():
-                if not torch.isfinite(self.embed(input_ids)).all():
-                    found.append("the token embedding")
-                self(input_ids)
-        finally:
-            for h in handles:
-                h.remove()
-        bad_aux = [k for k, v in aux_losses.items() if not torch.isfinite(v)]
-        if found:
-            culprit = found[0]
-        elif bad_aux:
-            culprit = f"auxiliary loss(es) {', '.join(bad_aux)}"
+        """The one-line report of a non-finite loss: the step, the first bad component and the last good checkpoint."""
+        culprit = self.network.first_nonfinite(input_ids, aux_losses)
         last = "none yet"
-        if self._trainer is not None:
-            paths = [cb.last_model_path or cb.best_model_path for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        trainer = compat.attached_trainer(self)
+        if trainer is not None:
+            paths = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
             last = next((p for p in paths if p), last)
         return f"{stage} loss became {value} at step {self.global_step}: first non-finite output from {culprit}; last good checkpoint: {last}"
 
@@ -436,18 +269,35 @@ class HydraLM(L.LightningModule):
         return self(batch["input_ids"]).logits.argmax(-1)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        needed = getattr(datamodule, "vocab_size", None)
-        self._bytes_per_token = getattr(datamodule, "bytes_per_token", None)
-        if needed is not None and needed > self.hparams["vocab_size"]:
+        """Check the data module against :class:`hydra_kit.data.TokenData` and this model, before any step runs.
+
+        Raises:
+            RecipeError: the data lacks the protocol's members, uses more token ids than ``model.vocab_size``,
+                makes sequences longer than a component supports, or ``--optimizer`` replaced the optimizer.
+        """
+        trainer = compat.attached_trainer(self)
+        if stage == "fit" and compat.optimizer_replaced(self):
+            raise RecipeError(OPTIMIZER_OPTION_REFUSED)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None:  # plain dataloaders: nothing declared to check
+            self._bytes_per_token = None
+            return
+        data = check_token_data(datamodule)
+        self._bytes_per_token = getattr(data, "bytes_per_token", None)  # optional member of the protocol
+        needed = data.vocab_size
+        if needed > self.hparams["vocab_size"]:
             raise RecipeError(f"model.vocab_size is {self.hparams['vocab_size']} but the data uses {needed} token ids; set model.vocab_size >= {needed}")
         # A sequence longer than a component supports is a recipe error: report it before training starts.
-        seq_len = getattr(getattr(datamodule, "task", None), "seq_len", None)
         limit = self.max_seq_len
-        if isinstance(seq_len, int) and limit is not None and seq_len > limit:
-            raise RecipeError(f"data: the task makes sequences of {seq_len} tokens, longer than the {limit} tokens {self._length_bound()} supports")
+        if limit is not None and data.seq_len > limit:
+            raise RecipeError(f"data: the task makes sequences of {data.seq_len} tokens, longer than the {limit} tokens {self.network.length_bound()} supports")
 
-    def configure_optimizers(self) -> Any:  # Lightning's optimizer + scheduler config dict
+    def parameter_groups(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(dense, sparse) optimizer param groups: weight decay on matrices only, per-parameter learning-rate scales.
+
+        A parameter's ``_hydra_lr_scale``, ``_hydra_no_weight_decay`` and ``_hydra_sparse_grad`` marks (set by
+        components) choose its group; frozen parameters are left out.
+        """
         hp = self.hparams
         groups: dict[tuple[float, float, bool], list[nn.Parameter]] = defaultdict(list)
         for param in self.parameters():
@@ -458,60 +308,25 @@ class HydraLM(L.LightningModule):
             groups[(getattr(param, "_hydra_lr_scale", 1.0), decay, sparse)].append(param)
         dense = [{"params": ps, "lr": hp["lr"] * scale, "weight_decay": wd} for (scale, wd, sp), ps in groups.items() if not sp]
         sparse_groups = [{"params": ps, "lr": hp["lr"] * scale} for (scale, _, sp), ps in groups.items() if sp]
+        return dense, sparse_groups
+
+    def configure_optimizers(self) -> Any:  # Lightning's optimizer + scheduler config dict
+        hp = self.hparams
+        dense, sparse_groups = self.parameter_groups()
         optimizer: torch.optim.Optimizer
         if sparse_groups:
             optimizer = DenseSparseAdam(dense, sparse_groups, lr=hp["lr"], betas=tuple(hp["betas"]))
         else:
             optimizer = torch.optim.AdamW(dense, lr=hp["lr"], betas=tuple(hp["betas"]))
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-        warmup = min(hp["warmup_steps"], max(0, total - 1))
-        floor = hp["min_lr_ratio"]
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        trainer = compat.attached_trainer(self)
+        total = max(1, int(trainer.estimated_stepping_batches)) if trainer is not None else 1000
+        scheduler = ScaledLambdaLR(optimizer, warmup_cosine(total, hp["warmup_steps"], hp["min_lr_ratio"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -------------------------------------------------------------- accounting
-    def parameter_report(self, seq_len: int) -> dict[str, Any]:
-        """Total and active (per-token) parameters and forward FLOPs per token, per instance and per block."""
-        per_instance: dict[str, dict[str, float]] = defaultdict(lambda: {"total_params": 0, "active_params": 0, "flops_per_token": 0.0})
-        per_block = []
-        for block in self.tri_path_blocks:
-            row: dict[str, Any] = {"block": block.layer_idx, "components": {}}
-            shared = sum(p.numel() for p in block.norm.parameters()) + len(block.layerscale)
-            comps: dict[str, TriPathComponent] = dict(block.components())
-            if block.router is not None and block.router_name is not None:
-                comps[block.router_name] = block.router
-            for name, comp in comps.items():
-                total = sum(p.numel() for p in comp.parameters())
-                active = comp.active_parameters()
-                flops = comp.flops_per_token(seq_len)
-                per_instance[name]["total_params"] += total
-                per_instance[name]["active_params"] += active
-                per_instance[name]["flops_per_token"] += flops
-                row["components"][name] = {"total_params": total, "active_params": active, "flops_per_token": flops}
-            row["norm_and_layerscale_params"] = shared
-            per_block.append(row)
-        embed = self.embed.weight.numel()
-        shared_total = embed + sum(p.numel() for p in self.norm.parameters()) + sum(b["norm_and_layerscale_params"] for b in per_block)
-        total = sum(p.numel() for p in self.parameters())
-        head = embed if self.head is None else self.head.weight.numel()
-        shared_total += 0 if self.head is None else head
-        active = shared_total + sum(v["active_params"] for v in per_instance.values())
-        head_flops = 2.0 * head  # the output projection; the embedding lookup is free
-        flops = head_flops + sum(v["flops_per_token"] for v in per_instance.values())
-        return {
-            "total_params": total,
-            "active_params": int(active),
-            "flops_per_token": flops,
-            "seq_len": seq_len,
-            "embedding_params": embed,
-            "head_params": 0 if self.head is None else head,  # 0: tied, the embedding is the head
-            "components": dict(per_instance),
-            "blocks": per_block,
-        }
+
+def _prefix_network_keys(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+    """Load hook: rename the keys of checkpoints written before HydraLM held a network (``embed.weight`` ->
+    ``network.embed.weight``), so they load into this model unchanged."""
+    assert isinstance(state_dict, dict)
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].startswith(_NETWORK_CHILDREN)]:
+        state_dict[f"{prefix}network.{key[len(prefix):]}"] = state_dict.pop(key)

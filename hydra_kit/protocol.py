@@ -1,6 +1,6 @@
 """The contract between the hydra-kit core and every component plugin.
 
-A component is one mechanism of the Hydra tri-path block (HYDRA.md section 3.1): the SSM backbone, sparse
+A component is one mechanism of the Hydra tri-path block (docs/design.md section 3.1): the SSM backbone, sparse
 global attention, a mixture of experts, a memory, or the router that gates them. First-party and third-party
 components are found the same way, through the entry-point group ``hydra_kit.components``, and the core only
 ever talks to them through the classes in this file.
@@ -66,7 +66,7 @@ class ComponentContext:
     """What the block hands a component besides its input.
 
     Attributes:
-        global_score: (B, L) router score s_t (HYDRA.md R3), used by sparse global attention to pick global
+        global_score: (B, L) router score s_t (docs/design.md 3.2, R3), used by sparse global attention to pick global
             tokens. None when the block has no router.
         keep: (B, L) bool, only at inference with a router gate threshold: False marks tokens whose gate for
             this component is below the threshold. The block zeroes their contribution whatever the component
@@ -161,7 +161,7 @@ class TriPathComponent(nn.Module, abc.ABC):
         path: the block path this component belongs to.
         gated_by_router: whether a router in the same block gates this component (the SSM backbone is
             always on, so it says False).
-        layerscale_init: initial value of the learnable LayerScale scalar g (HYDRA.md 3.1).
+        layerscale_init: initial value of the learnable LayerScale scalar g (docs/design.md 3.1).
         max_seq_len: the longest sequence one ``forward`` supports, or None for no limit.
         example_init_args: small hyper-parameters that exercise the component's internal boundaries
             (windows, chunks) at short lengths; the conformance check and the docs use them.
@@ -229,7 +229,7 @@ class TriPathComponent(nn.Module, abc.ABC):
 
 
 class RouterComponent(TriPathComponent):
-    """Base class of routers: per-token gates for the gated components of one block (HYDRA.md 3.2).
+    """Base class of routers: per-token gates for the gated components of one block (docs/design.md 3.2).
 
     The block calls :meth:`configure_gates` once, right after construction, with the instance names of the
     components it gates; the router creates its gate parameters there. At inference, tokens whose gate is

@@ -3,6 +3,9 @@
 First-party components (the ``components/`` folder, installed as ``hydra_kit.components``) are declared in
 hydra-kit's own ``pyproject.toml`` exactly as a third-party package declares its own, so both go through
 :func:`discover`. The registry is returned as a value; nothing is cached at import time.
+
+The process-wide plugin policy lives here too: :func:`default_registry` is the registry a model built by name
+uses (discovered on first use), and :func:`configure_plugins` is how the CLI's ``--no-plugins`` chooses it.
 """
 
 from __future__ import annotations
@@ -312,3 +315,29 @@ def discover(
             )
         registry.entries[ep.name] = ComponentEntry(ep.name, None, distribution, version, ep.value, first_party, entry_point=ep)
     return registry
+
+
+# ------------------------------------------------------------------ the process-wide plugin policy
+# Models built by name (a recipe, a checkpoint's hyper-parameters) need a registry without being handed one; the
+# CLI decides once per process whether third-party plugins are in it (``--no-plugins``).
+_plugin_policy = {"third_party": True}
+_registry_cache: dict[bool, Registry] = {}
+
+
+def configure_plugins(*, third_party: bool) -> None:
+    """Choose, for this process, whether models load third-party components (called by the CLI)."""
+    _plugin_policy["third_party"] = third_party
+
+
+def default_registry(third_party: bool | None = None) -> Registry:
+    """The registry models are built from, discovered on first use and then kept for the process.
+
+    Args:
+        third_party: load third-party plugins; None keeps the process-wide choice (the CLI's ``--no-plugins``
+            sets it through :func:`configure_plugins`).
+    """
+    if third_party is None:
+        third_party = _plugin_policy["third_party"]
+    if third_party not in _registry_cache:
+        _registry_cache[third_party] = discover(third_party=third_party)
+    return _registry_cache[third_party]

@@ -50,8 +50,8 @@ EOF
 # Both accelerators must now report themselves available; say why not otherwise.
 "$PY" - <<'EOF'
 import sys
-from hydra_kit.components.kernels.mamba_ssd import unavailable_reason
-from hydra_kit.components.kernels.pkm_topk import triton_unavailable_reason
+from hydra_kit.ops.mamba_ssd import unavailable_reason
+from hydra_kit.ops.pkm_topk import triton_unavailable_reason
 problems = {
     "triton (PKM kernel)": triton_unavailable_reason(),
     "mamba-ssm (SSD scan)": unavailable_reason(),

@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO
 
 from hydra_kit.bench import Record, check_targets, main
-from hydra_kit.nn import native
+from hydra_kit.ops import native
 
 
 def _record(model: str, seq_len: int, mode: str, tokens_per_s: float, mem: float | None = None, cache: float | None = None) -> Record:

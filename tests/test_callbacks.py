@@ -265,7 +265,9 @@ def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_pa
 def test_best_checkpoint_is_the_best_of_the_current_stage(tmp_path):
     """A harder stage has a higher validation loss: "best" must start over there, not stay in the easy stage."""
     stages = [{"at_step": 0, "data": {"num_pairs": 1, "num_queries": 1}}, {"at_step": 20, "data": {"num_pairs": 6, "num_queries": 6}}]
-    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1, filename="best-{step}")
+    from hydra_kit.checkpoint import StageCheckpoint
+
+    best = StageCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1, filename="best-{step}")
     torch.manual_seed(0)
     trainer_ = L.Trainer(
         max_steps=40, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -277,3 +279,47 @@ def test_best_checkpoint_is_the_best_of_the_current_stage(tmp_path):
     # file stays on disk, the tracked best is from the last stage.
     assert re.search(r"best-step=(30|40)\.ckpt$", best.best_model_path), (best.best_model_path, files)
     assert any(re.fullmatch(r"best-step=(10|20)\.ckpt", f) for f in files), files
+
+
+def test_schedule_follows_the_param_groups_scale_and_reads_old_scaled_base_rates_once():
+    """HydraLM's schedule multiplies each group's rate by its ``curriculum_lr_scale``; a scheduler state saved when
+    the curriculum scaled the base rates themselves (a plain LambdaLR) loads without scaling twice."""
+    from hydra_kit.optim import LR_SCALE_KEY, ScaledLambdaLR
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+
+    shape = lambda step: 1.0 / (step + 1)  # noqa: E731
+    opt = optimizer()
+    scheduler = ScaledLambdaLR(opt, shape)
+    opt.param_groups[0][LR_SCALE_KEY] = 0.5
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * shape(1))
+    assert scheduler.lr_lambdas[0](1) == shape(1)  # the shape alone: the scale lives in the param group
+    # As saved before: base rates already scaled by 0.5, and the group holding the scale 0.5 as well.
+    old_opt = optimizer()
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, shape)
+    old.base_lrs = [0.5]
+    old_opt.param_groups[0][LR_SCALE_KEY] = 0.5
+    restored_opt = optimizer()
+    restored_opt.load_state_dict(old_opt.state_dict())
+    restored = ScaledLambdaLR(restored_opt, shape)
+    restored.load_state_dict(old.state_dict())
+    restored_opt.step()
+    restored.step()
+    assert restored_opt.param_groups[0]["lr"] == pytest.approx(0.5 * shape(1))
+
+
+def test_a_checkpoint_that_cannot_follow_the_stages_is_named_at_setup(tmp_path):
+    from hydra_kit.callbacks import StageAware
+    from hydra_kit.checkpoint import StageCheckpoint
+
+    plain = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    staged = StageCheckpoint(dirpath=tmp_path / "staged", monitor="val/loss")
+    assert isinstance(staged, StageAware) and not isinstance(plain, StageAware)
+    curriculum = Curriculum([{"at_step": 2, "disable": ["sga"]}])
+    t = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[curriculum, plain, staged], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"Curriculum: ModelCheckpoint\(monitor='val/loss'\) keeps one best checkpoint across stages") as caught:
+        curriculum.setup(t, tiny_model(), "fit")
+    assert not any("StageCheckpoint(" in str(w.message) for w in caught)

@@ -146,7 +146,7 @@ def test_checkpoint_without_a_digest_loads_with_one_warning(tmp_path, caplog):
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)  # as before digests
     with caplog.at_level(logging.WARNING, logger="hydra_kit.checkpoint"):
         loaded = safe_torch_load(path)
-    assert torch.equal(loaded["state_dict"]["embed.weight"], model.embed.weight)
+    assert torch.equal(loaded["state_dict"]["network.embed.weight"], model.embed.weight)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"checkpoint '{path}' has no weight digest (written before hydra-kit stored one): its weights are not verified"]
 

@@ -15,8 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hydra_kit.callbacks import Diagnostics
 from hydra_kit.data import MQAR, SyntheticDataModule
-from hydra_kit.model import HydraLM, default_registry
+from hydra_kit.model import HydraLM
 from hydra_kit.protocol import ComponentContext, RouterComponent
+from hydra_kit.registry import default_registry
 
 # Every first-party mechanism that reports diagnostics, small enough for a CPU test.
 COMPONENTS = {

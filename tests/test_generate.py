@@ -137,9 +137,9 @@ def test_a_router_without_the_collect_aux_keyword_still_works(monkeypatch):
 
 
 def test_recurrent_state_size_does_not_grow_with_the_prompt() -> None:
-    # Counted per storage (hydra_kit.model.state_nbytes): a state that kept a slice of the prompt's activations
+    # Counted per storage (hydra_kit.accounting.state_nbytes): a state that kept a slice of the prompt's activations
     # (the workspace's pending tokens once did, 33 MB after a 16K prompt) would grow with the prompt length.
-    from hydra_kit.model import state_nbytes
+    from hydra_kit.accounting import state_nbytes
 
     components = {
         "ssm": {"component": "ssm", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},

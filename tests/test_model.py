@@ -206,3 +206,121 @@ def test_token_by_token_decoding_matches_full_forward():
         logits.append(out.logits)
         state = out.state
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------- the plain network beside the LightningModule
+def test_network_builds_and_generates_without_lightning():
+    """HydraNetwork is a plain nn.Module: building it, a forward and generation import no Lightning."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from hydra_kit.network import HydraNetwork\n"
+        "net = HydraNetwork(vocab_size=16, d_model=16, n_blocks=2, components={'ssm': {'component': 'ssm', 'args': {'d_state': 8, 'headdim': 8, 'chunk_size': 4}}, 'mlp': {'component': 'mlp'}})\n"
+        "ids = torch.randint(0, 16, (2, 5))\n"
+        "assert net(ids).logits.shape == (2, 5, 16)\n"
+        "tokens = torch.stack(list(net.generate(ids, 4, temperature=0)), 1)\n"
+        "assert tokens.shape == (2, 4)\n"
+        "logits, state = net.step(tokens[:, -1], net.init_state(2))\n"
+        "assert logits.shape == (2, 16)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics'))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_lightning_module_delegates_to_its_network():
+    model = small_model()
+    ids = torch.randint(0, 40, (2, 7))
+    torch.testing.assert_close(model(ids).logits, model.network(ids).logits)
+    assert model.blocks is model.network.blocks and model.embed is model.network.embed
+    assert model.parameter_report(16) == model.network.parameter_report(16)
+    assert {n for n, _ in model.named_parameters()} == {f"network.{n}" for n, _ in model.network.named_parameters()}
+
+
+def test_checkpoint_written_before_the_network_split_loads():
+    """Checkpoints keyed ``embed.weight``, ``blocks.0...`` (HydraLM before it held a network) load unchanged."""
+
+    model = small_model()
+    old = {k.removeprefix("network."): v for k, v in model.state_dict().items()}
+    assert "embed.weight" in old and "blocks.0.norm.weight" in old
+    fresh = HydraLM(**model.hparams)
+    fresh.load_state_dict(old)  # strict: every key found, none unexpected
+    ids = torch.randint(0, 40, (1, 9))
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        HydraLM(**model.hparams).load_state_dict({k: v for k, v in old.items() if not k.startswith("norm.")})
+
+
+def test_checkpoint_file_written_before_the_network_split_loads(tmp_path):
+    from hydra_kit.checkpoint import AtomicCheckpointIO, load_model
+
+    model = small_model()
+    old = {k.removeprefix("network."): v for k, v in model.state_dict().items()}
+    path = tmp_path / "old.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": old, "hyper_parameters": dict(model.hparams)}, path)
+    loaded, _ = load_model(path)
+    ids = torch.randint(0, 40, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------------------------ the instance API callbacks use
+def test_instance_api_disables_enables_freezes_and_names_unknown_instances():
+    model = small_model()
+    network = model.network
+    assert network.instance_names == ("attn", "mlp", "router") and network.router_names == {"router"}
+    network.disable(["attn"])
+    assert network.knocked_out == {"attn"} and all(b.knocked_out == {"attn"} for b in model.tri_path_blocks)
+    network.disable(["mlp"])
+    network.enable(["attn"])
+    assert network.knocked_out == {"mlp"}
+    network.set_knocked_out([])
+    assert network.knocked_out == frozenset()
+    network.freeze(["router", "mlp"])
+    assert not any(p.requires_grad for p in network.instance_parameters("router"))
+    assert not any(p.requires_grad for p in network.instance_parameters("mlp"))
+    assert all(p.requires_grad for p in network.instance_parameters("attn"))
+    network.unfreeze(["mlp"])
+    assert all(p.requires_grad for p in network.instance_parameters("mlp"))
+    with pytest.raises(RecipeError, match=r"knock-out: unknown component instance\(s\) \['router'\]; instances: attn, mlp"):
+        network.disable(["router"])  # a block has no path without its router
+    with pytest.raises(RecipeError, match=r"freeze: unknown component instance\(s\) \['pkm'\]; instances: attn, mlp, router"):
+        network.freeze(["pkm"])
+
+
+# ------------------------------------------------------------------ the data-module protocol
+def test_a_data_module_without_the_protocol_is_named_in_one_line():
+    from hydra_kit.data import TokenData
+
+    class NoLength(L.LightningDataModule):
+        vocab_size = 40
+
+        def train_dataloader(self):  # type: ignore[no-untyped-def]
+            return torch.utils.data.DataLoader([{"input_ids": torch.zeros(4, dtype=torch.long), "targets": torch.zeros(4, dtype=torch.long)}])
+
+    assert isinstance(SyntheticDataModule(MQAR(num_pairs=2, num_queries=2)), TokenData)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RecipeError, match=r"^data: NoLength lacks seq_len that HydraLM needs \(the protocol hydra_kit\.data\.TokenData"):
+        trainer.fit(small_model(), datamodule=NoLength())
+
+
+def test_optimizer_option_is_refused_in_one_line(tmp_path):
+    """``--optimizer`` would train every parameter in one group: the CLI refuses it and names what to set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    argv = ["fit", "--config", str(recipe), "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1", "--trainer.max_steps", "2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # Lightning warns that it replaces configure_optimizers
+    result = subprocess.run([sys.executable, "-m", "hydra_kit.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    err = result.stderr.strip()
+    assert result.returncode == 2, err[-2000:]
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: --optimizer: HydraLM builds its own optimizer from its parameter groups"), err
+    assert "set --model.lr, --model.weight_decay" in last
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before the first step

@@ -146,7 +146,7 @@ def test_components_next_to_a_broken_plugin_still_work():
 
 def _listed(capsys, argv: list[str]) -> str:
     from hydra_kit import cli
-    from hydra_kit.model import configure_plugins
+    from hydra_kit.registry import configure_plugins
 
     try:
         assert cli.main(argv) == 0
@@ -187,17 +187,15 @@ def test_a_plugin_packaging_bug_is_one_line_that_names_it_and_no_plugins(monkeyp
 
     from conftest import REPO
 
-    import hydra_kit.model
     import hydra_kit.registry
     from hydra_kit import cli
-    from hydra_kit.model import configure_plugins
-    from hydra_kit.registry import ENTRY_POINT_GROUP
+    from hydra_kit.registry import ENTRY_POINT_GROUP, configure_plugins
 
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("HYDRA_KIT_NO_PLUGINS", raising=False)
     installed = [*metadata.entry_points(group=ENTRY_POINT_GROUP), *eps]  # hydra-kit's own, plus the faulty plugin
     monkeypatch.setattr(hydra_kit.registry.metadata, "entry_points", lambda group=None, **kw: installed)
-    monkeypatch.setattr(hydra_kit.model, "_registry_cache", {})
+    monkeypatch.setattr(hydra_kit.registry, "_registry_cache", {})
     try:
         assert cli.main(command) == 2
         err = " ".join(capsys.readouterr().err.split())
@@ -241,17 +239,16 @@ def test_a_class_name_no_target_matches_loads_every_plugin_and_reports_the_broke
 def _run_with_installed(monkeypatch, capsys, extra: list[metadata.EntryPoint], argv: list[str]) -> tuple[int, str, str]:
     from conftest import REPO
 
-    import hydra_kit.model
     import hydra_kit.registry
     from hydra_kit import cli
-    from hydra_kit.model import configure_plugins
+    from hydra_kit.registry import configure_plugins
 
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("HYDRA_KIT_NO_PLUGINS", raising=False)
     real = metadata.entry_points
     installed = [*real(group=ENTRY_POINT_GROUP), *extra]
     monkeypatch.setattr(hydra_kit.registry.metadata, "entry_points", lambda group=None, **kw: installed if group == ENTRY_POINT_GROUP else real(**kw) if group is None else real(group=group, **kw))
-    monkeypatch.setattr(hydra_kit.model, "_registry_cache", {})
+    monkeypatch.setattr(hydra_kit.registry, "_registry_cache", {})
     try:
         code = cli.main(argv)
     finally:

@@ -3,7 +3,7 @@
 One callback family per module (``curriculum``, ``knockout``, ``throughput``, ``display``); recipes name them by
 their short path, e.g. ``hydra_kit.callbacks.Curriculum``.
 
-* :class:`Curriculum` activates a model's parts in stages (HYDRA.md 1: "ablations and curriculum stages are
+* :class:`Curriculum` activates a model's parts in stages (docs/design.md: "ablations and curriculum stages are
   Lightning callbacks"). The paper (arXiv 2508.15099, v1/v2) only says it "outline[s] a staged curriculum
   intended to stably activate the parts"; the number of stages and their contents are not recoverable, so a
   curriculum is whatever the recipe says (``recipes/curriculum.yaml`` is one reading). Recipe form::
@@ -23,12 +23,15 @@ their short path, e.g. ``hydra_kit.callbacks.Curriculum``.
 * :class:`Diagnostics` logs gates, LayerScale, update and gradient norms and component statistics per block
   every N steps (``diag/block<i>.<instance>/<stat>``); ``hydra-kit fit`` adds it (``--diagnostics.every_n_steps``).
 * :class:`StepProgressBar` and :class:`ParameterSummary` are what ``hydra-kit fit`` shows (added by the CLI).
+
+Callbacks reach a model's component instances only through the network's instance API (:func:`network_of`,
+:class:`hydra_kit.network.HydraNetwork`), and data modules through :mod:`hydra_kit.data.protocol`.
 """
 
-from hydra_kit.callbacks.curriculum import Curriculum, check_recipe_callbacks
+from hydra_kit.callbacks.curriculum import Curriculum, StageAware, check_recipe_callbacks
 from hydra_kit.callbacks.diagnostics import Diagnostics
 from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
-from hydra_kit.callbacks.instances import instance_names, instance_parameters
+from hydra_kit.callbacks.instances import instance_names, instance_parameters, network_of
 from hydra_kit.callbacks.knockout import Ablation, KnockOut
 from hydra_kit.callbacks.throughput import Throughput
 
@@ -38,9 +41,11 @@ __all__ = [
     "Diagnostics",
     "KnockOut",
     "ParameterSummary",
+    "StageAware",
     "StepProgressBar",
     "Throughput",
     "check_recipe_callbacks",
     "instance_names",
     "instance_parameters",
+    "network_of",
 ]

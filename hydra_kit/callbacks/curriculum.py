@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from hydra_kit.callbacks.instances import instance_names, instance_parameters
+from hydra_kit import compat
+from hydra_kit.callbacks.instances import network_of
+from hydra_kit.data.protocol import CurriculumData, check_curriculum_data
+from hydra_kit.optim import LR_SCALE_KEY, ScaledLambdaLR
 from hydra_kit.recipe import RecipeError
 
 
@@ -36,7 +38,15 @@ def check_recipe_callbacks(path: str, recipe: dict[str, Any]) -> None:
 
 STAGE_KEYS = ("name", "at_step", "when", "enable", "disable", "freeze", "unfreeze", "data", "rehearse", "lr_scale")
 _NAME_LISTS = ("enable", "disable", "freeze", "unfreeze")
-LR_SCALE_KEY = "curriculum_lr_scale"  # kept in every optimizer param group, so it travels with optimizer state
+
+
+@runtime_checkable
+class StageAware(Protocol):
+    """A callback told when a curriculum stage is reached (e.g. :class:`hydra_kit.checkpoint.StageCheckpoint`)."""
+
+    def on_curriculum_stage(self, stage_index: int) -> None:
+        """Stage ``stage_index`` was reached (called once per stage, on every rank, before its first batch)."""
+        ...
 
 
 def _is_number(value: Any) -> bool:
@@ -93,11 +103,11 @@ class Curriculum(Callback):
     (on its easier task, with fewer components) never triggers the next one. With both, whichever comes first. A stage may:
 
     * ``disable`` / ``enable`` instances: a disabled instance is knocked out (not run, zero contribution,
-      parameters kept; :meth:`HydraLM.set_knocked_out` with the union of the disabled names).
+      parameters kept; :meth:`hydra_kit.network.HydraNetwork.set_knocked_out` with the union of the disabled names).
     * ``freeze`` / ``unfreeze`` instances: ``requires_grad`` of the instance's parameters in every block,
       LayerScale g included (for the router: the router's parameters). Instances no stage names are untouched.
     * ``data: {arg: value}``: change the task's length or difficulty through the data module's curriculum hook
-      (:meth:`hydra_kit.data.SyntheticDataModule.set_task_params`; for MQAR ``num_pairs`` and
+      (:class:`hydra_kit.data.CurriculumData`, e.g. :meth:`hydra_kit.data.SyntheticDataModule.set_task_params`; for MQAR ``num_pairs`` and
       ``num_queries``). Every stage's data is checked at ``setup``, against the task and the model's sequence
       limit, before training starts. Examples are generated when a batch is loaded and Lightning loads batches
       ahead, so the change takes effect at the first example not yet drawn: with ``num_workers: 0`` the batch
@@ -108,19 +118,21 @@ class Curriculum(Callback):
       evenly, is drawn from the task in force before the stage (:class:`hydra_kit.data.synthetic.Rehearsal`),
       until a later stage changes the data. Why: after thousands of steps at near-zero loss on a warm-up task,
       the first batches of a harder task can drive a model to uniform predictions, losing what it had learned
-      (E1's transformer, one seed in three, ``docs/calibration/2026-12-05-distant-premise``); batches of the old
-      task keep that cheap way out costly.
+      (docs/design-decisions.md); batches of the old task keep that cheap way out costly.
     * ``lr_scale: s``: multiply the learning rate of every parameter group by ``s`` (cumulative over stages).
-      The scale is applied to the LambdaLR scheduler's ``base_lrs`` and to each group's ``initial_lr`` and
-      current ``lr``, so warm-up and cosine decay continue on the scaled base; the total scale is recorded in
-      each param group (``curriculum_lr_scale``), so it is saved with the optimizer and never applied twice.
+      The total scale is recorded in each param group (``curriculum_lr_scale``), which HydraLM's schedule
+      (:class:`hydra_kit.optim.ScaledLambdaLR`) multiplies its rates by, so warm-up and cosine decay continue on
+      the scaled rate; the group's current ``lr`` is scaled at once. The entry is saved with the optimizer, so
+      a scale is never applied twice.
 
     Effects are cumulative: the state after stage ``k`` is the composition of stages 0..k, recomputed and applied
     as a whole whenever the position changes and at the start of fitting. The position is saved in checkpoints
     (``state_dict``), so a resumed run continues in its stage with the same knock-outs, freezes, data and
-    learning rate scale. Checkpoints that monitor a metric start over at every stage reached, so the "best"
-    checkpoint is the best of the current stage (a harder stage's loss does not compare with an easier one's);
-    earlier stages' best files stay on disk. The current stage index (-1 before the first) is logged as ``curriculum/stage``. The
+    learning rate scale. Every callback that is :class:`StageAware` is told when a stage is reached:
+    :class:`hydra_kit.checkpoint.StageCheckpoint` (``hydra-kit fit``'s best checkpoint) then starts its "best" over,
+    so the best checkpoint is the best of the current stage (a harder stage's loss does not compare with an
+    easier one's); earlier stages' best files stay on disk. A plain ``ModelCheckpoint`` that monitors a metric
+    keeps one best across stages, and a warning at ``setup`` says so. The current stage index (-1 before the first) is logged as ``curriculum/stage``. The
     watched metric values (with their steps) are saved too, so a stage due at the first batch after a
     validation is still reached on resume when the checkpoint was written before that batch.
 
@@ -194,7 +206,8 @@ class Curriculum(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        names, routers = instance_names(pl_module)
+        network = network_of(pl_module)
+        names, routers = set(network.instance_names), set(network.router_names)
         for i, s in enumerate(self.stages):
             for key in _NAME_LISTS:
                 valid = names - routers if key in ("enable", "disable") else names
@@ -215,7 +228,7 @@ class Curriculum(Callback):
                         f"adjustable: {', '.join(adjustable) or 'none'}"
                     )
             self._data_defaults = {k: adjustable[k] for k in data_keys}
-            limit = getattr(pl_module, "max_seq_len", None)
+            limit = network.max_seq_len
             for i in range(len(self.stages)):  # the data of every stage, as it will be in force, checked now
                 values = {**self._data_defaults, **self.cumulative(i + 1)["data"]}
                 try:
@@ -230,6 +243,12 @@ class Curriculum(Callback):
                     f"Curriculum: data changes reach the {workers} DataLoader workers only when the loader is recreated "
                     "(the next epoch); use num_workers: 0 for changes at the stage's step"
                 )
+        blind = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor is not None and not isinstance(cb, StageAware)]
+        for callback in blind:
+            rank_zero_warn(
+                f"Curriculum: {type(callback).__name__}(monitor={callback.monitor!r}) keeps one best checkpoint across stages, whose "
+                "losses do not compare; use hydra_kit.checkpoint.StageCheckpoint to keep the best of each stage"
+            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Before the sanity check: a resumed run's position is loaded by now; stages due at this step are reached.
@@ -283,47 +302,26 @@ class Curriculum(Callback):
             self._reached_step = trainer.global_step
         if reached or force_apply:
             self._apply(trainer, pl_module)
-        if reached:
-            self._restart_best_checkpoints(trainer)
+        for i in reached:
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]  # public, set untyped by a connector
+                if isinstance(callback, StageAware):
+                    callback.on_curriculum_stage(i)
         for i in reached:
             stage = self.stages[i]
             label = f" ({stage['name']!r})" if "name" in stage else ""
             changes = "; ".join(f"{k} {stage[k]}" for k in ("enable", "disable", "freeze", "unfreeze", "data", "rehearse", "lr_scale") if k in stage)
             rank_zero_info(f"curriculum: stage {i}{label} reached at step {trainer.global_step}: {changes or 'no changes'}")
 
-    @staticmethod
-    def _restart_best_checkpoints(trainer: L.Trainer) -> None:
-        """Monitored checkpoints start over at a new stage: "best" then means the best of the current stage.
-
-        A stage changes the task or the model, so its validation loss does not compare with an earlier stage's
-        (a harder task has a higher loss): kept across stages, the "best" checkpoint would stay in the easiest
-        stage forever. Files already written stay on disk, so each finished stage leaves its best behind.
-        """
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.monitor is not None:
-                callback.best_k_models = {}
-                callback.kth_best_model_path = ""
-                callback.kth_value = torch.tensor(float("inf") if callback.mode == "min" else float("-inf"))
-                callback.best_model_score = None
-                callback.best_model_path = ""
-
-    def _datamodule(self, trainer: L.Trainer) -> Any:
-        datamodule = getattr(trainer, "datamodule", None)
-        if not all(callable(getattr(datamodule, m, None)) for m in ("task_params", "task_with", "set_task_params")):
-            raise RecipeError(
-                f"Curriculum: a stage sets data, but the data module {type(datamodule).__name__} has no curriculum hook "
-                "(task_params / task_with / set_task_params, as in hydra_kit.data.SyntheticDataModule)"
-            )
-        return datamodule
+    def _datamodule(self, trainer: L.Trainer) -> CurriculumData:
+        return check_curriculum_data(getattr(trainer, "datamodule", None))
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Make the model, data and optimizer match the cumulative state of the stages reached (idempotent)."""
         state = self.cumulative()
-        pl_module.set_knocked_out(state["disabled"])  # type: ignore[operator]
-        for names, flag in ((state["frozen"], False), (state["thawed"], True)):
-            for name in names:
-                for p in instance_parameters(pl_module, name):
-                    p.requires_grad_(flag)
+        network = network_of(pl_module)
+        network.set_knocked_out(state["disabled"])
+        network.freeze(state["frozen"])
+        network.unfreeze(state["thawed"])
         if self._data_defaults:  # checked at setup, so this cannot fail mid-run
             rehearse = state["rehearse"]
             self._datamodule(trainer).set_task_params(
@@ -332,23 +330,21 @@ class Curriculum(Callback):
         self._apply_lr_scale(trainer, state["lr_scale"])
 
     def _apply_lr_scale(self, trainer: L.Trainer, scale: float) -> None:
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            groups = scheduler.optimizer.param_groups
-            base_lrs = getattr(scheduler, "base_lrs", None)
-            for i, group in enumerate(groups):
+        """Make every param group's learning-rate scale ``scale``: its ``curriculum_lr_scale`` entry and current ``lr``.
+
+        HydraLM's schedule reads the entry (:class:`hydra_kit.optim.ScaledLambdaLR`); another scheduler's base
+        rates are scaled through :func:`hydra_kit.compat.scale_base_lrs`.
+        """
+        for optimizer in trainer.optimizers:
+            foreign = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer and not isinstance(c.scheduler, ScaledLambdaLR)]
+            factors = []
+            for group in optimizer.param_groups:
                 factor = scale / group.get(LR_SCALE_KEY, 1.0)
+                factors.append(factor)
                 if factor != 1.0:
                     group["lr"] *= factor
-                    if "initial_lr" in group:
+                    if foreign and "initial_lr" in group:
                         group["initial_lr"] *= factor
-                    if base_lrs is not None:
-                        base_lrs[i] *= factor
                 group[LR_SCALE_KEY] = scale
-        scheduled = {id(g) for c in trainer.lr_scheduler_configs for g in c.scheduler.optimizer.param_groups}
-        for optimizer in trainer.optimizers:  # optimizers without a scheduler: scale their groups directly
-            for group in optimizer.param_groups:
-                if id(group) not in scheduled:
-                    factor = scale / group.get(LR_SCALE_KEY, 1.0)
-                    group["lr"] *= factor
-                    group[LR_SCALE_KEY] = scale
+            for scheduler in foreign:
+                compat.scale_base_lrs(scheduler, factors)

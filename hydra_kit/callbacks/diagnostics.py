@@ -27,6 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hydra_kit.network import HydraNetwork
+
 
 def grad_norm(parameters: Any) -> Tensor | None:
     """L2 norm of the gradients of ``parameters`` (sparse ones included); None when none has a gradient."""
@@ -69,23 +71,21 @@ class Diagnostics(Callback):
         if self._requested_at != trainer.global_step:
             return
         self._requested_at = None
-        blocks = getattr(pl_module, "tri_path_blocks", [])
-        per_block: list[dict[str, dict[str, Tensor]]] = list(getattr(pl_module, "last_diagnostics", []))
-        pl_module.last_diagnostics = []  # type: ignore[assignment]
+        network = getattr(pl_module, "network", None)
+        if not isinstance(network, HydraNetwork):  # not a HydraLM: nothing of its kind to diagnose
+            return
+        per_block: list[dict[str, dict[str, Tensor]]] = pl_module.take_diagnostics()  # type: ignore[operator]
         scalars: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
-        for i, block in enumerate(blocks):
+        for i, (layer_idx, owners) in enumerate(network.block_instances()):
             found = per_block[i] if i < len(per_block) else {}
-            owners = dict(block.components())
-            if block.router is not None and block.router_name is not None:
-                owners[block.router_name] = block.router
             for name, module in owners.items():
                 stats = dict(found.get(name, {}))
                 norm = grad_norm(module.parameters())
                 if norm is not None:
                     stats["grad_norm"] = norm
                 for stat, value in stats.items():
-                    key = f"diag/block{block.layer_idx}.{name}/{stat}"
+                    key = f"diag/block{layer_idx}.{name}/{stat}"
                     if value.dim() == 0:
                         scalars[key] = float(value)
                     else:

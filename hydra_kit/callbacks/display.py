@@ -5,64 +5,23 @@ runs are bounded by ``max_steps`` with ``max_epochs = -1`` (the synthetic tasks 
 the bar read ``Epoch 0/-2``, and a resumed run restarted its total at the remaining steps while the counter kept
 the batch index (``40/20``). Lightning's model summary reports FLOPs only for models with an example input and
 otherwise prints ``Total FLOPs: 0``; hydra-kit knows its FLOPs per token analytically
-(:meth:`hydra_kit.model.HydraLM.parameter_report`), so the summary shows those.
+(:func:`hydra_kit.accounting.parameter_report`), so the summary shows those.
+
+:class:`StepProgressBar` is built on the rich progress bar's protected methods, so it lives with the other
+uses of Lightning internals in :mod:`hydra_kit.compat` and is re-exported here.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
-from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary
 from rich.console import Console
 from rich.table import Table
 
-from hydra_kit.model import embedding_rows
+from hydra_kit.accounting import embedding_rows
+from hydra_kit.compat import StepProgressBar
 
-
-class StepProgressBar(RichProgressBar):
-    """Rich progress bar over optimizer steps (``global_step / max_steps``) when the run is bounded by steps.
-
-    Runs bounded by epochs (``max_steps = -1``) keep Lightning's per-epoch bar. The logger version (``v_num``) is
-    not shown: the run directory is printed when training ends.
-    """
-
-    def _counts_steps(self) -> bool:
-        max_steps = self.trainer.max_steps
-        return max_steps is not None and max_steps > 0
-
-    @property
-    def total_train_batches(self) -> int | float:
-        if self._counts_steps():
-            return self.trainer.max_steps
-        return super().total_train_batches
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if not self._counts_steps():
-            return super()._get_train_description(current_epoch)
-        return f"{'Training':{len(self.validation_description)}}"
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._counts_steps() and self.train_progress_bar_id is not None:
-            return  # one bar for the whole run: a new epoch of a finite dataset does not restart it
-        super().on_train_epoch_start(trainer, pl_module)
-        if self._counts_steps():
-            self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed run starts where it stopped
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._counts_steps():
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+__all__ = ["ParameterSummary", "StepProgressBar"]
 
 
 class ParameterSummary(ModelSummary):
@@ -71,7 +30,7 @@ class ParameterSummary(ModelSummary):
     For a model without ``parameter_report`` (not a HydraLM) it falls back to Lightning's summary.
 
     Args:
-        seq_len: sequence length for FLOPs per token; default: the data's (``task.seq_len`` or ``seq_len``).
+        seq_len: sequence length for FLOPs per token; default: the data module's ``seq_len`` (:class:`hydra_kit.data.TokenData`).
     """
 
     def __init__(self, seq_len: int | None = None) -> None:
@@ -85,14 +44,13 @@ class ParameterSummary(ModelSummary):
             return
         if not trainer.is_global_zero:
             return
-        datamodule = getattr(trainer, "datamodule", None)
-        seq_len = self.seq_len or getattr(getattr(datamodule, "task", None), "seq_len", None) or getattr(datamodule, "seq_len", None)
+        seq_len = self.seq_len or getattr(getattr(trainer, "datamodule", None), "seq_len", None)
         seq_len = int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else 1024
         report = report_of(seq_len)
         table = Table(title=f"model: {report['total_params']:,} parameters", title_justify="left")
         for column in ("instance", "blocks", "params", "active", "MFLOP/token"):
             table.add_column(column, justify="left" if column in ("instance", "blocks") else "right")
-        blocks_of = {r.name: r.blocks for r in getattr(pl_module, "resolved", [])}
+        blocks_of = {r.name: r.blocks for r in getattr(pl_module, "resolved", [])}  # a HydraLM's (report_of is set)
         for name, row in report["components"].items():
             blocks = ",".join(map(str, blocks_of.get(name, ())))
             table.add_row(name, blocks, f"{row['total_params']:,}", f"{row['active_params']:,}", f"{row['flops_per_token'] / 1e6:.2f}")

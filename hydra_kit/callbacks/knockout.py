@@ -5,9 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
 
-from hydra_kit.callbacks.instances import instance_parameters
+from hydra_kit.callbacks.instances import instance_parameters, network_of
 from hydra_kit.recipe import RecipeError
 
 
@@ -15,7 +14,7 @@ class KnockOut(Callback):
     """Switch component instances off while validating or testing, and back on afterwards (no retraining).
 
     A knocked-out instance is not run and contributes nothing; its parameters stay (see
-    :meth:`hydra_kit.model.HydraLM.set_knocked_out`). Instances already switched off (by a curriculum stage)
+    :meth:`hydra_kit.network.HydraNetwork.disable`). Instances already switched off (by a curriculum stage)
     stay off. The router cannot be knocked out: the block has no output path without it to remove.
 
     Args:
@@ -24,17 +23,16 @@ class KnockOut(Callback):
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
-        self._saved: list[set[str]] | None = None
+        self._saved: frozenset[str] | None = None
 
     def _start(self, pl_module: L.LightningModule) -> None:
-        blocks: nn.ModuleList = pl_module.blocks  # type: ignore[assignment]
-        self._saved = [set(b.knocked_out) for b in blocks]  # type: ignore[arg-type]
-        pl_module.set_knocked_out(set().union(*self._saved) | set(self.names))  # type: ignore[operator]
+        network = network_of(pl_module)
+        self._saved = network.knocked_out
+        network.disable(self.names)
 
     def _end(self, pl_module: L.LightningModule) -> None:
         if self._saved is not None:
-            for block, saved in zip(pl_module.blocks, self._saved, strict=True):  # type: ignore[arg-type]
-                block.knocked_out = saved
+            network_of(pl_module).set_knocked_out(self._saved)
             self._saved = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

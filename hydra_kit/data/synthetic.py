@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from hydra_kit.compat import batches_processed
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
 
@@ -154,7 +155,13 @@ class SyntheticDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids the task uses (:class:`hydra_kit.data.TokenData`)."""
         return self.task.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the current task's sequences (:class:`hydra_kit.data.TokenData`)."""
+        return self.task.seq_len
 
     def _loader(self, dataset: Dataset[dict[str, torch.Tensor]], drop_last: bool) -> DataLoader[dict[str, torch.Tensor]]:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, drop_last=drop_last)
@@ -192,7 +199,7 @@ class SyntheticDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def no_skill_baselines(self) -> dict[str, float]:
-        """Chance and each no-skill heuristic's accuracy on this module's validation examples (issue 17).
+        """Chance and each no-skill heuristic's accuracy on this module's validation examples.
 
         The examples are the ones ``val/acc`` is measured on (the current task's held-out split for ``seed``),
         so a run's final accuracy can be read against what a shortcut of the task format scores on the same set.
@@ -262,8 +269,7 @@ class SyntheticDataModule(L.LightningDataModule):
         if self.schedule.rehearsals:
             state["rehearsals"] = [(start, dict(r.task.params()), r.fraction, r.batch) for start, r in self.schedule.rehearsals.items()]  # type: ignore[attr-defined]
         if self.trainer is not None:
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            state.update(epoch=self.trainer.current_epoch, batches_done=progress.processed)  # type: ignore[attr-defined]
+            state.update(epoch=self.trainer.current_epoch, batches_done=batches_processed(self.trainer))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

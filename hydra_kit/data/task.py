@@ -99,7 +99,7 @@ class SyntheticTask(abc.ABC):
         """
         return None
 
-    # --- no-skill baselines (issue 17): what an accuracy must beat before it shows a mechanism working ---
+    # --- no-skill baselines: what an accuracy must beat before it shows a mechanism working ---
 
     @property
     @abc.abstractmethod

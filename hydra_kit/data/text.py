@@ -30,12 +30,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from hydra_kit.compat import batches_processed
+from hydra_kit.package_data import package_folder
 from hydra_kit.recipe import RecipeError
 
-# The folder holding the hydra_kit package: the repository root of a checkout. A relative path that does not exist
-# from the working directory is looked up there too, so the sample text that recipes/text.yaml names by default
-# (data/wikitext-2-sample/) is found from any directory.
-_CHECKOUT = Path(__file__).resolve().parents[2]
+# A relative path under data/ that does not exist from the working folder names the sample data shipped with
+# hydra-kit (the checkout's top-level data/, installed as hydra_kit.sample_data), so recipes/text.yaml's default
+# text is found from any folder, in a checkout and in an installed wheel.
+_SAMPLE_DATA_PREFIX = "data"
+_SAMPLE_DATA_PACKAGE = "hydra_kit.sample_data"
 
 
 class TextDataError(RecipeError):
@@ -55,9 +58,7 @@ def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = Fa
         TextDataError: the path does not exist, a folder has no matching file, a file is not UTF-8 text (unless
             ``allow_binary``), or there is no byte at all.
     """
-    root = Path(path).expanduser()
-    if not root.exists() and not root.is_absolute() and (_CHECKOUT / root).exists():
-        root = _CHECKOUT / root  # e.g. recipes/text.yaml's sample, run from outside the checkout
+    root = _sample_data(Path(path).expanduser())
     if root.is_file():
         files = [root]
     elif root.is_dir():
@@ -76,6 +77,14 @@ def read_bytes(path: str | Path, pattern: str = "*.txt", allow_binary: bool = Fa
         what = "file is empty" if root.is_file() else f"{len(files)} matching file(s) are all empty"
         raise TextDataError(f"{key} {str(root)!r}: the {what}; there is no text to {'validate' if key == 'data.val_path' else 'train'} on")
     return data, files
+
+
+def _sample_data(path: Path) -> Path:
+    """``path``, or the shipped sample file it names (``data/...``) when it does not exist from the working folder."""
+    if path.exists() or path.is_absolute() or path.parts[:1] != (_SAMPLE_DATA_PREFIX,):
+        return path
+    shipped = package_folder(_SAMPLE_DATA_PACKAGE).joinpath(*path.parts[1:])
+    return shipped if shipped.exists() else path
 
 
 def _check_utf8(file: Path, data: np.ndarray, chunk: int = 1 << 22, key: str = "data.path") -> None:
@@ -114,7 +123,9 @@ class TextDataModule(L.LightningDataModule):
     """Byte-level language modelling on a text file or folder, split into training and validation by position.
 
     Args:
-        path: a text file, or a folder whose files matching ``pattern`` are read (sorted, concatenated).
+        path: a text file, or a folder whose files matching ``pattern`` are read (sorted, concatenated). A
+            relative ``data/...`` path that does not exist from the working folder names the sample data shipped
+            with hydra-kit (``data/wikitext-2-sample/valid-sample.txt`` is recipes/text.yaml's default).
         seq_len: bytes per example (the model sees seq_len bytes and predicts the next byte at each).
         batch_size: examples per batch.
         val_fraction: share of the byte stream, taken from its end, held out for validation (unused with
@@ -261,8 +272,7 @@ class TextDataModule(L.LightningDataModule):
         if self.trainer is not None:
             # `processed`, not `completed`: checkpoints are written in on_train_batch_end, after a batch is processed
             # and before it counts as completed.
-            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-            state.update(epoch=self.trainer.current_epoch, batches_done=int(getattr(progress, "processed", progress.completed)))
+            state.update(epoch=self.trainer.current_epoch, batches_done=batches_processed(self.trainer))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

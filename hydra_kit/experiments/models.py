@@ -2,10 +2,11 @@
 dense transformer.
 
 Every compared model is the ``model`` section of a recipe (a dict of :class:`~hydra_kit.model.HydraLM` keyword
-arguments), so an experiment trains exactly what ``hydra-kit fit`` would build from a YAML file. Hydra is the CPU
-layout below or a recipe; an ablation drops instances through the recipe's ``dropped`` list (the model allocates
-nothing for them); the transformer baseline has attention + SwiGLU in every block, Hydra's width and depth, and
-the SwiGLU hidden width that brings its total (or active) parameter count within 5 percent of Hydra's.
+arguments), so an experiment trains exactly what ``hydra-kit fit`` would build from a YAML file. Hydra is a
+packaged recipe (``experiments/hydra-cpu`` for ``--size cpu``, ``full-29m`` for ``--size full``) or the one
+``--recipe`` names; an ablation drops instances through the recipe's ``dropped`` list (the model allocates nothing
+for them); the transformer baseline has attention + SwiGLU in every block, Hydra's width and depth, and the SwiGLU
+hidden width that brings its total (or active) parameter count within 5 percent of Hydra's.
 """
 
 from __future__ import annotations
@@ -13,33 +14,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from hydra_kit.model import HydraLM
 from hydra_kit.recipe import RecipeError
+from hydra_kit.recipe_files import model_section, resolve_config
 
-# The Hydra layout of recipes/full.yaml at the experiments' CPU size (d_model 64, 4 blocks): SSM everywhere,
-# sparse global attention every 2nd block (blocks 1 and 3), top-2 of 4 experts everywhere, the workspace after
-# the first SGA block and product-key memory in block 2, a router in every block.
-CPU_HYDRA: dict[str, Any] = {
-    "d_model": 64,
-    "n_blocks": 4,
-    "tie_embeddings": False,
-    "components": {
-        "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 16, "headdim": 16, "chunk_size": 16}},
-        "sga": {"component": "sga", "blocks": "every 2", "args": {"n_heads": 4, "window": 16, "max_global": 32, "globals_per_chunk": 2}},
-        "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2}},
-        "workspace": {"component": "workspace", "blocks": [1], "args": {"n_slots": 8, "chunk_size": 8}},
-        "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 16, "top_k": 8, "d_key": 32}},
-        "router": {"component": "router", "blocks": "all"},
-    },
-}
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FULL_RECIPE = REPO_ROOT / "recipes" / "full-29m.yaml"
+# The packaged recipe that holds Hydra's model for each experiment size (hydra-kit recipes lists them).
+SIZE_RECIPES = {"cpu": "experiments/hydra-cpu", "full": "full-29m"}
 
 
 @dataclass
@@ -56,26 +40,28 @@ class ModelSpec:
 
 
 def hydra_config(size: str, vocab_size: int, recipe: str | None = None) -> dict[str, Any]:
-    """The Hydra model section for an experiment: the CPU layout, ``recipes/full-29m.yaml`` or a given recipe.
+    """The Hydra model section for an experiment: the size's packaged recipe, or ``recipe`` (a file or a name).
+
+    Args:
+        size: ``cpu`` or ``full`` (:data:`SIZE_RECIPES`); unused when ``recipe`` is given.
+        vocab_size: the task's vocabulary, which replaces the recipe's.
+        recipe: a recipe file or packaged recipe name to use instead of the size's.
 
     Raises:
-        RecipeError: the recipe file is missing or has no model section.
+        RecipeError: an unknown size, a recipe that is neither a file nor packaged, or one without
+            ``model.components``.
     """
-    if recipe is None and size == "cpu":
-        config = copy.deepcopy(CPU_HYDRA)
-    else:
-        from hydra_kit.cli import load_recipe
-
-        path = recipe or str(FULL_RECIPE)
-        section = load_recipe(path).get("model") or {}
-        if "init_args" in section:
-            section = section["init_args"] or {}
-        if "components" not in section:
-            raise RecipeError(f"{path}: model.components is missing; an experiment needs a Hydra recipe")
-        config = copy.deepcopy(section)
-        # The compared models get their own output head unless the recipe says otherwise: with the tied head
-        # neither Hydra nor the transformer left MQAR's no-skill plateau in 2,500 steps (HydraLM.tie_embeddings).
-        config.setdefault("tie_embeddings", False)
+    if recipe is None:
+        if size not in SIZE_RECIPES:
+            raise RecipeError(f"experiment: unknown size {size!r}; choose one of {', '.join(SIZE_RECIPES)}")
+        recipe = SIZE_RECIPES[size]
+    path = resolve_config(recipe)
+    config = copy.deepcopy(model_section(path))
+    if "components" not in config:
+        raise RecipeError(f"{path}: model.components is missing; an experiment needs a Hydra recipe")
+    # The compared models get their own output head unless the recipe says otherwise: with a tied head the
+    # recall tasks stay on their no-skill plateau (HydraLM.tie_embeddings says why).
+    config.setdefault("tie_embeddings", False)
     config["vocab_size"] = vocab_size
     return config
 

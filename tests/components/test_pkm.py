@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from hydra_kit.components.pkm import ProductKeyMemory, candidate_pairs, product_topk, slot_usage_stats
+from hydra_kit.components.pkm import ProductKeyMemory, slot_usage_stats
+from hydra_kit.ops.pkm_topk import candidate_pairs, product_topk
 from hydra_kit.protocol import ComponentPath
 from hydra_kit.testing import check_component
 

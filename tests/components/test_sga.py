@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 from hydra_kit.components.attention import CausalSelfAttention
 from hydra_kit.components.sga import SparseGlobalAttention, global_schedule
-from hydra_kit.nn import apply_rotary
+from hydra_kit.ops import apply_rotary
 from hydra_kit.protocol import ComponentContext, ComponentPath
 from hydra_kit.testing import check_component
 

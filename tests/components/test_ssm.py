@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from recompute_check import assert_recompute_keeps_gradients
 from ssm_reference import diagonal_reference, layer_reference, ssd_reference
 
-from hydra_kit.components.ssm import SelectiveSSM, causal_depthwise_conv, diagonal_chunked_scan, ssd_chunked_scan
+from hydra_kit.components.ssm import SelectiveSSM
+from hydra_kit.ops.conv import causal_depthwise_conv
+from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.testing import check_component
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,19 @@ def test_text_recipe_runs_from_any_directory_and_a_short_run_still_validates(tmp
     out = " ".join(result.stdout.split())
     assert re.search(r"final validation \(step 2\): val/acc = [0-9.]+, val/bpb = [0-9.]+", out), out[-2000:]
     assert "last.ckpt" in out.split("checkpoints:")[-1]
+
+
+def test_a_relative_data_path_missing_here_is_the_shipped_sample(tmp_path, monkeypatch):
+    # From a folder without data/, recipes/text.yaml's default names the sample shipped as hydra_kit.sample_data
+    # (the checkout's data/ folder, or its copy inside an installed wheel); other missing paths stay errors.
+    from hydra_kit.package_data import package_folder
+
+    monkeypatch.chdir(tmp_path)
+    module = TextDataModule("data/wikitext-2-sample/valid-sample.txt", seq_len=64, batch_size=2)
+    assert module.files == [package_folder("hydra_kit.sample_data") / "wikitext-2-sample" / "valid-sample.txt"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "wikitext-2-sample").mkdir()
+    (tmp_path / "data" / "wikitext-2-sample" / "valid-sample.txt").write_text("a local file wins over the sample " * 10)
+    assert TextDataModule("data/wikitext-2-sample/valid-sample.txt", seq_len=8, batch_size=2).files == [Path("data/wikitext-2-sample/valid-sample.txt")]
+    with pytest.raises(TextDataError, match="no such file or folder"):
+        TextDataModule("data/missing.txt").load()

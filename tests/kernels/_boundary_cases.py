@@ -24,8 +24,19 @@ from typing import Any
 
 import torch
 
-from hydra_kit.components.kernels import moe_step, pkm_step, router_step, ssm_step, workspace_step
-from hydra_kit.nn import decode_attention, decode_residual, decode_rotary, layers, linear, native
+from hydra_kit.ops import (
+    decode_attention,
+    linear,
+    moe_step,
+    native,
+    norm,
+    pkm_step,
+    residual,
+    rotary,
+    router_step,
+    ssm_step,
+    workspace_step,
+)
 
 LIKE_PYTORCH, RAISES, NONE = "like-pytorch", "raises", "none"
 
@@ -40,8 +51,8 @@ def _sets(n: int = 6, hd: int = 8, **over: Any) -> list[tuple[torch.Tensor, torc
     return [(keys, values, mask)]
 
 
-def _plan(columns: list[int | None]) -> decode_residual.ResidualPlan:
-    return decode_residual.ResidualPlan(columns, [torch.nn.Parameter(torch.tensor(0.5)) for _ in columns])
+def _plan(columns: list[int | None]) -> residual.ResidualPlan:
+    return residual.ResidualPlan(columns, [torch.nn.Parameter(torch.tensor(0.5)) for _ in columns])
 
 
 def _ssm_weights(**over: Any) -> ssm_step.SSMStepWeights:
@@ -91,11 +102,11 @@ def _pkm(x: torch.Tensor | None = None, top_k: int = 4, **over: Any) -> Any:
 def _rotary(x: torch.Tensor | None = None, heads: int = 2, hd: int = 4, **over: Any) -> Any:
     weight = over.get("weight", _r(3 * heads * hd, 16))
     key_out, value_out = over.get("key_out"), over.get("value_out")
-    return decode_rotary.qkv_rotary(_r(2, 16) if x is None else x, weight, over.get("weight_b"), over.get("inv_freq", _r(hd // 2).abs()), heads, 7, key_out, value_out)
+    return rotary.qkv_rotary(_r(2, 16) if x is None else x, weight, over.get("weight_b"), over.get("inv_freq", _r(hd // 2).abs()), heads, 7, key_out, value_out)
 
 
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
-    # hydra_kit.nn.linear: F.linear's checks and errors (the repro first)
+    # hydra_kit.ops.linear: F.linear's checks and errors (the repro first)
     "linear-inner-dims": (LIKE_PYTORCH, lambda: linear(_r(3, 16), _r(4, 8))),
     "linear-short-bias": (LIKE_PYTORCH, lambda: linear(_r(3, 16), _r(4, 16), _r(2))),
     "linear-broadcast-bias": (LIKE_PYTORCH, lambda: linear(_r(3, 16), _r(4, 16), _r(1))),
@@ -106,11 +117,11 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "linear-1d-weight": (LIKE_PYTORCH, lambda: linear(_r(3, 16), _r(16))),
     "linear-0d-input": (LIKE_PYTORCH, lambda: linear(torch.tensor(1.0), _r(4, 16))),
     # rms_norm
-    "rms-norm-short-weight": (LIKE_PYTORCH, lambda: layers.rms_norm(_r(3, 16), _r(8), 1e-6)),
-    "rms-norm-long-weight": (LIKE_PYTORCH, lambda: layers.rms_norm(_r(3, 16), _r(32), 1e-6)),
-    "rms-norm-2d-weight": (LIKE_PYTORCH, lambda: layers.rms_norm(_r(3, 16), _r(1, 16), 1e-6)),
-    "rms-norm-float64-weight": (LIKE_PYTORCH, lambda: layers.rms_norm(_r(3, 16), _r(16, dtype=torch.float64), 1e-6)),
-    "rms-norm-strided-input": (LIKE_PYTORCH, lambda: layers.rms_norm(_r(16, 3).t(), _r(16), 1e-6)),
+    "rms-norm-short-weight": (LIKE_PYTORCH, lambda: norm.rms_norm(_r(3, 16), _r(8), 1e-6)),
+    "rms-norm-long-weight": (LIKE_PYTORCH, lambda: norm.rms_norm(_r(3, 16), _r(32), 1e-6)),
+    "rms-norm-2d-weight": (LIKE_PYTORCH, lambda: norm.rms_norm(_r(3, 16), _r(1, 16), 1e-6)),
+    "rms-norm-float64-weight": (LIKE_PYTORCH, lambda: norm.rms_norm(_r(3, 16), _r(16, dtype=torch.float64), 1e-6)),
+    "rms-norm-strided-input": (LIKE_PYTORCH, lambda: norm.rms_norm(_r(16, 3).t(), _r(16), 1e-6)),
     # decode_attention: the reference's checks and errors
     "attention-narrow-keys": (LIKE_PYTORCH, lambda: decode_attention.decode_attention(_r(2, 3, 16), _sets(hd=8, values=_r(2, 3, 6, 16)), 0.3)),
     "attention-short-values": (LIKE_PYTORCH, lambda: decode_attention.decode_attention(_r(2, 3, 8), _sets(values=_r(2, 3, 5, 8)), 0.3)),
@@ -121,12 +132,12 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "attention-2d-query": (LIKE_PYTORCH, lambda: decode_attention.decode_attention(_r(2, 8), _sets(), 0.3)),
     "attention-no-sets": (LIKE_PYTORCH, lambda: decode_attention.decode_attention(_r(2, 3, 8), [], 0.3)),
     # gated_residual
-    "residual-short-update": (LIKE_PYTORCH, lambda: decode_residual.gated_residual(_r(2, 16), [_r(2, 15)], None, _plan([None]))),
-    "residual-broadcast-update": (LIKE_PYTORCH, lambda: decode_residual.gated_residual(_r(2, 16), [_r(1, 16)], None, _plan([None]))),
-    "residual-float64-update": (LIKE_PYTORCH, lambda: decode_residual.gated_residual(_r(2, 16), [_r(2, 16, dtype=torch.float64)], None, _plan([None]))),
-    "residual-strided-update": (LIKE_PYTORCH, lambda: decode_residual.gated_residual(_r(2, 16), [_r(16, 2).t()], None, _plan([None]))),
-    "residual-short-gates": (RAISES, lambda: decode_residual.gated_residual(_r(2, 16), [_r(2, 16)], _r(2, 2), _plan([3]))),
-    "residual-few-gate-rows": (LIKE_PYTORCH, lambda: decode_residual.gated_residual(_r(4, 16), [_r(4, 16)], _r(3, 2), _plan([1]))),
+    "residual-short-update": (LIKE_PYTORCH, lambda: residual.gated_residual(_r(2, 16), [_r(2, 15)], None, _plan([None]))),
+    "residual-broadcast-update": (LIKE_PYTORCH, lambda: residual.gated_residual(_r(2, 16), [_r(1, 16)], None, _plan([None]))),
+    "residual-float64-update": (LIKE_PYTORCH, lambda: residual.gated_residual(_r(2, 16), [_r(2, 16, dtype=torch.float64)], None, _plan([None]))),
+    "residual-strided-update": (LIKE_PYTORCH, lambda: residual.gated_residual(_r(2, 16), [_r(16, 2).t()], None, _plan([None]))),
+    "residual-short-gates": (RAISES, lambda: residual.gated_residual(_r(2, 16), [_r(2, 16)], _r(2, 2), _plan([3]))),
+    "residual-few-gate-rows": (LIKE_PYTORCH, lambda: residual.gated_residual(_r(4, 16), [_r(4, 16)], _r(3, 2), _plan([1]))),
     # qkv_rotary
     "rotary-rows": (RAISES, lambda: _rotary(weight=_r(20, 16))),
     "rotary-width": (RAISES, lambda: _rotary(weight=_r(24, 12))),

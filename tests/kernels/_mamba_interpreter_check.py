@@ -32,8 +32,8 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 Autotuner.prune_configs = lambda self, kwargs: self.configs[:1]  # type: ignore[method-assign]
 
-from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason  # noqa: E402
-from hydra_kit.components.ssm import ssd_chunked_scan  # noqa: E402
+from hydra_kit.ops.mamba_ssd import mamba_ssd_scan, unavailable_reason  # noqa: E402
+from hydra_kit.ops.scan import ssd_chunked_scan  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from hydra_kit.nn import native
+from hydra_kit.ops import native
 
 
 @pytest.fixture

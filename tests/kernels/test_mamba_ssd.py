@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_kit.components.kernels.mamba_ssd import mamba_ssd_scan, unavailable_reason
-from hydra_kit.components.ssm import ssd_chunked_scan
+from hydra_kit.ops.mamba_ssd import mamba_ssd_scan, unavailable_reason
+from hydra_kit.ops.scan import ssd_chunked_scan
 
 HERE = Path(__file__).resolve().parent
 MAMBA_PATH = os.environ.get("HYDRA_KIT_MAMBA_SSM_PATH")

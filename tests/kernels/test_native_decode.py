@@ -1,4 +1,4 @@
-"""The C decoding kernels (hydra_kit.nn.native and the components' step kernels) against their PyTorch paths.
+"""The C kernels of hydra_kit.ops (the decoding ops and the components' step kernels) against their PyTorch paths.
 
 Every kernel has a PyTorch path computing the same thing; here each is run both ways on the same inputs
 (``native_kernels(False)`` forces the PyTorch path), and each test counts the calls into C (the ``kernel_calls``
@@ -19,14 +19,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hydra_kit.components.kernels import moe_step, pkm_step, router_step, ssm_step, workspace_step
 from hydra_kit.components.moe import MixtureOfExperts
 from hydra_kit.components.ssm import SelectiveSSM
-from hydra_kit.nn import Linear, decode_attention, decode_linear, decode_residual, decode_rotary, layers, native
+from hydra_kit.ops import (
+    Linear,
+    decode_attention,
+    dispatch,
+    moe_step,
+    native,
+    norm,
+    pkm_step,
+    residual,
+    rotary,
+    router_step,
+    ssm_step,
+    workspace_step,
+)
+from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 from hydra_kit.protocol import ComponentContext
 
 LIBRARIES = [
-    decode_linear.LIBRARY, decode_attention.LIBRARY, decode_residual.LIBRARY, decode_rotary.LIBRARY, layers._NORM_LIBRARY,
+    LINEAR_LIBRARY, decode_attention.LIBRARY, residual.LIBRARY, rotary.LIBRARY, norm.LIBRARY,
     ssm_step.LIBRARY, moe_step.LIBRARY, router_step.LIBRARY, pkm_step.LIBRARY, workspace_step.LIBRARY,
 ]  # fmt: skip
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on PATH")
@@ -55,7 +68,7 @@ def test_linear_kernel_equals_f_linear(rows: int, bias: bool, kernel_calls: Call
     gen = torch.Generator().manual_seed(rows)
     layer = Linear(200, 77, bias=bias)
     x = torch.randn(rows, 1, 200, generator=gen)
-    calls = kernel_calls(decode_linear.LIBRARY)
+    calls = kernel_calls(LINEAR_LIBRARY)
     with torch.no_grad():
         fast = layer(x)
         assert calls["hk_linear"] == 1
@@ -69,17 +82,17 @@ def test_linear_kernel_equals_f_linear(rows: int, bias: bool, kernel_calls: Call
 def test_linear_takes_the_pytorch_path_under_autograd_and_for_many_rows(kernel_calls: Calls) -> None:
     layer = Linear(16, 8)
     x = torch.randn(1, 16)
-    calls = kernel_calls(decode_linear.LIBRARY)
+    calls = kernel_calls(LINEAR_LIBRARY)
     assert layer(x).grad_fn is not None  # autograd: F.linear, differentiable
     with torch.no_grad():
-        torch.testing.assert_close(layer(torch.randn(decode_linear.MAX_KERNEL_ROWS + 1, 16)).shape, torch.Size([9, 8]))
+        torch.testing.assert_close(layer(torch.randn(dispatch.MAX_ROWS + 1, 16)).shape, torch.Size([9, 8]))
         assert not calls
         layer(x)
         assert calls["hk_linear"] == 1  # and one row does go to C
-        assert not native.usable(torch.randn(4, 16).t())  # non-contiguous
-        assert not native.usable(x.double())
+        assert not dispatch.usable(torch.randn(4, 16).t())  # non-contiguous
+        assert not dispatch.usable(x.double())
     with torch.no_grad(), native.native_kernels(False):
-        assert not native.usable(x)
+        assert not dispatch.usable(x)
     assert native.enabled()
 
 
@@ -257,15 +270,15 @@ def test_gated_residual_kernel_equals_the_pytorch_sum(kernel_calls: Calls) -> No
     x, *updates = torch.randn(4, 3, 40, generator=gen)  # (B, D) input and three updates
     gates = torch.rand(3, 2, generator=gen)  # (B, G)
     scales = [torch.nn.Parameter(torch.tensor(v)) for v in (0.8, 0.2, 0.5)]
-    plan = decode_residual.ResidualPlan([None, 1, 0], scales)
+    plan = residual.ResidualPlan([None, 1, 0], scales)
     expected = x + scales[0] * updates[0] + scales[1] * gates[:, 1:] * updates[1] + scales[2] * gates[:, :1] * updates[2]
-    calls = kernel_calls(decode_residual.LIBRARY)
+    calls = kernel_calls(residual.LIBRARY)
     with torch.no_grad():
-        fast = decode_residual.gated_residual(x, updates, gates, plan)
+        fast = residual.gated_residual(x, updates, gates, plan)
         with native.native_kernels(False):
-            slow = decode_residual.gated_residual(x, updates, gates, plan)
+            slow = residual.gated_residual(x, updates, gates, plan)
         scales[1].fill_(-3.0)  # the kernel reads the LayerScales' current values, not a copy
-        changed = decode_residual.gated_residual(x, updates, gates, plan)
+        changed = residual.gated_residual(x, updates, gates, plan)
     assert calls["hk_gated_residual"] == 2
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(slow, expected, rtol=1e-6, atol=1e-6)
@@ -273,42 +286,43 @@ def test_gated_residual_kernel_equals_the_pytorch_sum(kernel_calls: Calls) -> No
 
 
 def test_rms_norm_kernel_equals_f_rms_norm(kernel_calls: Calls) -> None:
-    from hydra_kit.nn import RMSNorm
+    from hydra_kit.ops import RMSNorm
 
-    norm = _perturbed(RMSNorm(96, eps=1e-5), 10)
+    layer = _perturbed(RMSNorm(96, eps=1e-5), 10)
     x = torch.randn(3, 1, 96, generator=torch.Generator().manual_seed(11))
-    calls = kernel_calls(layers._NORM_LIBRARY)
+    calls = kernel_calls(norm.LIBRARY)
     with torch.no_grad():
-        fast = norm(x)
+        fast = layer(x)
     assert calls["hk_rms_norm"] == 1
-    torch.testing.assert_close(fast, F.rms_norm(x, (96,), norm.weight, 1e-5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, F.rms_norm(x, (96,), layer.weight, 1e-5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-weight", "q-and-kv-weights"])
 def test_qkv_rotary_kernel_equals_projection_then_rope(split: bool, kernel_calls: Calls) -> None:
-    from hydra_kit.nn import RotaryEmbedding, apply_rotary
-    from hydra_kit.nn.decode_rotary import qkv_rotary
+    from hydra_kit.ops import RotaryEmbedding, apply_rotary
+    from hydra_kit.ops.rotary import qkv_rotary, qkv_rotary_reference
 
     gen = torch.Generator().manual_seed(12)
     batch, heads, hd, d_model, pos = 2, 3, 8, 20, 16_383
     weight = torch.randn(3 * heads * hd, d_model, generator=gen)
     x = torch.randn(batch, d_model, generator=gen)
-    rotary = RotaryEmbedding(hd)
+    rope = RotaryEmbedding(hd)
     parts = (weight[: heads * hd], weight[heads * hd :]) if split else (weight, None)
-    calls = kernel_calls(decode_rotary.LIBRARY)
+    calls = kernel_calls(rotary.LIBRARY)
     with torch.no_grad():
-        fast = qkv_rotary(x, *parts, rotary.inv_freq, heads, pos)
+        fast = qkv_rotary(x, *parts, rope.inv_freq, heads, pos)
     assert calls["hk_qkv_rotary"] == 1
     q, k, v = (x @ weight.t()).view(batch, 3, heads, hd).unbind(1)
-    cos, sin = rotary(torch.tensor([pos]))
+    cos, sin = rope(torch.tensor([pos]))
     reference = torch.stack([apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v], 1)
     assert fast is not None
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(qkv_rotary_reference(x, *parts, rope.inv_freq, heads, pos), reference, rtol=1e-4, atol=1e-4)
     # Keys and values written into a cache slot as well, in either cache layout; nothing else in the cache changes.
     for cache in (torch.zeros(2, batch, heads, 5, hd), torch.zeros(2, batch, 5, heads, hd)):  # (B, H, n, hd), (B, n, H, hd)
         key_slot, value_slot = (cache[0, :, :, 3], cache[1, :, :, 3]) if cache.shape[2] == heads else (cache[0, :, 3], cache[1, :, 3])
         with torch.no_grad():
-            again = qkv_rotary(x, *parts, rotary.inv_freq, heads, pos, key_slot, value_slot)
+            again = qkv_rotary(x, *parts, rope.inv_freq, heads, pos, key_slot, value_slot)
         assert again is not None and torch.equal(again, fast)
         torch.testing.assert_close(key_slot, fast[:, 1])
         torch.testing.assert_close(value_slot, fast[:, 2])
@@ -357,9 +371,9 @@ def test_cached_kernel_parameters_follow_dtype_moves_and_loads(kernel_calls: Cal
     with torch.no_grad():
         state = ssm.init_state(1, device=x.device, dtype=x.dtype)
         ssm.step(x, state)  # builds the cache in float32
-        assert ssm.kernel_parameters(ssm._step_parameters)[1]
+        assert ssm._step_pack.get(ssm, ssm._pack_step).suits
         ssm.double()  # a dtype move: the cache is rebuilt, and float64 is not for the kernels
-        assert not ssm.kernel_parameters(ssm._step_parameters)[1]
+        assert not ssm._step_pack.get(ssm, ssm._pack_step).suits
         state64 = ssm.init_state(1, device=x.device, dtype=torch.float64)
         out = ssm.step(x.double(), state64).update
         reference = ssm(x.double()[:, None]).update[:, 0]

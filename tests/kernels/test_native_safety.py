@@ -2,7 +2,7 @@
 
 - Every wrapper checks what it hands to C; the calls of ``_boundary_cases.py`` run in a child process, because
   before these checks some of them aborted the interpreter.
-- :class:`hydra_kit.nn.native.CachedParameters` notices a replaced Parameter or submodule, so the kernel reads the
+- :class:`hydra_kit.ops.packed.PackedWeights` notices a replaced Parameter or submodule, so the kernel reads the
   weights the module has now, never stale or freed ones.
 - Libraries are built in a directory private to the user, keyed by the CPU, under a lock shared between processes.
 """
@@ -28,10 +28,9 @@ import pytest
 import torch
 from torch import nn
 
-from hydra_kit.components.kernels import moe_step, router_step, ssm_step, workspace_step
 from hydra_kit.components.moe import MixtureOfExperts
 from hydra_kit.components.ssm import SelectiveSSM
-from hydra_kit.nn import Linear, native
+from hydra_kit.ops import Linear, moe_step, native, router_step, ssm_step, workspace_step
 from hydra_kit.protocol import ComponentContext
 
 from ._boundary_cases import CASES
@@ -82,16 +81,17 @@ def test_a_call_the_kernel_cannot_take_raises_or_runs_pytorch(case: str, boundar
 
 def test_the_issue_repro_raises_in_process(kernel_calls: Calls) -> None:
     """``linear(randn(3, 16), randn(4, 8))`` under no_grad: PyTorch's error, not C reading past the weight."""
-    from hydra_kit.nn import decode_linear, layers, linear
+    from hydra_kit.ops import linear, norm
+    from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 
-    calls = kernel_calls(decode_linear.LIBRARY, layers._NORM_LIBRARY)
+    calls = kernel_calls(LINEAR_LIBRARY, norm.LIBRARY)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(3x16 and 8x4\)"):
             linear(torch.randn(3, 16), torch.randn(4, 8))
         with pytest.raises(RuntimeError, match="normalized_shape"):
-            layers.rms_norm(torch.randn(3, 16), torch.randn(8), 1e-6)
+            norm.rms_norm(torch.randn(3, 16), torch.randn(8), 1e-6)
         linear(torch.randn(3, 16), torch.randn(4, 16))  # while fitting shapes do go to C
-        layers.rms_norm(torch.randn(3, 16), torch.randn(16), 1e-6)
+        norm.rms_norm(torch.randn(3, 16), torch.randn(16), 1e-6)
     assert calls == Counter({"hk_linear": 1, "hk_rms_norm": 1})
 
 
@@ -228,8 +228,8 @@ def test_moe_router_and_workspace_kernels_follow_replaced_weights(kernel_calls: 
 
 def test_block_decoding_follows_a_replaced_norm_weight_and_layerscale(kernel_calls: Calls) -> None:
     from hydra_kit.bench import build_model
-    from hydra_kit.nn import layers
-    from hydra_kit.nn.decode_residual import LIBRARY as RESIDUAL
+    from hydra_kit.ops import norm
+    from hydra_kit.ops.residual import LIBRARY as RESIDUAL
 
     model = _perturbed(build_model(str(REPO / "recipes/tiny.yaml")), 32)
     ids = torch.randint(0, model.hparams["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(33))
@@ -243,7 +243,7 @@ def test_block_decoding_follows_a_replaced_norm_weight_and_layerscale(kernel_cal
                 state = out.state
         return torch.cat(steps, 1)
 
-    calls = kernel_calls(layers._NORM_LIBRARY, RESIDUAL)
+    calls = kernel_calls(norm.LIBRARY, RESIDUAL)
     before = decode()
     block = model.blocks[0]
     block.norm.weight = _like(block.norm.weight, 34)
@@ -426,7 +426,7 @@ CHILD = textwrap.dedent(
     """
     import ctypes, sys, time
     from pathlib import Path
-    from hydra_kit.nn import native
+    from hydra_kit.ops import native
 
     cache, source, compiler, ready, me = sys.argv[1:]
     native.set_cache_dir(cache)

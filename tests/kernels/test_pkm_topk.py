@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from hydra_kit.components.kernels.pkm_topk import pkm_topk_triton, triton_unavailable_reason
-from hydra_kit.components.pkm import ProductKeyMemory, candidate_pairs, product_topk
+from hydra_kit.components.pkm import ProductKeyMemory
+from hydra_kit.ops.pkm_topk import candidate_pairs, pkm_topk_triton, product_topk, triton_unavailable_reason
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'hydra-kit[kernels]')")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from hydra_kit.nn import RMSNorm
+from hydra_kit.ops import RMSNorm
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 from torch import Tensor, nn
 

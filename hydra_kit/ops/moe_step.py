@@ -3,8 +3,9 @@
 The single-sequence path of :meth:`hydra_kit.components.moe.MixtureOfExperts.step` in PyTorch is the router
 product, softmax, top-k, a host sync to pick the experts, and per expert two products and three element-wise ops:
 about 15 ops of 5-10 us fixed cost each, for about 40 us of weights to read. The kernel does all of it in one call;
-the PyTorch path is the reference it is tested against (``tests/components/test_moe.py``). Built on first use by
-:mod:`hydra_kit.nn.native`.
+:func:`moe_step_reference` is the same in PyTorch ops, the reference it is tested against (as is the component's
+own step). Built on first use by
+:mod:`hydra_kit.ops.native`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "MAX_TOP_K", "MoEStepWeights", "moe_step_cpu", "pack_moe_step_weights"]
+__all__ = ["LIBRARY", "MAX_TOP_K", "MoEStepWeights", "moe_step_cpu", "moe_step_reference", "pack_moe_step_weights"]
 
 MAX_TOP_K = 64  # the kernel keeps the picks' weights on its stack
 
@@ -35,7 +37,7 @@ class MoEStepWeights:
 
     Attributes:
         router_weight: (E, D); gate_up: E weights (2F, D) (gate rows first, then up rows, as
-            :class:`hydra_kit.nn.SwiGLU` stores them); down: E weights (D, F). Detached: they hold the storage the
+            :class:`hydra_kit.ops.SwiGLU` stores them); down: E weights (D, F). Detached: they hold the storage the
             addresses point into, and the shapes the dimensions were read from.
         gate_up_addresses, down_addresses: the experts' data pointers.
         n_experts, d_model, hidden: E, D, F.
@@ -62,12 +64,12 @@ class MoEStepWeights:
             )
         (n_experts, d_model), hidden = router.shape, down[0].shape[1]
         for e in range(n_experts):
-            native.expect_shape("moe_step", f"gate_up[{e}]", gate_up[e], (2 * hidden, d_model))
-            native.expect_shape("moe_step", f"down[{e}]", down[e], (d_model, hidden))
+            dispatch.expect_shape("moe_step", f"gate_up[{e}]", gate_up[e], (2 * hidden, d_model))
+            dispatch.expect_shape("moe_step", f"down[{e}]", down[e], (d_model, hidden))
         fields = {
             "router_weight": router, "gate_up": gate_up, "down": down, "gate_up_addresses": native.addresses(gate_up),
             "down_addresses": native.addresses(down), "n_experts": n_experts, "d_model": d_model, "hidden": hidden,
-            "suits": native.suits(router, *gate_up, *down),
+            "suits": dispatch.suits(router, *gate_up, *down),
         }  # fmt: skip
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -92,17 +94,15 @@ def moe_step_cpu(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tens
         take the tensors (not contiguous float32 on the CPU, autograd on, more than one sequence, top_k above
         ``MAX_TOP_K``); a token of another width, or a top_k outside 1..E, raises a ValueError.
     """
-    if not weights.suits or not native.usable(x_t):
+    library = dispatch.kernel(LIBRARY, x_t, weights_suit=weights.suits)
+    if library is None:
         return None
     if x_t.dim() != 2 or x_t.shape[1] != weights.d_model or not 0 < top_k <= weights.n_experts:
         raise ValueError(
             f"moe_step: token {tuple(x_t.shape)} and top_k {top_k} for {weights.n_experts} experts of width "
             f"{weights.d_model}: expected (1, {weights.d_model}) and 1 <= top_k <= {weights.n_experts}"
         )
-    if x_t.shape[0] != 1 or top_k > MAX_TOP_K:
-        return None
-    library = LIBRARY.load()
-    if library is None:
+    if x_t.shape[0] != 1 or top_k > MAX_TOP_K:  # the kernel decodes one sequence; a batch takes the sorted dispatch
         return None
     n_experts, d_model, hidden = weights.n_experts, weights.d_model, weights.hidden
     y = x_t.new_empty(1, d_model)
@@ -113,3 +113,14 @@ def moe_step_cpu(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tens
         chosen.data_ptr(), scratch.data_ptr(), n_experts, d_model, hidden, top_k,
     )  # fmt: skip
     return y, chosen
+
+
+def moe_step_reference(x_t: Tensor, weights: MoEStepWeights, top_k: int) -> tuple[Tensor, Tensor]:
+    """:func:`moe_step_cpu` in PyTorch ops: the update (1, D) of one token x_t (1, D) and its experts (k,) long."""
+    top_p, chosen = F.linear(x_t, weights.router_weight)[0].float().softmax(-1).topk(top_k)  # (k,) most probable first
+    weight = (top_p / top_p.sum()).to(x_t.dtype)
+    update = x_t.new_zeros(x_t.shape)
+    for j, e in enumerate(chosen.tolist()):
+        gate, up = F.linear(x_t, weights.gate_up[e]).chunk(2, dim=-1)  # (1, F) each
+        update = update + F.linear(F.silu(gate) * up * weight[j], weights.down[e])
+    return update, chosen

@@ -10,7 +10,7 @@
  *   out:    W_out g.
  * The new conv window and SSM state go to fresh buffers: the state passed in is left as it was. One parallel
  * region per sequence: the threads split the rows of each projection (each streams its block of the weight
- * once, as in hydra_kit/nn/decode_linear.c), the channels of the conv and the heads of the state update. */
+ * once, as in hydra_kit/ops/linear.c), the channels of the conv and the heads of the state update. */
 
 #include <math.h>
 #include <stddef.h>

@@ -2,8 +2,8 @@
 
 :meth:`hydra_kit.components.ssm.SelectiveSSM.step` in PyTorch is about 30 small ops per token (the causal conv at
 one position, dt, the decay, the state update, the read-out, the gated norm), each costing 5-10 us of fixed
-overhead on our CPUs, plus the two projections; this kernel does them in one pass. The PyTorch step is the reference it is tested against
-(``tests/components/test_ssm.py``). Built on first use by :mod:`hydra_kit.nn.native`.
+overhead on our CPUs, plus the two projections; this kernel does them in one pass. :func:`ssm_step_reference` is
+the same step in PyTorch ops, the reference it is tested against (as is the component's own step). Built on first use by :mod:`hydra_kit.ops.native`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "SSMStepWeights", "pack_ssm_step_weights", "ssm_step_cpu"]
+__all__ = ["LIBRARY", "SSMStepWeights", "pack_ssm_step_weights", "ssm_step_cpu", "ssm_step_reference"]
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": [_p, _p, _p, _f] + [_p] * 6 + [_l]})
+_ARGUMENTS: list[type] = [_p, _p, _p, _f, *[_p] * 6, _l]  # token, weights, dims, eps; states, outputs, scratch; batch
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("ssm_step.c"), {"hk_ssm_step": _ARGUMENTS})
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,12 @@ class SSMStepWeights:
             (heads,), (heads,), (heads,), (d_inner,),
         )  # fmt: skip
         for name, t, shape in zip(names, tensors, shapes, strict=True):
-            native.expect_shape("ssm_step", name, t, shape)
+            dispatch.expect_shape("ssm_step", name, t, shape)
         dims = (d_inner, conv_dim, heads, headdim, d_state, groups, d_conv, groups, d_model)
         object.__setattr__(self, "tensors", tensors)
         object.__setattr__(self, "addresses", native.addresses(tensors))
         object.__setattr__(self, "dims", (ctypes.c_long * len(dims))(*dims))
-        object.__setattr__(self, "suits", native.suits(*tensors))
+        object.__setattr__(self, "suits", dispatch.suits(*tensors))
         object.__setattr__(self, "d_model", d_model)
         object.__setattr__(self, "conv_state_shape", (d_conv - 1, conv_dim))
         object.__setattr__(self, "ssm_state_shape", (heads, headdim, d_state))
@@ -111,7 +113,8 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
         None when the kernel cannot take the tensors (not contiguous float32 on the CPU, autograd on); a token or
         state whose shape does not fit the weights raises a ValueError.
     """
-    if not weights.suits or not native.usable(u, conv_state, ssm_state):
+    library = dispatch.kernel(LIBRARY, u, conv_state, ssm_state, weights_suit=weights.suits)
+    if library is None:
         return None
     batch = u.shape[0] if u.dim() == 2 else -1
     if (
@@ -122,9 +125,6 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
             f"ssm_step: token {tuple(u.shape)}, conv state {tuple(conv_state.shape)} and SSM state {tuple(ssm_state.shape)} "
             f"do not fit the weights: expected (B, {weights.d_model}), (B, *{weights.conv_state_shape}), (B, *{weights.ssm_state_shape})"
         )
-    library = LIBRARY.load()
-    if library is None:
-        return None
     heads, headdim, _ = weights.ssm_state_shape
     conv_dim, d_inner = weights.conv_state_shape[1], heads * headdim
     out = u.new_empty(batch, weights.d_model)
@@ -135,3 +135,25 @@ def ssm_step_cpu(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMS
         conv_out.data_ptr(), ssm_out.data_ptr(), scratch.data_ptr(), batch,
     )  # fmt: skip
     return out, conv_out, ssm_out
+
+
+def ssm_step_reference(u: Tensor, conv_state: Tensor, ssm_state: Tensor, weights: SSMStepWeights, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`ssm_step_cpu` in PyTorch ops (any device and dtype): the update (B, D) and the new conv and SSM states."""
+    in_weight, out_weight, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight = weights.tensors
+    heads, headdim, d_state = weights.ssm_state_shape
+    groups, conv_dim, d_inner, batch = weights.groups, weights.conv_state_shape[1], heads * headdim, u.shape[0]
+    z, xbc, dt = F.linear(u, in_weight).split([d_inner, conv_dim, heads], dim=-1)
+    window = torch.cat([conv_state, xbc[:, None]], dim=1)  # (B, d_conv, conv_dim)
+    xbc = F.silu((window * conv_weight[:, 0].t()).sum(1) + conv_bias)  # the causal conv at the last position
+    xs, B, C = xbc.split([d_inner, groups * d_state, groups * d_state], dim=-1)
+    dt = F.softplus(dt + dt_bias)  # (B, H)
+    decay = torch.exp(dt * -a_log.exp())  # (B, H)
+    per_group = heads // groups
+    x_h = xs.view(batch, groups, per_group, headdim, 1)
+    ssm = ssm_state.view(batch, groups, per_group, headdim, d_state) * decay.view(batch, groups, per_group, 1, 1)
+    ssm = ssm + x_h * dt.view(batch, groups, per_group, 1, 1) * B.view(batch, groups, 1, 1, d_state)  # + dt x B^T
+    y = (ssm @ C.view(batch, groups, 1, d_state, 1)).view(batch, heads, headdim)  # C s
+    y = (y + x_h.view(batch, heads, headdim) * d_skip[:, None]).flatten(1)  # + D x: (B, d_inner)
+    gated = (y * F.silu(z)).unflatten(-1, (groups, d_inner // groups))  # the gated RMSNorm, one per group
+    normed = F.rms_norm(gated, (d_inner // groups,), eps=eps).flatten(-2) * norm_weight
+    return F.linear(normed, out_weight), window[:, 1:].clone(), ssm.reshape(ssm_state.shape)

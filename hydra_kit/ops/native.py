@@ -1,16 +1,15 @@
-"""C kernels for one-token decoding on CPU, compiled on first use with the machine's C compiler.
+"""The optional C tier of the ops: C sources compiled on first use with the machine's C compiler, and loaded.
 
-Decoding one token is a chain of matrix-vector products and small element-wise steps. On our 2-core CPUs two
-costs dominate it, and neither is arithmetic:
+Decoding one token is a chain of matrix-vector products and small element-wise steps. On small CPUs two costs
+dominate it, and neither is arithmetic: streaming the weights (PyTorch's matrix-vector product reads a weight
+several times slower than a plain two-thread OpenMP dot-product loop; ``docs/benchmarks.md`` has the numbers), and
+the fixed cost of each eager PyTorch op, times the 20-30 small ops of a recurrent step. The kernels of
+:mod:`hydra_kit.ops` do a whole step in one call. Each op keeps its PyTorch path, the reference the tests hold the
+kernel to; whether a call takes the kernel is decided in one place, :mod:`hydra_kit.ops.dispatch`.
 
-* streaming the weights: PyTorch's matrix-vector product (MKL) reads an ``(out, in)`` weight at 9-10 GB/s, a
-  plain two-thread OpenMP dot-product loop at 34-42 GB/s (measured 2026-12-01, 22 matrices of 2192 x 512, more
-  than the cache holds);
-* the fixed cost of each eager PyTorch op, 5-10 us here, times the 20-30 small ops of a recurrent step.
-
-The kernels here (and those of the components that ship one) do a whole step in one call. Each has a PyTorch
-path that computes the same thing and is the reference the tests hold it to; the kernels are used only on
-contiguous float32 CPU tensors with autograd off, and everything else takes the PyTorch path.
+The C tier is optional. Without a C compiler (or on a system that is not POSIX) every kernel is off, one warning
+says why (logged once per distinct reason, not once per op), and every op runs its PyTorch path;
+:meth:`NativeLibrary.unavailable_reason` says why a given library cannot be used.
 
 A source file is compiled once per machine (``cc -O3 -march=native -fopenmp``; about a second) into a cache
 directory private to the user (``~/.cache/hydra-kit/kernels`` unless :func:`set_cache_dir` names another): it is
@@ -22,8 +21,7 @@ keyed by a hash of its source, the flags, the compiler and the CPU (what ``-marc
 cache shared between machines never hands one CPU's code to another. Processes building the same library take
 turns under a lock file in that directory; each writes under a temporary name and renames, so none ever loads a
 half-written library. The OpenMP runtime is the one PyTorch already loaded (the same ``libgomp.so.1``), so the
-kernels share its threads and its thread count. Without a C compiler, or when a build fails, :func:`unavailable_reason`
-says why and the PyTorch paths run.
+kernels share its threads and its thread count.
 
 Every wrapper checks the tensors it hands to C (shapes, dtype, contiguity, device) against each other: a call
 the kernel cannot take runs the PyTorch path, and arguments that do not fit together raise, as PyTorch would,
@@ -33,7 +31,6 @@ before C reads a byte.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -44,26 +41,21 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
-    "CachedParameters",
     "NativeLibrary",
     "addresses",
     "cache_dir",
     "enabled",
-    "expect_shape",
     "native_kernels",
+    "ptr",
     "set_cache_dir",
     "set_enabled",
-    "suits",
-    "usable",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,22 +65,24 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-share
 
 _enabled = True
 _cache_dir: Path | None = None  # None: default_cache_dir()
+_warned: set[str] = set()  # reasons already logged: a missing compiler is one warning, not one per library
+_warn_lock = threading.Lock()
 
 
 def set_enabled(flag: bool) -> None:
-    """Switch the C decoding kernels on or off for this process (on by default; off runs the PyTorch paths)."""
+    """Switch the C kernels on or off for this process (on by default; off runs the PyTorch paths)."""
     global _enabled
     _enabled = bool(flag)
 
 
 def enabled() -> bool:
-    """Whether the C decoding kernels may be used (they still need a compiler and suitable tensors)."""
+    """Whether the C kernels may be used (they still need a compiler and suitable tensors: :mod:`.dispatch`)."""
     return _enabled
 
 
 @contextmanager
 def native_kernels(flag: bool) -> Iterator[None]:
-    """Run a block with the C decoding kernels switched on or off, then restore the previous setting."""
+    """Run a block with the C kernels switched on or off, then restore the previous setting."""
     previous = _enabled
     set_enabled(flag)
     try:
@@ -97,30 +91,18 @@ def native_kernels(flag: bool) -> Iterator[None]:
         set_enabled(previous)
 
 
-def suits(*tensors: Tensor) -> bool:
-    """Whether every tensor is contiguous float32 on the CPU: the only layout a kernel reads."""
-    for t in tensors:  # a plain loop: this check runs on every decoding step, for every tensor a kernel reads
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
-            return False
-    return True
-
-
-def usable(*tensors: Tensor) -> bool:
-    """Whether a kernel may take these tensors: kernels on, autograd off, all contiguous float32 on the CPU.
-
-    Only the layout: each wrapper also checks that the shapes fit together before it calls C.
-    """
-    return _enabled and not torch.is_grad_enabled() and suits(*tensors)
-
-
-def expect_shape(op: str, name: str, t: Tensor, shape: Sequence[int]) -> None:
-    """Raise a ValueError naming the op, the argument and both shapes unless ``t`` has exactly ``shape``."""
-    if t.shape != tuple(shape):  # torch.Size is a tuple
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-
-
 def _compiler() -> str | None:
+    """The C compiler on PATH (cc, gcc or clang), or None; looked up at each build so a test can hide it."""
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _warn_once(reason: str) -> None:
+    """Log ``reason`` as a warning unless this process already logged the same words."""
+    with _warn_lock:
+        if reason in _warned:
+            return
+        _warned.add(reason)
+    log.warning("%s; the ops run their PyTorch paths", reason)
 
 
 def default_cache_dir() -> Path:
@@ -152,7 +134,7 @@ def _check_private(path: Path, what: str) -> None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise RuntimeError(
             f"{what} {path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); refusing to use it "
-            "(chmod 700 it, or choose another directory with hydra_kit.nn.native.set_cache_dir)"
+            "(chmod 700 it, or choose another directory with hydra_kit.ops.native.set_cache_dir)"
         )
 
 
@@ -176,13 +158,13 @@ def _check_ancestors(path: Path, what: str) -> None:
         if info.st_uid not in (0, uid):
             raise RuntimeError(
                 f"{what} {path}: the directory above it, {directory}, belongs to uid {info.st_uid}, not to this user "
-                f"(uid {uid}) or root; refusing to use it (choose another directory with hydra_kit.nn.native.set_cache_dir)"
+                f"(uid {uid}) or root; refusing to use it (choose another directory with hydra_kit.ops.native.set_cache_dir)"
             )
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
             raise RuntimeError(
                 f"{what} {path}: the directory above it, {directory}, is writable by group or others and not sticky "
                 f"(mode {stat.S_IMODE(info.st_mode):o}), so others could replace the cache; refusing to use it "
-                "(chmod go-w it, or choose another directory with hydra_kit.nn.native.set_cache_dir)"
+                "(chmod go-w it, or choose another directory with hydra_kit.ops.native.set_cache_dir)"
             )
 
 
@@ -291,15 +273,20 @@ class NativeLibrary:
             partial.unlink(missing_ok=True)
 
     def load(self) -> ctypes.CDLL | None:
-        """The loaded library, or None when it cannot be built here (see :meth:`unavailable_reason`)."""
+        """The loaded library, or None when it cannot be built here (see :meth:`unavailable_reason`).
+
+        The first call builds (or finds in the cache) and loads it; a failure is logged once per distinct reason,
+        so a machine without a compiler gets one warning for all the libraries.
+        """
         if not self._tried:
             with self._lock:
                 if not self._tried:
                     try:
                         self._library = self._build()
                     except (OSError, RuntimeError, AttributeError) as err:
-                        self._reason = f"the C decoding kernels of {self.source.name} are unavailable: {err}"
-                        log.warning("%s; decoding uses the PyTorch path", self._reason)
+                        self._reason = f"the C kernel of {self.source.name} is unavailable: {err}"
+                        # The environment's reasons (no compiler, a refused cache) read the same for every library.
+                        _warn_once(f"C kernels are unavailable: {err}")
                     self._tried = True
         return self._library
 
@@ -308,6 +295,12 @@ class NativeLibrary:
         if self.load() is None:
             return self._reason
         return None
+
+    def reset(self) -> None:
+        """Forget the outcome of the last load: the next use builds or loads again (after a compiler is installed,
+        or :func:`set_cache_dir` names another directory)."""
+        with self._lock:
+            self._library, self._reason, self._tried = None, None, False
 
 
 def ptr(t: Tensor | None) -> int | None:
@@ -318,94 +311,8 @@ def ptr(t: Tensor | None) -> int | None:
 def addresses(tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]:
     """A C array of the tensors' addresses (NULL for None), for a kernel that reads the same weights every step.
 
-    Built once and cached (:class:`CachedParameters`), it saves a ``data_ptr()`` and a ctypes conversion per
+    Built once and cached (:class:`hydra_kit.ops.packed.PackedWeights`), it saves a ``data_ptr()`` and a ctypes conversion per
     weight per call. It is valid while the tensors' storage lives: keep ``t.detach()`` of each beside it, which
     holds the storage (and the shape the kernel was told) even if a Parameter's ``.data`` is later replaced.
     """
     return (ctypes.c_void_p * len(tensors))(*(ptr(t) for t in tensors))
-
-
-def _tensors_in(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, list | tuple):
-        for item in obj:
-            yield from _tensors_in(item)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _tensors_in(getattr(obj, f.name))
-
-
-# Counts Parameters and submodules assigned anywhere since the first kernel cache was built (global hooks of
-# torch.nn, installed then): a cache built at an older count may hold objects that a module no longer has.
-_registrations = 0
-_watching = False
-
-
-def _registered(*_: Any) -> None:
-    global _registrations
-    _registrations += 1
-
-
-def _watch_registrations() -> None:
-    global _watching
-    if not _watching:
-        torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
-        torch.nn.modules.module.register_module_module_registration_hook(_registered)
-        _watching = True
-
-
-class CachedParameters(nn.Module):
-    """Mixin for a module whose decoding step hands the same parameters to a kernel on every token.
-
-    Reaching a parameter through the module tree costs about 1 us per attribute (``nn.Module.__getattr__``),
-    and checking that it suits a kernel about as much again: for a step that passes a dozen weights that is
-    more than the kernel's own fixed cost. :meth:`kernel_parameters` builds the tuple once, together with
-    whether every entry is contiguous float32 on the CPU, and keeps it until the parameters can have changed
-    identity or storage:
-
-    - a Parameter or submodule assigned anywhere (``m.out_proj.weight = nn.Parameter(...)``, ``m.out_proj =
-      Linear(...)``, ``load_state_dict(..., assign=True)``): a global count of such assignments, kept by
-      torch.nn's registration hooks, is part of the cache's key, so one comparison per step notices them;
-    - a device or dtype move (``_apply``) or a state-dict load;
-    - a copy (``copy.deepcopy``, pickling), which starts without the cache.
-
-    In-place changes (an optimizer step, ``load_state_dict`` without ``assign``) keep the storage, and the
-    kernels read the current values. Code that assigns ``param.data`` directly must call
-    :meth:`clear_kernel_parameters` (the cache holds detached views, so the kernel reads the old values, never
-    freed memory).
-    """
-
-    _kernel_parameters: tuple[tuple[Any, ...], bool] | None = None
-    _kernel_registrations = -1
-
-    def kernel_parameters(self, build: Callable[[], tuple[Any, ...]]) -> tuple[tuple[Any, ...], bool]:
-        """The cached ``build()`` and whether every tensor in it (in lists, tuples and dataclasses) suits the kernels."""
-        cached = self._kernel_parameters
-        if cached is None or self._kernel_registrations != _registrations:
-            _watch_registrations()
-            count = _registrations  # before build(): an assignment during it means a rebuild next time
-            params = build()
-            cached = (params, suits(*_tensors_in(params)))
-            self.__dict__["_kernel_parameters"] = cached
-            self.__dict__["_kernel_registrations"] = count
-        return cached
-
-    def clear_kernel_parameters(self) -> None:
-        self.__dict__["_kernel_parameters"] = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy or a pickle goes without the cache: its tensors and addresses are this module's, not the copy's
-        # (and ctypes arrays of addresses cannot be pickled).
-        state = dict(self.__dict__)
-        state.pop("_kernel_parameters", None)
-        state.pop("_kernel_registrations", None)
-        return state
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        self.clear_kernel_parameters()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.clear_kernel_parameters()
-        super()._load_from_state_dict(*args, **kwargs)

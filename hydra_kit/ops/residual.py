@@ -1,4 +1,7 @@
-"""The gated residual sum of a tri-path block for a decoding step, as one C call on CPU (``decode_residual.c``)."""
+"""The gated residual sum of a tri-path block for a decoding step, as one C call on CPU (``residual.c``).
+
+:func:`gated_residual_reference` is the same sum in PyTorch ops, the reference the kernel is tested against.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "ResidualPlan", "gated_residual"]
-
-MAX_ROWS = 8  # past a few tokens the PyTorch ops' fixed cost no longer matters
+__all__ = ["LIBRARY", "ResidualPlan", "gated_residual", "gated_residual_reference"]
 
 _l, _p = ctypes.c_long, ctypes.c_void_p
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("decode_residual.c"), {"hk_gated_residual": [_p, _p, _l, _l, _l, _p, _p, _l, _p, _p]})
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("residual.c"), {"hk_gated_residual": [_p, _p, _l, _l, _l, _p, _p, _l, _p, _p]})
 
 
 class ResidualPlan:
@@ -35,7 +36,7 @@ class ResidualPlan:
         self.columns = tuple(columns)
         self.scales = tuple(scales)
         self.gates_needed = 1 + max((c for c in columns if c is not None), default=-1)  # the gates' width must reach it
-        # Detached views hold the storages the addresses point into (see native.addresses).
+        # Detached views hold the storages the addresses point into (see hydra_kit.ops.native.addresses).
         held = tuple(s.detach() for s in scales)
         self.suits = all(s.dtype is torch.float32 and s.is_cpu and s.numel() == 1 for s in held)
         self._held = held
@@ -60,8 +61,8 @@ def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, p
         raise ValueError(f"gated_residual: gates of shape {tuple(gates.shape)} for a plan reading gate column {plan.gates_needed - 1}")
     batch = x.shape[0] if x.dim() == 2 else 0
     # C reads B x D floats of x and of every update, and B x G of the gates: other shapes take the PyTorch sum.
-    if plan.suits and 0 < batch <= MAX_ROWS and native.usable(x, *updates, *((gates,) if plan.gated else ())) and _fit(x, updates, gates, plan):
-        library = LIBRARY.load()
+    if plan.suits and _fit(x, updates, gates, plan):
+        library = dispatch.kernel(LIBRARY, x, *updates, *((gates,) if plan.gated and gates is not None else ()), rows=batch)
         if library is not None:
             y = torch.empty_like(x)
             library.hk_gated_residual(
@@ -70,6 +71,11 @@ def gated_residual(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, p
                 plan.column_array, plan.scale_addresses,
             )  # fmt: skip
             return y
+    return gated_residual_reference(x, updates, gates, plan)
+
+
+def gated_residual_reference(x: Tensor, updates: Sequence[Tensor], gates: Tensor | None, plan: ResidualPlan) -> Tensor:
+    """:func:`gated_residual` in PyTorch ops: any device, dtype and autograd."""
     y = x
     for update, column, scale in zip(updates, plan.columns, plan.scales, strict=True):
         if column is not None:

@@ -3,8 +3,9 @@
 Decoding one token through :class:`hydra_kit.components.pkm.ProductKeyMemory` in PyTorch is a query product, a
 LayerNorm, two sub-key score products, three ``topk`` calls, gathers, a softmax and an ``EmbeddingBag``: about 20
 ops of 5-10 us fixed cost for a few hundred kilobytes of reads. The kernel does the same selection and weighted
-sum; the PyTorch path is the reference (``tests/kernels/test_native_decode.py``). Built on first use by
-:mod:`hydra_kit.nn.native`.
+sum; :func:`pkm_read_reference` is the same read in PyTorch ops, the reference it is tested against (as is the
+component's own path). Built on first use by
+:mod:`hydra_kit.ops.native`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import ctypes
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
+from hydra_kit.ops.pkm_topk import product_topk
 
-__all__ = ["LIBRARY", "MAX_ROWS", "pkm_read_cpu"]
+__all__ = ["LIBRARY", "MAX_SELECT", "pkm_read_cpu", "pkm_read_reference"]
 
-MAX_ROWS = 8  # tokens per call; more go through the batched PyTorch path
 MAX_SELECT = 4096  # as in pkm_step.c: longest list a selection runs over
 
 _f, _l, _p = ctypes.c_float, ctypes.c_long, ctypes.c_void_p
@@ -44,7 +46,7 @@ def pkm_read_cpu(
     cannot take these tensors.
 
     Args:
-        x: (..., D), at most ``MAX_ROWS`` tokens.
+        x: (..., D), at most ``dispatch.MAX_ROWS`` tokens.
         query_weight: (H * dk, D); gain, bias: (H, dk); sub_keys: (H, 2, n_keys, dk / 2); values: (n_keys^2, dv).
         rows, cols: (P,) long candidate pairs (``candidate_pairs``), each in [0, top_k).
         top_k: slots read per head, 1 to min(n_keys, P).
@@ -52,20 +54,18 @@ def pkm_read_cpu(
 
     Returns:
         None when the kernel cannot take the tensors (not contiguous float32 on the CPU, or long pairs, autograd on,
-        more than ``MAX_ROWS`` tokens, lists longer than ``MAX_SELECT``); shapes that do not fit together, a top_k
+        more than ``dispatch.MAX_ROWS`` tokens, lists longer than ``MAX_SELECT``); shapes that do not fit together, a top_k
         out of range or a pair outside the k-lists raise a ValueError.
     """
-    tensors = (x, query_weight, gain, bias, sub_keys, values)
-    if not native.usable(*tensors) or not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() for t in (rows, cols)):
+    tokens = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    library = dispatch.kernel(LIBRARY, x, query_weight, gain, bias, sub_keys, values, rows=tokens)
+    if library is None or not all(t.dtype is torch.long and t.is_cpu and t.is_contiguous() for t in (rows, cols)):
         return None
     _check_shapes(x, query_weight, gain, bias, sub_keys, values, rows, cols, top_k)
     heads, _, n_keys, half = sub_keys.shape
     d_model, d_value = x.shape[-1], values.shape[1]
-    tokens, n_candidates = x.numel() // d_model, rows.shape[0]
-    if not 0 < tokens <= MAX_ROWS or max(n_keys, n_candidates) > MAX_SELECT:
-        return None
-    library = LIBRARY.load()
-    if library is None:
+    n_candidates = rows.shape[0]
+    if max(n_keys, n_candidates) > MAX_SELECT:
         return None
     d_key = 2 * half
     out = x.new_empty(*x.shape[:-1], d_value)
@@ -92,11 +92,26 @@ def _check_shapes(
         )
     heads, _, n_keys, half = sub_keys.shape
     d_model, d_key = x.shape[-1], 2 * half
-    native.expect_shape("pkm_read", f"query_weight (for x {tuple(x.shape)})", query_weight, (heads * d_key, d_model))
-    native.expect_shape("pkm_read", "gain", gain, (heads, d_key))
-    native.expect_shape("pkm_read", "bias", bias, (heads, d_key))
-    native.expect_shape("pkm_read", "values", values, (n_keys * n_keys, values.shape[1]))
+    dispatch.expect_shape("pkm_read", f"query_weight (for x {tuple(x.shape)})", query_weight, (heads * d_key, d_model))
+    dispatch.expect_shape("pkm_read", "gain", gain, (heads, d_key))
+    dispatch.expect_shape("pkm_read", "bias", bias, (heads, d_key))
+    dispatch.expect_shape("pkm_read", "values", values, (n_keys * n_keys, values.shape[1]))
     if rows.dim() != 1 or rows.shape != cols.shape:
         raise ValueError(f"pkm_read: candidate rows {tuple(rows.shape)} and cols {tuple(cols.shape)}: expected two (P,)")
     if not 0 < top_k <= min(n_keys, rows.shape[0]):
         raise ValueError(f"pkm_read: top_k {top_k} for {n_keys} sub-keys and {rows.shape[0]} candidate pairs")
+
+
+def pkm_read_reference(
+    x: Tensor, query_weight: Tensor, gain: Tensor, bias: Tensor, sub_keys: Tensor, values: Tensor, rows: Tensor,
+    cols: Tensor, top_k: int, eps: float = 1e-5,
+) -> Tensor:  # fmt: skip
+    """:func:`pkm_read_cpu` in PyTorch ops (any device, dtype, number of tokens): the read (..., d_value) of x (..., D)."""
+    heads, _, _, half = sub_keys.shape
+    q = F.linear(x, query_weight).unflatten(-1, (heads, 2 * half))  # (..., H, dk)
+    q = F.layer_norm(q, (2 * half,), eps=eps) * gain + bias
+    q1, q2 = q.chunk(2, dim=-1)  # (..., H, dk / 2) each
+    scores1 = torch.einsum("...hd,hnd->...hn", q1, sub_keys[:, 0])  # (..., H, n_keys)
+    scores2 = torch.einsum("...hd,hnd->...hn", q2, sub_keys[:, 1])
+    scores, slots = product_topk(scores1, scores2, top_k, rows, cols)  # (..., H, k)
+    return (values[slots] * scores.softmax(-1)[..., None]).sum((-3, -2))  # the heads' reads, summed

@@ -74,7 +74,7 @@ def _pkm_topk_fwd_kernel(
     tl.debug_barrier()  # stage 2 reads what other threads of this program wrote
 
     # Stage 2: only the pairs (a, b) with (a + 1)(b + 1) <= k of the two sorted lists can enter the product top-k
-    # (see hydra_kit.components.pkm.candidate_pairs): score those, and take their k best the same way.
+    # (see hydra_kit.ops.pkm_topk.candidate_pairs): score those, and take their k best the same way.
     p = tl.arange(0, BLOCK_P)
     p_ok = p < N_CAND
     ra = tl.load(rows_ptr + p, mask=p_ok, other=0)

@@ -1,4 +1,4 @@
-/* y = x W^T + b for a few rows x: the matrix-vector products of one-token decoding (hydra_kit/nn/decode_linear.py).
+/* y = x W^T + b for a few rows x: the matrix-vector products of one-token decoding (hydra_kit/ops/linear.py).
  *
  * W is an nn.Linear weight, (out, in) row-major. The threads split the output features, so each streams one
  * contiguous block of W exactly once; every row of x (a few KB) stays in L1 while a row of W is read. */

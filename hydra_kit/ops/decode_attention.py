@@ -1,11 +1,10 @@
-"""One query per sequence and head against sets of cached keys: the attention of a decoding step, in C on CPU.
+"""The attention of a decoding step: one query per sequence and head against sets of cached keys, in C on CPU.
 
 Dense attention decoding one token reads its whole key/value cache; sparse global attention reads its window, the
 new token and its globals. ``decode_attention.c`` streams each set's keys once and values once (scores, a
 vectorised softmax, the weighted sum), with no copy of the cache into one tensor and no per-set launch; its threads
-split a head-major cache (dense attention's) by heads and a key-major one (SGA's) by tiles of keys. On our CPUs
-PyTorch's ``scaled_dot_product_attention`` with a single query reads a 16K-token cache at 15-20 GB/s and
-matmul-softmax-matmul at 18-25 GB/s (noisy); see ``docs/benchmarks.md``. Both models use this same kernel when
+split a head-major cache (dense attention's) by heads and a key-major one (SGA's) by tiles of keys, and read it
+faster than PyTorch's single-query ``scaled_dot_product_attention`` (``docs/benchmarks.md``). Both models use this same kernel when
 it can run, so the comparison stays like for like; otherwise :func:`decode_attention` computes the same in
 PyTorch (:func:`decode_attention_reference`, the reference the tests hold the kernel to).
 """
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
 __all__ = ["LIBRARY", "decode_attention", "decode_attention_reference"]
 
@@ -62,7 +61,7 @@ def decode_attention(q: Tensor, sets: Sequence[KeySet], scale: float) -> Tensor:
     if not sets:
         raise ValueError(f"decode_attention: no key sets for the query of shape {tuple(q.shape)}")
     q = q.contiguous()  # a view of a fused q/k/v tensor when a batch decodes
-    library = LIBRARY.load() if q.dim() == 3 and native.usable(q) else None
+    library = dispatch.kernel(LIBRARY, q) if q.dim() == 3 else None
     fields: list[int] = []  # per set, as decode_attention.c reads it (SET_FIELDS): addresses, length, strides, mask
     head_major = True
     for keys, values, mask in sets:

@@ -1,6 +1,6 @@
-"""The mamba-ssm package's fused Mamba-2 SSD scan behind the signature of our chunked scan (HYDRA.md 3.3).
+"""The mamba-ssm package's fused Mamba-2 SSD scan behind the signature of our chunked scan (docs/design.md 3.3).
 
-:func:`mamba_ssd_scan` takes and returns exactly what :func:`hydra_kit.components.ssm.ssd_chunked_scan` does, so
+:func:`mamba_ssd_scan` takes and returns exactly what :func:`hydra_kit.ops.scan.ssd_chunked_scan` does, so
 the SSM component can pick either per call. It calls ``mamba_chunk_scan_combined`` from
 ``mamba_ssm.ops.triton.ssd_combined`` (Dao & Gu 2024, arXiv 2405.21060): Triton kernels for the chunk
 cumulative decay, the per-chunk states, the state passing across chunks and the output, forward and backward.
@@ -66,7 +66,7 @@ def mamba_ssd_scan(
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan by mamba-ssm: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t (no D skip).
 
-    Same contract as :func:`hydra_kit.components.ssm.ssd_chunked_scan`; differentiable in every tensor argument,
+    Same contract as :func:`hydra_kit.ops.scan.ssd_chunked_scan`; differentiable in every tensor argument,
     the initial state included.
 
     Args:

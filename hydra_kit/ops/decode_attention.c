@@ -12,7 +12,7 @@
  *   and globals): split-K, as in flash-decoding. A work item is a tile of keys of one set and one sequence, for
  *   every head, read one contiguous row per key; a second pass rescales the tiles' partial sums to the maximum
  *   over all tiles and divides by the total weight. Splitting such a cache by heads made each thread read
- *   256-byte pieces 2 KB apart, at 7 GB/s.
+ *   256-byte pieces 2 KB apart, far below the memory's speed (docs/benchmarks.md).
  *
  * A (sequence, head) that sees no key gets zeros rather than NaN. */
 

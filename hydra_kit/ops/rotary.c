@@ -2,7 +2,7 @@
  *
  * out[b] = (W x_b) for the rows of W_a followed by the rows of W_b (the caller's layout: rows of queries, then
  * keys, then values, each H heads of hd), and the first 2 * H * hd rows (queries and keys) rotated by RoPE at
- * absolute position pos: per head, pairs (i, i + hd/2) turn by pos * inv_freq[i] (hydra_kit/nn/rotary.py).
+ * absolute position pos: per head, pairs (i, i + hd/2) turn by pos * inv_freq[i] (hydra_kit/ops/rotary.py).
  * Given destinations, the keys and values are also written there (a slot of a key/value cache, in any layout
  * with contiguous heads), which saves the caller two indexing copies per step. */
 
@@ -29,7 +29,7 @@ void hk_qkv_rotary(const float *x,        /* (B, D) */
     /* One table for every head and sequence. The angle is rounded to float as in rotary.py; its cosine is taken
      * in double, because float cosf/sinf of arguments in the thousands (long contexts) take a slow exact-
      * reduction path, about 100x the cost of the double functions. */
-    float cos_t[512], sin_t[512]; /* decode_rotary.py sends head widths above 1024 to the PyTorch path */
+    float cos_t[512], sin_t[512]; /* rotary.py sends head widths above 1024 to the PyTorch path */
     for (long i = 0; i < half; i++) {
         const float angle = (float)pos * inv_freq[i];
         cos_t[i] = (float)cos((double)angle);

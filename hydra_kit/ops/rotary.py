@@ -1,9 +1,11 @@
-"""Rotary query/key/value projection of one token per sequence as one C call on CPU (``decode_rotary.c``).
+"""Rotary position embeddings (Su et al. 2021, arXiv 2104.09864), and the rotary q/k/v projection of a decoding step.
 
-An attention layer decoding one token projects it to queries, keys and values and rotates the first two: in
-PyTorch a product, views, a position tensor, the cos/sin table and two rotations of about six ops each. Dense
-attention (one qkv weight) and sparse global attention (separate q and kv weights) both use this kernel, so the
-two models' decoding steps carry the same fixed costs; the PyTorch ops stay the reference and the fallback.
+:class:`RotaryEmbedding` and :func:`apply_rotary` serve dense and sparse attention on any input. For one token
+per sequence, an attention layer projects it to queries, keys and values and rotates the first two: in PyTorch a
+product, views, a position tensor, the cos/sin table and two rotations of about six ops each. :func:`qkv_rotary`
+does it as one C call on CPU (``rotary.c``); dense attention (one qkv weight) and sparse global attention
+(separate q and kv weights) both use it, so the two models' decoding steps carry the same fixed costs.
+:func:`qkv_rotary_reference` is the same in PyTorch, the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -12,17 +14,60 @@ import ctypes
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from hydra_kit.nn import native
+from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "MAX_HALF_WIDTH", "qkv_rotary"]
+__all__ = ["LIBRARY", "MAX_HALF_WIDTH", "RotaryEmbedding", "apply_rotary", "qkv_rotary", "qkv_rotary_reference"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary embeddings, computed for the absolute positions asked for.
+
+    Args:
+        head_dim: per-head width (even).
+        base: frequency base.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # Not a checkpointed buffer: it is a pure function of head_dim and base.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Return cos and sin of shape (*positions.shape, head_dim // 2) for integer positions."""
+        angles = positions.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x (..., head_dim) by the angles behind cos/sin (..., head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def qkv_rotary_reference(x: Tensor, weight_a: Tensor, weight_b: Tensor | None, inv_freq: Tensor, heads: int, pos: int) -> Tensor:
+    """:func:`qkv_rotary` in PyTorch ops (any device, dtype and autograd): (B, 3, H, hd) from x (B, D) at ``pos``."""
+    weight = weight_a if weight_b is None else torch.cat([weight_a, weight_b])  # (3 H hd, D)
+    q, k, v = F.linear(x, weight).view(x.shape[0], 3, heads, 2 * inv_freq.shape[0]).unbind(1)  # (B, H, hd) each
+    angles = float(pos) * inv_freq  # (hd / 2,)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v], dim=1)
+
 
 MAX_HALF_WIDTH = 512  # the kernel's rotary table lives on its stack: head widths up to 1024
 
 _l, _p = ctypes.c_long, ctypes.c_void_p
 _ARGUMENTS: list[type] = [_p, _p, _p, _p, _p, _l, _l, _l, _l, _l, _l, _l, _p]  # x, weights, freqs, out; sizes; slots
-LIBRARY = native.NativeLibrary(Path(__file__).with_name("decode_rotary.c"), {"hk_qkv_rotary": _ARGUMENTS})
+LIBRARY = native.NativeLibrary(Path(__file__).with_name("rotary.c"), {"hk_qkv_rotary": _ARGUMENTS})
 
 
 def qkv_rotary(
@@ -45,7 +90,7 @@ def qkv_rotary(
     together raise a ValueError naming them (the PyTorch path would fail on them too).
     """
     weights = (weight_a,) if weight_b is None else (weight_a, weight_b)
-    if not native.usable(x, inv_freq, *weights) or inv_freq.numel() > MAX_HALF_WIDTH:
+    if inv_freq.numel() > MAX_HALF_WIDTH or not dispatch.usable(x, inv_freq, *weights):
         return None
     _check_shapes(x, weight_a, weight_b, inv_freq, heads, key_out, value_out)
     dst = None
@@ -57,7 +102,7 @@ def qkv_rotary(
         ):  # fmt: skip
             return None
         dst = (ctypes.c_int64 * 6)(key_out.data_ptr(), value_out.data_ptr(), stride[0], stride[1], stride[0], stride[1])
-    library = LIBRARY.load()
+    library = dispatch.kernel(LIBRARY, x, inv_freq, *weights)
     if library is None:
         return None
     batch, d_model = x.shape
@@ -90,4 +135,4 @@ def _check_shapes(
     expected = (x.shape[0], heads, 2 * inv_freq.shape[0])
     for name, t in (("key_out", key_out), ("value_out", value_out)):
         if t is not None:
-            native.expect_shape("qkv_rotary", name, t, expected)
+            dispatch.expect_shape("qkv_rotary", name, t, expected)

@@ -1,0 +1,30 @@
+"""The causal depthwise convolution of the selective SSM, channels last, in PyTorch (docs/design.md 3.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["causal_depthwise_conv"]
+
+
+def causal_depthwise_conv(padded: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Causal depthwise convolution as K shifted multiply-adds, channels last.
+
+    Same result as ``F.conv1d(..., groups=channels)`` on the transposed input, but its backward runs at memory
+    speed, where PyTorch's depthwise ``convolution_backward`` on CPU is many times slower (``docs/benchmarks.md``).
+
+    Args:
+        padded: (B, K - 1 + T, C) the previous K - 1 inputs followed by the T new ones.
+        weight: (C, K) taps; tap K - 1 multiplies the current token.
+        bias: (C,).
+
+    Returns:
+        (B, T, C).
+    """
+    taps = weight.shape[1]
+    length = padded.shape[1] - (taps - 1)
+    y = torch.addcmul(bias, padded[:, taps - 1 :], weight[:, taps - 1])
+    for k in range(taps - 1):
+        y = torch.addcmul(y, padded[:, k : k + length], weight[:, k])
+    return y
