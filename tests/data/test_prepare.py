@@ -217,3 +217,16 @@ def test_missing_tokenizers_package_names_the_extra(corpus, tmp_path, monkeypatc
     with pytest.raises(TokenizerError) as exc:
         prepare(corpus[0], tmp_path / "out", vocab_size=300)
     assert "pip install 'hydra-kit[text]'" in one_line(exc)
+
+
+def test_long_lines_and_runs_without_spaces_are_handed_on_in_bounded_pieces(tmp_path):
+    from hydra_kit.data.corpus import READ_BYTES
+
+    long_line = "word " * (READ_BYTES // 4)  # longer than one read: handed on before its newline arrives
+    (tmp_path / "c.txt").write_text(f"{long_line}\n   \nshort block\n")
+    units = list(split_units(iter_pieces([tmp_path / "c.txt"], "blank_lines"), chunk_chars=1 << 16))
+    assert "".join(t for t, _ in units) == f"{long_line}\nshort block\n"
+    assert [ends for _, ends in units].count(True) == 2 and max(len(t) for t, _ in units) <= 2 * READ_BYTES
+    nospace = "x" * 300_000
+    units = list(split_units(iter([(nospace, False), ("", True)]), chunk_chars=50_000))
+    assert "".join(t for t, _ in units) == nospace and len(units) == 2  # cut where it stands after 4 x chunk_chars

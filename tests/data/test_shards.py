@@ -186,3 +186,13 @@ def test_text_bpe_recipe_trains_from_prepared_shards_and_checkpoints_the_stream(
     assert small.returncode != 0
     err = " ".join(small.stderr.split())
     assert f"the shards use {meta['vocab_size']} token ids" in err and "model.vocab_size is 300" in err and "Traceback" not in err
+
+
+def test_a_pickled_dataset_maps_the_files_itself(byte_shards):
+    import pickle
+
+    windows = ShardDataModule(str(byte_shards), seq_len=16).train_windows(0)
+    first = windows[0]
+    assert windows._maps  # mapped on first use
+    copy = pickle.loads(pickle.dumps(windows))
+    assert not copy._maps and torch.equal(copy[0]["input_ids"], first["input_ids"])
