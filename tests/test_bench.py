@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from support import REPO
 
 from hydra_kit.bench_report import Record, check_targets
 from hydra_kit.cli import main as hydra_kit
@@ -43,6 +43,7 @@ def test_targets_are_read_from_the_records_of_the_run():
     assert not any("train" in name for name in checks)  # not measured, so not judged
 
 
+@pytest.mark.slow
 def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     transformer = {
         "model": {

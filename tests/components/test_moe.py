@@ -98,10 +98,12 @@ def check_experts_see_only_their_tokens(module: MixtureOfExperts, x: Tensor, kee
             raise AssertionError(f"expert {e} saw {rows.shape[0]} rows, expected its {expected.shape[0]} tokens")
 
 
+@pytest.mark.slow
 def test_conforms() -> None:
     check_component(MixtureOfExperts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [*VARIANTS[1:], {"top_k": 1, "n_experts": 3}, {"top_k": 4}])
 def test_conforms_variants(extra: dict) -> None:
     check_component(MixtureOfExperts, init_args={**SMALL, **extra})

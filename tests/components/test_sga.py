@@ -315,6 +315,7 @@ def memory_footprint(fn, seq_len: int) -> tuple[int, int, list[str]]:
     return max(math.prod(s) for _, s in rec.shapes), sum(math.prod(s) for _, s in rec.shapes), square
 
 
+@pytest.mark.slow
 def test_memory_is_linear_in_length() -> None:
     torch.manual_seed(0)
     w, cap, heads = 64, 128, 2

@@ -17,6 +17,7 @@ def make(**kwargs) -> WorkspaceMemory:
     return WorkspaceMemory(32, 0, **args).double().eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [WorkspaceMemory.example_init_args, {"n_slots": 3, "chunk_size": 5, "read_hops": 1, "d_slot": 24}, {"n_slots": 2, "chunk_size": 7, "read_hops": 3}])
 def test_conformance(args):
     check_component(WorkspaceMemory, init_args=args)
