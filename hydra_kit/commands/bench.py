@@ -33,6 +33,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
     parser.add_argument(
+        "--compile", action="store_true",
+        help="also time each recipe compiled (model.compile true) beside its eager self, inference and training: "
+        "NAME+compile rows and a compiled/eager column; the first call per length and mode compiles (slow, untimed)",
+    )  # fmt: skip
+    parser.add_argument(
         "--cpu-kernels", choices=["on", "off"], default="on",
         help="C decoding kernels (hydra_kit.ops.native) for every model; off: PyTorch ops only",
     )  # fmt: skip
