@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
-    """Measure tokens/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
+    """Measure tokens/s, achieved GFLOP/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
     parser = ArgumentParser(prog="hydra-kit bench", description=main.__doc__)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes to compare; ratios are first / second")
     parser.add_argument("--seq_lens", nargs="+", type=int, default=DEFAULT_LENGTHS)
