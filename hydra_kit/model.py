@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -94,6 +94,10 @@ class HydraLM(L.LightningModule):
         tie_embeddings: share the token embedding with the output head (docs/design.md 3.1, the default). ``False``
             gives the head its own (vocab_size, d_model) matrix; the small recipes untie it (why:
             docs/design-decisions.md).
+        compile: run full-sequence forwards (training, validation, prefill without a state) through
+            ``torch.compile`` of the network (Inductor on CPU). Off by default: the first call of each mode
+            compiles, which takes seconds to minutes. Generation, decoding and chunked forwards with a state
+            stay eager, since they run one token or one chunk at a time (docs/benchmarks.md, "torch.compile").
 
     Attributes:
         network: the :class:`~hydra_kit.network.HydraNetwork` being trained; its instance API (``disable``,
@@ -114,6 +118,7 @@ class HydraLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         init_std: float = 0.02,
         tie_embeddings: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,6 +132,8 @@ class HydraLM(L.LightningModule):
         # The per-block diagnostics of the last training step that was asked for them (request_diagnostics).
         self.last_diagnostics: list[dict[str, dict[str, Tensor]]] = []
         self.register_load_state_dict_pre_hook(_prefix_network_keys)
+        if not isinstance(compile, bool):
+            raise RecipeError(f"model.compile: expected true or false, got {compile!r}")
 
     # ------------------------------------------------- the network, delegated
     @property
@@ -175,8 +182,32 @@ class HydraLM(L.LightningModule):
     def forward(
         self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
     ) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`."""
+        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`.
+
+        With ``compile=True``, a full-sequence forward (no ``state``, no ``diagnostics``) runs compiled.
+        """
+        if self.hparams.get("compile") and state is None and not diagnostics:
+            return self.compiled_network()(input_ids, collect_aux=collect_aux)
         return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics)
+
+    def compiled_network(self) -> Callable[..., ModelOutput]:
+        """``torch.compile`` of :attr:`network`, built on first use and kept for this model object.
+
+        It wraps the same modules, so it shares the parameters and follows ``.to()``. It is not a registered
+        submodule (checkpoints hold only the network) and is dropped when the model is copied or pickled
+        (:meth:`__getstate__`): a copy compiles its own.
+        """
+        compiled: Callable[..., ModelOutput] | None = self.__dict__.get("_compiled_network")
+        if compiled is None:
+            compiled = torch.compile(self.network)
+            self.__dict__["_compiled_network"] = compiled  # bypasses nn.Module registration on purpose
+        return compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled wrapper holds code specialised to this object's network; a copy must not call into it.
+        state = super().__getstate__()
+        state.pop("_compiled_network", None)
+        return state
 
     def generate(
         self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
