@@ -162,6 +162,7 @@ class MixtureOfExperts(TriPathComponent):
         "chunk_size": 8,
         "capacity_window": 16,
     }
+    supports_resets: ClassVar[bool] = True  # token routing without a capacity; see resets_refusal
 
     def __init__(
         self,
@@ -223,6 +224,19 @@ class MixtureOfExperts(TriPathComponent):
     @property
     def stateful(self) -> bool:
         return not self.pointwise
+
+    def resets_refusal(self) -> str | None:
+        """Token routing without a capacity is pointwise, so documents cannot mix; the stateful modes would leak.
+
+        Chunk routing routes a chunk from the previous chunk's summary (the previous document's, after a
+        boundary), and a capacity window counts the previous document's assignments; neither restarts at a
+        document start, so both are refused rather than leak.
+        """
+        if self.routing == "chunk":
+            return "chunk routing routes a document's first chunk from the previous document's summary; use routing 'token'"
+        if self.capacity is not None:
+            return "a capacity window counts the previous document's assignments; use capacity_factor None (dropless)"
+        return None
 
     def active_parameters(self) -> int:
         return self.router.weight.numel() + self.top_k * sum(p.numel() for p in self.experts[0].parameters())

@@ -173,10 +173,16 @@ class HydraLM(L.LightningModule):
         return self.network.init_state(batch_size, device=device, dtype=dtype)
 
     def forward(
-        self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
+        self,
+        input_ids: Tensor,
+        state: list[dict[str, Any]] | None = None,
+        *,
+        collect_aux: bool = True,
+        diagnostics: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`."""
-        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics)
+        """Logits (B, L, V) for token ids (B, L), documents marked by ``segment_ids``; see :meth:`HydraNetwork.forward`."""
+        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics, segment_ids=segment_ids)
 
     def generate(
         self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
@@ -205,7 +211,8 @@ class HydraLM(L.LightningModule):
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         input_ids, targets = batch["input_ids"], batch["targets"]
         diagnostics = stage == "train" and self._diagnostics_requested
-        out = self(input_ids, diagnostics=diagnostics)
+        # Packed windows of several documents carry segment_ids: each document is then computed as if alone.
+        out = self(input_ids, diagnostics=diagnostics, segment_ids=batch.get("segment_ids"))
         if diagnostics:
             self._diagnostics_requested = False
             self.last_diagnostics = out.diagnostics
@@ -266,7 +273,7 @@ class HydraLM(L.LightningModule):
         self._shared_step(batch, "val")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["input_ids"]).logits.argmax(-1)
+        return self(batch["input_ids"], segment_ids=batch.get("segment_ids")).logits.argmax(-1)
 
     def setup(self, stage: str) -> None:
         """Check the data module against :class:`hydra_kit.data.TokenData` and this model, before any step runs.
