@@ -2,6 +2,9 @@
 
 Vaswani et al. 2017 (arXiv 1706.03762) with RoPE (Su et al. 2021, arXiv 2104.09864). Uses PyTorch's
 ``scaled_dot_product_attention``, whose CPU flash kernel never materialises the L x L score matrix.
+
+With document boundaries (``context.segment_ids``, docs/design.md 3.10) a query sees the keys of its own document
+only, through a (B, 1, L, L) mask: the one L x L tensor of the baseline, which is quadratic anyway.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ The scans, the convolution and the one-token step kernel are ops (:mod:`hydra_ki
 :mod:`hydra_kit.ops.conv`, :mod:`hydra_kit.ops.mamba_ssd`, :mod:`hydra_kit.ops.ssm_step`); this module is the
 layer around them. Both scans take an initial state and return the final one, so a sequence may be processed in
 pieces (and :meth:`SelectiveSSM.step` is the O(1) recurrent update).
+
+Document boundaries (``context.segment_ids``, docs/design.md 3.10): at every document start the scan drops its
+state and the convolution reads zeros for the tokens before it, so each document of a packed window gets exactly
+the outputs it gets alone.
 """
 
 from __future__ import annotations

@@ -258,7 +258,7 @@ class HydraNetwork(nn.Module):
         if segment_ids is not None:
             if state is not None:
                 raise ValueError("segment_ids mark documents from the start of a sequence; they cannot continue a state")
-            check_segment_ids(segment_ids, *input_ids.shape, "segment_ids")
+            check_segment_ids(segment_ids, input_ids.shape[0], input_ids.shape[1], "segment_ids")
             refusals = self.resets_refusals()
             if refusals:  # checked before any block runs: one line for the whole model
                 raise ValueError(f"this batch marks documents (segment_ids), but {refusals[0]}")

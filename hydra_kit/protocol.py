@@ -86,7 +86,8 @@ class ComponentContext:
             update and the state must not change. Components that ignore it keep working.
         segment_ids: (B, L) integer document ids of a packed window, or None (one document). Token t starts a
             new document when ``segment_ids[:, t] != segment_ids[:, t - 1]``; position 0 starts nothing. Only
-            given with ``state=None``, and only to components whose class sets ``supports_resets = True``.
+            given with ``state=None`` (whole training and validation windows, whose returned state nobody
+            continues), and only to components whose class sets ``supports_resets = True``.
     """
 
     global_score: Tensor | None = None

@@ -229,6 +229,7 @@ def test_whole_model_refuses_a_component_without_resets() -> None:
     assert len(network.resets_refusals()) == 6  # one per block holding it
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
 def test_training_and_validation_steps_pass_segment_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     model = HydraLM(vocab_size=16, d_model=D, n_blocks=1)
     seen: list[torch.Tensor | None] = []
