@@ -40,27 +40,22 @@ Arguments after the known options are LightningCLI overrides applied to every ru
 
 from __future__ import annotations
 
-import argparse
-import csv
-import json
-import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 from rich.console import Console
-from rich.table import Table
 
 from hydra_kit.callbacks import Ablation, KnockOut, Throughput
 from hydra_kit.checkpoint import load_model
-from hydra_kit.cli import check_recipes, load_recipe, merged_model_section, quiet_lightning
-from hydra_kit.lightning_cli import HydraCLI
+from hydra_kit.config.lightning import HydraCLI, model_config
+from hydra_kit.errors import RecipeError
 from hydra_kit.network import DEFAULT_COMPONENTS
-from hydra_kit.recipe import RecipeError, resolve_components
+from hydra_kit.recipe import resolve_components
 from hydra_kit.registry import default_registry
+from hydra_kit.reporting import fmt, mean_spread, write_csv, write_json
+from hydra_kit.reporting import print_table as report_table
 
 DEFAULT_RECIPE = "recipes/full.yaml"
 METRICS = ("val_loss", "val_acc", "tokens_per_s", "total_params", "active_params")
@@ -97,8 +92,12 @@ def parse_drops(values: list[str]) -> list[tuple[str, ...]]:
 
 
 def recipe_instances(recipe: str, overrides: list[str]) -> tuple[list[str], set[str]]:
-    """The component instances a recipe builds (in recipe order) and which of them are routers."""
-    section = merged_model_section([recipe], overrides)
+    """The component instances a recipe builds (in recipe order) and which of them are routers.
+
+    The recipe and the overrides are parsed and checked here (:func:`~hydra_kit.config.lightning.model_config`),
+    so a mistake is reported before any run starts.
+    """
+    section = model_config([recipe], overrides, prog="hydra-kit ablate")
     spec = dict(section.get("components") or DEFAULT_COMPONENTS)
     for name in section.get("dropped") or []:
         spec.pop(name, None)
@@ -119,7 +118,7 @@ class _RunCLI(HydraCLI):
 
     def __init__(self, args: list[str], *, run_dir: Path, label: str, dropped: list[str], seed: int | None) -> None:
         self._run_dir, self._label, self._dropped, self._seed = run_dir, label, dropped, seed
-        super().__init__(args=args, run=False)
+        super().__init__(args=args, run=False, prog="hydra-kit ablate")
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -270,15 +269,11 @@ def knockout_runs(
 
 
 # --------------------------------------------------------------------------------------------- summary
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per configuration: mean and std of every metric and of its paired delta against the full run."""
+    """One row per configuration: mean and spread of every metric and of its paired delta against the full run.
+
+    Means and spreads are :func:`hydra_kit.reporting.mean_spread`'s (a single seed has no spread: NaN).
+    """
     labels = list(dict.fromkeys(r.label for r in results))
     full = {r.seed: r for r in results if r.label == FULL}
     rows = []
@@ -286,122 +281,41 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
         runs = [r for r in results if r.label == label]
         row: dict[str, Any] = {"label": label, "dropped": runs[0].dropped, "n": len(runs)}
         for metric in METRICS:
-            row[metric], row[f"{metric}_std"] = _mean_std([getattr(r, metric) for r in runs])
+            row[metric], row[f"{metric}_std"] = mean_spread(getattr(r, metric) for r in runs)
             deltas: list[float | None] = []
             for r in runs:
                 base = full.get(r.seed)
                 a, b = getattr(r, metric), None if base is None else getattr(base, metric)
                 deltas.append(None if a is None or b is None else a - b)
-            row[f"delta_{metric}"], row[f"delta_{metric}_std"] = _mean_std(deltas)
+            row[f"delta_{metric}"], row[f"delta_{metric}_std"] = mean_spread(deltas)
         rows.append(row)
     return rows
 
 
-def _fmt(value: float | None, std: float | None, spec: str, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    text = format(value, ("+" if signed else "") + spec)
-    return text + (f" ± {format(std, spec)}" if std is not None else "")
-
-
 def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, console: Console) -> None:
-    table = Table(title=title)
+    """The ablation table: one row per configuration, mean ± spread of each metric and of its delta."""
     columns = ["run", "removed", "params", "active", "val loss", "Δ loss", "val acc", "Δ acc", f"{throughput_kind} tok/s", "Δ tok/s"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "removed") else "right")
-    for row in rows:
-        table.add_row(
+    cells = [
+        [
             row["label"],
             ", ".join(row["dropped"]) or "-",
-            _fmt(row["total_params"], None, ",.0f"),
-            _fmt(row["active_params"], None, ",.0f"),
-            _fmt(row["val_loss"], row["val_loss_std"], ".4f"),
-            _fmt(row["delta_val_loss"], row["delta_val_loss_std"], ".4f", signed=True),
-            _fmt(row["val_acc"], row["val_acc_std"], ".4f"),
-            _fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True),
-            _fmt(row["tokens_per_s"], row["tokens_per_s_std"], ",.0f"),
-            _fmt(row["delta_tokens_per_s"], row["delta_tokens_per_s_std"], ",.0f", signed=True),
-        )
-    console.print(table)
+            fmt(row["total_params"], None, ",.0f"),
+            fmt(row["active_params"], None, ",.0f"),
+            fmt(row["val_loss"], row["val_loss_std"], ".4f"),
+            fmt(row["delta_val_loss"], row["delta_val_loss_std"], ".4f", signed=True),
+            fmt(row["val_acc"], row["val_acc_std"], ".4f"),
+            fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True),
+            fmt(row["tokens_per_s"], row["tokens_per_s_std"], ",.0f"),
+            fmt(row["delta_tokens_per_s"], row["delta_tokens_per_s_std"], ",.0f", signed=True),
+        ]
+        for row in rows
+    ]
+    report_table(console, title, columns, cells, left=("run", "removed"))
 
 
 def write_outputs(rows: list[dict[str, Any]], results: list[RunResult], meta: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = out / "ablate.json", out / "ablate.csv"
-    json_path.write_text(json.dumps({**meta, "rows": rows, "runs": [asdict(r) for r in results]}, indent=2))
+    """``ablate.csv`` (one row per configuration) and ``ablate.json`` (``meta``, the rows and every run) in ``out``."""
+    json_path = write_json(out / "ablate.json", {**meta, "rows": rows, "runs": [asdict(r) for r in results]})
     fields = ["label", "dropped", "n"] + [f"{p}{m}{s}" for m in METRICS for p in ("", "delta_") for s in ("", "_std")]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: row[k] for k in fields}, "dropped": "+".join(row["dropped"])})
+    csv_path = write_csv(out / "ablate.csv", [{**row, "dropped": "+".join(row["dropped"])} for row in rows], fields)
     return [csv_path, json_path]
-
-
-# ------------------------------------------------------------------------------------------------ main
-def main(argv: list[str]) -> int:
-    """Paired runs with and without component instances (or knock-outs of one checkpoint), with a table of deltas."""
-    parser = argparse.ArgumentParser(
-        prog="hydra-kit ablate",
-        description=main.__doc__,
-        epilog="Arguments after the known options are LightningCLI overrides for every run, e.g. --trainer.max_steps 50.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--drop", action="append", required=True, metavar="NAME[,NAME]", help="instances to remove in one run (repeatable)")
-    parser.add_argument(
-        "--config", "-c", default=None, help=f"recipe (train mode default {DEFAULT_RECIPE}; knockout mode default: the run's config.yaml)"
-    )
-    parser.add_argument("--seeds", type=int, default=1, help="repeat every run with seeds 0..N-1 (train mode)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/ablate/<recipe stem>-<timestamp>)")
-    parser.add_argument("--mode", choices=("train", "knockout"), default="train")
-    parser.add_argument("--ckpt_path", default=None, help="knockout mode: the trained checkpoint to evaluate")
-    parser.add_argument("--warmup_batches", type=int, default=5, help="batches of each run not timed for tokens/s (default 5)")
-    args, overrides = parser.parse_known_args(argv)
-    if args.seeds < 1:
-        raise RecipeError(f"ablate: --seeds must be >= 1, got {args.seeds}")
-    if args.mode == "knockout" and (args.ckpt_path is None or args.seeds != 1):
-        raise RecipeError("ablate: --mode knockout needs --ckpt_path and evaluates one checkpoint (no --seeds)")
-    if args.mode == "train" and args.ckpt_path is not None:
-        raise RecipeError("ablate: --ckpt_path is for --mode knockout; train mode trains every run from scratch")
-    if args.config is None:
-        saved = None if args.mode == "train" else run_config(args.ckpt_path)
-        if args.mode == "knockout" and saved is None:
-            raise RecipeError(f"ablate: no config.yaml beside {args.ckpt_path}'s checkpoints/ folder; name the recipe it was trained with: --config RECIPE")
-        stem = saved.parent.parent.name if saved is not None else Path(DEFAULT_RECIPE).stem
-    else:
-        stem = Path(args.config).stem
-    suffix = "" if args.mode == "train" else "-knockout"
-    out = Path(args.out or f"runs/ablate/{stem}{suffix}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.config is None:
-        args.config = DEFAULT_RECIPE if saved is None else recipe_from_run(saved, out)
-    load_recipe(args.config)
-    check_recipes([args.config], overrides)
-    drops = parse_drops(args.drop)
-    console = Console(highlight=False, width=None if Console().is_terminal else 160)
-    quiet_lightning()  # the known-harmless Lightning warnings (see cli.HARMLESS_WARNINGS)
-
-    if args.mode == "train":
-        instances, _ = recipe_instances(args.config, overrides)
-        check_drops(drops, instances, args.config)
-        configs: list[tuple[str, ...]] = [(), *drops]
-        results: list[RunResult] = []
-        total = len(configs) * args.seeds
-        for seed in range(args.seeds):
-            for dropped in configs:
-                what = f"without {', '.join(dropped)}" if dropped else "full recipe"
-                console.print(f"[bold]ablate[/]: run {len(results) + 1}/{total}: {what}, seed {seed}")
-                results.append(train_run(args.config, overrides, dropped, seed, out, args.warmup_batches))
-        kind = "train"
-    else:
-        results = knockout_runs(args.config, overrides, args.ckpt_path, drops, out, console, args.warmup_batches)
-        kind = "val"
-    rows = summarise(results)
-    meta = {"mode": args.mode, "recipe": args.config, "seeds": args.seeds, "ckpt_path": args.ckpt_path, "overrides": overrides, "throughput": kind}
-    if args.mode == "train":
-        title = f"ablation of {args.config} (train, {args.seeds} seed{'s' if args.seeds > 1 else ''}; Δ = run - full)"
-    else:
-        title = f"knock-outs of {args.ckpt_path} (no retraining; Δ = run - as is)"
-    print_table(rows, title, kind, console)
-    for path in write_outputs(rows, results, meta, out):
-        console.print(f"wrote {path}")
-    return 0

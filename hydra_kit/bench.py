@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,9 @@ import torch
 from rich.console import Console
 
 from hydra_kit.accounting import state_nbytes
-from hydra_kit.bench_report import Record, check_targets, print_table, print_targets, write_outputs
-from hydra_kit.cli import check_recipes, merged_model_section
-from hydra_kit.model import HydraLM
+from hydra_kit.bench_report import Record
+from hydra_kit.config.lightning import model_config
+from hydra_kit.model import IGNORE_INDEX, HydraLM
 from hydra_kit.ops import native
 from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 
@@ -70,13 +71,15 @@ def matmul_gflops(n: int = 1536, repeats: int = 5, device: torch.device | None =
 
 
 def build_model(recipe: str, device: torch.device | None = None) -> HydraLM:
-    check_recipes([recipe], [])
+    """The model of ``recipe`` (parsed and checked like ``fit``'s), initialised with seed 0, in float32 on ``device``."""
+    config = model_config([recipe], prog="hydra-kit bench")
     torch.manual_seed(0)
-    model = HydraLM(**merged_model_section([recipe]))
+    model = HydraLM(**config)
     return model.float().to(device or torch.device("cpu"))
 
 
 def make_tokens(model: HydraLM, seq_len: int, batch: int, text: bytes | None) -> torch.Tensor:
+    """(batch, seq_len) token ids: the bytes of ``text`` (repeated as needed), or random ids seeded by the length."""
     vocab = model.hparams["vocab_size"]
     device = model.embed.weight.device
     if text is None:
@@ -135,8 +138,19 @@ class DecodeRun:
         self.final_state = state
 
 
+def training_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch a data module would give for ``tokens`` (B, L): every position predicts the next token, the last none."""
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[:, :-1] = tokens[:, 1:]
+    return {"input_ids": tokens, "targets": targets}
+
+
 def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], None]:
-    """A closure that runs one inference forward or one training forward + backward."""
+    """A closure that runs one inference forward, or one training step's loss and backward.
+
+    The training loss is the model's own (:meth:`HydraLM.training_step`: the task loss plus the auxiliary losses,
+    as in ``fit``), computed outside a Trainer, so nothing is logged.
+    """
     if mode == "infer":
         model.eval()
 
@@ -146,11 +160,13 @@ def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], Non
 
         return run
     model.train()
+    batch = training_batch(tokens)
 
     def run_train() -> None:
-        out = model(tokens)
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        loss = loss + sum(out.aux_losses.values(), torch.zeros((), device=tokens.device))
+        with warnings.catch_warnings():
+            # self.log() without a Trainer: Lightning says it logs nothing, which is what a benchmark wants.
+            warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)` but the `self\.trainer` reference")
+            loss = model.training_step(batch, 0)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -257,16 +273,21 @@ def gpu_peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
 
 
 def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
+    """Measure every recipe of ``args.recipes`` at every length and mode; the records and the matmul roof (GFLOP/s).
+
+    ``args`` holds the options of ``hydra-kit bench`` (:mod:`hydra_kit.commands.bench`).
+    """
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     native.set_enabled(args.cpu_kernels == "on")
     if args.cpu_kernels == "on" and device.type == "cpu" and (reason := native_unavailable_reason()) is not None:
         console.print(f"[yellow]{reason}[/]")
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # The recipes first: a mistake in one is reported before anything is measured.
+    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
-    console.print(f"C decoding kernels (hydra_kit.nn.native): {'on' if native.enabled() else 'off'}, for every model")
-    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
+    console.print(f"C decoding kernels (hydra_kit.ops.native): {'on' if native.enabled() else 'off'}, for every model")
     paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []
@@ -315,42 +336,3 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                 mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
                 console.print(f"  {name:>18} L={seq_len:>6} {mode:>5}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s  peak {mem}")
     return records, roof
-
-
-def main(argv: list[str]) -> int:
-    """Measure tokens/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
-    parser = argparse.ArgumentParser(prog="hydra-kit bench", description=main.__doc__)
-    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes to compare; ratios are first / second")
-    parser.add_argument("--seq_lens", nargs="+", type=int, default=DEFAULT_LENGTHS)
-    parser.add_argument("--modes", nargs="+", choices=["infer", "train", "decode"], default=["infer", "train"], help="decode: 128 tokens after a prompt of each length")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per model, length and mode (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="gpu: models and tokens on the first CUDA device, CUDA peak memory")
-    parser.add_argument("--text", default=None, help="a text file: benchmark on its bytes instead of random tokens")
-    parser.add_argument("--json", default=None, help="also write the records as a JSON list to this path")
-    parser.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
-    parser.add_argument(
-        "--cpu-kernels", choices=["on", "off"], default="on",
-        help="C decoding kernels (hydra_kit.nn.native) for every model; off: PyTorch ops only",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    console = Console(highlight=False)
-    if args.accelerator == "gpu" and not torch.cuda.is_available():
-        Console(stderr=True, highlight=False).print(
-            f"[bold red]error:[/] --accelerator gpu needs a CUDA device; torch {torch.__version__} "
-            f"(CUDA build {torch.version.cuda}) sees none. On a GPU machine, install with scripts/install-gpu.sh."
-        )
-        return 2
-    out = Path(args.out or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
-    records, roof = run_bench(args, console)
-    names = [Path(r).stem for r in args.recipes]
-    print_table(records, names, roof, console)
-    checks = check_targets(records, names)
-    print_targets(checks, console)
-    for path in write_outputs(records, out, args.json, roof, checks):
-        console.print(f"wrote {path}")
-    return 0

@@ -6,8 +6,6 @@ were not measured is left out rather than guessed.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +14,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hydra_kit.errors import RecipeError
 from hydra_kit.ops import native
+from hydra_kit.reporting import pyplot, write_csv, write_json
 
 
 @dataclass
@@ -73,7 +73,7 @@ def print_table(records: list[Record], names: list[str], roof: float | None, con
 
 @dataclass
 class TargetCheck:
-    """One speed or memory target of issue #7 / #9, read from the records of this run."""
+    """One of the project's speed or memory targets (docs/benchmarks.md), read from the records of this run."""
 
     target: str
     measured: float | None
@@ -142,32 +142,25 @@ def print_targets(checks: list[TargetCheck], console: Console) -> None:
 def write_outputs(
     records: list[Record], out: Path, json_path: str | None, roof: float, checks: list[TargetCheck] | None = None
 ) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+    """``bench.json`` (the matmul roof, threads, records and targets), ``bench.csv`` and, with matplotlib, PNG plots
+    of throughput and memory against length in ``out``; the records also as a JSON list at ``json_path``."""
     rows = [asdict(r) for r in records]
     targets = [{**asdict(c), "met": c.met} for c in checks or []]
     payload = {
         "matmul_gflops": roof,
         "threads": torch.get_num_threads(),
-        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.nn.native (both models alike)
+        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.ops.native (both models alike)
         "records": rows,
         "targets": targets,
     }
-    written = [out / "bench.json", out / "bench.csv"]
-    (out / "bench.json").write_text(json.dumps(payload, indent=2))
+    written = [write_json(out / "bench.json", payload)]
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2))
-        written.append(Path(json_path))
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb", "cache_mb"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r[k] for k in writer.fieldnames})
+        written.append(write_json(Path(json_path), rows))
+    fields = ["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb", "cache_mb"]
+    written.insert(1, write_csv(out / "bench.csv", rows, fields))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot()
+    except RecipeError:  # matplotlib is optional here: the plots are left out
         return written
     for metric, label in (("tokens_per_s", "tokens / s"), ("peak_mem_mb", "peak memory (MB)")):
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -25,7 +25,6 @@ from a component's optional ``attention_map`` method, called on the inputs a for
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -41,6 +40,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from hydra_kit.checkpoint import load_model
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.data import MQAR, DistantPremise, DomainMixture, FactRecall, LogicChains, SyntheticTask
 from hydra_kit.data.task import IGNORE_INDEX, Example
 from hydra_kit.model import HydraLM
@@ -395,7 +395,7 @@ def plot(report: Inspection, path: Path) -> Path:
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: list[str]) -> int:
     """Per-block gates, LayerScale, update norms and component statistics of a checkpoint on held-out examples."""
-    parser = argparse.ArgumentParser(prog="hydra-kit inspect", description=main.__doc__, allow_abbrev=False)
+    parser = ArgumentParser(prog="hydra-kit inspect", description=main.__doc__, allow_abbrev=False)
     parser.add_argument("--ckpt_path", required=True, help="checkpoint written by hydra-kit fit")
     parser.add_argument("--task", default=None, help=f"task to run ({', '.join(TASKS)}); default: the one the run was trained on")
     parser.add_argument("--task_args", default=None, help='JSON keywords for --task, e.g. \'{"num_pairs": 4}\'')

@@ -22,15 +22,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from hydra_kit.errors import RecipeError
 from hydra_kit.protocol import RouterComponent, TriPathComponent
 from hydra_kit.registry import ComponentEntry, Registry
 
+__all__ = ["SPEC_KEYS", "RecipeError", "ResolvedComponent", "constructor_parameters", "parse_blocks", "resolve_components"]
+
 SPEC_KEYS = ("component", "blocks", "args", "layerscale", "gated")
 _CONSTRUCTOR_SUPPLIED = ("self", "d_model", "layer_idx")
-
-
-class RecipeError(ValueError):
-    """A recipe is malformed; the message names the key, the problem and the valid choices."""
 
 
 @dataclass(frozen=True)

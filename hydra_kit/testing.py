@@ -12,6 +12,8 @@ Each property is a separate function so a failure says which one broke:
 
 * the constructor's keyword hyper-parameters are annotated (recipes are type-checked against the annotations)
   and there is no ``**kwargs``;
+* the constructor runs on the meta device, where ``hydra-kit summary`` builds models of any size without memory
+  (a constructor that turns a tensor into a Python number, ``float(torch.logit(torch.tensor(p)))``, fails there);
 * the module as its constructor built it (not yet cast by the check) trains in the default dtype (float32): its
   floating parameters and buffers are in that dtype, and a forward and backward in train mode work, as in ``fit``;
 * shape and dtype are kept (float32 and float64);
@@ -44,6 +46,7 @@ from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponen
 __all__ = [
     "ConformanceError",
     "check_as_constructed",
+    "check_builds_on_meta",
     "check_causality",
     "check_chunked_equals_full",
     "check_component",
@@ -100,6 +103,24 @@ def check_constructor(cls: type) -> None:
             f"{cls.__name__}.__init__: keyword(s) {', '.join(untyped)} have no type annotation; recipes are checked "
             f"against the annotations, so annotate them (e.g. `hidden: int = 4`)"
         )
+
+
+def check_builds_on_meta(factory: ComponentFactory, d_model: int, init_args: dict[str, Any]) -> None:
+    """The constructor runs on the meta device (shapes only, no memory), as ``hydra-kit summary`` builds models.
+
+    A meta tensor has no value, so a constructor that reads one back into Python (``float(t)``, ``t.item()``,
+    ``if t > 0``) fails there; compute such constants with Python's :mod:`math` or keep them as tensors.
+    """
+    name = getattr(factory, "__name__", repr(factory))
+    try:
+        with torch.device("meta"):
+            factory(d_model, 0, **init_args)
+    except Exception as exc:  # whatever the constructor raises on meta tensors is the finding
+        raise ConformanceError(
+            f"{name}: the constructor fails on the meta device ({type(exc).__name__}: {exc}); hydra-kit summary builds "
+            f"models there to count parameters of any size: compute constants with Python's math (e.g. "
+            f"math.log(p / (1 - p)), not float(torch.logit(torch.tensor(p)))) or keep them as tensors"
+        ) from exc
 
 
 def _check_dtypes(component: TriPathComponent, dtype: torch.dtype) -> None:
@@ -374,6 +395,7 @@ def check_component(
         init_args = dict(getattr(factory, "example_init_args", {}))
     if isinstance(factory, type):
         check_constructor(factory)
+    check_builds_on_meta(factory, d_model, init_args)
     torch.manual_seed(seed)
     component = factory(d_model, 0, **init_args)
     if not isinstance(component, TriPathComponent):

@@ -91,7 +91,7 @@ def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path)
     import yaml
 
     from hydra_kit.callbacks import Ablation
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     path = quick_recipe(tmp_path, "ablated")
     recipe = yaml.safe_load(path.read_text())
@@ -107,10 +107,10 @@ def test_ablation_callback_in_a_recipe_drops_before_the_model_is_built(tmp_path)
 
 def test_knockout_recipe_from_a_saved_run_config_drops_subcommand_options(tmp_path, capsys):
     # A run's config.yaml is a `fit` configuration: it holds ckpt_path and weights_only, which the single-run CLI
-    # of knockout mode refused ("Option 'weights_only' is not accepted", issue 18 item 4).
+    # of knockout mode refused ("Option 'weights_only' is not accepted").
     from hydra_kit.ablate import recipe_from_run
     from hydra_kit.checkpoint import AtomicCheckpointIO
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(quick_recipe(tmp_path)), "--print_config"])
@@ -122,3 +122,21 @@ def test_knockout_recipe_from_a_saved_run_config_drops_subcommand_options(tmp_pa
     recipe = recipe_from_run(saved, tmp_path / "out")
     cli = HydraCLI(args=["--config", recipe], run=False)  # what knockout mode builds its data and trainer from
     assert cli.datamodule.task.num_pairs == 4 and isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_one_seed_has_no_spread_in_ablate_and_the_experiments_alike():
+    import math
+
+    from hydra_kit.ablate import RunResult, summarise
+    from hydra_kit.experiments import report
+    from hydra_kit.reporting import fmt, mean_spread
+
+    assert mean_spread([0.5])[0] == 0.5 and math.isnan(mean_spread([0.5])[1])
+    assert mean_spread([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    runs = [RunResult("full", [], 0, 1.0, 0.5, 100.0, 10, 10), RunResult("drop-sga", ["sga"], 0, 1.5, 0.25, 120.0, 8, 8)]
+    ablation = summarise(runs)
+    experiment = report.summarise([{"model": "m", "level": 1, "seed": 0, "accuracy": 0.5}], ("model", "level"), ("accuracy",))
+    assert math.isnan(ablation[0]["val_acc_std"]) and math.isnan(ablation[1]["delta_val_loss_std"])
+    assert math.isnan(experiment[0]["accuracy_std"])
+    assert ablation[1]["delta_val_loss"] == 0.5 and fmt(ablation[1]["delta_val_loss"], ablation[1]["delta_val_loss_std"], ".4f", signed=True) == "+0.5000"
+    assert report.above(0.9, experiment[0]["accuracy_std"], 0.5, 500) == "yes"  # nothing subtracted for one seed

@@ -124,3 +124,31 @@ def test_directory_as_ckpt_path_is_named_a_directory(tmp_path, capsys, lightning
     extra = ["--prompt-ids", "1"] if command == "generate" else ["--config", str(quick_recipe(tmp_path))]
     assert _exit_code([command, "--ckpt_path", str(folder), *extra]) == 2
     assert f"checkpoint '{folder}' is a directory, not a checkpoint file" in _error_line(capsys.readouterr().err)
+
+
+UNKNOWN_OPTION_CASES = {
+    "fit": ["fit", "--config", "{recipe}"],
+    "summary": ["summary", "--config", "{recipe}"],
+    "generate": ["generate", "--ckpt_path", "{ckpt}", "--prompt", "hi"],
+    "components": ["components"],
+    "inspect": ["inspect", "--ckpt_path", "{ckpt}"],
+    "bench": ["bench", "--recipes", "{recipe}"],
+    "ablate": ["ablate", "--drop", "sga", "--config", "{recipe}", "--out", "{out}"],
+    "experiment": ["experiment", "mqar"],
+    "recipes": ["recipes"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(UNKNOWN_OPTION_CASES))
+def test_every_command_refuses_an_unknown_option_in_one_line(tmp_path, capsys, lightning_logs_here, byte_ckpt, command):
+    files = {"recipe": str(quick_recipe(tmp_path)), "ckpt": str(byte_ckpt), "out": str(tmp_path / "out")}
+    argv = [a.format(**files) for a in UNKNOWN_OPTION_CASES[command]]
+    assert _exit_code([*argv, "--no-such-option", "1"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "--no-such-option" in line and f"hydra-kit {command}" in line, line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_missing_recipe_is_named_in_one_line(tmp_path, capsys):
+    assert _exit_code(["fit", "--config", str(tmp_path / "nowhere.yaml")]) == 2
+    assert f"{tmp_path / 'nowhere.yaml'}: recipe file not found" in _error_line(capsys.readouterr().err)

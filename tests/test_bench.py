@@ -9,7 +9,8 @@ import torch
 import yaml
 from conftest import REPO
 
-from hydra_kit.bench import Record, check_targets, main
+from hydra_kit.bench_report import Record, check_targets
+from hydra_kit.cli import main as hydra_kit
 from hydra_kit.ops import native
 
 
@@ -55,7 +56,7 @@ def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     baseline.write_text(yaml.safe_dump(transformer))
     out = tmp_path / "bench"
     args = ["--recipes", str(REPO / "recipes/tiny.yaml"), str(baseline), "--seq_lens", "32", "--modes", "infer", "train", "decode"]
-    assert main([*args, "--repeats", "1", "--warmup", "0", "--out", str(out), "--json", str(tmp_path / "b.json")]) == 0
+    assert hydra_kit(["bench", *args, "--repeats", "1", "--warmup", "0", "--out", str(out), "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     assert {(r["model"], r["seq_len"], r["mode"]) for r in rows} == {(m, n, mode) for m in ("tiny", "baseline") for n in (32,) for mode in ("infer", "train", "decode")}
     assert all(r["tokens_per_s"] > 0 for r in rows)
@@ -68,13 +69,13 @@ def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     # The same decode comparison on PyTorch ops only; the switch is restored for the rest of the process.
     off = tmp_path / "off"
     decode_only = ["--recipes", str(REPO / "recipes/tiny.yaml"), str(baseline), "--seq_lens", "32", "--modes", "decode"]
-    assert main([*decode_only, "--repeats", "1", "--warmup", "0", "--out", str(off), "--cpu-kernels", "off"]) == 0
+    assert hydra_kit(["bench", *decode_only, "--repeats", "1", "--warmup", "0", "--out", str(off), "--cpu-kernels", "off"]) == 0
     assert json.loads((off / "bench.json").read_text())["cpu_kernels"] is False
     native.set_enabled(True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_gpu_accelerator_without_gpu_says_why(capsys):
-    assert main(["--accelerator", "gpu", "--seq_lens", "32"]) == 2
+    assert hydra_kit(["bench", "--accelerator", "gpu", "--seq_lens", "32"]) == 2
     err = capsys.readouterr().err
     assert "--accelerator gpu needs a CUDA device" in err and "install-gpu.sh" in err

@@ -102,7 +102,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert "broken.yaml: line 3" in " ".join(result.stderr.split())
 
 
-# ------------------------------------------------------------------------------------- issue 18, items 2, 3, 7, 8
+# --------------------------------------------------------------- what a user sees: output, warnings, saved configs
 def run_unfiltered(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     """`hydra-kit ARGS` with Python's warnings shown, as a user sees them (run_cli hides them)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
@@ -140,7 +140,7 @@ def test_fit_output_counts_steps_lists_last_ckpt_and_has_no_warning_noise(traine
         assert noise not in out + err, noise
     assert "MFLOP/token" in out and "forward FLOPs per token at L=" in out  # the model summary of parameter_report
     assert "final validation (step 20): val/acc = " in out
-    # The final accuracy is read against chance and the task's best no-skill shortcut (issue 17).
+    # The final accuracy is read against chance and the task's best no-skill shortcut.
     verdict = re.search(r"held-out accuracy (\S+): chance (\S+), best no-skill baseline (\S+) \((.+?)\), (above|not above) it", out)
     assert verdict is not None, out
     accuracy, chance, best = (float(verdict.group(i).rstrip(":,")) for i in (1, 2, 3))
@@ -175,7 +175,7 @@ def test_saved_config_and_print_config_reproduce_the_run(trained):
 
 def test_checkpoint_io_is_atomic_once_whether_or_not_the_recipe_names_it(tmp_path):
     from hydra_kit.checkpoint import AtomicCheckpointIO
-    from hydra_kit.lightning_cli import HydraCLI
+    from hydra_kit.config.lightning import HydraCLI
 
     path = quick_recipe(tmp_path)
     assert isinstance(HydraCLI(args=["--config", str(path)], run=False).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -260,7 +260,47 @@ def test_mistyped_option_is_one_line_with_a_suggestion(tmp_path, capsys, lightni
      ({"max_steps": 500, "val_check_interval": 200}, 200), ({"max_steps": -1, "val_check_interval": 200}, 200), ({"max_steps": 50, "val_check_interval": 0.5}, 0.5)],
 )
 def test_short_runs_validate_before_they_end(trainer, expected):
-    from hydra_kit.lightning_cli import _check_step_limits
+    from hydra_kit.config.checks import check_step_limits
 
-    _check_step_limits(trainer, fitting=True)
+    check_step_limits(trainer, fitting=True)
     assert trainer["val_check_interval"] == expected
+
+
+def _imports(path) -> set[str]:
+    """The hydra_kit modules a source file imports (lazy imports inside functions too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {name for name in found if name.startswith("hydra_kit")}
+
+
+def test_imports_point_down_the_tiers():
+    package = REPO / "hydra_kit"
+
+    def module(path) -> str:
+        return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+    files = {module(p): p for p in package.rglob("*.py")}
+    commands = ("hydra_kit.commands", "hydra_kit.cli")
+    studies = ("hydra_kit.ablate", "hydra_kit.bench", "hydra_kit.experiments", "hydra_kit.inspection")
+    config_tier = ("hydra_kit.config", "hydra_kit.reporting", "hydra_kit.errors")
+    for name, path in files.items():
+        imported = _imports(path)
+        if not name.startswith(commands):  # nothing imports the commands tier
+            assert not [i for i in imported if i.startswith(commands)], f"{name} imports the commands tier"
+        if name.startswith(config_tier):  # the config tier knows no ablation, benchmark or experiment
+            assert not [i for i in imported if i.startswith(studies)], f"{name} imports {imported}"
+    assert _imports(package / "errors.py") == set()  # the user-error type can be imported from anywhere
+
+
+def test_recipe_error_lives_in_errors_and_keeps_its_old_import():
+    from hydra_kit.errors import RecipeError
+    from hydra_kit.recipe import RecipeError as FromRecipe
+
+    assert FromRecipe is RecipeError and issubclass(RecipeError, ValueError)

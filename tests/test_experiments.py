@@ -28,7 +28,7 @@ CASES = {
     "expert-specialisation": (["--domains", "2", "--seq-len", "9"], "expert_specialisation", "domain", {"hydra", "hydra dense-mlp", "transformer"}, ["accuracy", "nmi_answer", "nmi_all"]),
     "mqar": (["--pairs", "2"], "mqar", "pairs", {"hydra", "hydra - router", "transformer"}, ["accuracy"]),
 }
-# Experiments whose tables, files and figures carry chance and the best no-skill baseline per level (issue 17).
+# Experiments whose tables, files and figures carry chance and the best no-skill baseline per level.
 BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation", "mqar"}
 
 
@@ -297,3 +297,25 @@ def test_table_titles_count_seeds_per_model_when_models_differ() -> None:
     assert seeds_phrase(records) == "seeds per model: hydra 2, transformer 3"
     assert seeds_phrase([r for r in records if r["model"] == "transformer"]) == "3 seeds"
     assert seeds_phrase([records[0]]) == "1 seed"
+
+
+def test_experiments_train_with_the_trainer_defaults_of_every_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra_kit.config import trainer as trainer_config
+    from hydra_kit.data import MQAR
+    from hydra_kit.experiments import runner
+    from hydra_kit.experiments.models import ModelSpec
+
+    built = []
+
+    def spy(**overrides):  # type: ignore[no-untyped-def]
+        built.append(trainer_config.build_trainer(**overrides))
+        return built[-1]
+
+    monkeypatch.setattr(runner, "build_trainer", spy)
+    task = MQAR(num_pairs=2, num_queries=2, num_keys=8, num_values=8)
+    spec = ModelSpec("tiny", {"vocab_size": task.vocab_size, "d_model": 16, "n_blocks": 1, "components": {"mlp": {"component": "mlp"}}})
+    trained = runner.train(spec, task, 0, runner.TrainSettings(steps=2, batch_size=2))
+    (trainer,) = built
+    assert trainer.gradient_clip_val == trainer_config.TRAINER_DEFAULTS["gradient_clip_val"] and trainer.max_steps == 2
+    assert trainer.logger is None and not trainer.checkpoint_callbacks and trainer.global_step == 2
+    assert trained.final_loss is not None and math.isfinite(trained.final_loss)

@@ -10,16 +10,17 @@ import torch
 from conftest import REPO, run_cli
 from fake_components import CumulativeMeanMixer
 
-from hydra_kit.cli import check_recipes, load_recipe, merged_model_section
+from hydra_kit.config import load_recipe
+from hydra_kit.config.lightning import model_config
 from hydra_kit.model import HydraLM
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def build_on_meta(path: Path) -> HydraLM:
-    check_recipes([str(path)], [])
+    config = model_config([str(path)])  # parsed and checked as fit parses it
     with torch.device("meta"):
-        return HydraLM(**merged_model_section([str(path)]))
+        return HydraLM(**config)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -127,3 +128,52 @@ def test_untyped_component_arguments_are_checked_against_their_defaults(monkeypa
         HydraLM(vocab_size=16, d_model=8, n_blocks=1, components={"mix": {"component": "untyped", "args": args}})
     model = HydraLM(vocab_size=16, d_model=8, n_blocks=1, components={"mix": {"component": "untyped", "args": {"window": 3, "scale": 2}}})
     assert model.blocks[0].mixers["mix"].window == 3  # well-typed values still pass (an int where the default is a float too)
+
+
+class LogitBiasMixer(CumulativeMeanMixer):
+    """A correct mixer whose constructor turns a tensor into a Python number, which fails on the meta device."""
+
+    def __init__(self, d_model: int, layer_idx: int, *, p: float = 0.9) -> None:
+        super().__init__(d_model, layer_idx)
+        self.bias = float(torch.logit(torch.tensor(p)))
+
+
+def test_summary_builds_for_real_a_component_that_fails_on_meta(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import hydra_kit.model
+    from hydra_kit.cli import main
+    from hydra_kit.registry import ComponentEntry, Registry
+
+    registry = Registry(dict(hydra_kit.model.default_registry().entries))
+    registry.entries["logit"] = ComponentEntry("logit", LogitBiasMixer, "hydra-kit-tests", "0", "test_recipes:LogitBiasMixer")
+    monkeypatch.setattr(hydra_kit.model, "default_registry", lambda third_party=None: registry)
+    recipe = tmp_path / "logit.yaml"
+    components = {"mix": {"component": "logit", "args": {"p": 0.8}}, "mlp": {"component": "mlp"}}
+    recipe.write_text(yaml.safe_dump({"model": {"vocab_size": 32, "d_model": 16, "n_blocks": 2, "components": components}}))
+    assert main(["summary", "--config", str(recipe), "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["components"]["mix"]["total_params"] == 2 * (16 * 16 + 16)  # a Linear(16, 16) in each block
+    assert "mix (LogitBiasMixer:" in err and "cannot be built on the meta device" in err and "Traceback" not in err
+
+
+def test_check_component_says_what_fails_on_the_meta_device():
+    from hydra_kit.testing import ConformanceError, check_component
+
+    with pytest.raises(ConformanceError, match=r"LogitBiasMixer: the constructor fails on the meta device \(RuntimeError: .*\); hydra-kit summary"):
+        check_component(LogitBiasMixer)
+    check_component(CumulativeMeanMixer)  # a constructor that keeps to shapes passes
+
+
+def test_trainer_defaults_pick_the_accelerator_automatically(tmp_path):
+    from hydra_kit.config.lightning import HydraCLI, parse_config
+    from hydra_kit.config.trainer import TRAINER_DEFAULTS
+
+    assert TRAINER_DEFAULTS["accelerator"] == "auto"
+    recipe = REPO / "recipes" / "tiny.yaml"
+    assert not [p.name for p in RECIPES if "accelerator" in (load_recipe(str(p)).get("trainer") or {})]  # no recipe pins a device
+    assert parse_config([str(recipe)]).trainer.accelerator == "auto"
+    cli = HydraCLI(args=["--config", str(recipe), "--trainer.logger", "false"], run=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert cli.trainer.strategy.root_device.type == expected

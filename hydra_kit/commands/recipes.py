@@ -15,11 +15,12 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.recipe_files import copy_recipe, packaged_recipes
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hydra-kit recipes", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = ArgumentParser(prog="hydra-kit recipes", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--copy", metavar="NAME", help="packaged recipe to write out, e.g. full or experiments/smoke")
     parser.add_argument("--to", metavar="PATH", help="file or existing folder to write it to (default: the working folder)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")

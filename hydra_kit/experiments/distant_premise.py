@@ -41,11 +41,11 @@ the accuracy panel: the best no-skill accuracy, dotted: chance).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from rich.console import Console
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.experiments import models, report, runner, warmup
 
 NAME = "distant_premise"
@@ -64,7 +64,7 @@ def main(argv: list[str], console: Console) -> int:
     """Premise D tokens before the question: accuracy, latency and peak memory against D for three models."""
     from hydra_kit.data import DistantPremise
 
-    parser = argparse.ArgumentParser(prog="hydra-kit experiment distant-premise", description=main.__doc__)
+    parser = ArgumentParser(prog="hydra-kit experiment distant-premise", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--distances", type=int, nargs="+", default=None, help="premise-to-question distances D (tokens)")
     parser.add_argument("--distractors", type=int, default=None, help="distractor premises per example (default: every value stated once)")

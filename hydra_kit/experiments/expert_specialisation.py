@@ -34,7 +34,6 @@ each domain's best no-skill accuracy dashed and chance dotted, and the heatmaps)
 
 from __future__ import annotations
 
-import argparse
 import copy
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.experiments import models, report, runner
 
 NAME = "expert_specialisation"
@@ -161,7 +161,7 @@ def main(argv: list[str], console: Console) -> int:
     """Domain mixture: held-out accuracy vs equal-active dense models, domain-expert NMI and heatmaps."""
     from hydra_kit.data import DomainMixture
 
-    parser = argparse.ArgumentParser(prog="hydra-kit experiment expert-specialisation", description=main.__doc__)
+    parser = ArgumentParser(prog="hydra-kit experiment expert-specialisation", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--domains", type=int, default=None, help="number of rule domains (1..6)")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length ((seq_len - 1) // 2 operands)")

@@ -28,11 +28,11 @@ baseline, dotted: chance and the longest trained length).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from rich.console import Console
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.experiments import models, report, runner, warmup
 
 NAME = "logic_chains"
@@ -61,7 +61,7 @@ def main(argv: list[str], console: Console) -> int:
     """Train on 1..4-hop chains, test on 1..8 hops: accuracy per proof length, Hydra +- workspace vs transformer."""
     from hydra_kit.data import LogicChains
 
-    parser = argparse.ArgumentParser(prog="hydra-kit experiment logic-chains", description=main.__doc__)
+    parser = ArgumentParser(prog="hydra-kit experiment logic-chains", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--num-nodes", type=int, default=None, help="node vocabulary size")
     parser.add_argument("--distractors", type=int, default=None, help="branch facts (~>) per example, besides the closed chains")

@@ -18,9 +18,9 @@ from typing import Any
 from rich.console import Console
 
 from hydra_kit.data.task import SyntheticTask
+from hydra_kit.errors import RecipeError
 from hydra_kit.experiments.models import ModelSpec
-from hydra_kit.experiments.runner import Settings, describe_task, print_run
-from hydra_kit.recipe import RecipeError
+from hydra_kit.experiments.settings import Settings, describe_task, print_run
 
 
 def merged_grid(

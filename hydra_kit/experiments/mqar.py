@@ -17,11 +17,11 @@ H_n / n for n pairs, 0.340 at 8; see :meth:`hydra_kit.data.MQAR.heuristics`).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from rich.console import Console
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.data import MQAR
 from hydra_kit.experiments import models, report, runner
 
@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str], console: Console) -> int:
     """Train Hydra and the transformer on MQAR at each number of pairs; accuracy table and figure."""
-    parser = argparse.ArgumentParser(prog="hydra-kit experiment mqar", description=main.__doc__)
+    parser = ArgumentParser(prog="hydra-kit experiment mqar", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--pairs", type=int, nargs="+", default=None, help="numbers of key-value pairs (one trained model per value)")
     args = parser.parse_args(argv)

@@ -33,13 +33,13 @@ the best no-skill accuracy of each book, dotted: chance).
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 
+from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.experiments import models, report, runner
 
 NAME = "pkm_recall"
@@ -59,7 +59,7 @@ def main(argv: list[str], console: Console) -> int:
     """Closed- vs open-book fact recall: accuracy, latency and mean PKM gate, with and without PKM."""
     from hydra_kit.data import FactRecall
 
-    parser = argparse.ArgumentParser(prog="hydra-kit experiment pkm-recall", description=main.__doc__)
+    parser = ArgumentParser(prog="hydra-kit experiment pkm-recall", description=main.__doc__)
     runner.add_common_arguments(parser)
     parser.add_argument("--num-facts", type=int, default=None, help="two-token subjects in the fixed fact table, n * n with n a multiple of --num-values")
     parser.add_argument("--num-values", type=int, default=None, help="value vocabulary (chance = 1 / num_values)")

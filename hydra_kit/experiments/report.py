@@ -1,9 +1,10 @@
 """How ``hydra-kit experiment`` reports: mean and spread over seeds, rich tables, CSV/JSON files, figures.
 
 Numbers are aggregated, never adjusted: a cell's mean and sample standard deviation come from the per-seed
-records as measured, and missing measurements stay missing ("-" in tables, NaN in files).
+records as measured (:func:`hydra_kit.reporting.mean_spread`: one seed has no spread), and missing measurements
+stay missing ("-" in tables, empty cells in CSV, null in JSON).
 
-Every accuracy is reported beside what needs no skill (issue 17): chance and the best of the task's no-skill
+Every accuracy is reported beside what needs no skill: chance and the best of the task's no-skill
 heuristics (:meth:`~hydra_kit.data.SyntheticTask.heuristics`), scored on the same held-out examples per level
 (:func:`baseline_rows`). :func:`with_baselines` adds them to each summary row with ``above_no_skill``: "yes"
 only when the model's accuracy, mean minus one standard deviation over seeds, exceeds the best no-skill
@@ -14,11 +15,9 @@ only where it says "yes".
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,15 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.data.task import Example, SyntheticTask, best_no_skill
-from hydra_kit.recipe import RecipeError
+from hydra_kit.reporting import fmt, mean_spread, pyplot, write_csv, write_json
+
+__all__ = [
+    "BASELINE_COLUMNS", "above", "baseline_rows", "draw_baselines", "errorbar_plot", "print_baselines", "print_table",
+    "pyplot", "report_files", "seeds_phrase", "summarise", "with_baselines", "write_outputs",
+]
 
 #: The columns :func:`with_baselines` adds to a summary row.
 BASELINE_COLUMNS = ("chance", "best_no_skill", "best_no_skill_accuracy", "above_no_skill")
-
-
-def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1 denominator; 0 for a single value)."""
-    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def summarise(records: list[dict[str, Any]], group: Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
@@ -52,7 +48,7 @@ def summarise(records: list[dict[str, Any]], group: Sequence[str], metrics: Sequ
     for key, rs in groups.items():
         row: dict[str, Any] = dict(zip(group, key, strict=True))
         for m in metrics:
-            mean, std = mean_std(r.get(m) for r in rs)
+            mean, std = mean_spread(r.get(m) for r in rs)
             row[f"{m}_mean"], row[f"{m}_std"] = mean, std
         if "n_examples" in rs[0]:
             row["n_examples"] = rs[0]["n_examples"]
@@ -75,12 +71,6 @@ def seeds_phrase(records: Sequence[Mapping[str, Any]]) -> str:
         n = next(iter(counts.values()), 0)
         return f"{n} seed{'' if n == 1 else 's'}"
     return "seeds per model: " + ", ".join(f"{model} {n}" for model, n in counts.items())
-
-
-def fmt(mean: float, std: float, digits: int = 3) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def baseline_rows(
@@ -108,7 +98,7 @@ def baseline_rows(
 
 
 def above(mean: float, std: float, baseline: float, n_examples: int) -> str:
-    """Whether an accuracy is a claim: "yes" if mean - std (over seeds; std 0 for one seed) exceeds ``baseline``
+    """Whether an accuracy is a claim: "yes" if mean - std (over seeds; nothing subtracted for one seed, which has no spread) exceeds ``baseline``
     by more than two of its standard errors on ``n_examples``, "no" if not, "-" if unmeasured."""
     if math.isnan(mean) or math.isnan(baseline) or n_examples <= 0:
         return "-"
@@ -171,7 +161,7 @@ def print_table(console: Console, title: str, rows: list[dict[str, Any]], keys: 
         table.add_column(c, justify="right")
     for row in rows:
         cells = [str(row[k]) for k in keys]
-        cells += [fmt(row[f"{name}_mean"], row[f"{name}_std"], digits) for _, name, digits in metrics]
+        cells += [fmt(row[f"{name}_mean"], row[f"{name}_std"], f".{digits}f") for _, name, digits in metrics]
         if baselined:
             best = row["best_no_skill_accuracy"]
             cells += ["-" if math.isnan(row["chance"]) else f"{row['chance']:.3f}", "-" if math.isnan(best) else f"{best:.3f} ({row['best_no_skill']})", row["above_no_skill"]]
@@ -200,30 +190,9 @@ def print_baselines(console: Console, title: str, baselines: list[dict[str, Any]
 
 def write_outputs(out: Path, name: str, summary: list[dict[str, Any]], payload: dict[str, Any]) -> tuple[Path, Path]:
     """``<name>.csv`` (the summary rows) and ``<name>.json`` (payload plus the summary) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    json_path.write_text(json.dumps({**payload, "summary": summary}, indent=2, default=str), encoding="utf-8")
+    csv_path = write_csv(out / f"{name}.csv", summary)
+    json_path = write_json(out / f"{name}.json", {**payload, "summary": summary})
     return csv_path, json_path
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (files only, no display).
-
-    Raises:
-        RecipeError: matplotlib is not installed (it comes with the ``dev`` and ``plots`` extras).
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        raise RecipeError("experiment figures need matplotlib: pip install 'hydra-kit[plots]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def draw_baselines(

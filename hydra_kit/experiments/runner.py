@@ -1,6 +1,6 @@
 """The shared machinery of ``hydra-kit experiment``: build the compared models, train them, evaluate per level.
 
-Every experiment (E1, E3-E6 of HYDRA.md section 4; E2 is ``hydra-kit bench``) follows one protocol:
+Every experiment (E1, E3-E6 of docs/design.md section 4; E2 is ``hydra-kit bench``) follows one protocol:
 
 1. **Models are recipes** (the ``model`` section of a recipe, as a dict): Hydra; Hydra with the component
    under study removed (the recipe's ``dropped`` list, so the ablated model allocates nothing for it); and a
@@ -9,19 +9,20 @@ Every experiment (E1, E3-E6 of HYDRA.md section 4; E2 is ``hydra-kit bench``) fo
    (:func:`hydra_kit.experiments.models.dense_transformer`). The counts are reported with every result.
 2. **Training** uses the ordinary Lightning path: :class:`~hydra_kit.model.HydraLM` and
    :class:`~hydra_kit.data.SyntheticDataModule` with a fresh example stream per seed (``seed_everything`` and the
-   data module's ``seed``), AdamW with warm-up and cosine decay, gradient clipping at 1.0, on the CPU.
+   data module's ``seed``), AdamW with warm-up and cosine decay, and a Trainer built from the defaults of every
+   hydra-kit run (:func:`hydra_kit.config.trainer.build_trainer`: gradient clipping at 1.0, ...).
 3. **Evaluation** draws the held-out split (``task.sample(EVAL_SEED, "val", i)``: the same examples for every
    model and seed, disjoint from every training stream by the task's hash split), keeps the first
    ``n_per_level`` examples of each difficulty level (the task's meta key) and scores accuracy at the answer
    positions (argmax of the logits; an example with several answers counts each).
 4. **Aggregation**: mean and standard deviation (n - 1 denominator) over seeds per (model, level), a rich
    table, ``<name>.csv`` (the summary), ``<name>.json`` (settings, parameter counts, every per-seed record, the
-   summary) and ``<name>.png`` (the figure); the aggregation and the files are in :mod:`hydra_kit.experiments.report`.
+   summary) and ``<name>.png`` (the figure); the aggregation and the files are in :mod:`hydra_kit.experiments.report`
+   (on :mod:`hydra_kit.reporting`: one seed has no spread).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import statistics
@@ -38,16 +39,29 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from hydra_kit.config.trainer import build_trainer
 from hydra_kit.data.synthetic import SyntheticDataModule
 from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
+from hydra_kit.errors import RecipeError
+from hydra_kit.experiments.merge import merged_grid
 from hydra_kit.experiments.models import ModelSpec, count_parameters
+from hydra_kit.experiments.settings import (
+    EVAL_SEED,
+    Settings,
+    add_common_arguments,
+    describe_task,
+    print_run,
+    resolve_settings,
+)
 from hydra_kit.model import HydraLM, ModelOutput
-from hydra_kit.recipe import RecipeError
+
+__all__ = [
+    "EVAL_SEED", "IGNORE_INDEX", "CellResult", "RecipeError", "Settings", "TrainSettings", "TrainedModel", "add_common_arguments",
+    "build_task", "describe_models", "describe_task", "eval_set", "evaluate", "latency_ms", "payload", "peak_memory_mb",
+    "print_run", "resolve_settings", "run_grid", "stack", "train", "train_settings",
+]
 
 TaskT = TypeVar("TaskT", bound=SyntheticTask)
-
-# Seed of the held-out evaluation examples: the same for every model and training seed (paired comparison).
-EVAL_SEED = 1_000_000_007
 
 # ------------------------------------------------------------------------------------------------ training
 @dataclass
@@ -90,19 +104,19 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
     config = dict(spec.config, lr=settings.lr, warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 4)))
     model = HydraLM(**config)
     data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
-    trainer = L.Trainer(
+    # The Trainer defaults of every hydra-kit run (hydra_kit.config.trainer), without what an experiment does not
+    # keep: no logger, checkpoints, progress bar or model summary, and no validation during training (the
+    # experiment evaluates the trained model itself, on held-out examples).
+    trainer = build_trainer(
         accelerator=settings.accelerator,
-        devices=1,
         max_steps=settings.steps,
-        max_epochs=-1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Curriculum(copy.deepcopy(settings.curriculum))] if settings.curriculum else None,
+        callbacks=[Curriculum(copy.deepcopy(settings.curriculum))] if settings.curriculum else [],
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -235,98 +249,6 @@ def peak_memory_mb(config: dict[str, Any], seq_len: int) -> float | None:
         return measure_peak_memory(str(path), seq_len, "infer", 1, None)
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-@dataclass
-class Settings:
-    """The common options of every experiment command (per-experiment defaults fill the Nones)."""
-
-    size: str
-    seeds: int
-    steps: int
-    batch_size: int
-    eval_per_level: int
-    out: Path
-    recipe: str | None
-    lr: float
-    threads: int = 1
-    accelerator: str = "cpu"
-    transformer_lr: float = 1e-3
-    first_seed: int = 0
-    merge: list[str] = field(default_factory=list)
-    #: the labels of the models to train (empty: all); the JSON still describes every model, so --merge joins folders that split them
-    models: list[str] = field(default_factory=list)
-    #: training stages set by the experiment (see :attr:`TrainSettings.curriculum`), recorded in its JSON
-    curriculum: list[dict[str, Any]] = field(default_factory=list)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=("cpu", "full"), default="cpu", help="cpu: the default, minutes on 2 cores; full: the paper's scale (GPU)")
-    parser.add_argument("--seeds", type=int, default=None, help="training seeds per model (default: 3): FIRST..FIRST+N-1")
-    parser.add_argument(
-        "--first-seed", "--first_seed", dest="first_seed", type=int, default=0,
-        help="the first training seed (default 0): run seeds in parallel processes, each to its own --out, then join them with --merge",
-    )
-    parser.add_argument(
-        "--merge", nargs="+", default=[], metavar="DIR",
-        help="train nothing: join the finished seeds in these output folders of this experiment (same settings, disjoint seeds) into --out",
-    )
-    parser.add_argument(
-        "--models", nargs="+", default=[], metavar="LABEL",
-        help="train only these of the compared models, by the label the tables print (quote 'hydra - workspace'); "
-        "run the others in another process or session and join the folders with --merge",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
-    parser.add_argument("--eval", dest="eval_per_level", type=int, default=None, help="held-out examples per reported cell (default: 500)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of Hydra and its variants (default 3e-3)")
-    parser.add_argument(
-        "--transformer-lr", "--transformer_lr", dest="transformer_lr", type=float, default=None,
-        help="peak learning rate of the dense transformer (default 1e-3: at 3e-3 it stayed on MQAR's no-skill plateau, issue 17)",
-    )
-    parser.add_argument("--recipe", default=None, help="Hydra recipe YAML to use instead of the size's default model")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/NAME)")
-    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where the models train and are evaluated (gpu: the first CUDA device)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1: these small models are bound by per-op overhead, not FLOPs)"
-    )
-
-
-def resolve_settings(args: argparse.Namespace, name: str, defaults: dict[str, dict[str, Any]]) -> Settings:
-    """Merge the command line over the experiment's defaults for ``--size``.
-
-    Raises:
-        RecipeError: a count is not positive.
-    """
-    d = defaults[args.size]
-    settings = Settings(
-        size=args.size,
-        seeds=args.seeds if args.seeds is not None else d.get("seeds", 3),
-        steps=args.steps if args.steps is not None else d["steps"],
-        batch_size=args.batch_size if args.batch_size is not None else d.get("batch_size", 32),
-        eval_per_level=args.eval_per_level if args.eval_per_level is not None else d.get("eval_per_level", 500),
-        out=args.out if args.out is not None else Path("runs") / "experiments" / name,
-        recipe=args.recipe,
-        lr=args.lr if args.lr is not None else d.get("lr", 3e-3),
-        threads=args.threads,
-        accelerator=args.accelerator,
-        transformer_lr=args.transformer_lr if args.transformer_lr is not None else d.get("transformer_lr", 1e-3),
-        first_seed=args.first_seed,
-        merge=[str(Path(m)) for m in args.merge],
-        models=list(args.models),
-    )
-    for key in ("seeds", "steps", "batch_size", "eval_per_level"):
-        if getattr(settings, key) <= 0:
-            raise RecipeError(f"experiment {name}: --{key.replace('_', '-')} must be positive, got {getattr(settings, key)}")
-    if settings.first_seed < 0:
-        raise RecipeError(f"experiment {name}: --first-seed must be 0 or more, got {settings.first_seed}")
-    if settings.lr <= 0 or settings.transformer_lr <= 0 or settings.threads <= 0:
-        raise RecipeError(f"experiment {name}: --lr ({settings.lr}), --transformer-lr ({settings.transformer_lr}) and --threads ({settings.threads}) must be positive")
-    if settings.accelerator == "gpu" and not torch.cuda.is_available():
-        raise RecipeError(f"experiment {name}: --accelerator gpu, but torch sees no CUDA device on this machine")
-    torch.set_num_threads(settings.threads)
-    return settings
-
-
 def train_settings(settings: Settings, spec: ModelSpec | None = None) -> TrainSettings:
     """How ``spec`` trains: the experiment's settings, with the model's own learning rate where it has one."""
     lr = spec.lr if spec is not None and spec.lr is not None else settings.lr
@@ -376,8 +298,6 @@ def run_grid(
         The evaluation records and one training record per (model, seed): seconds, final training loss.
     """
     if settings.merge:
-        from hydra_kit.experiments.merge import merged_grid  # merge.py builds on this module's types, so not at the top
-
         return merged_grid(console, specs, task, settings, name, baselines, where or {}, merged_lists or {})
     labels = [s.label for s in specs]
     unknown = [m for m in settings.models if m not in labels]
@@ -400,20 +320,6 @@ def run_grid(
         if on_seed is not None:
             on_seed(records, runs)
     return records, runs
-
-
-def describe_task(task: SyntheticTask) -> dict[str, Any]:
-    """The training task's class and public settings (what ``--merge`` checks runs were trained on)."""
-    plain = (bool, int, float, str, type(None))
-    settings = {k: v for k, v in vars(task).items() if not k.startswith("_") and (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v)))}
-    return {"class": type(task).__name__, **settings}
-
-
-def print_run(console: Console, run: dict[str, Any], steps: int) -> None:
-    """One line per trained (model, seed): time and final training loss, and the folder of a merged run."""
-    loss = "-" if run["final_train_loss"] is None else f"{run['final_train_loss']:.3f}"
-    origin = f" (from {run['merged_from']})" if "merged_from" in run else ""
-    console.print(f"  seed {run['seed']}  {run['model']:<24} trained {steps} steps in {run['train_seconds']:6.1f} s, final train loss {loss}{origin}")
 
 
 def payload(name: str, settings: Settings, specs: Sequence[ModelSpec], counts: dict[str, dict[str, int]], extra: dict[str, Any]) -> dict[str, Any]:

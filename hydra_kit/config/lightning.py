@@ -1,9 +1,16 @@
-"""hydra-kit's LightningCLI: HydraLM, any LightningDataModule, and the defaults a run should have.
+"""hydra-kit's LightningCLI: the one parser of recipes, and HydraLM with any LightningDataModule.
 
-Defaults: a rich progress bar over steps, TensorBoard event files (without Lightning's placeholder ``hp_metric``)
-and checkpoints (last and best by validation loss) under ``runs/<name>/version_<n>/``, per-block diagnostics every
-50 steps (:class:`hydra_kit.callbacks.Diagnostics`, section ``diagnostics``), atomic checkpoint writes, gradient
-clipping, and the synthetic default task. At the end of ``fit`` the final validation, the run directory and the checkpoints are printed.
+Every command that reads a recipe reads it here, with jsonargparse as the single front end: ``--config`` files
+are read once by :class:`HydraArgumentParser`, which checks each file's model section as it reads it (so the
+message names the file), and :meth:`HydraCLI.before_instantiate_classes` checks the merged configuration
+(command-line overrides included) once, before any class is built. :func:`parse_config` stops there, for
+commands that only need the configuration (``summary``, ``bench``).
+
+Defaults: the trainer of :data:`hydra_kit.config.trainer.TRAINER_DEFAULTS` (a rich progress bar over steps,
+TensorBoard event files without Lightning's placeholder ``hp_metric``, gradient clipping), checkpoints (last and
+best by validation loss) under ``runs/<name>/version_<n>/``, per-block diagnostics every 50 steps
+(:class:`hydra_kit.callbacks.Diagnostics`, section ``diagnostics``), atomic checkpoint writes and the synthetic
+default task. At the end of ``fit`` the final validation, the run directory and the checkpoints are printed.
 
 A run's saved ``config.yaml`` (and ``--print_config``) holds only what can be written back: the atomic checkpoint
 IO, the progress bar and the model summary are added when the trainer is built, not kept in the configuration,
@@ -13,8 +20,7 @@ so ``hydra-kit fit --config runs/<name>/version_<n>/config.yaml`` repeats the ru
 from __future__ import annotations
 
 import inspect
-import itertools
-import json
+import os
 import sys
 import traceback
 import warnings
@@ -30,46 +36,49 @@ from rich.console import Console
 
 from hydra_kit import compat
 from hydra_kit.callbacks.diagnostics import Diagnostics
-from hydra_kit.callbacks.display import ParameterSummary, StepProgressBar
-from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, StageCheckpoint, safe_torch_load
+from hydra_kit.callbacks.display import ParameterSummary
+from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint, StageCheckpoint
+from hydra_kit.config.checkpoints import check_checkpoint_matches
+from hydra_kit.config.checks import check_model_section, check_recipe_file, check_step_limits, check_strategy
+from hydra_kit.config.files import config_paths, parse_recipe_text, resolve_config_args
+from hydra_kit.config.trainer import TRAINER_DEFAULTS
 from hydra_kit.data import SyntheticDataModule
 from hydra_kit.data.task import best_no_skill
+from hydra_kit.errors import RecipeError
 from hydra_kit.model import HydraLM
-from hydra_kit.network import DEFAULT_COMPONENTS
-from hydra_kit.recipe import RecipeError
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "max_steps": 500,
-    "max_epochs": -1,
-    "val_check_interval": 250,
-    "check_val_every_n_epoch": None,
-    "log_every_n_steps": 10,
-    "gradient_clip_val": 1.0,
-    "reload_dataloaders_every_n_epochs": 1,
-    # default_hp_metric off: Lightning's placeholder "hp_metric" scalar (-1, never updated) is noise in TensorBoard.
-    # A recipe naming TensorBoardLogger keeps this unless it sets the key (jsonargparse merges init_args).
-    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "hydra", "default_hp_metric": False}},
-    # Objects, not configuration: LightningCLI adds default callbacks to the trainer without writing them into
-    # config.yaml. The checkpoint IO is added the same way in HydraCLI._instantiate_trainer (an object given as a
-    # trainer default would be written as an unreadable string and break reloading the saved config).
-    "callbacks": [StepProgressBar(leave=True)],
-}
+__all__ = ["HydraArgumentParser", "HydraCLI", "model_config", "parse_config"]
 
-# The model hyper-parameters that decide the shapes and meaning of the weights: a checkpoint only fits a recipe
-# that agrees on all of them.
-ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_blocks", "components", "dropped")
 # Lightning's own values for --ckpt_path (resolved by the Trainer, not files).
 _CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 class HydraArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser with full option names only and one-line errors (no usage wall)."""
+    """LightningCLI's parser with full option names only, one-line errors (no usage wall), and recipe checks.
+
+    Each ``--config`` file is read once, by jsonargparse; its text is checked (:func:`~hydra_kit.config.checks.check_recipe_file`)
+    before jsonargparse applies its values, so a mistake is reported with the file, the key and the valid choices.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # `--trainer.max_step 5` must not silently mean max_steps
         super().__init__(*args, **kwargs)
+        self._reading: str | None = None
+
+    def parse_path(self, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        self._reading = str(path)  # the name parse_string's messages use (jsonargparse passes it the base name only)
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a YAML recipe (the file is not UTF-8 text)") from None
+        finally:
+            self._reading = None
+
+    def parse_string(self, content: str, path: str | os.PathLike[str] = "", *args: Any, **kwargs: Any) -> Any:
+        if path:  # a recipe file's text (a --config given as inline YAML is checked with the merged configuration)
+            name = self._reading or str(path)
+            check_recipe_file(name, parse_recipe_text(name, content))
+        return super().parse_string(content, path, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> Any:
         if not self.exit_on_error:
@@ -121,76 +130,6 @@ def _apply_ablation_callbacks(config: Any) -> None:
         model["dropped"] = list(dict.fromkeys([*(model.get("dropped") or []), *drop]))
 
 
-def model_architecture(hparams: Any) -> dict[str, Any]:
-    """The architecture-defining model hyper-parameters (:data:`ARCHITECTURE_KEYS`) in a comparable form."""
-    defaults = {k: p.default for k, p in inspect.signature(HydraLM.__init__).parameters.items() if k in ARCHITECTURE_KEYS}
-    get = hparams.get if hasattr(hparams, "get") else (lambda key, default=None: getattr(hparams, key, default))
-    out = {key: get(key, defaults[key]) for key in ARCHITECTURE_KEYS}
-    if out["components"] is None:
-        out["components"] = DEFAULT_COMPONENTS
-    out["dropped"] = sorted(out["dropped"] or [])
-    as_plain = getattr(out["components"], "as_dict", None)
-    if as_plain is not None:
-        out["components"] = as_plain()
-    # One spelling for tuples/lists and nested namespaces, so that a saved and a parsed recipe compare equal.
-    return {k: json.loads(json.dumps(v, default=lambda o: o.as_dict() if hasattr(o, "as_dict") else list(o))) for k, v in out.items()}
-
-
-def _describe_architecture(arch: dict[str, Any]) -> str:
-    components = ", ".join(name for name in arch["components"] if name not in arch["dropped"])
-    return f"vocab_size {arch['vocab_size']}, d_model {arch['d_model']}, n_blocks {arch['n_blocks']}, components {components}"
-
-
-def _architecture_differences(checkpoint: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    diffs = [key for key in ARCHITECTURE_KEYS if key != "components" and checkpoint[key] != recipe[key]]
-    a, b = checkpoint["components"], recipe["components"]
-    if a != b:
-        only_ckpt = [n for n in a if n not in b]
-        only_recipe = [n for n in b if n not in a]
-        changed = [n for n in a if n in b and a[n] != b[n]]
-        parts = [f"only in the checkpoint: {', '.join(only_ckpt)}" if only_ckpt else "",
-                 f"only in the recipe: {', '.join(only_recipe)}" if only_recipe else "",
-                 f"different settings of {', '.join(changed)}" if changed else ""]
-        diffs.append(f"components ({'; '.join(p for p in parts if p) or 'order'})")
-    return diffs
-
-
-def check_checkpoint_matches(ckpt_path: str, config_model: Any, recipe_paths: list[str]) -> None:
-    """Refuse a checkpoint whose model another recipe built: its weights would not fit, or mean something else.
-
-    Raises:
-        CheckpointError: the file is missing, unreadable or not a hydra-kit checkpoint (from ``safe_torch_load``).
-        RecipeError: the checkpoint's architecture differs from the recipe's; the message names both.
-    """
-    checkpoint = safe_torch_load(ckpt_path)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in checkpoint:
-        raise RecipeError(f"checkpoint {ckpt_path}: not a hydra-kit checkpoint (it has no hyper_parameters or state_dict)")
-    trained, wanted = model_architecture(hparams), model_architecture(config_model)
-    diffs = _architecture_differences(trained, wanted)
-    if not diffs:
-        return
-    folder = Path(ckpt_path).resolve().parent
-    run_config = folder.parent / "config.yaml" if folder.name == "checkpoints" else None
-    if run_config is not None and run_config.is_file():  # runs/<recipe name>/version_<n>/checkpoints/<file>
-        origin = f"recipe {folder.parent.parent.name!r}"
-        fix = f"use --config {_shorten(run_config)} (the run's saved recipe) or the recipe it was trained with"
-    else:
-        origin, fix = "another recipe", "use the recipe it was trained with as --config"
-    recipe = f"--config {', '.join(recipe_paths)}" if recipe_paths else "the default model (no --config)"
-    raise RecipeError(
-        f"checkpoint {ckpt_path} was trained with {origin} ({_describe_architecture(trained)}), but {recipe} builds "
-        f"{_describe_architecture(wanted)}; they differ in {', '.join(diffs)}: {fix}"
-    )
-
-
-def _shorten(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 class _ValidationStep(Callback):
     """Remembers the global step of the last validation during fit (to validate the final weights if it was not)."""
 
@@ -205,8 +144,15 @@ class _ValidationStep(Callback):
 class HydraCLI(LightningCLI):
     """LightningCLI with HydraLM as the model and a data module chosen by the recipe."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        self._argv = list(sys.argv[1:] if args is None else args)
+    def __init__(self, args: list[str] | None = None, run: bool = True, *, instantiate: bool = True, prog: str = "hydra-kit") -> None:
+        """Parse ``args`` (default ``sys.argv``), check the configuration, and build the classes if ``instantiate``.
+
+        ``--config`` values are resolved to recipe files first (:func:`~hydra_kit.config.files.config_path`).
+        ``prog`` names the command in messages when there is no subcommand (``hydra-kit ablate``).
+        """
+        self._instantiate = instantiate
+        args = resolve_config_args(list(sys.argv[1:] if args is None else args))
+        self._argv = args
         try:
             super().__init__(
                 HydraLM,
@@ -217,13 +163,13 @@ class HydraCLI(LightningCLI):
                 save_config_kwargs={"overwrite": True},
                 parser_class=HydraArgumentParser,
                 # Named here: from sys.argv[0] they read "cli.py" or "pytest" when not run as the console script.
-                parser_kwargs={"prog": "hydra-kit", **{c: {"prog": f"hydra-kit {c}"} for c in LightningCLI.subcommands()}},
+                parser_kwargs={"prog": prog, **{c: {"prog": f"hydra-kit {c}"} for c in LightningCLI.subcommands()}},
                 args=args,
                 run=run,
             )
         except RecipeError as exc:
             # Raised while building the model or setting up the data, where the file is not known: name it here.
-            paths = _config_paths(self._argv)
+            paths = config_paths(self._argv)
             if paths and not any(str(exc).startswith(p) for p in paths) and not str(exc).startswith(("checkpoint ", "--")):
                 raise RecipeError(f"{', '.join(paths)}: {exc}") from None
             raise
@@ -273,6 +219,8 @@ class HydraCLI(LightningCLI):
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     def instantiate_classes(self) -> None:
+        if not self._instantiate:
+            return
         try:
             super().instantiate_classes()
         except RecipeError:
@@ -286,17 +234,20 @@ class HydraCLI(LightningCLI):
             raise RecipeError(str(cause)) from None
 
     def before_instantiate_classes(self) -> None:
-        """Check trainer limits, apply recipe ablations, resolve ``--ckpt_path last``, check the checkpoint fits."""
+        """Check the merged model section and trainer limits, apply recipe ablations, resolve ``--ckpt_path last``,
+        check the checkpoint fits."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config["model"]
+        check_model_section(model.as_dict() if hasattr(model, "as_dict") else dict(model), config_paths(self._argv))
         trainer = config["trainer"]
-        _check_step_limits(trainer, fitting=self.subcommand in (None, "fit"))
-        _check_strategy(trainer.get("strategy"))
+        check_step_limits(trainer, fitting=self.subcommand in (None, "fit"))
+        check_strategy(trainer.get("strategy"))
         _apply_ablation_callbacks(config)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             ckpt_path = self._resolve_last(config)
         if ckpt_path and ckpt_path not in _CKPT_KEYWORDS:
-            check_checkpoint_matches(str(ckpt_path), config["model"], _config_paths(self._argv))
+            check_checkpoint_matches(str(ckpt_path), config["model"], config_paths(self._argv))
         if config.get("ckpt_path") and self.subcommand == "fit":
             # A resumed run writes into its own checkpoint folder again, which is what Lightning warns about.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -331,7 +282,7 @@ class HydraCLI(LightningCLI):
             console.print(f"final validation (step {trainer.global_step}): " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(metrics.items())))
         baselines_of = getattr(self.datamodule, "no_skill_baselines", None)
         if "val/acc" in metrics and callable(baselines_of):
-            # An accuracy means something only above what a shortcut of the task format scores (issue 17).
+            # An accuracy means something only above what a shortcut of the task format scores.
             baselines = baselines_of()
             name, best = best_no_skill(baselines)
             verdict = "above" if metrics["val/acc"] > best else "[bold red]not above[/]"
@@ -363,46 +314,22 @@ def _constructor_error(exc: BaseException) -> ValueError | None:
     return root
 
 
-def _config_paths(argv: list[str]) -> list[str]:
-    paths = [path for flag, path in itertools.pairwise(argv) if flag in ("--config", "-c")]
-    return paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+def parse_config(paths: list[str], overrides: list[str] | None = None, *, prog: str = "hydra-kit") -> Any:
+    """The checked configuration (a jsonargparse Namespace) of recipes and overrides, without building anything.
 
-
-# Lightning's DDP strategies that register DDPStrategy with find_unused_parameters=False.
-_PLAIN_DDP = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
-
-
-def _check_strategy(strategy: Any) -> None:
-    """Refuse DDP without unused-parameter detection, which fails at the second step with a page of traceback.
-
-    Sparse components (experts not chosen, gates of absent paths, global tokens not picked) leave some
-    parameters without a gradient in a given step, and plain DDP waits for every gradient.
+    Raises:
+        RecipeError: a recipe or an override is wrong (the message names the file or option).
+        SystemExit: jsonargparse refused an option (printed as one line, exit status 2).
     """
-    if isinstance(strategy, str):
-        name = strategy
-        if name not in _PLAIN_DDP:
-            return
-    elif hasattr(strategy, "get") and str(strategy.get("class_path", "")).rsplit(".", 1)[-1] == "DDPStrategy":
-        init = strategy.get("init_args") or {}
-        if init.get("find_unused_parameters"):
-            return
-        name = "DDPStrategy without find_unused_parameters"
-    else:
-        return
-    raise RecipeError(
-        f"--trainer.strategy {name}: Hydra's sparse components leave some parameters without a gradient in a step, which "
-        f"plain DDP cannot handle; use --trainer.strategy ddp_find_unused_parameters_true"
-    )
+    args = [arg for path in paths for arg in ("--config", path)] + list(overrides or [])
+    with warnings.catch_warnings():
+        # The arguments are given on purpose, besides the process's own sys.argv (a library call).
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+        # seed_everything off: parsing alone must not seed the process (nor print "Seed set to").
+        return HydraCLI(args=[*args, "--seed_everything", "false"], run=False, instantiate=False, prog=prog).config
 
 
-def _check_step_limits(trainer: Any, *, fitting: bool) -> None:
-    """Refuse step limits that make no run; clamp the validation interval so a short run still validates."""
-    max_steps = trainer.get("max_steps")
-    if isinstance(max_steps, int) and (max_steps < -1 or (fitting and max_steps == 0)):
-        what = "trains nothing (the run would only leave an empty run directory)" if max_steps == 0 else "is negative"
-        raise RecipeError(f"--trainer.max_steps {max_steps} {what}: give a positive number of steps, or -1 for no step limit")
-    interval = trainer.get("val_check_interval")
-    if fitting and isinstance(max_steps, int) and max_steps > 0 and isinstance(interval, int) and not isinstance(interval, bool):
-        batches = max_steps * int(trainer.get("accumulate_grad_batches") or 1)  # the interval counts batches
-        if interval > batches:
-            trainer["val_check_interval"] = batches
+def model_config(paths: list[str], overrides: list[str] | None = None, *, prog: str = "hydra-kit") -> dict[str, Any]:
+    """The keyword arguments of :class:`~hydra_kit.model.HydraLM` that recipes and overrides give (checked)."""
+    model = parse_config(paths, overrides, prog=prog).model
+    return dict(model.as_dict() if hasattr(model, "as_dict") else model)

@@ -1,0 +1,115 @@
+"""How hydra-kit reports numbers: mean and spread over runs, rich tables, CSV and JSON files, figures.
+
+One module for ``hydra-kit ablate``, ``hydra-kit experiment`` and ``hydra-kit bench``, so that the same
+measurements are aggregated, printed and written the same way everywhere.
+
+Numbers are aggregated, never adjusted. A missing measurement stays missing: NaN in memory and in files
+(``nan`` in CSV, ``NaN`` in JSON, which Python's ``json`` reads back), ``-`` in tables.
+
+The spread is the sample standard deviation (n - 1 denominator). **For fewer than two values it is undefined
+and is NaN**: one seed measures no spread, so tables print the mean without ``±``, files hold NaN, figures
+draw no error bar, and a claim that subtracts the spread (``experiments.report.above``) subtracts nothing.
+Every caller reads the spread through :func:`mean_spread`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hydra_kit.errors import RecipeError
+
+__all__ = ["console", "fmt", "is_missing", "mean_spread", "print_table", "pyplot", "write_csv", "write_json"]
+
+
+def is_missing(value: Any) -> bool:
+    """Whether ``value`` is a missing measurement: None or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def mean_spread(values: Iterable[float | int | None]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (n - 1 denominator) of the measured values.
+
+    Missing values (None, NaN) and infinities are left out. With no value left both are NaN; with one value the
+    spread is NaN (undefined: one run measures no spread; see the module docstring).
+
+    >>> mean_spread([1.0, 3.0])
+    (2.0, 1.4142135623730951)
+    >>> mean_spread([2.0, None])
+    (2.0, nan)
+    """
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def fmt(mean: float | None, spread: float | None = None, spec: str = ".3f", signed: bool = False) -> str:
+    """``mean ± spread`` in the format ``spec``; the mean alone when the spread is missing; ``-`` when the mean is.
+
+    >>> fmt(0.5, 0.25), fmt(0.5, float("nan")), fmt(None), fmt(3.0, 1.0, ".1f", signed=True)
+    ('0.500 ± 0.250', '0.500', '-', '+3.0 ± 1.0')
+    """
+    if is_missing(mean):
+        return "-"
+    text = format(mean, ("+" if signed else "") + spec)
+    return text if is_missing(spread) else f"{text} ± {format(spread, spec)}"
+
+
+def console() -> Console:
+    """A rich console for reports: as wide as the terminal, or 160 columns when piped (logs, tests), so that
+    tables are not folded into unreadable columns."""
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else 160)
+
+
+def print_table(out: Console, title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], left: Sequence[str] = ()) -> None:
+    """A rich table of already formatted cells; columns named in ``left`` are left-aligned, the others right-aligned."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> Path:
+    """``rows`` as CSV with a header (``fields``, default the first row's keys; other keys are left out)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(fields if fields is not None else (rows[0] if rows else []))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """``payload`` as indented JSON (missing values as ``NaN``; objects json cannot write, by ``str``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    return path
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display).
+
+    Raises:
+        RecipeError: matplotlib is not installed (it comes with the ``dev`` and ``plots`` extras).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise RecipeError("figures need matplotlib: pip install 'hydra-kit[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
