@@ -209,10 +209,10 @@ class HydraLM(L.LightningModule):
 
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        input_ids, targets = batch["input_ids"], batch["targets"]
+        input_ids, targets, segment_ids = batch["input_ids"], batch["targets"], batch.get("segment_ids")
         diagnostics = stage == "train" and self._diagnostics_requested
         # Packed windows of several documents carry segment_ids: each document is then computed as if alone.
-        out = self(input_ids, diagnostics=diagnostics, segment_ids=batch.get("segment_ids"))
+        out = self(input_ids, diagnostics=diagnostics, segment_ids=segment_ids)
         if diagnostics:
             self._diagnostics_requested = False
             self.last_diagnostics = out.diagnostics
@@ -220,7 +220,7 @@ class HydraLM(L.LightningModule):
         aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
         loss = task_loss + aux_total
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item()))
+            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item(), segment_ids))
         on_step = stage == "train"
         batch_size = input_ids.shape[0]
         # sync_dist on every step too: under DDP the logged training loss is the mean over the ranks, i.e. the loss
@@ -245,9 +245,11 @@ class HydraLM(L.LightningModule):
                 self.log(f"stats/{k}", v, on_step=True, batch_size=batch_size)
         return loss
 
-    def _describe_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float) -> str:
+    def _describe_nonfinite(
+        self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float, segment_ids: Tensor | None = None
+    ) -> str:
         """The one-line report of a non-finite loss: the step, the first bad component and the last good checkpoint."""
-        culprit = self.network.first_nonfinite(input_ids, aux_losses)
+        culprit = self.network.first_nonfinite(input_ids, aux_losses, segment_ids=segment_ids)
         last = "none yet"
         trainer = compat.attached_trainer(self)
         if trainer is not None:

@@ -336,12 +336,13 @@ class HydraNetwork(nn.Module):
             logits, state = self.step(token, state)
 
     # -------------------------------------------------------------- diagnosis
-    def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor]) -> str:
+    def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], *, segment_ids: Tensor | None = None) -> str:
         """Re-run ``input_ids`` (B, L) with hooks and name the first component whose output went non-finite.
 
         Args:
             input_ids: the batch whose loss was NaN or infinite.
             aux_losses: that forward's auxiliary losses, named when no component output was bad.
+            segment_ids: the batch's document ids, if it had them (the re-run computes what the step did).
 
         Returns:
             e.g. ``"component 'attn' in block 1"``, ``"the token embedding"`` or ``"auxiliary loss(es) moe.z"``.
@@ -361,7 +362,7 @@ class HydraNetwork(nn.Module):
             with torch.no_grad():
                 if not torch.isfinite(self.embed(input_ids)).all():
                     found.append("the token embedding")
-                self(input_ids)
+                self(input_ids, segment_ids=segment_ids)
         finally:
             for h in handles:
                 h.remove()
