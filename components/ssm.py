@@ -287,6 +287,8 @@ class SelectiveSSM(TriPathComponent):
             # start one, and its convolution window may reach back into the previous piece.
             resets = document_starts(segment_ids)  # (B, L)
             offsets = document_offsets(resets)  # (B, L)
+            if state is not None:  # the first document continues the carried convolution window
+                offsets = offsets.masked_fill(resets.cumsum(1) == 0, self.d_conv)
         pieces = []
         for start in range(0, x.shape[1], self.segment_len):
             piece = slice(start, start + self.segment_len)

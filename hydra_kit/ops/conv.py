@@ -30,7 +30,9 @@ def causal_depthwise_conv(padded: Tensor, weight: Tensor, bias: Tensor, offsets:
     y = torch.addcmul(bias, padded[:, taps - 1 :], weight[:, taps - 1])
     for k in range(taps - 1):
         shifted = padded[:, k : k + length]
-        if offsets is not None:  # tap k reads the token taps - 1 - k steps back
+        if offsets is not None:
+            # Tap k reads the token taps - 1 - k steps back. A dense mask, not a recomputation of the few rows near
+            # a start: it costs about as much on CPU and needs no host sync to find the rows on a GPU.
             shifted = shifted * (offsets >= taps - 1 - k)[..., None].to(shifted.dtype)
         y = torch.addcmul(y, shifted, weight[:, k])
     return y
