@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from fake_components import CumulativeMeanMixer
 
 from components.attention import CausalSelfAttention
 from components.mlp import SwiGLUMLP
@@ -29,8 +30,8 @@ from hydra_kit.network import HydraNetwork
 from hydra_kit.ops.conv import causal_depthwise_conv
 from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.ops.segments import document_offsets, document_starts
-from hydra_kit.protocol import ComponentContext, TriPathComponent
-from hydra_kit.testing import check_resets
+from hydra_kit.protocol import ComponentContext, ComponentOutput, TriPathComponent
+from hydra_kit.testing import ConformanceError, check_component, check_resets
 
 D = 32
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -248,3 +249,31 @@ def test_training_and_validation_steps_pass_segment_ids(monkeypatch: pytest.Monk
     model.validation_step(batch, 0)
     model.training_step({"input_ids": ids, "targets": ids}, 0)  # windows without boundaries: as before
     assert seen[0] is segments and seen[1] is segments and seen[2] is None
+
+
+class LeakyMeanMixer(CumulativeMeanMixer):
+    """Declares resets but keeps averaging across documents: the conformance check must catch it."""
+
+    supports_resets = True
+
+
+class DocumentMeanMixer(CumulativeMeanMixer):
+    """A plugin that honours resets: the running mean restarts at every document start."""
+
+    supports_resets = True
+
+    def forward(self, x: torch.Tensor, context: ComponentContext | None = None, state: Any = None) -> ComponentOutput:
+        ids = None if context is None else context.segment_ids
+        if ids is None:
+            return super().forward(x, context, state)
+        sums = self.proj(x).cumsum(1)  # (B, L, D)
+        offsets = document_offsets(document_starts(ids))  # (B, L)
+        first = torch.arange(x.shape[1]) - offsets  # where each token's document starts
+        before = sums.gather(1, (first - 1).clamp_min(0)[..., None].expand_as(sums)) * (first > 0)[..., None]
+        return ComponentOutput(self.scale * (sums - before) / (offsets + 1)[..., None])
+
+
+def test_check_component_catches_a_plugin_that_leaks_across_documents() -> None:
+    with pytest.raises(ConformanceError, match="LeakyMeanMixer declares supports_resets, but with documents split at 16 the second document's updates change with the first"):
+        check_component(LeakyMeanMixer)
+    check_component(DocumentMeanMixer)
