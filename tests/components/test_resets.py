@@ -31,6 +31,7 @@ from hydra_kit.ops.conv import causal_depthwise_conv
 from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.ops.segments import document_offsets, document_starts
 from hydra_kit.protocol import ComponentContext, ComponentOutput, TriPathComponent
+from hydra_kit.registry import ComponentEntry, Registry, default_registry
 from hydra_kit.testing import ConformanceError, check_component, check_resets
 
 D = 32
@@ -50,6 +51,9 @@ CASES: dict[str, tuple[type[TriPathComponent], dict[str, Any], int, bool]] = {
     "pkm": (ProductKeyMemory, dict(ProductKeyMemory.example_init_args), 16, True),
     "mlp": (SwiGLUMLP, dict(SwiGLUMLP.example_init_args), 16, True),
     "moe": (MixtureOfExperts, dict(MixtureOfExperts.example_init_args), 16, True),
+    "moe-chunk": (MixtureOfExperts, {**MixtureOfExperts.example_init_args, "routing": "chunk"}, 16, False),
+    "moe-capacity": (MixtureOfExperts, {**MixtureOfExperts.example_init_args, "capacity_factor": 0.5}, 16, False),
+    "moe-chunk-capacity": (MixtureOfExperts, {**MixtureOfExperts.example_init_args, "routing": "chunk", "capacity_factor": 0.5}, 16, False),
 }
 
 
@@ -174,15 +178,13 @@ def test_router_gates_are_per_token() -> None:
     check_resets(router, x, score, aligned=16, unaligned=13, atol=1e-12)
 
 
-@pytest.mark.parametrize(("args", "why"), [({"routing": "chunk"}, "chunk routing"), ({"capacity_factor": 1.0}, "capacity window")])
-def test_stateful_moe_refuses_documents(args: dict[str, Any], why: str) -> None:
-    moe = MixtureOfExperts(D, 0, n_experts=4, top_k=2, expert_hidden=16, chunk_size=8, capacity_window=16, **args)
-    reason = moe.resets_refusal()
-    assert reason is not None and why in reason
-    block = TriPathBlock(D, 3, {"moe": moe}, {"moe": 1.0}, set())
-    with pytest.raises(ValueError, match=rf"segment_ids.*'moe' \(MixtureOfExperts\) in block 3 cannot honour them: .*{why}"):
+def test_a_block_refuses_documents_for_a_component_without_resets() -> None:
+    mean = CumulativeMeanMixer(D, 0)  # declares nothing: supports_resets is False
+    assert mean.resets_refusal() == "CumulativeMeanMixer does not declare supports_resets = True"
+    block = TriPathBlock(D, 3, {"ssm": SelectiveSSM(D, 3), "mean": mean}, {"ssm": 1.0, "mean": 1.0}, set())
+    with pytest.raises(ValueError, match=r"segment_ids\), but component 'mean' \(CumulativeMeanMixer\) in block 3 cannot honour them: .*supports_resets"):
         block(torch.randn(1, 8, D), segment_ids=torch.zeros(1, 8, dtype=torch.long))
-    block.knocked_out = {"moe"}  # a knocked-out instance does not run, so it cannot leak
+    block.knocked_out = {"mean"}  # a knocked-out instance does not run, so it cannot leak
     block(torch.randn(1, 8, D), segment_ids=torch.zeros(1, 8, dtype=torch.long))
 
 
@@ -224,10 +226,13 @@ def test_whole_model_second_document_logits_equal_alone(recipe: str) -> None:
 
 
 def test_whole_model_refuses_a_component_without_resets() -> None:
-    network = _recipe_network("full.yaml", moe={"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2, "routing": "chunk", "chunk_size": 8}})
-    with pytest.raises(ValueError, match=r"^this batch marks documents \(segment_ids\), but component 'moe' \(MixtureOfExperts\) in block 0 cannot honour them: chunk routing"):
+    registry = Registry({**default_registry().entries, "mean": ComponentEntry("mean", CumulativeMeanMixer, "hydra-kit-tests", "0", "fake_components:CumulativeMeanMixer")})
+    components = {"ssm": {"component": "ssm", "blocks": "all"}, "mean": {"component": "mean", "blocks": [1, 2]}}
+    network = HydraNetwork(vocab_size=16, d_model=D, n_blocks=3, components=components, registry=registry)
+    with pytest.raises(ValueError, match=r"^this batch marks documents \(segment_ids\), but component 'mean' \(CumulativeMeanMixer\) in block 1 cannot honour them"):
         network(torch.zeros(1, 8, dtype=torch.long), segment_ids=torch.zeros(1, 8, dtype=torch.long))
-    assert len(network.resets_refusals()) == 6  # one per block holding it
+    assert len(network.resets_refusals()) == 2  # one per block holding it
+    network(torch.zeros(1, 8, dtype=torch.long))  # without segment ids the model runs as before
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # steps called without a Trainer
