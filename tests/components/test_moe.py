@@ -1,4 +1,4 @@
-"""Tests of the mixture of experts (HYDRA.md 3.5)."""
+"""Tests of the mixture of experts (docs/design.md 3.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of sparse global attention (HYDRA.md 3.4)."""
+"""Tests of sparse global attention (docs/design.md 3.4)."""
 
 from __future__ import annotations
 
