@@ -590,7 +590,7 @@ class SparseGlobalAttention(TriPathComponent):
 
         The keys, masks and global selection of :meth:`forward` written out densely over the L key positions, for
         inspection and diagnostics: O(Q * L) memory. (A scored value is scaled by its salience after the softmax,
-        so the scaling is not part of the weights.)
+        so the scaling is not part of the weights.) Honours ``context.segment_ids`` as :meth:`forward` does.
         """
         batch, seq_len, _ = x.shape
         h, hd, w = self.n_heads, self.head_dim, self.window
@@ -604,11 +604,23 @@ class SparseGlobalAttention(TriPathComponent):
         local = ((pos <= qp) & (qp <= pos + w)).expand(batch, -1, -1)  # (B, Q, L)
         hits = torch.zeros(local.shape, dtype=torch.long, device=x.device)
         score = None if context is None else context.global_score
+        segment_ids = None if context is None else context.segment_ids
+        if segment_ids is not None:
+            starts = document_starts(segment_ids)  # (B, L)
+            doc_first = (pos - document_offsets(starts))[:, positions]  # (B, Q) where each query's document starts
+            local = local & (pos >= doc_first[..., None])
+            if score is not None:  # as in forward: a chunk holding a start promotes only its last document's tokens
+                n_chunks = -(-seq_len // w)
+                doc = F.pad(starts, (0, n_chunks * w - seq_len)).view(batch, n_chunks, w).cumsum(-1)
+                score = score.masked_fill((doc != doc[..., -1:]).flatten(1)[:, :seq_len], NEG_INF)
         if score is not None and self.uses_globals:
             schedule = global_schedule(score.to(x.dtype), w, self.globals_per_chunk, self.max_global)  # (B, C, M), -1: empty
             seen = schedule[:, positions // w]  # (B, Q, M): the globals each query's chunk may read
             # As in forward: a global inside the query's local window is read there, not through the global set.
-            hits.scatter_add_(2, seen.clamp_min(0), ((seen >= 0) & (qp > seen + w)).long())
+            reads = (seen >= 0) & (qp > seen + w)
+            if segment_ids is not None:  # and never an earlier document's global
+                reads = reads & (seen >= doc_first[..., None])
+            hits.scatter_add_(2, seen.clamp_min(0), reads.long())
         via_global = hits > 0
         visible = local | via_global
         weights = logits.masked_fill(~visible[:, None], NEG_INF).softmax(-1)  # each query sees itself: no empty row

@@ -282,3 +282,15 @@ def test_check_component_catches_a_plugin_that_leaks_across_documents() -> None:
     with pytest.raises(ConformanceError, match="LeakyMeanMixer declares supports_resets, but with documents split at 16 the second document's updates change with the first"):
         check_component(LeakyMeanMixer)
     check_component(DocumentMeanMixer)
+
+
+def test_sga_attention_map_follows_documents_as_forward_does() -> None:
+    component = _build("sga")
+    x, score = _inputs(48)
+    ids = torch.zeros(2, 48, dtype=torch.long)
+    ids[0, 16:], ids[1, 21:] = 1, 1
+    amap = component.attention_map(x, ComponentContext(global_score=score, segment_ids=ids))
+    assert not amap.visible[0, 16:, :16].any() and not amap.visible[1, 21:, :21].any()
+    alone = component.attention_map(x[:1, 16:], ComponentContext(global_score=score[:1, 16:]))
+    assert torch.equal(amap.visible[0, 16:, 16:], alone.visible[0]) and torch.equal(amap.via_global[0, 16:, 16:], alone.via_global[0])
+    torch.testing.assert_close(amap.weights[0, :, 16:, 16:], alone.weights[0], rtol=0, atol=1e-10)
