@@ -180,15 +180,21 @@ class HydraLM(L.LightningModule):
         return self.network.init_state(batch_size, device=device, dtype=dtype)
 
     def forward(
-        self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
+        self,
+        input_ids: Tensor,
+        state: list[dict[str, Any]] | None = None,
+        *,
+        collect_aux: bool = True,
+        diagnostics: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`.
+        """Logits (B, L, V) for token ids (B, L), documents marked by ``segment_ids``; see :meth:`HydraNetwork.forward`.
 
         With ``compile=True``, a full-sequence forward (no ``state``, no ``diagnostics``) runs compiled.
         """
         if self.hparams.get("compile") and state is None and not diagnostics:
-            return self.compiled_network()(input_ids, collect_aux=collect_aux)
-        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics)
+            return self.compiled_network()(input_ids, collect_aux=collect_aux, segment_ids=segment_ids)
+        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics, segment_ids=segment_ids)
 
     def compiled_network(self) -> Callable[..., ModelOutput]:
         """``torch.compile`` of :attr:`network`, built on first use and kept for this model object.
@@ -234,9 +240,10 @@ class HydraLM(L.LightningModule):
 
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        input_ids, targets = batch["input_ids"], batch["targets"]
+        input_ids, targets, segment_ids = batch["input_ids"], batch["targets"], batch.get("segment_ids")
         diagnostics = stage == "train" and self._diagnostics_requested
-        out = self(input_ids, diagnostics=diagnostics)
+        # Packed windows of several documents carry segment_ids: each document is then computed as if alone.
+        out = self(input_ids, diagnostics=diagnostics, segment_ids=segment_ids)
         if diagnostics:
             self._diagnostics_requested = False
             self.last_diagnostics = out.diagnostics
@@ -244,7 +251,7 @@ class HydraLM(L.LightningModule):
         aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
         loss = task_loss + aux_total
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item()))
+            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item(), segment_ids))
         on_step = stage == "train"
         batch_size = input_ids.shape[0]
         # sync_dist on every step too: under DDP the logged training loss is the mean over the ranks, i.e. the loss
@@ -269,9 +276,11 @@ class HydraLM(L.LightningModule):
                 self.log(f"stats/{k}", v, on_step=True, batch_size=batch_size)
         return loss
 
-    def _describe_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float) -> str:
+    def _describe_nonfinite(
+        self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float, segment_ids: Tensor | None = None
+    ) -> str:
         """The one-line report of a non-finite loss: the step, the first bad component and the last good checkpoint."""
-        culprit = self.network.first_nonfinite(input_ids, aux_losses)
+        culprit = self.network.first_nonfinite(input_ids, aux_losses, segment_ids=segment_ids)
         last = "none yet"
         trainer = compat.attached_trainer(self)
         if trainer is not None:
@@ -297,7 +306,7 @@ class HydraLM(L.LightningModule):
         self._shared_step(batch, "val")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["input_ids"]).logits.argmax(-1)
+        return self(batch["input_ids"], segment_ids=batch.get("segment_ids")).logits.argmax(-1)
 
     def setup(self, stage: str) -> None:
         """Check the data module against :class:`hydra_kit.data.TokenData` and this model, before any step runs.

@@ -1,4 +1,4 @@
-"""Tests of the product-key memory (HYDRA.md 3.7)."""
+"""Tests of the product-key memory (docs/design.md 3.7)."""
 
 from __future__ import annotations
 
