@@ -30,7 +30,7 @@ Cost is O(L * (window + max_global)) in time and memory: queries are processed i
 of earlier chunks, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. No L x L
 tensor exists anywhere.
 
-The file is longer than most (about 600 lines) on purpose: the batched forward, the one-token decoding step and
+The file is longer than most (about 640 lines) on purpose: the batched forward, the one-token decoding step and
 the inspection map each apply the same selection and visibility rules, and keeping them side by side is what
 keeps them from drifting apart (the conformance check compares forward and step).
 """

@@ -1,5 +1,8 @@
 """``hydra-kit bench``: throughput and memory of recipes side by side, measured honestly.
 
+The file is a little over 400 lines on purpose: the timing loop, the memory probe and the per-component
+breakdown share one model-building and interleaving path, and splitting them would pass that state between modules.
+
 Every figure is a measurement: models are timed in one process, interleaved length by length, after warm-up,
 as the median of several repeats, and the ratios are taken between numbers of the same run. The machine's
 float32 matmul rate is measured in the same run (the roof), so each model's achieved GFLOP/s is also reported

@@ -1,5 +1,8 @@
 """The public conformance check every component must pass, first-party and third-party alike.
 
+The file is over 400 lines on purpose: it is one public check, and each property is its own small function so
+a plugin author reads the whole contract, and every failure message, in one place.
+
 Use it from a plugin's own tests::
 
     from hydra_kit.testing import check_component

@@ -13,7 +13,7 @@ with one question per 127 tokens no model on the E4 CPU budget left chance, see
 ``docs/calibration/2026-12-05-distant-premise``). The answers are never in the input, so an earlier question
 tells nothing about a later one's answer.
 
-Why this layout (issue 17 found the premise at a fixed offset per distance, so "the value D tokens back"
+Why this layout (a first version put the premise at a fixed offset per distance, so "the value D tokens back"
 answered every question; :meth:`DistantPremise.heuristics` measures the shortcuts and
 ``tests/data/test_distant_premise.py`` checks each stays near chance):
 
@@ -210,7 +210,7 @@ class DistantPremise(SyntheticTask):
             found[int(t)] = [start, start + 1, start + 2]
         return found
 
-    # --- no-skill baselines (issue 17) ---
+    # --- no-skill baselines ---
 
     def _premises(self, input_ids: np.ndarray) -> tuple[int, np.ndarray]:
         """(position of the question, start positions of the premises before it)."""
@@ -222,7 +222,7 @@ class DistantPremise(SyntheticTask):
 
         * ``value at offset D`` for each distance D: the value of the premise starting D tokens before the
           question (or of the one starting nearest to that); with the premise at a fixed offset per level
-          (the design issue 17 found) it is right every time;
+          (as in that first version) it is right every time;
         * ``value at the commonest offset``: the same at the offset of the asked premise most common in 2000
           training examples;
         * ``nearest premise``, ``farthest premise``: the value of the last / first premise;

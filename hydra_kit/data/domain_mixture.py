@@ -10,7 +10,7 @@ Layout: ``[x_1 .. x_n  OP_d  POS_1 .. POS_n]``, where ``OP_d`` is the domain's o
 asks for output symbol i; the target at ``POS_i`` is ``y_i``. The outputs are never fed back as inputs (the
 answer positions hold only position tokens), so no answer appears at or after the position that predicts it.
 
-Only positions whose answer needs the domain's rule are scored (issue 17 found prefix sum's first answer was
+Only positions whose answer needs the domain's rule are scored (in a first version, prefix sum's first answer was
 just the first operand; :meth:`DomainMixture.heuristics` measures the shortcuts and
 ``tests/data/test_domain_mixture.py`` checks each stays near chance). A position keeps ``IGNORE_INDEX`` when its
 answer copies the first or the last operand (copy's ends, reverse's ends, rotate's last two, prefix sum's first),
@@ -144,7 +144,7 @@ class DomainMixture(SyntheticTask):
         answers[self.scored[domain]] = 1 + y[self.scored[domain]]
         return Example(input_ids, targets, {"domain": domain, "domain_name": self.domains[domain]})
 
-    # --- no-skill baselines (issue 17) ---
+    # --- no-skill baselines ---
 
     def _parse(self, input_ids: np.ndarray, t: int) -> tuple[np.ndarray, int, int]:
         """(operands 0..M-1, domain, answer index i) of answer position ``t``."""
@@ -156,7 +156,7 @@ class DomainMixture(SyntheticTask):
         """Shortcuts that answer without the domain's rule.
 
         * ``first operand``, ``last operand`` (the symbol before the operator), ``most frequent operand`` (the
-          smallest on a tie): the copies issue 17 found (prefix sum's first answer was the first operand);
+          smallest on a tie): the copies a first version allowed (prefix sum's first answer was the first operand);
         * ``as if <domain>`` for each domain of the mixture: that domain's rule applied whatever the operator
           says; on that domain's own examples, where it would be the rule itself, it answers the first operand.
           Its score is what a model that mixes up the domains gets;

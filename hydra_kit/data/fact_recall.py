@@ -13,7 +13,7 @@ second token is its answer:
   counterfactual questions a model that recalls instead of reading is wrong (``Example.meta["counterfactual"]``
   counts them), and a model that reads is right whether or not it stored the table.
 
-Why two-token subjects and a balanced table (issue 17 found closed-book recall was a bigram: one subject token
+Why two-token subjects and a balanced table (a first version's closed-book recall was a bigram: one subject token
 named the fact, so an embedding table answered it; :meth:`FactRecall.heuristics` measures the shortcuts and
 ``tests/data/test_fact_recall.py`` checks each stays near chance): the table is a *frequency square*, every row
 (first token) and every column (second token) holding each value equally often, so no single token says
@@ -236,13 +236,13 @@ class FactRecall(SyntheticTask):
         targets[len(prompt) + 2 :: 2] = np.asarray(answers)[query_order]
         return Example(input_ids, targets, {"book": "open" if is_open else "closed", "counterfactual": counterfactual})
 
-    # --- no-skill baselines (issue 17) ---
+    # --- no-skill baselines ---
 
     def heuristics(self) -> dict[str, Heuristic]:
         """Shortcuts that answer without the whole subject: one of its tokens, or the prompt's values.
 
         * ``last subject token``: a bigram model, the value most often asked after this token in 4000
-          training examples (with single-token subjects, the issue 17 design, this *was* closed-book recall);
+          training examples (with single-token subjects, as in a first version of this task, this *was* closed-book recall);
         * ``first subject token``: the same for the subject's first token;
         * ``commonest answer``: the value most often asked in those training examples;
         * ``most frequent value``: the value stated most often in the prompt (the smallest on a tie);

@@ -8,7 +8,7 @@ L hops along ``->``. Nothing follows the query, and the query holds no node but 
 The ``->`` facts form ``num_chains`` disjoint *closed* chains of ``chain_len`` nodes each (``a -> b -> ... -> a``),
 and ``num_distractors`` branches ``c ~> x`` are added. The queried chain is one of the chains and ``start``
 one of its nodes, both at random. Each of these choices removes a shortcut a model could learn instead of
-following edges (issue 17, measured by :meth:`LogicChains.heuristics`; ``tests/data/test_logic_chains.py``
+following edges (measured by :meth:`LogicChains.heuristics`; ``tests/data/test_logic_chains.py``
 checks each stays near chance):
 
 * a closed chain has no end: every node has an outgoing ``->`` edge, so there is always an edge past the
@@ -234,7 +234,7 @@ class LogicChains(SyntheticTask):
             node = step[node]
         return node
 
-    # --- no-skill baselines (issue 17) ---
+    # --- no-skill baselines ---
 
     def heuristics(self) -> dict[str, Heuristic]:
         """Shortcuts that answer without following L edges from the start (see the module docstring).
@@ -252,9 +252,8 @@ class LogicChains(SyntheticTask):
 
         No "not asked before" rule is listed for several queries (as MQAR and DistantPremise have): a query names
         only its start, and the starts are distinct nodes drawn uniformly, so an earlier start is the current
-        answer as often as any other node; ruling earlier starts out gains nothing (issue 32: on the later queries
-        of 300 examples of the E1 training instance with 8 queries, ``most frequent node`` with the earlier starts
-        excluded scored 0.030 and "the first query's start" 0.035, against chance 0.031).
+        answer as often as any other node; ruling earlier starts out gains nothing (measured:
+        docs/results.md, "The earlier numbers on this page were withdrawn").
         """
 
         def most_frequent(input_ids: np.ndarray, t: int) -> int:

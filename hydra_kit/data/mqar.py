@@ -5,7 +5,7 @@ come from disjoint halves of the vocabulary and are drawn *without replacement*:
 distinct, so no surface statistic of the context singles out an answer. Unlike Zoology's format, the query
 region holds keys only: the value is the target at the query position and never appears as an input after it.
 
-What a model that does not look the current key up can still do (issue 32): each key is asked at most once,
+What a model that does not look the current key up can still do: each key is asked at most once,
 and the *keys* of the earlier queries are in the input, so their pairs are ruled out. Guessing among the pairs
 not yet asked scores ``1 / (num_pairs - i)`` at query ``i`` (counted from 0), and 1 at the last query when every
 key is asked; the mean over the queries is ``H_n / n`` for ``n = num_pairs = num_queries`` (0.340 at 8 pairs,
