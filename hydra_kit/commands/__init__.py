@@ -39,6 +39,7 @@ COMMANDS = {
     "ablate": "ablate",
     "experiment": "experiment",
     "recipes": "recipes",
+    "eval": "eval",
 }
 USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
 
@@ -52,6 +53,7 @@ commands:
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
   recipes [--copy NAME]             list the packaged recipes, or write one out to edit (--config takes their names)
+  eval --ckpt_path CKPT --tasks T   lm-evaluation-harness tasks on a checkpoint, offline; table and JSON (--help)
 
 options:
   --no-plugins                      load only hydra-kit's own components (also HYDRA_KIT_NO_PLUGINS=1)
