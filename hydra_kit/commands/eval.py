@@ -24,6 +24,7 @@ from hydra_kit.errors import RecipeError
 __all__ = ["OFFLINE_ENVIRONMENT", "main"]
 
 # Read by huggingface_hub, datasets, evaluate and transformers when they are imported: set before lm_eval is.
+BYTE_VOCABULARY = 257  # the most ids a byte-level model uses: 256 bytes and prepare's end-of-document token
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -40,12 +41,31 @@ def _limit(text: str) -> int | float:
     raise RecipeError(f"eval: --limit: expected a number of examples (an integer >= 1) or a share (0 < x < 1), got {text!r}")
 
 
-def _shard_tokenizer(checkpoint: dict[str, Any]) -> str | None:
-    """The tokenizer.json beside the token shards the checkpoint was trained on, when there is one."""
+def _training_data_path(ckpt_path: str, checkpoint: dict[str, Any]) -> str | None:
+    """The data folder the checkpoint was trained on: its data module's ``path``, or the run's saved config.yaml's."""
     data = checkpoint.get("datamodule_hyper_parameters")
-    folder = data.get("path") if isinstance(data, dict) else None
-    if isinstance(folder, str) and (Path(folder) / "tokenizer.json").is_file():
-        return str(Path(folder) / "tokenizer.json")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        return str(data["path"])
+    folder = Path(ckpt_path).resolve().parent
+    run_config = folder.parent / "config.yaml"  # runs/<name>/version_<n>/{config.yaml, checkpoints/<file>}
+    if folder.name != "checkpoints" or not run_config.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    init_args = (config.get("data") or {}).get("init_args") if isinstance(config, dict) else None
+    path = init_args.get("path") if isinstance(init_args, dict) else None
+    return path if isinstance(path, str) else None
+
+
+def _shard_tokenizer(ckpt_path: str, checkpoint: dict[str, Any]) -> str | None:
+    """The tokenizer.json beside the token shards the checkpoint was trained on, when that folder is here."""
+    folder = _training_data_path(ckpt_path, checkpoint)
+    if folder is not None and (Path(folder).expanduser() / "tokenizer.json").is_file():
+        return str(Path(folder).expanduser() / "tokenizer.json")
     return None
 
 
@@ -55,7 +75,7 @@ def _load(args: Any) -> tuple[Any, str | None, str]:
         from hydra_kit.checkpoint import load_model
 
         model, checkpoint = load_model(args.ckpt_path)
-        return model.network, _shard_tokenizer(checkpoint), args.ckpt_path
+        return model.network, _shard_tokenizer(args.ckpt_path, checkpoint), args.ckpt_path
     from hydra_kit.network import HydraNetwork
 
     folder = Path(args.model)
@@ -103,7 +123,14 @@ def main(argv: list[str]) -> int:
     from hydra_kit.evaluation.tokenizer import load_tokenizer
 
     network, model_tokenizer, name = _load(args)
-    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else model_tokenizer, network.vocab_size)
+    spec = args.tokenizer if args.tokenizer is not None else model_tokenizer
+    if spec is None and network.vocab_size > BYTE_VOCABULARY:
+        # Bytes need 256 ids (257 with prepare's end-of-document token): a larger vocabulary came with a tokenizer.
+        raise RecipeError(
+            f"eval: {name}: the model has {network.vocab_size} ids, more than bytes use, and its tokenizer.json was not found; "
+            "give --tokenizer PATH (the tokenizer.json of its training data), or --tokenizer bytes"
+        )
+    tokenizer = load_tokenizer(spec, network.vocab_size)
     lm = HydraEvalLM(network, tokenizer, chunk_size=args.chunk_size, name=name)
     results = run_tasks(
         lm, tasks, include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, seed=args.seed

@@ -111,8 +111,8 @@ class HydraEvalLM(LM):
             by_context.setdefault(tuple(context_ids), []).append((index, continuation_ids))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood") as bar:
-            for context_ids, items in by_context.items():
-                prefix = prefill(self.network, list(context_ids), chunk_size=self.chunk_size)
+            for context, items in by_context.items():
+                prefix = prefill(self.network, list(context), chunk_size=self.chunk_size)
                 for index, continuation_ids in items:
                     if continuation_ids:  # an empty continuation has probability 1, trivially greedy
                         logprobs, greedy = score(self.network, prefix, continuation_ids, chunk_size=self.chunk_size)

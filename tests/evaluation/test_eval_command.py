@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from hydra_kit.checkpoint import AtomicCheckpointIO
+from hydra_kit.cli import main
+from hydra_kit.commands.eval import OFFLINE_ENVIRONMENT
 from hydra_kit.model import HydraLM
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: pip install 'hydra-kit[eval]' (make setup installs it)")
@@ -67,30 +69,88 @@ def test_eval_prints_the_table_and_writes_json_with_metrics_in_range(checkpoint,
     assert 7 < ppl["bits_per_byte"] < 9
 
 
+@pytest.fixture
+def offline_env(monkeypatch):
+    """Undo the offline switches `hydra-kit eval` sets in this process when the test ends."""
+    for key in OFFLINE_ENVIRONMENT:
+        monkeypatch.setenv(key, os.environ.get(key, "0"))
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--tasks", "hydra_tiny_choice", "--limit", "abc"], "--limit: expected a number of examples"),
+        (["--tasks", "hydra_tiny_choice", "--limit", "-2"], "--limit: expected a number of examples"),
         (["--tasks", "hydra_tiny_choice", "--include_path", "no/such/folder"], "--include_path 'no/such/folder': no such folder"),
         (["--tasks", " , "], "--tasks: give at least one task name"),
+        (["--tasks", "hydra_tiny_choice", "--bogus", "1"], "unrecognized arguments: --bogus"),
     ],
-    ids=["limit", "include-path", "no-tasks"],
+    ids=["limit", "negative-limit", "include-path", "no-tasks", "unknown-option"],
 )
-def test_bad_options_are_one_line(checkpoint, tmp_path, args, message):
-    run = hydra_kit("eval", "--ckpt_path", str(checkpoint), *args, cwd=tmp_path)
-    assert run.returncode == 2
-    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+def test_bad_options_are_one_line(checkpoint, capsys, offline_env, args, message):
+    try:
+        code = main(["eval", "--ckpt_path", str(checkpoint), *args])
+    except SystemExit as exc:  # argparse's own errors leave through sys.exit(2)
+        code = exc.code
+    assert code == 2
+    assert message in error_line(capsys)
 
 
-def test_a_missing_checkpoint_is_one_line(tmp_path):
-    run = hydra_kit("eval", "--ckpt_path", str(tmp_path / "none.ckpt"), "--tasks", "hydra_tiny_choice", "--include_path", str(TASKS), cwd=tmp_path)
-    assert run.returncode == 2
-    assert "does not exist" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+def test_a_missing_checkpoint_is_one_line(tmp_path, capsys, offline_env):
+    assert main(["eval", "--ckpt_path", str(tmp_path / "none.ckpt"), "--tasks", "hydra_tiny_choice", "--include_path", str(TASKS)]) == 2
+    assert "does not exist" in error_line(capsys)
 
 
 @pytest.mark.slow
-def test_an_unknown_task_is_one_line_with_close_names(checkpoint, tmp_path):
-    run = hydra_kit("eval", "--ckpt_path", str(checkpoint), "--tasks", "hydra_tiny_choise", "--include_path", str(TASKS), cwd=tmp_path)
-    assert run.returncode == 2
-    assert "unknown task(s) hydra_tiny_choise" in run.stderr and "hydra_tiny_choice" in run.stderr, run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+def test_an_unknown_task_is_one_line_with_close_names(checkpoint, capsys, offline_env):
+    assert main(["eval", "--ckpt_path", str(checkpoint), "--tasks", "hydra_tiny_choise", "--include_path", str(TASKS)]) == 2
+    line = error_line(capsys)
+    assert "unknown task(s) hydra_tiny_choise" in line and "close names: hydra_tiny_choice" in line
+
+
+def write_bpe(folder: Path) -> Path:
+    """A tiny byte-level BPE with <|endoftext|>, as hydra-kit prepare writes beside its shards."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is not installed: pip install 'hydra-kit[eval]'")
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet, show_progress=False)
+    tk.train_from_iterator(["the cat sat on the mat"] * 10, trainer=trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tk.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def test_the_tokenizer_of_the_training_shards_is_found_through_the_runs_config(tmp_path):
+    from hydra_kit.commands.eval import _shard_tokenizer
+
+    tokenizer = write_bpe(tmp_path / "shards")
+    run = tmp_path / "runs" / "text-bpe" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data:\n  class_path: hydra_kit.data.ShardDataModule\n  init_args:\n    path: {tmp_path / 'shards'}\n")
+    assert _shard_tokenizer(str(run / "checkpoints" / "last.ckpt"), {}) == str(tokenizer)
+    assert _shard_tokenizer(str(tmp_path / "elsewhere.ckpt"), {}) is None
+    assert _shard_tokenizer(str(tmp_path / "x.ckpt"), {"datamodule_hyper_parameters": {"path": str(tmp_path / "shards")}}) == str(tokenizer)
+
+
+def test_a_large_vocabulary_without_its_tokenizer_is_refused_in_one_line(tmp_path, capsys, offline_env):
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=4096, d_model=32, n_blocks=1)
+    path = tmp_path / "bpe.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, path)
+    assert main(["eval", "--ckpt_path", str(path), "--tasks", "hydra_tiny_choice", "--include_path", str(TASKS)]) == 2
+    assert "has 4096 ids, more than bytes use" in error_line(capsys)
+    tokenizer = write_bpe(tmp_path / "tok")
+    # A tokenizer with more ids than the model is not its tokenizer.
+    small = tmp_path / "small.ckpt"
+    model = HydraLM(vocab_size=257, d_model=32, n_blocks=1)
+    AtomicCheckpointIO().save_checkpoint({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, small)
+    assert main(["eval", "--ckpt_path", str(small), "--tokenizer", str(tokenizer), "--tasks", "x", "--include_path", str(TASKS)]) == 2
+    assert "ids but the model's vocabulary is 257" in error_line(capsys)

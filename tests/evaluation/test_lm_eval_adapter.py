@@ -15,9 +15,9 @@ from hydra_kit.network import HydraNetwork
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed: pip install 'hydra-kit[eval]' (make setup installs it)")
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from hydra_kit.evaluation.lm_eval_adapter import HydraEvalLM  # noqa: E402
+from hydra_kit.evaluation.lm_eval_adapter import HydraEvalLM
 
 COMPONENTS = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
