@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra_kit.config.arguments import ArgumentParser
 from hydra_kit.errors import RecipeError
+
+if TYPE_CHECKING:
+    from hydra_kit.network import HydraNetwork
 
 __all__ = ["OFFLINE_ENVIRONMENT", "main"]
 
@@ -69,7 +72,7 @@ def _shard_tokenizer(ckpt_path: str, checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
-def _load(args: Any) -> tuple[Any, str | None, str]:
+def _load(args: Any) -> tuple[HydraNetwork, str | None, str]:
     """The HydraNetwork to evaluate, the tokenizer its files point to (None: bytes), and its name."""
     if args.ckpt_path is not None:
         from hydra_kit.checkpoint import load_model

@@ -88,9 +88,12 @@ def run_tasks(
             fewshot_random_seed=seed,
         )
     except (ConnectionError, OSError) as exc:
-        # The offline switches turn "download the dataset" into this: say which switch and what to do.
+        # Offline, "download the dataset" fails here, as does a local task whose data file is missing.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RecipeError(f"--tasks {','.join(tasks)}: a task's data is not available offline ({first}); fetch it into the Hugging Face cache on a machine with network access first (docs/eval.md)") from None
+        raise RecipeError(
+            f"--tasks {','.join(tasks)}: a task's data cannot be read offline ({first}); a Hugging Face dataset must be in "
+            "the local cache first (docs/eval.md)"
+        ) from None
     if results is None:  # simple_evaluate returns None on ranks other than 0, never in one process
         raise RecipeError("lm-eval returned no results")
     return dict(results)
