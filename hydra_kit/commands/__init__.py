@@ -39,6 +39,7 @@ COMMANDS = {
     "ablate": "ablate",
     "experiment": "experiment",
     "recipes": "recipes",
+    "prepare": "prepare",
     "eval": "eval",
 }
 USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
@@ -51,6 +52,7 @@ commands:
   inspect --ckpt_path CKPT ...      per-block gates, LayerScale, update norms, component stats on held-out examples (--help)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
+  prepare --input PATH --out DIR    tokenise a corpus (BPE or bytes) into token shards with document ends (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
   recipes [--copy NAME]             list the packaged recipes, or write one out to edit (--config takes their names)
   eval --ckpt_path CKPT --tasks T   lm-evaluation-harness tasks on a checkpoint, offline; table and JSON (--help)
