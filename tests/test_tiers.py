@@ -19,6 +19,7 @@ TIERS = {
     "hydra_kit.bench_report": 2,
     "hydra_kit.experiments": 2,
     "hydra_kit.inspection": 2,
+    "hydra_kit.evaluation": 2,
     "hydra_kit.model": 3,
     "hydra_kit.callbacks": 3,
     "hydra_kit.checkpoint": 3,

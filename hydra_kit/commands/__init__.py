@@ -40,6 +40,7 @@ COMMANDS = {
     "experiment": "experiment",
     "recipes": "recipes",
     "prepare": "prepare",
+    "eval": "eval",
 }
 USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
 
@@ -54,6 +55,7 @@ commands:
   prepare --input PATH --out DIR    tokenise a corpus (BPE or bytes) into token shards with document ends (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
   recipes [--copy NAME]             list the packaged recipes, or write one out to edit (--config takes their names)
+  eval --ckpt_path CKPT --tasks T   lm-evaluation-harness tasks on a checkpoint, offline; table and JSON (--help)
 
 options:
   --no-plugins                      load only hydra-kit's own components (also HYDRA_KIT_NO_PLUGINS=1)
