@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints/cpu.txt | cks
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# constraints/cpu.txt pins the CPU build of torch on CPU machines (see README, "Installing").
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e '.[dev,text]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -14,20 +14,22 @@ instances; they never write block internals.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from hydra_kit import accounting
+from hydra_kit import accounting, export
 from hydra_kit.block import TriPathBlock
 from hydra_kit.ops import RMSNorm, linear
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
+from hydra_kit.sampling import FINISHED, check_sampling, ends_with_any, sample_next
 
 # The network a bare `HydraNetwork()` (and `HydraLM()`) builds: the SSM backbone with a SwiGLU MLP in every block.
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
@@ -117,6 +119,24 @@ class HydraNetwork(nn.Module):
             blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(d_model)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], *, registry: Registry | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> HydraNetwork:
+        """The network an export folder holds (``hydra-kit export``), with its weights, in eval mode; no Lightning.
+
+        Args:
+            folder: written by ``hydra-kit export`` (model.safetensors, config.json, tokenizer); docs/export.md.
+            registry: the components to build with; default :func:`hydra_kit.registry.default_registry`.
+            device: where to put the weights (default CPU).
+            dtype: convert the floating-point weights (default: as stored).
+
+        Raises:
+            hydra_kit.export.ExportError: a file is missing or damaged, a component's plugin is not installed
+                (names it and its distribution), or the weights do not fit; one line each.
+        """
+        return export.load_pretrained(cls, folder, registry=registry, device=device, dtype=dtype)
 
     # ------------------------------------------------------------- structure
     @property
@@ -271,47 +291,100 @@ class HydraNetwork(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        prompt: Tensor,
+        prompt: Tensor | Sequence[Sequence[int] | Tensor],
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_id: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
         generator: torch.Generator | None = None,
-    ) -> Iterator[Tensor]:
-        """Yield new tokens (B,) one at a time after a prompt (B, T), with recurrent state (no recomputation).
+    ) -> Generator[Tensor, None, None]:
+        """Yield new tokens (B,) one at a time after B prompts, with recurrent state (no recomputation).
 
-        The prompt is processed in one forward (prefill); every new token then costs one :meth:`step`: constant
+        Each prompt is processed in one forward (prefill); every new token then costs one :meth:`step`: constant
         work for the SSM and memories, a bounded window plus global set for sparse attention, and a growing
-        key/value cache only for dense attention. Puts the network in eval mode.
+        key/value cache only for dense attention. Prompts of different lengths are prefilled and stepped in groups
+        of equal length, in lock-step, so each row gets exactly the state (and, greedy, the tokens) it would get
+        alone: a component's state may hold per-row lengths (a key/value cache) that a padded batch would corrupt.
+        Puts the network in eval mode. Sampling is :func:`hydra_kit.sampling.sample_next`.
+
+        A row stops after it yields ``eos_id`` or completes one of ``stop_sequences``; from then on it yields
+        :data:`hydra_kit.sampling.FINISHED` (-1). Iteration ends after ``max_new_tokens`` steps or when every row
+        has stopped.
 
         Args:
-            prompt: (B, T) token ids, T >= 1.
-            max_new_tokens: number of tokens to generate.
+            prompt: (B, T) token ids with T >= 1, or a sequence of B prompts of any lengths (each 1-D, non-empty).
+            max_new_tokens: number of tokens to generate at most.
             temperature: sampling temperature; 0 means greedy (argmax).
             top_k: sample only among the k most likely tokens.
+            top_p: sample only from the smallest set of tokens whose probability is at least ``top_p`` (nucleus).
+            repetition_penalty: above 1, lowers the logits of the ids a row already holds (prompt included).
+            eos_id: the end-of-sequence id: a row that produces it stops.
+            stop_sequences: token-id sequences: a row whose generated tokens end with one stops.
             generator: random generator for sampling (reproducible generation).
 
         Raises:
-            ValueError: the prompt is not (B, T) with T >= 1, or holds ids outside the vocabulary.
+            ValueError: a prompt is empty or holds ids outside the vocabulary, or a sampling setting is out of
+                range (:func:`hydra_kit.sampling.check_sampling`).
         """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
-        if int(prompt.max()) >= self.vocab_size or int(prompt.min()) < 0:
-            raise ValueError(f"generate: prompt token ids must lie in [0, {self.vocab_size}); got {int(prompt.min())}..{int(prompt.max())}")
+        rows = self._prompt_rows(prompt)
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, vocab_size=self.vocab_size)
         self.eval()
-        out = self(prompt, self.init_state(prompt.shape[0]), collect_aux=False)
-        state, logits = out.state, out.logits[:, -1]  # (B, V)
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                scaled = logits.float() / temperature
-                if top_k is not None and top_k < scaled.shape[-1]:
-                    kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+        batch, device = len(rows), self.embed.weight.device
+        groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> row indices
+        for i, row in enumerate(rows):
+            groups[row.numel()].append(i)
+        states, logits = [], torch.empty(0)
+        for members in groups.values():
+            out = self(torch.stack([rows[i] for i in members]).to(device), self.init_state(len(members)), collect_aux=False)
+            states.append(out.state)
+            if logits.numel() == 0:
+                logits = out.logits.new_empty(batch, out.logits.shape[-1])  # (B, V)
+            logits[members] = out.logits[:, -1]
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(batch, self.vocab_size, dtype=torch.bool, device=device)  # (B, V)
+            for i, row in enumerate(rows):
+                seen[i, row.to(device)] = True
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        generated: list[list[int]] = [[] for _ in rows]
+        for n in range(max_new_tokens):
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seen=seen, generator=generator)
+            token = token.masked_fill(finished, FINISHED)  # (B,)
+            if seen is not None:
+                seen[~finished, token[~finished]] = True
+            stopping = torch.zeros_like(finished) if eos_id is None else token == eos_id
+            if stop_sequences:
+                for i in (~finished).nonzero()[:, 0].tolist():
+                    generated[i].append(int(token[i]))
+                    stopping[i] |= ends_with_any(generated[i], stop_sequences)
             yield token
-            logits, state = self.step(token, state)
+            finished |= stopping
+            if n + 1 == max_new_tokens or bool(finished.all()):
+                return
+            fed = token.clamp(min=0)  # a stopped row's state is never read again: any valid id will do
+            for g, members in enumerate(groups.values()):
+                logits[members], states[g] = self.step(fed[members], states[g])
+
+    def _prompt_rows(self, prompt: Tensor | Sequence[Sequence[int] | Tensor]) -> list[Tensor]:
+        """The prompts as a list of 1-D int64 tensors, checked: non-empty, ids inside the vocabulary."""
+        if isinstance(prompt, Tensor):
+            if prompt.dim() != 2 or prompt.shape[1] == 0:
+                raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
+            rows = list(prompt.long())
+        else:
+            rows = [torch.as_tensor(p, dtype=torch.long) for p in prompt]
+            if not rows:
+                raise ValueError("generate: no prompt given")
+        for i, row in enumerate(rows):
+            if row.dim() != 1 or row.numel() == 0:
+                raise ValueError(f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(row.shape)}")
+            if int(row.max()) >= self.vocab_size or int(row.min()) < 0:
+                raise ValueError(f"generate: prompt token ids must lie in [0, {self.vocab_size}); got {int(row.min())}..{int(row.max())}")
+        return rows
 
     # -------------------------------------------------------------- diagnosis
     def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor]) -> str:

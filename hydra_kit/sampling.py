@@ -1,0 +1,152 @@
+"""Choosing the next token: temperature, top-k, top-p (nucleus) and repetition penalty, as pure functions of logits.
+
+Every function takes next-token logits ``(B, V)`` (one row per sequence of a batch) and returns a tensor of the same
+shape (a filter: excluded tokens get ``-inf``) or the chosen ids ``(B,)``. They are applied in the order
+:func:`sample_next` uses, which is the usual one (Hugging Face's ``generate`` and vLLM use it too): repetition
+penalty, then temperature, then top-k, then top-p, then a draw from the softmax. Temperature 0 is greedy decoding:
+the argmax of the penalised logits, with no draw.
+
+:data:`FINISHED` is the id :meth:`hydra_kit.network.HydraNetwork.generate` yields for a row that has already
+stopped (at its end-of-sequence id or one of its stop sequences) while other rows of the batch go on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FINISHED",
+    "apply_repetition_penalty",
+    "check_sampling",
+    "ends_with_any",
+    "sample_next",
+    "top_k_filter",
+    "top_p_filter",
+]
+
+FINISHED = -1  # yielded for a row that has stopped; never a token id
+
+
+def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, vocab_size: int) -> None:
+    """Refuse sampling settings that would fail deep inside torch or silently mean something else.
+
+    Raises:
+        ValueError: naming the setting, its value and the valid range.
+    """
+    # `not x >= 0` rather than `x < 0`: NaN compares false with everything and would reach torch.multinomial.
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected an integer >= 1 (at least the vocabulary's {vocab_size} keeps every token), got {top_k}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1] (1: no nucleus filter), got {top_p}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty: expected a finite number > 0 (1: none; above 1 discourages repeats), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """Make the tokens a row has already seen less likely (penalty > 1) or more likely (penalty < 1).
+
+    The penalty of CTRL (Keskar et al. 2019, https://arxiv.org/abs/1909.05858, section 4.1), in the form Hugging
+    Face's ``RepetitionPenaltyLogitsProcessor`` uses for logits of either sign: a seen token's logit ``z`` becomes
+    ``z / penalty`` where ``z > 0`` and ``z * penalty`` where ``z <= 0``, so with ``penalty > 1`` it always moves
+    down; unseen tokens keep their logits. Each token counts once, however often it was seen.
+
+    Args:
+        logits: (B, V) next-token logits.
+        seen: (B, V) bool, True for the ids already in each row (its prompt and what it generated so far).
+        penalty: 1 leaves the logits unchanged.
+
+    Returns:
+        (B, V) the penalised logits (a new tensor).
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits of each row (and any tied with the k-th), set the others to ``-inf``.
+
+    Args:
+        logits: (B, V).
+        k: at least 1; ``k >= V`` keeps everything.
+
+    Returns:
+        (B, V) the filtered logits.
+    """
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass is at least ``p``; the others get ``-inf``.
+
+    Nucleus sampling (Holtzman et al. 2020, https://arxiv.org/abs/1904.09751). Tokens are taken in order of
+    decreasing probability, and a token is kept when the mass of the tokens before it is still below ``p``: the most
+    likely token is always kept, and the set stops with the token that brings the mass to ``p`` or above.
+
+    Args:
+        logits: (B, V).
+        p: in (0, 1]; 1 keeps every token of non-zero probability.
+
+    Returns:
+        (B, V) the filtered logits.
+    """
+    if p >= 1:
+        return logits
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # exclusive cumulative mass, (B, V)
+    keep_sorted = mass_before < p
+    keep_sorted[:, 0] = True  # the most likely token, whatever rounding does
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seen: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The next token of every row: greedy (``temperature == 0``) or drawn after the filters.
+
+    Args:
+        logits: (B, V) next-token logits.
+        temperature: divides the logits before the softmax; 0 means greedy (argmax).
+        top_k: sample only among the k most likely tokens (:func:`top_k_filter`).
+        top_p: sample only from the nucleus of mass ``top_p`` (:func:`top_p_filter`), after top-k.
+        repetition_penalty: applied to the ``seen`` ids first (:func:`apply_repetition_penalty`).
+        seen: (B, V) bool, the ids each row has seen; needed when ``repetition_penalty != 1``.
+        generator: random generator of the draw (reproducible sampling).
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    if repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("sample_next: repetition_penalty needs `seen`, the (B, V) mask of the ids each row has seen")
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_k is not None:
+        scaled = top_k_filter(scaled, top_k)
+    if top_p is not None:
+        scaled = top_p_filter(scaled, top_p)
+    return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def ends_with_any(ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> bool:
+    """Whether ``ids`` ends with one of ``sequences`` (empty sequences never match)."""
+    return any(0 < len(s) <= len(ids) and list(ids[len(ids) - len(s) :]) == list(s) for s in sequences)
