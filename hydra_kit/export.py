@@ -97,6 +97,12 @@ def _sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def _check_target(out: Path, force: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
@@ -143,6 +149,9 @@ def save_pretrained(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        # mkdtemp (and safetensors) create private files; an export is for sharing, so it gets the usual modes.
+        umask = _umask()
+        tmp.chmod(0o777 & ~umask)
         weights = tmp / WEIGHTS_FILE
         save_model(network, str(weights), metadata={"format": "pt", "hydra_kit_format": FORMAT})
         tokenizer_entry: str | None = None
@@ -168,6 +177,7 @@ def save_pretrained(
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
         for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
             _fsync(file)
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"

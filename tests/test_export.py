@@ -278,3 +278,21 @@ def test_the_tokenizer_decoder_streams_text_equal_to_a_whole_decode(tmp_path):
     assert streamed == codec.tokenizer.decode(ids) == "café ✓ déjà naïve vu"
     # A literal "<|endoftext|>" in a prompt is text, not the end-of-document id.
     assert codec.eos_id == 0 and 0 not in codec.encode(f"a {EOS_TOKEN} b")
+
+
+def test_export_refuses_an_unknown_option_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's refusal: one line, then SystemExit(2)
+        main(["export", "--ckpt_path", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out"), "--no-such-option", "1"])
+    assert exit_info.value.code == 2
+    line = error_line(capsys)
+    assert "--no-such-option" in line and "hydra-kit export" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_json_without_the_tokenizers_package_names_the_text_extra(tmp_path, monkeypatch):
+    from hydra_kit.codec import TokenizerError
+
+    path = train_bpe(tmp_path, "a few words " * 5)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # what an install without the `text` extra sees
+    with pytest.raises(TokenizerError, match=r"needs the package 'tokenizers': pip install 'hydra-kit\[text\]'"):
+        HFTokenizerCodec(path)
