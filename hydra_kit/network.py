@@ -29,7 +29,7 @@ from hydra_kit.ops import RMSNorm, linear
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
-from hydra_kit.sampling import FINISHED, check_sampling, ends_with_any, sample_next
+from hydra_kit.sampling import FINISHED, check_sampling, ends_with_any, prompt_rows, sample_next
 
 # The network a bare `HydraNetwork()` (and `HydraLM()`) builds: the SSM backbone with a SwiGLU MLP in every block.
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
@@ -330,7 +330,7 @@ class HydraNetwork(nn.Module):
             ValueError: a prompt is empty or holds ids outside the vocabulary, or a sampling setting is out of
                 range (:func:`hydra_kit.sampling.check_sampling`).
         """
-        rows = self._prompt_rows(prompt)
+        rows = prompt_rows(prompt, self.vocab_size)
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, vocab_size=self.vocab_size)
         self.eval()
         batch, device = len(rows), self.embed.weight.device
@@ -368,23 +368,6 @@ class HydraNetwork(nn.Module):
             fed = token.clamp(min=0)  # a stopped row's state is never read again: any valid id will do
             for g, members in enumerate(groups.values()):
                 logits[members], states[g] = self.step(fed[members], states[g])
-
-    def _prompt_rows(self, prompt: Tensor | Sequence[Sequence[int] | Tensor]) -> list[Tensor]:
-        """The prompts as a list of 1-D int64 tensors, checked: non-empty, ids inside the vocabulary."""
-        if isinstance(prompt, Tensor):
-            if prompt.dim() != 2 or prompt.shape[1] == 0:
-                raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
-            rows = list(prompt.long())
-        else:
-            rows = [torch.as_tensor(p, dtype=torch.long) for p in prompt]
-            if not rows:
-                raise ValueError("generate: no prompt given")
-        for i, row in enumerate(rows):
-            if row.dim() != 1 or row.numel() == 0:
-                raise ValueError(f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(row.shape)}")
-            if int(row.max()) >= self.vocab_size or int(row.min()) < 0:
-                raise ValueError(f"generate: prompt token ids must lie in [0, {self.vocab_size}); got {int(row.min())}..{int(row.max())}")
-        return rows
 
     # -------------------------------------------------------------- diagnosis
     def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor]) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "apply_repetition_penalty",
     "check_sampling",
     "ends_with_any",
+    "prompt_rows",
     "sample_next",
     "top_k_filter",
     "top_p_filter",
@@ -150,3 +151,29 @@ def sample_next(
 def ends_with_any(ids: Sequence[int], sequences: Sequence[Sequence[int]]) -> bool:
     """Whether ``ids`` ends with one of ``sequences`` (empty sequences never match)."""
     return any(0 < len(s) <= len(ids) and list(ids[len(ids) - len(s) :]) == list(s) for s in sequences)
+
+
+def prompt_rows(prompt: Tensor | Sequence[Sequence[int] | Tensor], vocab_size: int) -> list[Tensor]:
+    """The prompts of a generation as a list of B 1-D int64 tensors, checked.
+
+    Args:
+        prompt: (B, T) token ids with T >= 1, or B prompts of any lengths (each 1-D and non-empty).
+        vocab_size: ids must lie in [0, vocab_size).
+
+    Raises:
+        ValueError: no prompt, an empty or not 1-D prompt, or an id outside the vocabulary.
+    """
+    if isinstance(prompt, Tensor):
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
+        rows = list(prompt.long())
+    else:
+        rows = [torch.as_tensor(p, dtype=torch.long) for p in prompt]
+        if not rows:
+            raise ValueError("generate: no prompt given")
+    for i, row in enumerate(rows):
+        if row.dim() != 1 or row.numel() == 0:
+            raise ValueError(f"generate: prompt {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(row.shape)}")
+        if int(row.max()) >= vocab_size or int(row.min()) < 0:
+            raise ValueError(f"generate: prompt token ids must lie in [0, {vocab_size}); got {int(row.min())}..{int(row.max())}")
+    return rows
