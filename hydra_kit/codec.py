@@ -301,11 +301,25 @@ def verify_tokenizer(source: TokenizerSource, checkpoint: dict[str, Any], ckpt_p
     if source.kind != "file" or source.path is None or trained is None:
         return
     actual = file_sha256(source.path)
-    if actual != trained:
+    if actual != trained and _serialised_sha256(source.path) != trained:
         raise TokenizerError(
             f"--tokenizer {source.path}: not the tokenizer checkpoint {ckpt_path} was trained with (sha256 {actual[:12]}, the "
             f"checkpoint's {str(trained)[:12]}); give the tokenizer.json of the shard folder it was trained on"
         )
+
+
+def _serialised_sha256(path: Path) -> str | None:
+    """SHA-256 of the tokenizer as ``tokenizers`` writes it back: hydra-kit prepare records that of a tokenizer.json it
+    was given, whose own bytes may be spelled differently (key order, spacing); None without ``tokenizers``."""
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    try:
+        text = tokenizers.Tokenizer.from_file(str(path)).to_str()
+    except Exception:  # not a tokenizer: the caller's own comparison already failed
+        return None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _run_data_section(ckpt_path: Path) -> tuple[dict[str, Any], Path] | None:

@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,14 +242,7 @@ def _check_components(config: dict[str, Any], registry: Registry, where: Path) -
                 f"{dist} {version}, which is not available: {fix}"
             ) from None
         if (entry.distribution, entry.version) != (dist, version):
-            log.warning("%s: component %r was exported from %s %s; loading it with %s %s", where, name, dist, version, entry.distribution, _installed(entry.distribution, entry.version))
-
-
-def _installed(distribution: str, version: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return version
+            log.warning("%s: component %r was exported from %s %s; loading it with %s %s", where, name, dist, version, entry.distribution, entry.version)
 
 
 def load_pretrained(

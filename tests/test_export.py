@@ -168,7 +168,12 @@ def test_a_shard_run_exports_its_tokenizer_and_generate_decodes_through_it(tmp_p
     network = HydraNetwork.from_pretrained(export)
     tokens = torch.cat(list(network.generate(torch.tensor([codec.encode("the cat")]), 12, temperature=0))).tolist()
     assert out == codec.decode(tokens) + "\n"
-    # A tokenizer other than the one the checkpoint was trained with is refused.
+    # The same tokenizer spelled differently (another JSON layout) is accepted; another tokenizer is refused.
+    respelled = tmp_path / "respelled" / "tokenizer.json"
+    respelled.parent.mkdir()
+    respelled.write_text(json.dumps(json.loads(tokenizer_file.read_text()), indent=4))
+    assert export_cli(ckpt, tmp_path / "export2", "--tokenizer", str(respelled)) == 0
+    capsys.readouterr()
     other = train_bpe(tmp_path / "other", "completely different words here " * 10, vocab_size=280)
     assert export_cli(ckpt, tmp_path / "export3", "--tokenizer", str(other)) == 2
     assert "not the tokenizer checkpoint" in error_line(capsys)
