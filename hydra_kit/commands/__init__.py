@@ -40,6 +40,7 @@ COMMANDS = {
     "ablate": "ablate",
     "experiment": "experiment",
     "recipes": "recipes",
+    "prepare": "prepare",
 }
 USAGE = """usage: hydra-kit [--no-plugins] COMMAND ...
 
@@ -52,6 +53,7 @@ commands:
   inspect --ckpt_path CKPT ...      per-block gates, LayerScale, update norms, component stats on held-out examples (--help)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
+  prepare --input PATH --out DIR    tokenise a corpus (BPE or bytes) into token shards with document ends (--help)
   experiment NAME | --list          the paper's experiments E1-E6, one command each (--seeds, --steps, --out, --size)
   recipes [--copy NAME]             list the packaged recipes, or write one out to edit (--config takes their names)
 
