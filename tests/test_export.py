@@ -301,3 +301,37 @@ def test_a_tokenizer_json_without_the_tokenizers_package_names_the_text_extra(tm
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # what an install without the `text` extra sees
     with pytest.raises(TokenizerError, match=r"needs the package 'tokenizers': pip install 'hydra-kit\[text\]'"):
         HFTokenizerCodec(path)
+
+
+def test_a_model_trained_on_prepared_bpe_shards_exports_and_generates_through_their_tokenizer(tmp_path, capsys):
+    import lightning as L
+
+    from hydra_kit.data.prepare import prepare
+    from hydra_kit.data.shards import ShardDataModule
+
+    pytest.importorskip("tokenizers")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}: the cat sat on the mat, and the dog sat on the log. " * 8, encoding="utf-8")
+    meta = prepare(corpus, tmp_path / "shards", vocab_size=300, val_fraction=0.34)
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=meta["vocab_size"], d_model=16, n_blocks=2, components={"ssm": {"component": "ssm", "args": {"d_state": 8, "headdim": 8, "chunk_size": 4}}, "mlp": {"component": "mlp"}})
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=1)
+    trainer.fit(model, ShardDataModule(path=str(tmp_path / "shards"), seq_len=16, batch_size=2))
+    # The run folder hydra-kit fit leaves: its config.yaml names the data module and the shard folder.
+    version = tmp_path / "runs" / "bpe" / "version_0"
+    trainer.save_checkpoint(version / "checkpoints" / "last.ckpt")
+    (version / "config.yaml").write_text(yaml.safe_dump({"data": {"class_path": "hydra_kit.data.ShardDataModule", "init_args": {"path": str(tmp_path / "shards")}}}))
+    assert export_cli(version / "checkpoints" / "last.ckpt", tmp_path / "export") == 0
+    config = read_config(tmp_path / "export")
+    assert config is not None and config["tokenizer"] == "tokenizer.json" and config["eos_id"] == meta["eos_id"]
+    network = HydraNetwork.from_pretrained(tmp_path / "export")
+    ids = torch.randint(0, meta["vocab_size"], (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(network(ids).logits, model.eval().network(ids).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "export"), "--prompt", "the cat", "--max_new_tokens", "8", "--temperature", "0", "--ignore_eos"]) == 0
+    codec = HFTokenizerCodec(tmp_path / "export" / "tokenizer.json")
+    tokens = torch.cat(list(network.generate(torch.tensor([codec.encode("the cat")]), 8, temperature=0))).tolist()
+    assert capsys.readouterr().out == codec.decode(tokens) + "\n"
