@@ -335,3 +335,10 @@ def test_a_model_trained_on_prepared_bpe_shards_exports_and_generates_through_th
     codec = HFTokenizerCodec(tmp_path / "export" / "tokenizer.json")
     tokens = torch.cat(list(network.generate(torch.tensor([codec.encode("the cat")]), 8, temperature=0))).tolist()
     assert capsys.readouterr().out == codec.decode(tokens) + "\n"
+
+
+def test_the_end_of_document_token_is_the_one_prepare_writes():
+    from hydra_kit.codec import EOS_TOKEN as CODEC_EOS
+    from hydra_kit.data.tokenizer import EOS_TOKEN as PREPARE_EOS
+
+    assert CODEC_EOS == PREPARE_EOS
