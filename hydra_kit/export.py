@@ -165,7 +165,7 @@ def save_pretrained(
             "format_version": FORMAT_VERSION,
             "hydra_kit_version": __version__,
             "architecture": type(network).__name__,
-            "vocab_size": model_config.get("vocab_size"),
+            "vocab_size": getattr(network, "vocab_size", model_config.get("vocab_size")),
             "tokenizer": tokenizer_entry,
             "eos_id": tokenizer.eos_id if tokenizer is not None else None,
             "model": _plain(dict(model_config)),
@@ -181,7 +181,11 @@ def save_pretrained(
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the earlier export back rather than leave nothing
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, target)

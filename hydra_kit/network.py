@@ -331,7 +331,7 @@ class HydraNetwork(nn.Module):
                 range (:func:`hydra_kit.sampling.check_sampling`).
         """
         rows = prompt_rows(prompt, self.vocab_size)
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, vocab_size=self.vocab_size)
+        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         self.eval()
         batch, device = len(rows), self.embed.weight.device
         groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> row indices

@@ -32,17 +32,17 @@ __all__ = [
 FINISHED = -1  # yielded for a row that has stopped; never a token id
 
 
-def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, vocab_size: int) -> None:
+def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
     """Refuse sampling settings that would fail deep inside torch or silently mean something else.
 
     Raises:
-        ValueError: naming the setting, its value and the valid range.
+        ValueError: ``"<setting>: expected <range>, got <value>"``.
     """
     # `not x >= 0` rather than `x < 0`: NaN compares false with everything and would reach torch.multinomial.
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected an integer >= 1 (at least the vocabulary's {vocab_size} keeps every token), got {top_k}")
+        raise ValueError(f"top_k: expected an integer >= 1, got {top_k}")
     if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p: expected a number in (0, 1] (1: no nucleus filter), got {top_p}")
     if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):

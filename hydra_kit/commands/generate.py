@@ -14,7 +14,6 @@ each after a ``==> prompt N <==`` line.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Any
@@ -46,17 +45,14 @@ def _parser() -> ArgumentParser:
 
 
 def _check_options(args: Any) -> None:
+    from hydra_kit.sampling import check_sampling
+
     if args.max_new_tokens < 0:
         raise RecipeError(f"generate: --max_new_tokens: expected an integer >= 0, got {args.max_new_tokens}")
-    # `not x >= 0` rather than `x < 0`: NaN compares false with everything and reached torch.multinomial.
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise RecipeError(f"generate: --temperature: expected a finite number >= 0 (0: greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise RecipeError(f"generate: --top_k: expected an integer >= 1, got {args.top_k}")
-    if args.top_p is not None and not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
-        raise RecipeError(f"generate: --top_p: expected a number in (0, 1] (1: no nucleus filter), got {args.top_p}")
-    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
-        raise RecipeError(f"generate: --repetition_penalty: expected a finite number > 0 (1: none), got {args.repetition_penalty}")
+    try:
+        check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    except ValueError as exc:
+        raise RecipeError(f"generate: --{exc}") from None
     if not -(2**63) <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         raise RecipeError(f"generate: --seed: expected an integer in -2**63..2**64-1, got {args.seed}")
     if args.prompt is not None and not all(args.prompt):
