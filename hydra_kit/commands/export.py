@@ -26,9 +26,9 @@ def main(argv: list[str]) -> int:
     from hydra_kit.network import HydraNetwork
 
     parser = ArgumentParser(prog="hydra-kit export", description=main.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by hydra-kit fit")
-    parser.add_argument("--out", required=True, help="the folder to write (refused if it exists, unless --force)")
-    parser.add_argument("--tokenizer", help="bytes, a tokenizer.json, or a shard folder of hydra-kit prepare (default: the run's own)")
+    parser.add_argument("--ckpt_path", metavar="CKPT", required=True, help="checkpoint written by hydra-kit fit")
+    parser.add_argument("--out", metavar="DIR", required=True, help="the folder to write (refused if it exists, unless --force)")
+    parser.add_argument("--tokenizer", metavar="PATH", help="bytes, a tokenizer.json, or a shard folder of hydra-kit prepare (default: the run's own)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(argv)
 
