@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints/cpu.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The inner loop: everything but the tests marked slow (subprocesses, training runs); CI runs `make test`.
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check hydra_kit components tests

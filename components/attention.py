@@ -2,6 +2,9 @@
 
 Vaswani et al. 2017 (arXiv 1706.03762) with RoPE (Su et al. 2021, arXiv 2104.09864). Uses PyTorch's
 ``scaled_dot_product_attention``, whose CPU flash kernel never materialises the L x L score matrix.
+
+With document boundaries (``context.segment_ids``, docs/design.md 3.10) a query sees the keys of its own document
+only, through a (B, 1, L, L) mask: the one L x L tensor of the baseline, which is quadratic anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor
 from hydra_kit.ops import Linear, RotaryEmbedding, apply_rotary
 from hydra_kit.ops.decode_attention import decode_attention
 from hydra_kit.ops.rotary import qkv_rotary
+from hydra_kit.ops.segments import same_document
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
 
@@ -93,6 +97,7 @@ class CausalSelfAttention(TriPathComponent):
     gated_by_router: ClassVar[bool] = True
     layerscale_init: ClassVar[float] = 1.0
     example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 4}
+    supports_resets: ClassVar[bool] = True  # masked by document; see forward
 
     def __init__(self, d_model: int, layer_idx: int, *, n_heads: int = 8, rope_base: float = 10000.0) -> None:
         super().__init__(d_model, layer_idx)
@@ -119,9 +124,19 @@ class CausalSelfAttention(TriPathComponent):
         past = 0 if state is None else state.length
         if seq_len == 1 and state is not None and not torch.is_grad_enabled():
             return self._decode(x, state)
+        segment_ids = None if context is None else context.segment_ids
+        if segment_ids is not None and state is not None:
+            raise ValueError("attention: segment_ids mark documents from the start of a sequence; they cannot continue a state")
         q, k, v = self._qkv(x, past)  # (B, H, L, hd)
         cache = None if state is None else state.append(k, v)
-        if cache is not None and past > 0:
+        if segment_ids is not None:
+            # A query sees the earlier keys of its own document only. The dense baseline is O(L^2) anyway, so a
+            # (B, 1, L, L) mask per batch costs no more than the scores; RoPE depends on relative positions only,
+            # so a document's scores do not depend on where in the window it starts.
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+            visible = (same_document(segment_ids) & causal)[:, None]  # (B, 1, L, L)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif cache is not None and past > 0:
             # Query i sits at absolute position past + i and sees keys 0 .. past + i.
             visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)

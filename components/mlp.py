@@ -23,6 +23,7 @@ class SwiGLUMLP(TriPathComponent):
     path: ClassVar[ComponentPath] = ComponentPath.CHANNEL
     layerscale_init: ClassVar[float] = 1.0
     example_init_args: ClassVar[dict[str, Any]] = {"hidden_mult": 2.0}
+    supports_resets: ClassVar[bool] = True  # pointwise: no token reads another, so documents cannot mix
 
     def __init__(self, d_model: int, layer_idx: int, *, hidden_mult: float = 8 / 3, multiple_of: int = 16) -> None:
         super().__init__(d_model, layer_idx)

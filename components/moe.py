@@ -17,6 +17,15 @@ Capacity (optional) is made causal and chunk-invariant: positions are cut into f
 ``ceil(capacity_factor * capacity_window * top_k / n_experts)`` assignments in position order and drops the rest.
 Whether token t is dropped therefore depends only on tokens at or before t, never on the batch or the future
 (Switch's batch-wide priority would make the past depend on later tokens).
+
+Document boundaries (``context.segment_ids``, docs/design.md 3.10): token routing is per token. Chunk routing
+routes the tokens of a document that started inside their chunk from the learned start summary, and summarises a
+chunk that holds a start by its last document's tokens only; a capacity window counts only the assignments of the
+token's own document. Both grids stay aligned to the window's position 0: a document gets the routing it gets
+alone exactly when it starts on them, and nothing of an earlier document reaches it anywhere.
+
+The file is longer than most (about 450 lines) on purpose: the three routing rules (token, chunk, capacity), their
+document-boundary forms and the one-token step make the same decisions, and side by side they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from hydra_kit.ops import Linear, SwiGLU
 from hydra_kit.ops.moe_step import MoEStepWeights, moe_step_cpu, pack_moe_step_weights
 from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.segments import document_offsets, document_starts
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent, collects_aux
 
 __all__ = ["MixtureOfExperts", "MoEState", "Routing", "dispatch"]
@@ -162,6 +172,7 @@ class MixtureOfExperts(TriPathComponent):
         "chunk_size": 8,
         "capacity_window": 16,
     }
+    supports_resets: ClassVar[bool] = True  # every routing mode restarts at a document start (module docstring)
 
     def __init__(
         self,
@@ -269,8 +280,32 @@ class MixtureOfExperts(TriPathComponent):
         summary = means[:, -2] if n_chunks > 1 else state.summary
         return route_in, chunk_of, summary, sums[:, -1]
 
-    def _capacity_mask(self, expert_idx: Tensor, state: MoEState) -> tuple[Tensor, Tensor]:
-        """Which assignments (B, L, k) fit in their expert's capacity, and the window counts (B, E) after x."""
+    def _chunk_logits_by_document(self, x: Tensor, starts: Tensor, chunk_of: Tensor) -> Tensor:
+        """Chunk routing's logits (B, L, E) for x (B, L, D) from position 0 with document ``starts`` (B, L).
+
+        A token whose document started inside its chunk is routed from the start summary (its document has no
+        earlier chunk); a chunk that holds a start is summarised for the next chunk by its last document's tokens.
+        """
+        assert self.start_summary is not None
+        batch, seq_len, _ = x.shape
+        n_chunks = int(chunk_of[-1]) + 1
+        grid = F.pad(starts, (0, n_chunks * self.chunk_size - seq_len)).view(batch, n_chunks, self.chunk_size)
+        doc = grid.cumsum(-1)  # (B, n, S) document index within the chunk
+        in_last = (doc == doc[..., -1:]).flatten(1)[:, :seq_len]  # (B, L)
+        fresh = (doc > 0).flatten(1)[:, :seq_len]  # (B, L)
+        sums = x.new_zeros(batch, n_chunks, self.d_model).index_add(1, chunk_of, x * in_last[..., None].to(x.dtype))
+        counts = x.new_zeros(batch, n_chunks).index_add(1, chunk_of, in_last.to(x.dtype))  # (B, n)
+        means = sums / counts.clamp_min(1)[..., None]  # (B, n, D)
+        start = self.start_summary.to(x.dtype).expand(batch, 1, -1)
+        route_in = F.rms_norm(torch.cat([start, means[:, :-1]], dim=1), (self.d_model,), eps=1e-6)
+        per_chunk = self.router(route_in)  # (B, n, E); chunk 0 is routed from the start summary
+        return torch.where(fresh[..., None], per_chunk[:, :1], per_chunk[:, chunk_of])
+
+    def _capacity_mask(self, expert_idx: Tensor, state: MoEState, starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Which assignments (B, L, k) fit in their expert's capacity, and the window counts (B, E) after x.
+
+        ``starts`` (B, L) bool marks document starts: a token then counts only its own document's assignments.
+        """
         assert state.counts is not None and self.capacity is not None
         seq_len = expert_idx.shape[1]
         window, pos = self.capacity_window, state.position
@@ -278,18 +313,25 @@ class MixtureOfExperts(TriPathComponent):
         before = routed.cumsum(dim=1) - routed  # (B, L, E) assignments at earlier positions of x
         absolute = pos + torch.arange(seq_len, device=expert_idx.device)  # (L,)
         window_start = (absolute // window * window - pos).clamp_min(0)  # (L,) first position in x of t's window
-        before = before - before[:, window_start]  # count only inside t's window ...
-        carried = (absolute // window == pos // window)[None, :, None]  # ... plus the window's count before x
+        carried = (absolute // window == pos // window)[None, :, None]  # the window's count before x counts too
+        if starts is None:
+            before = before - before[:, window_start]  # count only inside t's window
+        else:  # count only inside t's window and t's document
+            doc_first = torch.arange(seq_len, device=expert_idx.device) - document_offsets(starts)  # (B, L)
+            first = torch.maximum(window_start, doc_first)
+            before = before - before.gather(1, first[..., None].expand_as(before))
+            carried = carried & (starts.cumsum(1) == 0)[..., None]  # only for the document continuing the state
         before = before + carried * state.counts[:, None]
         fits = before.gather(2, expert_idx) < self.capacity  # (B, L, k), first come first served by position
         after = before[:, -1] + routed[:, -1]  # (B, E) through the last token
         counts = torch.zeros_like(after) if (pos + seq_len) % window == 0 else after
         return fits, counts
 
-    def assign(self, x: Tensor, state: MoEState | None = None) -> Routing:
+    def assign(self, x: Tensor, state: MoEState | None = None, starts: Tensor | None = None) -> Routing:
         """Route x (B, L, D), continuing from ``state``; runs no expert.
 
         Routing covers every token of x: chunk summaries and capacity counts must see the whole sequence.
+        ``starts`` (B, L) bool marks the document starts of a call from position 0 (module docstring).
         """
         batch, seq_len, _ = x.shape
         if self.stateful and state is None:
@@ -298,7 +340,10 @@ class MixtureOfExperts(TriPathComponent):
         if self.routing == "chunk":
             assert state is not None
             route_in, chunk_of, summary, chunk_sum = self._chunk_inputs(x, state)
-            logits = self.router(route_in)[:, chunk_of]  # (B, L, E): every token of a chunk shares its logits
+            if starts is None:
+                logits = self.router(route_in)[:, chunk_of]  # (B, L, E): every token of a chunk shares its logits
+            else:
+                logits = self._chunk_logits_by_document(x, starts, chunk_of)
             new_state = MoEState(state.position + seq_len, summary, chunk_sum)
         else:
             logits = self.router(x)  # (B, L, E)
@@ -312,14 +357,20 @@ class MixtureOfExperts(TriPathComponent):
         fits = None
         if self.capacity is not None:
             assert state is not None and new_state is not None
-            fits, new_state.counts = self._capacity_mask(expert_idx, state)
+            fits, new_state.counts = self._capacity_mask(expert_idx, state, starts)
         return Routing(logits, probs, expert_idx, weight, fits, new_state)
 
     def forward(
         self, x: Tensor, context: ComponentContext | None = None, state: MoEState | None = None
     ) -> ComponentOutput:
         batch, seq_len, _ = x.shape
-        routing = self.assign(x, state)
+        segment_ids = None if context is None else context.segment_ids
+        starts = None
+        if segment_ids is not None:
+            if state is not None:
+                raise ValueError("moe: segment_ids mark documents from the start of a sequence; they cannot continue a state")
+            starts = document_starts(segment_ids)  # (B, L)
+        routing = self.assign(x, state, starts)
         logits, probs, expert_idx, weight = routing.logits, routing.probs, routing.expert_idx, routing.weight
         active = routing.fits  # (B, L, k) or None
         stats: dict[str, Tensor] = {}

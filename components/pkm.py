@@ -93,6 +93,9 @@ class ProductKeyMemory(TriPathComponent):
     gated_by_router: ClassVar[bool] = True
     layerscale_init: ClassVar[float] = 0.1
     example_init_args: ClassVar[dict[str, Any]] = {"n_keys": 8, "top_k": 4, "heads": 2, "d_key": 16}
+    # Pointwise and stateless (a per-token lookup in a table shared by all sequences, no batch statistics), so
+    # documents cannot mix. The table is learned memory, like any weight, not per-document state.
+    supports_resets: ClassVar[bool] = True
 
     cand_rows: Tensor  # (P,) buffers from candidate_pairs(top_k)
     cand_cols: Tensor

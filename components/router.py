@@ -43,6 +43,7 @@ class TokenRouter(RouterComponent):
 
     path: ClassVar[ComponentPath] = ComponentPath.ROUTER
     example_init_args: ClassVar[dict[str, Any]] = {"temperature": 1.0}
+    supports_resets: ClassVar[bool] = True  # gates and score of each token from that token alone
 
     def __init__(
         self,

@@ -19,6 +19,12 @@ token pushed out of the top-k never came back (``docs/calibration/2026-12-07-mec
 Without a score (no router in the block) the layer is plain sliding-window attention: no token becomes
 global and no query reads globals. There is deliberately no learned fallback score.
 
+Document boundaries (``context.segment_ids``): a query reads local and global keys of its own document only, and
+a chunk that holds a document start offers for promotion only the tokens of its last document (an earlier
+document's token could serve no later query, and ranking it would let that document decide which of the new one's
+tokens become global). The chunk grid stays aligned to the window's position 0, so a document's globals are those
+it would get alone exactly when it starts on a chunk boundary; nothing of an earlier document reaches it anywhere.
+
 Cost is O(L * (window + max_global)) in time and memory: queries are processed in blocks of ``window``
 (one block per chunk), each against the 2 * window keys of its own and the previous chunk plus the globals
 of earlier chunks, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. No L x L
@@ -42,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from hydra_kit.ops import Linear, RotaryEmbedding, apply_rotary
 from hydra_kit.ops.decode_attention import decode_attention
 from hydra_kit.ops.rotary import qkv_rotary
+from hydra_kit.ops.segments import document_offsets, document_starts
 from hydra_kit.protocol import (
     AttentionMap,
     ComponentContext,
@@ -190,6 +197,7 @@ class SparseGlobalAttention(TriPathComponent):
     layerscale_init: ClassVar[float] = 1.0
     # 40 tokens = 5 chunks of 8; 2 globals per chunk overflow max_global=4 from the 4th chunk on.
     example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 2, "window": 8, "globals_per_chunk": 2, "max_global": 4}
+    supports_resets: ClassVar[bool] = True  # masked by document, local and global (module docstring)
     # Queries attended in one pass (rounded to whole blocks): bounds transient memory, never changes results.
     queries_per_pass: int = 4096
 
@@ -291,6 +299,7 @@ class SparseGlobalAttention(TriPathComponent):
         k_grid: Tensor,
         v_grid: Tensor,
         q_pos: Tensor,
+        q_doc: Tensor | None,
         windows: tuple[Tensor, Tensor, Tensor, Tensor] | None,
         c0: int,
         first: int,
@@ -302,6 +311,8 @@ class SparseGlobalAttention(TriPathComponent):
             q: (B, nb, H, Q, hd) rotated queries of every block.
             k_grid, v_grid: (B, (nb + 1) * W, H, hd) keys/values of absolute positions from (c0 - 1) * W.
             q_pos: (B or 1, nb, Q) absolute query positions.
+            q_doc: (B, nb, Q) absolute position where each query's document starts (it reads no key before), or
+                None for one document.
             windows: per block, global keys and values (B, nb, H, M, hd), positions (B, nb, M) and a mask of
                 filled slots (B, nb, M); None when no global is visible.
 
@@ -317,13 +328,18 @@ class SparseGlobalAttention(TriPathComponent):
         block = c0 - 1 + torch.arange(first, stop, device=q.device)
         key_pos = block[:, None, None] * w + torch.arange(2 * w, device=q.device)  # (n, 1, 2w)
         qp = q_pos[:, first:stop, :, None]  # (B|1, n, Q, 1)
-        masks = [((qp >= key_pos) & (qp <= key_pos + w) & (key_pos >= 0)).expand(batch, -1, -1, -1)]
+        local = (qp >= key_pos) & (qp <= key_pos + w) & (key_pos >= 0)
+        qd = None if q_doc is None else q_doc[:, first:stop, :, None]  # (B, n, Q, 1)
+        if qd is not None:
+            local = local & (key_pos >= qd)
+        masks = [local.expand(batch, -1, -1, -1)]
         if windows is not None:
             g_keys, g_values, g_pos, g_ok = (t[:, first:stop] for t in windows)
             keys.append(g_keys)
             vals.append(g_values)
             # A global inside the query's local window is already there as a local key: count it once.
-            masks.append(g_ok[:, :, None, :] & (qp > g_pos[:, :, None, :] + w))  # (B, n, Q, M)
+            seen = g_ok[:, :, None, :] & (qp > g_pos[:, :, None, :] + w)  # (B, n, Q, M)
+            masks.append(seen if qd is None else seen & (g_pos[:, :, None, :] >= qd))
         n_keys = sum(t.shape[3] for t in keys)
         y = F.scaled_dot_product_attention(
             q[:, first:stop].reshape(batch * n, h, n_q, hd),
@@ -337,6 +353,9 @@ class SparseGlobalAttention(TriPathComponent):
         self, x: Tensor, context: ComponentContext | None = None, state: SGAState | None = None
     ) -> ComponentOutput:
         batch, seq_len, _ = x.shape
+        segment_ids = None if context is None else context.segment_ids
+        if segment_ids is not None and state is not None:
+            raise ValueError("sga: segment_ids mark documents from the start of a sequence; they cannot continue a state")
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         if seq_len == 0:
@@ -368,6 +387,12 @@ class SparseGlobalAttention(TriPathComponent):
         del key, value  # at inference, frees the projection output before the attention peak
         scores = torch.cat([state.partial_scores, score], dim=1)  # (B, r + L) from the start of chunk c0
         chunk_scores = F.pad(scores, (0, back), value=NEG_INF).view(batch, n_blocks, w)
+        doc_start = None  # (B, L) where each token's document starts; None for one document
+        if segment_ids is not None:  # a call from position 0 (r = 0): the chunk grid starts with x
+            starts = document_starts(segment_ids)  # (B, L)
+            doc_start = torch.arange(seq_len, device=dev) - document_offsets(starts)
+            doc_in_chunk = F.pad(starts, (0, back)).view(batch, n_blocks, w).cumsum(-1)  # (B, nb, W)
+            chunk_scores = chunk_scores.masked_fill(doc_in_chunk != doc_in_chunk[..., -1:], NEG_INF)
 
         # Every chunk of this call promotes its picks (the last one's count only once it is complete).
         n_old = state.global_keys.shape[1]
@@ -389,6 +414,7 @@ class SparseGlobalAttention(TriPathComponent):
             n_q = w
             x_q = x.reshape(batch, n_blocks, w, -1)
             q_pos = torch.arange(start, start + seq_len, device=dev).view(1, n_blocks, w)
+            q_doc = None if doc_start is None else doc_start.view(batch, n_blocks, w)
         else:
             wanted = torch.zeros(batch, n_blocks * w, dtype=torch.bool, device=dev)
             wanted[:, r : r + seq_len] = True if keep is None else keep
@@ -401,6 +427,7 @@ class SparseGlobalAttention(TriPathComponent):
             x_idx = (slot - r).clamp(0, seq_len - 1).flatten(1)  # filler queries read any token
             x_q = x.gather(1, x_idx[..., None].expand(-1, -1, x.shape[-1])).view(batch, n_blocks, n_q, -1)
             q_pos = c0 * w + slot
+            q_doc = None if doc_start is None else doc_start.gather(1, x_idx).view(batch, n_blocks, n_q)
         if n_q > 0:
             q = self._rotate(self.q(x_q).view(*x_q.shape[:3], h, hd), q_pos).transpose(2, 3)  # (B, nb, H, Q, hd)
             n_vis = min(self.max_global, n_old + (n_blocks - 1) * k) if read_globals else 0
@@ -419,14 +446,14 @@ class SparseGlobalAttention(TriPathComponent):
             if self.recompute and torch.is_grad_enabled():
                 # Save the queries and the key grid, not the per-block key copies and masks: they are rebuilt
                 # (cheap gathers) when backward needs them.
-                y = checkpoint(self._attend, q, k_grid, v_grid, q_pos, windows, c0, 0, n_blocks, use_reentrant=False)
+                y = checkpoint(self._attend, q, k_grid, v_grid, q_pos, q_doc, windows, c0, 0, n_blocks, use_reentrant=False)
             elif group >= n_blocks:
-                y = self._attend(q, k_grid, v_grid, q_pos, windows, c0, 0, n_blocks)  # (B, nb, H, Q, hd)
+                y = self._attend(q, k_grid, v_grid, q_pos, q_doc, windows, c0, 0, n_blocks)  # (B, nb, H, Q, hd)
             else:
                 y = q.new_empty(q.shape)
                 for first in range(0, n_blocks, group):
                     stop = min(first + group, n_blocks)
-                    y[:, first:stop] = self._attend(q, k_grid, v_grid, q_pos, windows, c0, first, stop)
+                    y[:, first:stop] = self._attend(q, k_grid, v_grid, q_pos, q_doc, windows, c0, first, stop)
             y = self.out(y.transpose(2, 3).reshape(batch, n_blocks, n_q, -1))  # (B, nb, Q, D)
         if whole:
             update = y.reshape(batch, seq_len, -1)
@@ -563,7 +590,7 @@ class SparseGlobalAttention(TriPathComponent):
 
         The keys, masks and global selection of :meth:`forward` written out densely over the L key positions, for
         inspection and diagnostics: O(Q * L) memory. (A scored value is scaled by its salience after the softmax,
-        so the scaling is not part of the weights.)
+        so the scaling is not part of the weights.) Honours ``context.segment_ids`` as :meth:`forward` does.
         """
         batch, seq_len, _ = x.shape
         h, hd, w = self.n_heads, self.head_dim, self.window
@@ -577,11 +604,23 @@ class SparseGlobalAttention(TriPathComponent):
         local = ((pos <= qp) & (qp <= pos + w)).expand(batch, -1, -1)  # (B, Q, L)
         hits = torch.zeros(local.shape, dtype=torch.long, device=x.device)
         score = None if context is None else context.global_score
+        segment_ids = None if context is None else context.segment_ids
+        if segment_ids is not None:
+            starts = document_starts(segment_ids)  # (B, L)
+            doc_first = (pos - document_offsets(starts))[:, positions]  # (B, Q) where each query's document starts
+            local = local & (pos >= doc_first[..., None])
+            if score is not None:  # as in forward: a chunk holding a start promotes only its last document's tokens
+                n_chunks = -(-seq_len // w)
+                doc = F.pad(starts, (0, n_chunks * w - seq_len)).view(batch, n_chunks, w).cumsum(-1)
+                score = score.masked_fill((doc != doc[..., -1:]).flatten(1)[:, :seq_len], NEG_INF)
         if score is not None and self.uses_globals:
             schedule = global_schedule(score.to(x.dtype), w, self.globals_per_chunk, self.max_global)  # (B, C, M), -1: empty
             seen = schedule[:, positions // w]  # (B, Q, M): the globals each query's chunk may read
             # As in forward: a global inside the query's local window is read there, not through the global set.
-            hits.scatter_add_(2, seen.clamp_min(0), ((seen >= 0) & (qp > seen + w)).long())
+            reads = (seen >= 0) & (qp > seen + w)
+            if segment_ids is not None:  # and never an earlier document's global
+                reads = reads & (seen >= doc_first[..., None])
+            hits.scatter_add_(2, seen.clamp_min(0), reads.long())
         via_global = hits > 0
         visible = local | via_global
         weights = logits.masked_fill(~visible[:, None], NEG_INF).softmax(-1)  # each query sees itself: no empty row

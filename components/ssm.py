@@ -13,6 +13,10 @@ The scans, the convolution and the one-token step kernel are ops (:mod:`hydra_ki
 :mod:`hydra_kit.ops.conv`, :mod:`hydra_kit.ops.mamba_ssd`, :mod:`hydra_kit.ops.ssm_step`); this module is the
 layer around them. Both scans take an initial state and return the final one, so a sequence may be processed in
 pieces (and :meth:`SelectiveSSM.step` is the O(1) recurrent update).
+
+Document boundaries (``context.segment_ids``, docs/design.md 3.10): at every document start the scan drops its
+state and the convolution reads zeros for the tokens before it, so each document of a packed window gets exactly
+the outputs it gets alone.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hydra_kit.ops.conv import causal_depthwise_conv
 from hydra_kit.ops.mamba_ssd import mamba_ssd_scan, unavailable_reason
 from hydra_kit.ops.packed import PackedWeights, Reader
 from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
+from hydra_kit.ops.segments import document_offsets, document_starts
 from hydra_kit.ops.ssm_step import SSMStepWeights, pack_ssm_step_weights, ssm_step_cpu
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
@@ -101,6 +106,9 @@ class SelectiveSSM(TriPathComponent):
     gated_by_router: ClassVar[bool] = False
     layerscale_init: ClassVar[float] = 0.8
     example_init_args: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 8, "segment_len": 16}
+    # The scan drops its state and the convolution its window at every document start (both variants, both
+    # backends: mamba-ssm's kernels take the same boundaries as seq_idx).
+    supports_resets: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -214,12 +222,16 @@ class SelectiveSSM(TriPathComponent):
         assert bias is not None
         return bias
 
-    def _mix(self, proj: Tensor, conv_in: Tensor, ssm_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _mix(
+        self, proj: Tensor, conv_in: Tensor, ssm_in: Tensor, resets: Tensor | None = None, offsets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Everything between the two projections, for one piece of the sequence.
 
         Args:
             proj: (B, T, d_inner + conv_dim + H) the input projection (z, x B C, dt).
             conv_in, ssm_in: the state before the piece (:class:`SSMState` fields).
+            resets, offsets: (B, T) document starts (bool) and each token's distance from its document's start
+                (long), or None for one document (:mod:`hydra_kit.ops.segments`).
 
         Returns:
             the gated, normalised scan output (B, T, d_inner), and the conv and SSM states after the piece.
@@ -228,7 +240,7 @@ class SelectiveSSM(TriPathComponent):
         z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
         conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self._conv_bias()))  # (B, T, conv_dim)
+        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self._conv_bias(), offsets))  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
@@ -242,32 +254,48 @@ class SelectiveSSM(TriPathComponent):
                 C.view(batch, seq_len, self.ngroups, self.d_state),
                 self.chunk_size,
                 ssm_in,
+                resets,
             )  # (B, T, H, P), (B, H, P, N)
             y = torch.addcmul(y, xs.view_as(y), self.D[:, None]).flatten(-2)  # + D x
         else:
-            y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, ssm_in.flatten(1))
+            y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, ssm_in.flatten(1), resets)
             y, ssm = torch.addcmul(y, xs, self.D), ssm.view_as(ssm_in)
         return self._gated_norm(y, z), conv_state, ssm
 
-    def _segment(self, x: Tensor, state: SSMState | None) -> tuple[Tensor, SSMState]:
-        """One piece of the sequence: x (B, T, D) -> update (B, T, D) and the state after it."""
+    def _segment(
+        self, x: Tensor, state: SSMState | None, resets: Tensor | None = None, offsets: Tensor | None = None
+    ) -> tuple[Tensor, SSMState]:
+        """One piece of the sequence: x (B, T, D) -> update (B, T, D) and the state after it (see :meth:`_mix`)."""
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         proj = self.in_proj(x)
         if self.recompute and torch.is_grad_enabled():
             # Keep only the projection for backward and run the conv, scan and norm again there (what mamba-ssm's
             # fused kernels do): about a quarter of the activation memory, for one more pass of the cheap part.
-            normed, conv_state, ssm = checkpoint(self._mix, proj, state.conv, state.ssm, use_reentrant=False)
+            normed, conv_state, ssm = checkpoint(self._mix, proj, state.conv, state.ssm, resets, offsets, use_reentrant=False)
         else:
-            normed, conv_state, ssm = self._mix(proj, state.conv, state.ssm)
+            normed, conv_state, ssm = self._mix(proj, state.conv, state.ssm, resets, offsets)
         return self.out_proj(normed), SSMState(conv_state, ssm)
 
     def forward(
         self, x: Tensor, context: ComponentContext | None = None, state: SSMState | None = None
     ) -> ComponentOutput:
+        segment_ids = None if context is None else context.segment_ids
+        resets = offsets = None
+        if segment_ids is not None:
+            # Over the whole input, so the pieces below agree on where documents start: a piece's first token may
+            # start one, and its convolution window may reach back into the previous piece.
+            resets = document_starts(segment_ids)  # (B, L)
+            offsets = document_offsets(resets)  # (B, L)
+            if state is not None:  # the first document continues the carried convolution window
+                offsets = offsets.masked_fill(resets.cumsum(1) == 0, self.d_conv)
         pieces = []
         for start in range(0, x.shape[1], self.segment_len):
-            out, state = self._segment(x[:, start : start + self.segment_len], state)
+            piece = slice(start, start + self.segment_len)
+            if resets is None or offsets is None:
+                out, state = self._segment(x[:, piece], state)
+            else:
+                out, state = self._segment(x[:, piece], state, resets[:, piece], offsets[:, piece])
             pieces.append(out)
         if not pieces:  # empty sequence: nothing to do, the state is unchanged
             return ComponentOutput(update=x.new_zeros(x.shape[0], 0, self.d_model), state=state)

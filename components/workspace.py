@@ -11,6 +11,13 @@ updates shared slots with ``.data`` writes. This one is causal, differentiable a
   what the previous hop returned, so a lookup chain (a -> b -> c) can be followed inside one layer.
 
 Time and memory are linear in L: one small write per chunk, reads batched over all chunks at once.
+
+Document boundaries (``context.segment_ids``): the slots are per document. A token whose document started inside
+its own chunk reads the initial slots (nothing of its document is written yet), and a chunk that holds a start
+writes only its last document's tokens, into the initial slots; so no slot written by one document is ever read
+by the next. The chunk grid stays aligned to the window's position 0, so a document that starts mid-chunk is
+first written at the end of that chunk (alone, after ``chunk_size`` of its tokens): the same as alone exactly
+when it starts on a chunk boundary.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from hydra_kit.ops import Linear
 from hydra_kit.ops.decode_attention import decode_attention
 from hydra_kit.ops.packed import PackedWeights, Reader
+from hydra_kit.ops.segments import document_starts
 from hydra_kit.ops.workspace_step import WorkspaceReadWeights, workspace_read_cpu
 from hydra_kit.protocol import (
     ComponentContext,
@@ -50,6 +58,21 @@ class WorkspaceState:
     slots: Tensor
     pending: Tensor
     read_kv: Tensor | None = None
+
+
+@dataclass
+class _ChunkDocuments:
+    """Document starts seen by the chunk grid of one forward.
+
+    Attributes:
+        fresh: (B, C, Q) bool, the token's document started inside its chunk (it reads the initial slots).
+        in_last: (B, C, Q) bool, the token belongs to its chunk's last document (the chunk's write takes it).
+        restart: (B, C) bool, the chunk holds a start (its write starts from the initial slots).
+    """
+
+    fresh: Tensor
+    in_last: Tensor
+    restart: Tensor
 
 
 @torch.no_grad()
@@ -86,6 +109,7 @@ class WorkspaceMemory(TriPathComponent):
     path: ClassVar[ComponentPath] = ComponentPath.MEMORY
     layerscale_init: ClassVar[float] = 0.1
     example_init_args: ClassVar[dict[str, Any]] = {"n_slots": 4, "chunk_size": 8, "read_hops": 2}
+    supports_resets: ClassVar[bool] = True  # slots re-initialised at every document start (module docstring)
 
     def __init__(self, d_model: int, layer_idx: int, *, n_slots: int = 16, d_slot: int | None = None, chunk_size: int = 64, read_hops: int = 2) -> None:
         super().__init__(d_model, layer_idx)
@@ -110,15 +134,20 @@ class WorkspaceMemory(TriPathComponent):
         slots = self.initial_slots.to(device=device, dtype=dtype).expand(batch_size, -1, -1)
         return WorkspaceState(slots, torch.zeros(batch_size, 0, self.d_model, device=device, dtype=dtype))
 
-    def _write(self, slots: Tensor, chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """slots (B, S, Ds), chunk (B, Q, D) -> new slots and the mean gate."""
+    def _write(self, slots: Tensor, chunk: Tensor, written: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """slots (B, S, Ds), chunk (B, Q, D) -> new slots and the mean gate; ``written`` (B, Q) bool: the tokens
+        the slots may read (None: all)."""
         keys, values = self.write_kv(chunk).chunk(2, dim=-1)  # (B, Q, Ds) each
-        read = F.scaled_dot_product_attention(self.write_query(slots), keys, values)  # (B, S, Ds)
+        mask = None if written is None else written[:, None, :]  # (B, 1, Q): the same tokens for every slot
+        read = F.scaled_dot_product_attention(self.write_query(slots), keys, values, attn_mask=mask)  # (B, S, Ds)
         gate = torch.sigmoid(self.write_gate(torch.cat([slots, read], dim=-1)))
         return slots + gate * (read - slots), gate.mean()
 
     def forward(self, x: Tensor, context: ComponentContext | None = None, state: WorkspaceState | None = None) -> ComponentOutput:
         batch, length, _ = x.shape
+        segment_ids = None if context is None else context.segment_ids
+        if segment_ids is not None and state is not None:
+            raise ValueError("workspace: segment_ids mark documents from the start of a sequence; they cannot continue a state")
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         q = self.chunk_size
@@ -126,15 +155,29 @@ class WorkspaceMemory(TriPathComponent):
         tokens = torch.cat([state.pending, x], dim=1)  # (B, done + L, D)
         n_full = tokens.shape[1] // q
         n_chunks = -(-tokens.shape[1] // q)
+        docs = None if segment_ids is None else self._documents(segment_ids, n_chunks)
         slots, gates = state.slots, []
         per_chunk = []
         for c in range(n_chunks):  # sequential over chunks only: the write recurrence
             per_chunk.append(slots)
             if c < n_full:
-                slots, gate = self._write(slots, tokens[:, c * q : (c + 1) * q])
+                if docs is None:
+                    slots, gate = self._write(slots, tokens[:, c * q : (c + 1) * q])
+                else:  # a chunk holding a start writes its last document into fresh slots
+                    fresh = docs.restart[:, c, None, None]  # (B, 1, 1)
+                    slots, gate = self._write(torch.where(fresh, state.slots, slots), tokens[:, c * q : (c + 1) * q], docs.in_last[:, c])
                 gates.append(gate)
         slot_states = torch.stack(per_chunk, dim=1)  # (B, C, S, Ds): the state each chunk's tokens read
         keys, values = self.read_kv(slot_states).chunk(2, dim=-1)  # (B, C, S, Ds)
+        visible = None
+        if docs is not None:
+            # Each token reads either its chunk's slots or, when its document started inside the chunk, the initial
+            # ones: both sets as keys, one masked (B, C, Q, 2S).
+            init_keys, init_values = self.read_kv(state.slots).chunk(2, dim=-1)  # (B, S, Ds)
+            keys = torch.cat([keys, init_keys[:, None].expand_as(keys)], dim=2)  # (B, C, 2S, Ds)
+            values = torch.cat([values, init_values[:, None].expand_as(values)], dim=2)
+            own = docs.fresh[..., None].expand(-1, -1, -1, self.n_slots)  # (B, C, Q, S)
+            visible = torch.cat([~own, own], dim=-1)
         padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
         query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
         read = query.new_zeros(())
@@ -142,8 +185,13 @@ class WorkspaceMemory(TriPathComponent):
         read_probs = []
         for _ in range(self.read_hops):
             if diagnose:  # the weights scaled_dot_product_attention does not return, recomputed for the stats
-                read_probs.append((query @ keys.transpose(-1, -2) * self.d_slot**-0.5).detach().float().softmax(-1))  # (B, C, Q, S)
-            read = F.scaled_dot_product_attention(query, keys, values)  # (B, C, Q, Ds)
+                logits = (query @ keys.transpose(-1, -2) * self.d_slot**-0.5).detach().float()  # (B, C, Q, S or 2S)
+                if visible is None:
+                    read_probs.append(logits.softmax(-1))
+                else:  # exactly one half is visible: fold it onto the S slots
+                    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+                    read_probs.append(probs[..., : self.n_slots] + probs[..., self.n_slots :])
+            read = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)  # (B, C, Q, Ds)
             query = query + self.hop(read)
         update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
         stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
@@ -151,6 +199,13 @@ class WorkspaceMemory(TriPathComponent):
             stats.update(read_statistics(torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length], x.dtype))
         new_state = WorkspaceState(slots, tokens[:, n_full * q :].clone())  # clone: a slice would pin all of tokens
         return ComponentOutput(update=update, stats=stats, state=new_state)
+
+    def _documents(self, segment_ids: Tensor, n_chunks: int) -> _ChunkDocuments:
+        """Where documents start relative to the chunk grid, for ``segment_ids`` (B, L) of a call from position 0."""
+        starts = document_starts(segment_ids)  # (B, L)
+        starts = F.pad(starts, (0, n_chunks * self.chunk_size - starts.shape[1]))  # padding starts nothing
+        doc = starts.view(starts.shape[0], n_chunks, self.chunk_size).cumsum(-1)  # (B, C, Q) document within chunk
+        return _ChunkDocuments(fresh=doc > 0, in_last=doc == doc[..., -1:], restart=doc[..., -1] > 0)
 
     def step(self, x_t: Tensor, state: WorkspaceState, context: ComponentContext | None = None) -> ComponentOutput:
         """One token x_t (B, D): read the slots in ``read_hops`` hops, then add x_t to the pending chunk.

@@ -2,15 +2,27 @@
 
 Every figure is a measurement: models are timed in one process, interleaved length by length, after warm-up,
 as the median of several repeats, and the ratios are taken between numbers of the same run. The machine's
-float32 matmul rate is measured in the same run, so achieved GFLOP/s can be read against the roof. Peak memory
-is the peak resident set size of a fresh subprocess that builds the model and runs one step (sampled every
-0.5 ms by a thread), minus its size just before that step (so it covers activations, workspaces and, for training, gradients and optimizer-free
-backward buffers; the weights are in the baseline).
+float32 matmul rate is measured in the same run (the roof), so each model's achieved GFLOP/s is also reported
+as a share of it. Peak memory is the peak resident set size of a fresh subprocess that builds the model and runs
+one step (sampled every 0.5 ms by a thread), minus its size just before that step (so it covers activations,
+workspaces and, for training, gradients and optimizer-free backward buffers; the weights are in the baseline).
+
+Which FLOPs are counted (:func:`flops_per_token`): the model's own accounting (:mod:`hydra_kit.accounting`),
+i.e. the forward FLOPs per token each component reports (a multiply-add counts 2: two per active weight for the
+projections and experts, plus what attention and the scans do at that length) and the output head. A training
+step counts 3x the forward (the backward costs about two forwards); recomputation in backward is not counted,
+so a model that recomputes shows a lower rate for the same speed. Decoding counts the forward FLOPs per token of
+a causal forward over twice the mid-run context (the average causal query there sees the context a decoded token
+sees); decoding is bound by reading weights and caches, so its GFLOP/s is far below the roof by nature.
+
+With ``--compile``, each recipe is also built with ``compile=True`` (:class:`hydra_kit.model.HydraLM`) and timed
+in the same interleaved loop as ``NAME+compile``, with its speed-up over the eager model of the same run.
 
 Outputs (:mod:`hydra_kit.bench_report`): a rich table with the ratio of the first recipe to the second per
 length and mode, the target checks, ``bench.csv``, ``bench.json`` (records with ``model``, ``seq_len``,
-``mode``, ``tokens_per_s``, ``peak_mem_mb``, ...), and PNG plots of throughput and memory against length
-(log-log) when matplotlib is installed.
+``mode``, ``tokens_per_s``, ``gflops``, ``roof_share``, ``peak_mem_mb``, ...), ``bench_components.csv`` (the
+per-component breakdown) and PNG plots of throughput and memory against length (log-log) when matplotlib is
+installed.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from hydra_kit.ops.linear import LIBRARY as LINEAR_LIBRARY
 
 DEFAULT_RECIPES = ["recipes/full-29m.yaml", "recipes/transformer-29m.yaml"]
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+COMPILED_SUFFIX = "+compile"  # name of a recipe's compiled model in the records: "full-29m+compile"
 
 
 def native_unavailable_reason() -> str | None:
@@ -70,9 +83,14 @@ def matmul_gflops(n: int = 1536, repeats: int = 5, device: torch.device | None =
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def build_model(recipe: str, device: torch.device | None = None) -> HydraLM:
-    """The model of ``recipe`` (parsed and checked like ``fit``'s), initialised with seed 0, in float32 on ``device``."""
+def build_model(recipe: str, device: torch.device | None = None, *, compile: bool | None = None) -> HydraLM:
+    """The model of ``recipe`` (parsed and checked like ``fit``'s), initialised with seed 0, in float32 on ``device``.
+
+    ``compile`` overrides the recipe's ``model.compile`` (None keeps it); the same seed gives the same weights.
+    """
     config = model_config([recipe], prog="hydra-kit bench")
+    if compile is not None:
+        config["compile"] = compile
     torch.manual_seed(0)
     model = HydraLM(**config)
     return model.float().to(device or torch.device("cpu"))
@@ -173,8 +191,28 @@ def step_fn(model: HydraLM, tokens: torch.Tensor, mode: str) -> Callable[[], Non
     return run_train
 
 
+def flops_per_token(model: HydraLM, seq_len: int, mode: str) -> float:
+    """FLOPs one token costs in ``mode`` at ``seq_len``, from the model's accounting (see the module docstring).
+
+    infer: the forward FLOPs per token at ``seq_len``; train: 3x that; decode: the forward FLOPs per token at
+    ``2 * (seq_len + DECODE_TOKENS // 2)``, whose causal average is the context of the middle decoded token.
+    """
+    if mode == "decode":
+        return float(model.parameter_report(2 * (seq_len + DECODE_TOKENS // 2))["flops_per_token"])
+    forward = float(model.parameter_report(seq_len)["flops_per_token"])
+    return 3 * forward if mode == "train" else forward
+
+
+OTHER = "other (embedding, norms, head)"  # the breakdown's row for what no component instance covers
+
+
 def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float]:
-    """Share of one inference forward's time spent in each component instance (forward hooks with timers)."""
+    """Seconds of one inference forward spent in each component instance (forward hooks with timers).
+
+    Returns:
+        instance name -> seconds, plus :data:`OTHER` (the rest: embedding, norms, head, Python between them)
+        and ``"total"`` (the whole forward).
+    """
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
     handles = []
@@ -214,9 +252,30 @@ def component_breakdown(model: HydraLM, tokens: torch.Tensor) -> dict[str, float
         for block in model.tri_path_blocks:
             if block.router is not None and "route" in vars(block.router):
                 del block.router.route
-    shares = {name: t / total for name, t in spent.items()}
-    shares["other (embedding, norms, head)"] = max(0.0, 1.0 - sum(shares.values()))
-    return shares
+    seconds = dict(spent)
+    seconds[OTHER] = max(0.0, total - sum(spent.values()))
+    seconds["total"] = total
+    return seconds
+
+
+def breakdown_rates(seconds: dict[str, float], report: dict[str, Any], tokens: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Per instance: its share of the forward time, its achieved GFLOP/s and its FLOPs in the forward.
+
+    Args:
+        seconds: :func:`component_breakdown`'s result.
+        report: the model's :meth:`~hydra_kit.model.HydraLM.parameter_report` at the measured length.
+        tokens: tokens in the measured forward (batch x length).
+
+    Returns:
+        (time share, GFLOP/s, FLOPs), each keyed by instance name; :data:`OTHER` is credited with the head's
+        FLOPs (the report's total less its components').
+    """
+    total = seconds["total"]
+    flops = {name: float(row["flops_per_token"]) * tokens for name, row in report["components"].items()}
+    flops[OTHER] = max(0.0, float(report["flops_per_token"]) * tokens - sum(flops.values()))
+    shares = {name: t / total for name, t in seconds.items() if name != "total"}
+    gflops = {name: flops[name] / t / 1e9 for name, t in seconds.items() if name in flops and t > 0}
+    return shares, gflops, flops
 
 
 def _rss_mb() -> float:
@@ -275,7 +334,9 @@ def gpu_peak_memory_mb(run: Callable[[], None], device: torch.device) -> float:
 def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record], float]:
     """Measure every recipe of ``args.recipes`` at every length and mode; the records and the matmul roof (GFLOP/s).
 
-    ``args`` holds the options of ``hydra-kit bench`` (:mod:`hydra_kit.commands.bench`).
+    ``args`` holds the options of ``hydra-kit bench`` (:mod:`hydra_kit.commands.bench`). With ``args.compile``,
+    each recipe's compiled model is timed beside its eager one (inference and training only: decoding runs
+    eager by design), after at least one untimed call per length and mode, which compiles.
     """
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     native.set_enabled(args.cpu_kernels == "on")
@@ -283,12 +344,19 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
         console.print(f"[yellow]{reason}[/]")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     # The recipes first: a mistake in one is reported before anything is measured.
-    models = {Path(r).stem: build_model(r, device) for r in args.recipes}
+    compile_too = getattr(args, "compile", False)
+    models: dict[str, HydraLM] = {}
+    paths: dict[str, str] = {}
+    for recipe in args.recipes:
+        name = Path(recipe).stem
+        models[name] = build_model(recipe, device, compile=False if compile_too else None)
+        paths[name] = recipe
+        if compile_too:
+            models[name + COMPILED_SUFFIX] = build_model(recipe, device, compile=True)
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
     console.print(f"C decoding kernels (hydra_kit.ops.native): {'on' if native.enabled() else 'off'}, for every model")
-    paths = dict(zip(models, args.recipes, strict=True))
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []
     for seq_len in args.seq_lens:
@@ -296,14 +364,12 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
             timings: dict[str, list[float]] = defaultdict(list)
             runs: dict[str, Callable[[], None]] = {}
             for name, m in models.items():
+                if mode == "decode" and name.endswith(COMPILED_SUFFIX):
+                    continue
                 tokens_in = make_tokens(m, seq_len, args.batch, text)
-                if mode == "decode":
-                    decode = DecodeRun(m, tokens_in)
-                    runs[name] = decode
-                else:
-                    runs[name] = step_fn(m, tokens_in, mode)
-            for run in runs.values():  # warm-up: allocator, caches, lazy init
-                for _ in range(args.warmup):
+                runs[name] = DecodeRun(m, tokens_in) if mode == "decode" else step_fn(m, tokens_in, mode)
+            for name, run in runs.items():  # warm-up: allocator, caches, lazy init, compilation
+                for _ in range(max(args.warmup, 1) if name.endswith(COMPILED_SUFFIX) else args.warmup):
                     run()
             for _ in range(args.repeats):  # interleaved, so drift hits every model alike
                 for name, run in runs.items():
@@ -314,25 +380,34 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                     run()
                     synchronize(device)
                     timings[name].append(time.perf_counter() - start)
-            for name, model in models.items():
+            for name in runs:
+                model = models[name]
+                compiled = name.endswith(COMPILED_SUFFIX)
                 seconds = statistics.median(timings[name])
                 tokens = args.batch * (DECODE_TOKENS if mode == "decode" else seq_len)
-                report = model.parameter_report(seq_len)
-                flops = report["flops_per_token"] * tokens * (3 if mode == "train" else 1)
-                record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], flops / seconds / 1e9)
+                gflops = flops_per_token(model, seq_len, mode) * tokens / seconds / 1e9
+                record = Record(name, seq_len, mode, tokens / seconds, seconds, timings[name], gflops, roof_share=gflops / roof, compiled=compiled)
+                if compiled:
+                    eager = statistics.median(timings[name.removesuffix(COMPILED_SUFFIX)])
+                    record.compile_speedup = eager / seconds
                 if mode == "decode":
                     decoded = runs[name]
                     assert isinstance(decoded, DecodeRun)
                     record.cache_mb = decoded.cache_bytes / 2**20
-                if mode == "infer" and args.breakdown and device.type == "cpu":  # hook timers need a synchronous device
-                    record.breakdown = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
-                    record.roof_seconds = {k: v["flops_per_token"] * tokens / (roof * 1e9) for k, v in report["components"].items()}
+                # Hook timers need a synchronous device, and hooks would break a compiled graph.
+                if mode == "infer" and args.breakdown and device.type == "cpu" and not compiled:
+                    spent = component_breakdown(model, make_tokens(model, seq_len, args.batch, text))
+                    record.breakdown, record.breakdown_gflops, flops = breakdown_rates(spent, model.parameter_report(seq_len), tokens)
+                    record.roof_seconds = {k: f / (roof * 1e9) for k, f in flops.items()}
                 if args.memory and mode != "decode":
                     if device.type == "cuda":
                         record.peak_mem_mb = gpu_peak_memory_mb(runs[name], device)
-                    else:
+                    elif not compiled:  # a fresh process would measure the compiler, not the step
                         record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
                 records.append(record)
                 mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
-                console.print(f"  {name:>18} L={seq_len:>6} {mode:>5}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s  peak {mem}")
+                console.print(
+                    f"  {name:>18} L={seq_len:>6} {mode:>6}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s "
+                    f"({record.roof_share:.0%} of roof)  peak {mem}"
+                )
     return records, roof

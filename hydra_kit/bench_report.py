@@ -21,7 +21,11 @@ from hydra_kit.reporting import pyplot, write_csv, write_json
 
 @dataclass
 class Record:
-    """One measurement row."""
+    """One measurement row: a model at one length in one mode.
+
+    ``gflops`` is the model's counted FLOPs (:func:`hydra_kit.bench.flops_per_token`) over the measured time, and
+    ``roof_share`` that rate over the float32 matmul roof measured in the same run.
+    """
 
     model: str
     seq_len: int
@@ -34,15 +38,38 @@ class Record:
     breakdown: dict[str, float] = field(default_factory=dict)  # component instance -> share of forward time
     roof_seconds: dict[str, float] = field(default_factory=dict)  # component instance -> time at the matmul roof
     cache_mb: float | None = None  # decode: bytes held by the recurrent state / key-value cache after the prompt
+    roof_share: float | None = None  # gflops / the run's matmul roof
+    breakdown_gflops: dict[str, float] = field(default_factory=dict)  # component instance -> achieved GFLOP/s
+    compiled: bool = False  # the model ran with compile=True (its name ends in "+compile")
+    compile_speedup: float | None = None  # compiled: tokens/s over the eager model's of the same run
+
+
+CSV_FIELDS = ["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "roof_share", "peak_mem_mb", "cache_mb", "compiled", "compile_speedup"]
+COMPONENT_CSV_FIELDS = ["model", "seq_len", "mode", "component", "time_share", "gflops", "roof_time_share"]
+
+
+def component_rows(records: list[Record]) -> list[dict[str, object]]:
+    """One row per record and component instance of its breakdown: time share, GFLOP/s, time at the roof / measured."""
+    rows: list[dict[str, object]] = []
+    for r in records:
+        for name, share in sorted(r.breakdown.items(), key=lambda kv: -kv[1]):
+            at_roof = r.roof_seconds.get(name)
+            rows.append({
+                "model": r.model, "seq_len": r.seq_len, "mode": r.mode, "component": name, "time_share": share,
+                "gflops": r.breakdown_gflops.get(name), "roof_time_share": None if at_roof is None else at_roof / r.seconds,
+            })  # fmt: skip
+    return rows
 
 
 def print_table(records: list[Record], names: list[str], roof: float | None, console: Console) -> None:
     by_key = {(r.model, r.seq_len, r.mode): r for r in records}
-    table = Table(title="throughput (tokens/s) and memory (MB: peak for infer/train, cache for decode)" + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
+    title = "throughput (tokens/s), achieved GFLOP/s (share of the matmul roof) and memory (MB: peak for infer/train, cache for decode)"
+    table = Table(title=title + (f"; matmul roof {roof:.0f} GFLOP/s" if roof else ""))
     table.add_column("L", justify="right")
     table.add_column("mode")
     for name in names:
         table.add_column(f"{name} tok/s", justify="right")
+        table.add_column(f"{name} GFLOP/s", justify="right")
         table.add_column(f"{name} MB", justify="right")
     if len(names) >= 2:
         table.add_column(f"speed {names[0]}/{names[1]}", justify="right")
@@ -56,7 +83,8 @@ def print_table(records: list[Record], names: list[str], roof: float | None, con
             for r in rows:
                 assert r is not None
                 memory = r.cache_mb if r.mode == "decode" else r.peak_mem_mb
-                cells += [f"{r.tokens_per_s:,.1f}", "-" if memory is None else f"{memory:,.1f}"]
+                rate = f"{r.gflops:,.1f}" + ("" if r.roof_share is None else f" ({r.roof_share:.0%})")
+                cells += [f"{r.tokens_per_s:,.1f}", rate, "-" if memory is None else f"{memory:,.1f}"]
             if len(rows) >= 2:
                 a, b = rows[0], rows[1]
                 assert a is not None and b is not None
@@ -65,10 +93,33 @@ def print_table(records: list[Record], names: list[str], roof: float | None, con
                 cells.append("-" if ma is None or not mb else f"{ma / mb:.2f}")
             table.add_row(*cells)
     console.print(table)
+    print_compile_table(records, console)
     for r in records:
         if r.breakdown:
-            parts = ", ".join(f"{k} {v:.0%}" + (f" (roof {r.roof_seconds[k] / r.seconds:.0%})" if k in r.roof_seconds else "") for k, v in sorted(r.breakdown.items(), key=lambda kv: -kv[1]))
-            console.print(f"[dim]{r.model} L={r.seq_len} forward time by component (time at matmul roof / measured forward): {parts}[/]")
+            parts = ", ".join(
+                f"{row['component']} {row['time_share']:.0%}"
+                + ("" if row["gflops"] is None else f" {row['gflops']:.1f} GFLOP/s")
+                + ("" if row["roof_time_share"] is None else f" (roof {row['roof_time_share']:.0%})")
+                for row in component_rows([r])
+            )
+            console.print(f"[dim]{r.model} L={r.seq_len} forward by component: time share, GFLOP/s (time at matmul roof / measured forward): {parts}[/]")
+
+
+def print_compile_table(records: list[Record], console: Console) -> None:
+    """The compiled models against their eager selves (``bench --compile``); nothing when none was compiled."""
+    compiled = [r for r in records if r.compiled]
+    if not compiled:
+        return
+    table = Table(title="torch.compile against eager (same run, same weights)")
+    for column in ("model", "L", "mode", "eager tok/s", "compiled tok/s", "compiled/eager"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for r in compiled:
+        eager = r.tokens_per_s / r.compile_speedup if r.compile_speedup else None
+        table.add_row(
+            r.model, str(r.seq_len), r.mode, "-" if eager is None else f"{eager:,.1f}", f"{r.tokens_per_s:,.1f}",
+            "-" if r.compile_speedup is None else f"{r.compile_speedup:.2f}x",
+        )  # fmt: skip
+    console.print(table)
 
 
 @dataclass
@@ -142,8 +193,13 @@ def print_targets(checks: list[TargetCheck], console: Console) -> None:
 def write_outputs(
     records: list[Record], out: Path, json_path: str | None, roof: float, checks: list[TargetCheck] | None = None
 ) -> list[Path]:
-    """``bench.json`` (the matmul roof, threads, records and targets), ``bench.csv`` and, with matplotlib, PNG plots
-    of throughput and memory against length in ``out``; the records also as a JSON list at ``json_path``."""
+    """Write the run's files into ``out``; the paths written.
+
+    ``bench.json`` (the matmul roof, threads, records and targets), ``bench.csv`` (one row per record,
+    :data:`CSV_FIELDS`), ``bench_components.csv`` (the per-component breakdown, :data:`COMPONENT_CSV_FIELDS`; only
+    when one was measured) and, with matplotlib, PNG plots of throughput and memory against length; the records
+    also as a JSON list at ``json_path``.
+    """
     rows = [asdict(r) for r in records]
     targets = [{**asdict(c), "met": c.met} for c in checks or []]
     payload = {
@@ -156,8 +212,9 @@ def write_outputs(
     written = [write_json(out / "bench.json", payload)]
     if json_path:
         written.append(write_json(Path(json_path), rows))
-    fields = ["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "peak_mem_mb", "cache_mb"]
-    written.insert(1, write_csv(out / "bench.csv", rows, fields))
+    written.insert(1, write_csv(out / "bench.csv", rows, CSV_FIELDS))
+    if parts := component_rows(records):
+        written.insert(2, write_csv(out / "bench_components.csv", parts, COMPONENT_CSV_FIELDS))
     try:
         plt = pyplot()
     except RecipeError:  # matplotlib is optional here: the plots are left out

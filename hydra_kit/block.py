@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from hydra_kit.ops import RMSNorm, rms_norm
 from hydra_kit.ops.packed import PackedWeights, Reader
 from hydra_kit.ops.residual import ResidualPlan, gated_residual
+from hydra_kit.ops.segments import check_segment_ids
 from hydra_kit.protocol import ComponentContext, ComponentOutput, RouterComponent, RouterOutput, TriPathComponent
 
 
@@ -122,14 +123,47 @@ class TriPathBlock(nn.Module):
         update[keep] = out.update[0]
         return ComponentOutput(update, out.aux_losses, out.stats, None)
 
-    def forward(self, x: Tensor, state: dict[str, Any] | None = None, *, collect_aux: bool = True, diagnostics: bool = False) -> BlockOutput:
+    def resets_refusals(self) -> dict[str, str]:
+        """Instance name -> why, for each instance of this block (router included) that cannot honour document
+        boundaries; knocked-out instances, which do not run, are left out."""
+        owners: dict[str, TriPathComponent] = dict(self.components())
+        if self.router is not None and self.router_name is not None:
+            owners[self.router_name] = self.router
+        refusals = {}
+        for name, component in owners.items():
+            reason = None if name in self.knocked_out else component.resets_refusal()
+            if reason is not None:
+                refusals[name] = f"component {name!r} ({type(component).__name__}) in block {self.layer_idx} cannot honour them: {reason}"
+        return refusals
+
+    def forward(
+        self,
+        x: Tensor,
+        state: dict[str, Any] | None = None,
+        *,
+        collect_aux: bool = True,
+        diagnostics: bool = False,
+        segment_ids: Tensor | None = None,
+    ) -> BlockOutput:
         """Apply the block to x (B, L, D), continuing from ``state`` when given.
 
         ``collect_aux=False`` (decoding) lets the components skip their auxiliary losses and statistics; the
         hidden state and the recurrent state are the same either way. ``diagnostics=True`` (a few logged training
         steps, inspection) also fills ``BlockOutput.diagnostics`` and asks the components for their costlier
-        statistics; it implies ``collect_aux``.
+        statistics; it implies ``collect_aux``. ``segment_ids`` (B, L) marks the documents of a packed window
+        (:class:`~hydra_kit.protocol.ComponentContext`): every component starts afresh at each document start.
+
+        Raises:
+            ValueError: ``segment_ids`` comes with a state, has the wrong shape, or a component of the block
+                does not support document boundaries (the message names it).
         """
+        if segment_ids is not None:
+            if state is not None:
+                raise ValueError(f"block {self.layer_idx}: segment_ids mark documents from the start of a sequence; they cannot continue a state")
+            check_segment_ids(segment_ids, x.shape[0], x.shape[1], f"block {self.layer_idx}")
+            refusals = list(self.resets_refusals().values())
+            if refusals:
+                raise ValueError(f"this batch marks documents (segment_ids), but {refusals[0]}")
         collect_aux = collect_aux or diagnostics
         if state is not None and x.shape[1] == 1 and not self.knocked_out and not diagnostics:
             decoded = self._decode_step(x, state, collect_aux)
@@ -168,7 +202,7 @@ class TriPathBlock(nn.Module):
                 stepped = component.step(u_t, state[name], step_context)
                 result = ComponentOutput(stepped.update[:, None], stepped.aux_losses, stepped.stats, stepped.state)
             else:
-                context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux, diagnostics=diagnostics)
+                context = ComponentContext(global_score=score, keep=keep, collect_aux=collect_aux, diagnostics=diagnostics, segment_ids=segment_ids)
                 result = component(u, context, None if state is None else state[name])
             update = result.update
             scale = self.layerscale[name]

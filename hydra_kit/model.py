@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -94,6 +94,10 @@ class HydraLM(L.LightningModule):
         tie_embeddings: share the token embedding with the output head (docs/design.md 3.1, the default). ``False``
             gives the head its own (vocab_size, d_model) matrix; the small recipes untie it (why:
             docs/design-decisions.md).
+        compile: run full-sequence forwards (training, validation, prefill without a state) through
+            ``torch.compile`` of the network (Inductor on CPU). Off by default: the first call of each mode
+            compiles, which takes seconds to minutes. Generation, decoding and chunked forwards with a state
+            stay eager, since they run one token or one chunk at a time (docs/benchmarks.md, "torch.compile").
 
     Attributes:
         network: the :class:`~hydra_kit.network.HydraNetwork` being trained; its instance API (``disable``,
@@ -114,6 +118,7 @@ class HydraLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         init_std: float = 0.02,
         tie_embeddings: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,6 +132,8 @@ class HydraLM(L.LightningModule):
         # The per-block diagnostics of the last training step that was asked for them (request_diagnostics).
         self.last_diagnostics: list[dict[str, dict[str, Tensor]]] = []
         self.register_load_state_dict_pre_hook(_prefix_network_keys)
+        if not isinstance(compile, bool):
+            raise RecipeError(f"model.compile: expected true or false, got {compile!r}")
 
     # ------------------------------------------------- the network, delegated
     @property
@@ -173,10 +180,40 @@ class HydraLM(L.LightningModule):
         return self.network.init_state(batch_size, device=device, dtype=dtype)
 
     def forward(
-        self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
+        self,
+        input_ids: Tensor,
+        state: list[dict[str, Any]] | None = None,
+        *,
+        collect_aux: bool = True,
+        diagnostics: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> ModelOutput:
-        """Logits (B, L, V) for token ids (B, L); see :meth:`HydraNetwork.forward`."""
-        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics)
+        """Logits (B, L, V) for token ids (B, L), documents marked by ``segment_ids``; see :meth:`HydraNetwork.forward`.
+
+        With ``compile=True``, a full-sequence forward (no ``state``, no ``diagnostics``) runs compiled.
+        """
+        if self.hparams.get("compile") and state is None and not diagnostics:
+            return self.compiled_network()(input_ids, collect_aux=collect_aux, segment_ids=segment_ids)
+        return self.network(input_ids, state, collect_aux=collect_aux, diagnostics=diagnostics, segment_ids=segment_ids)
+
+    def compiled_network(self) -> Callable[..., ModelOutput]:
+        """``torch.compile`` of :attr:`network`, built on first use and kept for this model object.
+
+        It wraps the same modules, so it shares the parameters and follows ``.to()``. It is not a registered
+        submodule (checkpoints hold only the network) and is dropped when the model is copied or pickled
+        (:meth:`__getstate__`): a copy compiles its own.
+        """
+        compiled: Callable[..., ModelOutput] | None = self.__dict__.get("_compiled_network")
+        if compiled is None:
+            compiled = torch.compile(self.network)
+            self.__dict__["_compiled_network"] = compiled  # bypasses nn.Module registration on purpose
+        return compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled wrapper holds code specialised to this object's network; a copy must not call into it.
+        state = super().__getstate__()
+        state.pop("_compiled_network", None)
+        return state
 
     def generate(
         self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
@@ -203,9 +240,10 @@ class HydraLM(L.LightningModule):
 
     # --------------------------------------------------------------- training
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        input_ids, targets = batch["input_ids"], batch["targets"]
+        input_ids, targets, segment_ids = batch["input_ids"], batch["targets"], batch.get("segment_ids")
         diagnostics = stage == "train" and self._diagnostics_requested
-        out = self(input_ids, diagnostics=diagnostics)
+        # Packed windows of several documents carry segment_ids: each document is then computed as if alone.
+        out = self(input_ids, diagnostics=diagnostics, segment_ids=segment_ids)
         if diagnostics:
             self._diagnostics_requested = False
             self.last_diagnostics = out.diagnostics
@@ -213,7 +251,7 @@ class HydraLM(L.LightningModule):
         aux_total = sum(out.aux_losses.values(), torch.zeros((), device=task_loss.device))
         loss = task_loss + aux_total
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item()))
+            raise NonFiniteLossError(self._describe_nonfinite(input_ids, out.aux_losses, stage, loss.item(), segment_ids))
         on_step = stage == "train"
         batch_size = input_ids.shape[0]
         # sync_dist on every step too: under DDP the logged training loss is the mean over the ranks, i.e. the loss
@@ -238,9 +276,11 @@ class HydraLM(L.LightningModule):
                 self.log(f"stats/{k}", v, on_step=True, batch_size=batch_size)
         return loss
 
-    def _describe_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float) -> str:
+    def _describe_nonfinite(
+        self, input_ids: Tensor, aux_losses: dict[str, Tensor], stage: str, value: float, segment_ids: Tensor | None = None
+    ) -> str:
         """The one-line report of a non-finite loss: the step, the first bad component and the last good checkpoint."""
-        culprit = self.network.first_nonfinite(input_ids, aux_losses)
+        culprit = self.network.first_nonfinite(input_ids, aux_losses, segment_ids=segment_ids)
         last = "none yet"
         trainer = compat.attached_trainer(self)
         if trainer is not None:
@@ -266,7 +306,7 @@ class HydraLM(L.LightningModule):
         self._shared_step(batch, "val")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["input_ids"]).logits.argmax(-1)
+        return self(batch["input_ids"], segment_ids=batch.get("segment_ids")).logits.argmax(-1)
 
     def setup(self, stage: str) -> None:
         """Check the data module against :class:`hydra_kit.data.TokenData` and this model, before any step runs.

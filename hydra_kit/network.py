@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hydra_kit import accounting, export
 from hydra_kit.block import TriPathBlock
 from hydra_kit.ops import RMSNorm, linear
+from hydra_kit.ops.segments import check_segment_ids
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
@@ -244,29 +245,50 @@ class HydraNetwork(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return [block.init_state(batch_size, device=device, dtype=dtype) for block in self.tri_path_blocks]
 
+    def resets_refusals(self) -> list[str]:
+        """One line per component instance (in every block) that cannot honour document boundaries; [] when all can."""
+        return [line for block in self.tri_path_blocks for line in block.resets_refusals().values()]
+
     def forward(
-        self, input_ids: Tensor, state: list[dict[str, Any]] | None = None, *, collect_aux: bool = True, diagnostics: bool = False
+        self,
+        input_ids: Tensor,
+        state: list[dict[str, Any]] | None = None,
+        *,
+        collect_aux: bool = True,
+        diagnostics: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> ModelOutput:
         """Logits (B, L, V) for token ids (B, L); continue from ``state`` when given (chunked processing).
 
         ``collect_aux=False`` (decoding) skips the auxiliary losses and statistics: the output then has empty
         ``aux_losses`` and ``stats``, and the same logits and state. ``diagnostics=True`` also returns per-block
         diagnostics (``ModelOutput.diagnostics``) and lets components add their costlier statistics, which
-        ``stats`` then averages too; the logits and state are the same.
+        ``stats`` then averages too; the logits and state are the same. ``segment_ids`` (B, L) marks the
+        documents of a packed window (a new document wherever the id changes): every component starts afresh at
+        each document start, so each document's logits are those it would get alone (docs/design.md 3.10).
 
         Raises:
-            ValueError: the sequence is longer than a component supports (names the component).
+            ValueError: the sequence is longer than a component supports (names the component), or
+                ``segment_ids`` is given with a state, with the wrong shape, or to a model with a component that
+                does not support document boundaries (names the first one).
         """
         limit = self.max_seq_len if input_ids.shape[1] > 1 else None  # every component takes one token (decoding)
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"sequence of length {input_ids.shape[1]} exceeds the {limit} tokens {self.length_bound()} supports")
+        if segment_ids is not None:
+            if state is not None:
+                raise ValueError("segment_ids mark documents from the start of a sequence; they cannot continue a state")
+            check_segment_ids(segment_ids, input_ids.shape[0], input_ids.shape[1], "segment_ids")
+            refusals = self.resets_refusals()
+            if refusals:  # checked before any block runs: one line for the whole model
+                raise ValueError(f"this batch marks documents (segment_ids), but {refusals[0]}")
         h = self.embed(input_ids)  # (B, L, D)
         aux: dict[str, Tensor] = {}
         stat_lists: dict[str, list[Tensor]] = defaultdict(list)
         new_state = []
         per_block: list[dict[str, dict[str, Tensor]]] = []
         for i, block in enumerate(self.tri_path_blocks):
-            out = block(h, None if state is None else state[i], collect_aux=collect_aux, diagnostics=diagnostics)
+            out = block(h, None if state is None else state[i], collect_aux=collect_aux, diagnostics=diagnostics, segment_ids=segment_ids)
             h = out.hidden
             for k, v in out.aux_losses.items():
                 aux[k] = aux[k] + v if k in aux else v
@@ -370,12 +392,13 @@ class HydraNetwork(nn.Module):
                 logits[members], states[g] = self.step(fed[members], states[g])
 
     # -------------------------------------------------------------- diagnosis
-    def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor]) -> str:
+    def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], *, segment_ids: Tensor | None = None) -> str:
         """Re-run ``input_ids`` (B, L) with hooks and name the first component whose output went non-finite.
 
         Args:
             input_ids: the batch whose loss was NaN or infinite.
             aux_losses: that forward's auxiliary losses, named when no component output was bad.
+            segment_ids: the batch's document ids, if it had them (the re-run computes what the step did).
 
         Returns:
             e.g. ``"component 'attn' in block 1"``, ``"the token embedding"`` or ``"auxiliary loss(es) moe.z"``.
@@ -395,7 +418,7 @@ class HydraNetwork(nn.Module):
             with torch.no_grad():
                 if not torch.isfinite(self.embed(input_ids)).all():
                     found.append("the token embedding")
-                self(input_ids)
+                self(input_ids, segment_ids=segment_ids)
         finally:
             for h in handles:
                 h.remove()

@@ -27,6 +27,14 @@ Diagnostics (optional, backwards compatible): on the training steps a diagnostic
 costly for every step to its ``stats`` (still detached scalars). A component that attends over positions may
 also offer ``attention_map(x, context, positions=None) -> AttentionMap`` for inspection (see
 :class:`AttentionMap`); the core calls it only where it exists.
+
+Document boundaries (docs/design.md 3.10): a packed training window holds several documents. The block then hands
+every component ``context.segment_ids`` (B, L); a token whose id differs from the previous token's starts a new
+document, and the component must compute, from there on, what it computes for that document alone (no state,
+attention, slot or summary of an earlier document may reach it). A component class says it can with
+``supports_resets = True``; the block refuses a batch with segment ids when a component of the model does not,
+naming it (never silently leaking across documents). Segment ids come only with a forward from the start of a
+sequence (``state=None``); the helpers in :mod:`hydra_kit.ops.segments` derive the masks.
 """
 
 from __future__ import annotations
@@ -76,12 +84,17 @@ class ComponentContext:
         diagnostics: True on the few steps whose statistics are logged per block (and in ``hydra-kit inspect``):
             the component may add statistics too costly for every step (attention shares, entropies). The
             update and the state must not change. Components that ignore it keep working.
+        segment_ids: (B, L) integer document ids of a packed window, or None (one document). Token t starts a
+            new document when ``segment_ids[:, t] != segment_ids[:, t - 1]``; position 0 starts nothing. Only
+            given with ``state=None`` (whole training and validation windows, whose returned state nobody
+            continues), and only to components whose class sets ``supports_resets = True``.
     """
 
     global_score: Tensor | None = None
     keep: Tensor | None = None
     collect_aux: bool = True
     diagnostics: bool = False
+    segment_ids: Tensor | None = None
 
 
 def collects_aux(context: ComponentContext | None) -> bool:
@@ -165,6 +178,9 @@ class TriPathComponent(nn.Module, abc.ABC):
         max_seq_len: the longest sequence one ``forward`` supports, or None for no limit.
         example_init_args: small hyper-parameters that exercise the component's internal boundaries
             (windows, chunks) at short lengths; the conformance check and the docs use them.
+        supports_resets: the component honours ``context.segment_ids``: at every document start inside a
+            window it starts afresh (see the module docstring). An instance whose configuration cannot (a
+            routing mode, a backend) says why in :meth:`resets_refusal`.
     """
 
     path: ClassVar[ComponentPath]
@@ -172,6 +188,7 @@ class TriPathComponent(nn.Module, abc.ABC):
     layerscale_init: ClassVar[float] = 1.0
     max_seq_len: ClassVar[int | None] = None
     example_init_args: ClassVar[dict[str, Any]] = {}
+    supports_resets: ClassVar[bool] = False
 
     def __init__(self, d_model: int, layer_idx: int) -> None:
         super().__init__()
@@ -194,6 +211,16 @@ class TriPathComponent(nn.Module, abc.ABC):
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> Any:
         """The state before the first token (None for stateless components)."""
         return None
+
+    def resets_refusal(self) -> str | None:
+        """Why this instance cannot honour document boundaries (``context.segment_ids``), or None when it can.
+
+        The default follows the class's ``supports_resets``; components whose support depends on their
+        hyper-parameters override it and return a reason in words.
+        """
+        if type(self).supports_resets:
+            return None
+        return f"{type(self).__name__} does not declare supports_resets = True"
 
     def active_parameters(self) -> int:
         """Parameters used to process one token (all of them, unless the component routes sparsely)."""

@@ -23,7 +23,10 @@ Each property is a separate function so a failure says which one broke:
 * with ``collect_aux=False`` (decoding) ``forward`` and ``step`` give the same updates and states, also for a
   single sequence (where components may take a dedicated fast path);
 * gradients are finite and reach the parameters;
-* auxiliary losses and stats are scalars, stats are detached.
+* auxiliary losses and stats are scalars, stats are detached;
+* for a class that declares ``supports_resets = True``, document boundaries (``context.segment_ids``) are
+  honoured: a second document packed after a first one gets the outputs it gets alone, the first one's outputs
+  do not depend on what follows, and nothing of the first reaches the second (:func:`check_resets`).
 
 Routers (:class:`~hydra_kit.protocol.RouterComponent`) get the router version of these checks.
 """
@@ -50,6 +53,7 @@ __all__ = [
     "check_constructor",
     "check_gradients",
     "check_outputs_well_formed",
+    "check_resets",
     "check_router",
     "check_step_equals_full",
     "check_without_aux",
@@ -278,6 +282,51 @@ def check_gradients(component: TriPathComponent, x: Tensor, score: Tensor) -> No
     component.zero_grad(set_to_none=True)
 
 
+def check_resets(component: TriPathComponent, x: Tensor, score: Tensor, aligned: int, unaligned: int, atol: float) -> None:
+    """Document boundaries are honoured: a component starts afresh where ``context.segment_ids`` changes.
+
+    Example 0 of the batch packs two documents, example 1 holds one. For a split at ``aligned`` (a start on every
+    internal chunk boundary of the component) the second document's updates equal those of the document alone;
+    for either split, the first document's updates equal those of its prefix alone, the second document's do not
+    change when the first document's inputs and scores do, and the one-document example equals a forward without
+    segment ids. A router (which sees no context) must give each token's gates and score from that token alone.
+
+    Args:
+        x: (B >= 2, L, D) inputs; score: (B, L) router scores.
+        aligned, unaligned: where the second document starts (0 < split < L).
+    """
+    name = _name(component)
+    gen = torch.Generator().manual_seed(4321)
+    for split in (aligned, unaligned):
+        x2, score2 = x.clone(), score.clone()
+        x2[:, :split] = torch.randn(x2[:, :split].shape, generator=gen, dtype=torch.float64).to(x.dtype) * 3
+        score2[:, :split] = torch.randn(score2[:, :split].shape, generator=gen, dtype=torch.float64).to(x.dtype) * 3
+        if isinstance(component, RouterComponent):
+            a, b = component.route(x), component.route(x2)
+            diff = max(_max_diff(a.gates[:, split:], b.gates[:, split:]), _max_diff(a.global_score[:, split:], b.global_score[:, split:]))
+            if diff > atol:
+                raise ConformanceError(f"{name} declares supports_resets but its gates or scores after position {split} depend on earlier tokens ({diff:.3e})")
+            continue
+        segment_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        segment_ids[0, split:] = 1
+
+        def run(inputs: Tensor, scores: Tensor, ids: Tensor | None) -> Tensor:
+            return component(inputs, ComponentContext(global_score=scores, segment_ids=ids)).update
+
+        packed = run(x, score, segment_ids)
+        checks = [
+            ("the first document's updates differ from those of its prefix alone", packed[:1, :split], run(x[:1, :split], score[:1, :split], None)),
+            ("the second document's updates change with the first document's inputs", packed[:1, split:], run(x2, score2, segment_ids)[:1, split:]),
+            ("a one-document example differs from a forward without segment_ids", packed[1:], run(x[1:], score[1:], None)),
+        ]
+        if split == aligned:
+            checks.append(("the second document's updates differ from those of the document alone", packed[:1, split:], run(x[:1, split:], score[:1, split:], None)))
+        for what, got, want in checks:
+            diff = _max_diff(got, want)
+            if diff > atol:
+                raise ConformanceError(f"{name} declares supports_resets, but with documents split at {split} {what} by {diff:.3e} (tolerance {atol:.0e})")
+
+
 def check_router(router: RouterComponent, x: Tensor, gate_names: Sequence[str], atol: float) -> None:
     """Router gates are (B, L, G) in (0, 1), scores (B, L), both causal; aux losses and stats scalars."""
     name = _name(router)
@@ -322,6 +371,8 @@ def check_component(
     check_step: bool = True,
     atol: float = 1e-8,
     seed: int = 0,
+    resets_aligned: int = 16,
+    resets_unaligned: int = 13,
 ) -> None:
     """Run every conformance property on a freshly built component; raise ConformanceError on the first break.
 
@@ -336,6 +387,9 @@ def check_component(
         check_step: also compare token-by-token ``step`` with the full forward.
         atol: tolerance of the float64 equality checks.
         seed: seed of the random inputs and parameters.
+        resets_aligned, resets_unaligned: where the second document starts in the document-boundary check (run
+            for classes that declare ``supports_resets = True``): ``resets_aligned`` on a boundary of every
+            internal chunk grid of the component (with ``init_args``), ``resets_unaligned`` off them.
     """
     if init_args is None:
         init_args = dict(getattr(factory, "example_init_args", {}))
@@ -359,8 +413,10 @@ def check_component(
             raise ConformanceError(f"{_name(component)}: the router as constructed fails in {default} (train mode): {exc}") from exc
         component.zero_grad(set_to_none=True)
         component.eval()
-        x, _ = _inputs(batch, seq_len, d_model, torch.float64, seed)
+        x, score = _inputs(batch, seq_len, d_model, torch.float64, seed)
         check_router(component.double(), x, names, atol)
+        if getattr(type(component), "supports_resets", False) and component.resets_refusal() is None:
+            check_resets(component, x, score, resets_aligned, resets_unaligned, atol)
         return
     check_as_constructed(component, *_inputs(batch, seq_len, d_model, default, seed), step=check_step)
     component.eval()  # dropout and other train-time noise would break the equality checks
@@ -373,6 +429,8 @@ def check_component(
     check_causality(component, x, score, positions=(0, seq_len // 3, seq_len - 2), atol=atol)
     check_chunked_equals_full(component, x, score, boundaries, atol)
     check_without_aux(component, x, score, atol)
+    if getattr(type(component), "supports_resets", False) and component.resets_refusal() is None:
+        check_resets(component, x, score, resets_aligned, resets_unaligned, atol)
     if check_step:
         steps = min(seq_len, 24)
         check_step_equals_full(component, x[:, :steps], score[:, :steps], atol)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import quick_recipe, run_cli
+from support import quick_recipe, run_cli
 
 from hydra_kit.cli import main
 from hydra_kit.model import HydraLM

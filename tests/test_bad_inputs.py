@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import HYDRA_KIT, quick_recipe
+from support import HYDRA_KIT, quick_recipe
 
 from hydra_kit.checkpoint import AtomicCheckpointIO
 from hydra_kit.model import HydraLM
@@ -102,6 +102,7 @@ def test_generate_option_out_of_range_is_one_line(byte_ckpt, capsys, option, exp
     assert expected in _error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_generate_into_a_closed_pipe_exits_quietly(byte_ckpt):
     # `hydra-kit generate ... | head -c 40`: the reader leaves long before the last token.
     proc = subprocess.Popen(

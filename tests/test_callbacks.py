@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import HYDRA_KIT, quick_recipe, run_cli
+from support import HYDRA_KIT, quick_recipe, run_cli
 
 from hydra_kit.callbacks import Curriculum, KnockOut, Throughput, instance_parameters
 from hydra_kit.data import MQAR, SyntheticDataModule
@@ -73,6 +73,7 @@ STAGES = [
 ]
 
 
+@pytest.mark.slow
 def test_curriculum_changes_exactly_what_its_stages_say_at_their_steps(tmp_path):
     probe = Probe()
     curriculum = Curriculum(STAGES)
@@ -93,6 +94,7 @@ def test_curriculum_changes_exactly_what_its_stages_say_at_their_steps(tmp_path)
     assert curriculum.stage_index == 2 and curriculum.state_dict()["position"] == 3
 
 
+@pytest.mark.slow
 def test_rehearsal_draws_a_share_of_batches_from_the_previous_task_and_resumes_exactly(tmp_path):
     stages = [{"at_step": 0, "data": {"num_pairs": 2, "num_queries": 2}}, {"at_step": 4, "data": {"num_pairs": 4, "num_queries": 4}, "rehearse": 0.5}]
     probe = Probe()
@@ -114,6 +116,7 @@ def test_rehearsal_draws_a_share_of_batches_from_the_previous_task_and_resumes_e
         data.set_task_params({"num_pairs": 3}, rehearse=({"num_pairs": 2}, 0))
 
 
+@pytest.mark.slow
 def test_metric_trigger_ignores_values_logged_before_the_previous_stage(tmp_path):
     class Log(L.Callback):  # a metric that is high from the start: only values logged after stage 0 may count
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -262,6 +265,7 @@ def test_bad_stage_in_a_recipe_is_reported_with_the_file_and_no_traceback(tmp_pa
     assert "badstage.yaml: trainer.callbacks[0]: Curriculum: stage 0: unknown key(s) 'disabel'; valid: name, at_step" in err
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_best_of_the_current_stage(tmp_path):
     """A harder stage has a higher validation loss: "best" must start over there, not stay in the easy stage."""
     stages = [{"at_step": 0, "data": {"num_pairs": 1, "num_queries": 1}}, {"at_step": 20, "data": {"num_pairs": 6, "num_queries": 6}}]

@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import HYDRA_KIT, REPO, quick_recipe, run_cli
+from support import HYDRA_KIT, REPO, quick_recipe, run_cli
 
 
+@pytest.mark.slow
 def test_components_lists_first_party_with_distribution(tmp_path):
     result = run_cli("components", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -22,6 +23,7 @@ def test_components_lists_first_party_with_distribution(tmp_path):
     assert "hydra-kit" in result.stdout and "0.1.0" in result.stdout
 
 
+@pytest.mark.slow
 def test_fit_writes_events_and_checkpoints_then_validate_accepts_them(tmp_path):
     recipe = quick_recipe(tmp_path)
     result = run_cli("fit", "--config", str(recipe), cwd=tmp_path)
@@ -85,6 +87,7 @@ def _bad_recipe(tmp_path, mutate) -> str:
         (lambda r: r["model"].update(vocab_size=10), r"bad\.yaml: model\.vocab_size is 10 but the data uses 66 token ids; set model\.vocab_size >= 66"),
     ],
 )
+@pytest.mark.slow
 def test_recipe_errors_name_file_key_and_choices(tmp_path, mutate, expected):
     result = run_cli("fit", "--config", _bad_recipe(tmp_path, mutate), cwd=tmp_path)
     assert result.returncode == 2
@@ -94,6 +97,7 @@ def test_recipe_errors_name_file_key_and_choices(tmp_path, mutate, expected):
     assert re.search(expected, " ".join(result.stderr.split())), result.stderr
 
 
+@pytest.mark.slow
 def test_malformed_yaml_names_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  d_model: 64\n   n_blocks: 2\n")
@@ -133,6 +137,7 @@ def trained(tmp_path_factory):
     return {"tmp": tmp, "recipe": path, "run_dir": run_dir, "first": first, "resumed": resumed, "config": saved_config, "ckpt": saved_ckpt}
 
 
+@pytest.mark.slow
 def test_fit_output_counts_steps_lists_last_ckpt_and_has_no_warning_noise(trained):
     out, err = flat(trained["first"].stdout), trained["first"].stderr
     assert "Training" in out and "20/20" in out
@@ -186,6 +191,7 @@ def test_checkpoint_io_is_atomic_once_whether_or_not_the_recipe_names_it(tmp_pat
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_recipe_is_refused_naming_both(trained, capsys, lightning_logs_here, monkeypatch):
     from hydra_kit.cli import main
 

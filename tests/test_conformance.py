@@ -22,6 +22,7 @@ def test_every_first_party_component_loads():
     assert EXPECTED_FIRST_PARTY <= set(REGISTRY.names())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REGISTRY.names())
 def test_component_conforms(name):
     check_component(REGISTRY.entries[name].cls)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from support import REPO, run_cli
 
 STEPS = 8
 PER_DEVICE_BATCH = 8

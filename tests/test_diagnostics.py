@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import quick_recipe
 from lightning.pytorch.loggers import TensorBoardLogger
+from support import quick_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hydra_kit.callbacks import Diagnostics
@@ -34,6 +34,7 @@ def tiny_model() -> HydraLM:
     return HydraLM(vocab_size=72, d_model=32, n_blocks=2, components=COMPONENTS, warmup_steps=2)
 
 
+@pytest.mark.slow
 def test_diagnostics_forward_is_per_block_and_changes_nothing_else():
     torch.manual_seed(0)
     model = tiny_model()
@@ -98,6 +99,7 @@ def _events(log_dir: str) -> EventAccumulator:
     return events
 
 
+@pytest.mark.slow
 def test_callback_logs_per_block_keys_only_on_logging_steps(tmp_path):
     torch.manual_seed(0)
     logger = TensorBoardLogger(str(tmp_path), name="diag", default_hp_metric=False)
@@ -127,6 +129,7 @@ def test_callback_logs_per_block_keys_only_on_logging_steps(tmp_path):
     assert "hp_metric" not in scalars
 
 
+@pytest.mark.slow
 def test_no_logging_step_no_diagnostics_forward(monkeypatch):
     calls = []
     original = HydraLM.forward

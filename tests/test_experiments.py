@@ -32,6 +32,7 @@ CASES = {
 BASELINED = {"logic-chains", "pkm-recall", "distant-premise", "expert-specialisation", "mqar"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra, stem, level, models, metrics = CASES[name]
@@ -185,6 +186,7 @@ def _run(name: str, out: Path, *extra: str) -> dict:
     return json.loads((out / f"{CASES[name][1]}.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["expert-specialisation", "mqar"])
 def test_seeds_run_apart_merge_into_the_result_of_one_run(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--first-seed trains the seeds named; --merge joins folders without training, as if one run had trained them all."""
@@ -209,6 +211,7 @@ def test_seeds_run_apart_merge_into_the_result_of_one_run(name: str, tmp_path: P
         assert merged["routing"] == first["routing"] + second["routing"] and merged["heatmaps"] == together["heatmaps"]
 
 
+@pytest.mark.slow
 def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--models trains the models named (the JSON still describes all); --merge joins the folders into the one-run result."""
     together = _run("logic-chains", tmp_path / "together")
@@ -224,6 +227,7 @@ def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, c
     assert "--models 'hydra-workspace': no such model here; available: 'hydra', 'hydra - workspace', 'transformer'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_merge_refuses_what_does_not_belong_together(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run("mqar", tmp_path / "a")
     _run("mqar", tmp_path / "b")

@@ -7,8 +7,8 @@ import copy
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
 from fake_components import StepDriftMixer
+from support import run_cli
 
 from hydra_kit.data import TextDataModule
 from hydra_kit.model import HydraLM
@@ -44,6 +44,7 @@ def decode_logits(model: HydraLM, ids: torch.Tensor, prompt_len: int, collect_au
     return torch.cat(logits, dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("collect_aux", [True, False])
 @pytest.mark.parametrize("moe_args", [{}, {"routing": "chunk", "chunk_size": 8}], ids=["token-moe", "chunk-moe"])
@@ -94,6 +95,7 @@ def test_a_step_that_differs_from_forward_is_caught(monkeypatch):
         torch.testing.assert_close(decode_logits(model, ids, 3, collect_aux=False), model(ids).logits, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_generate_cli_streams_text_from_a_text_recipe_checkpoint(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The cat sat on the mat. " * 200)

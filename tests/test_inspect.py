@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import quick_recipe
+from support import quick_recipe
 
 from hydra_kit.cli import main
 
@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
     return {"tmp": tmp, "ckpt": tmp / "runs" / "quick" / "version_0" / "checkpoints" / "last.ckpt"}
 
 
+@pytest.mark.slow
 def test_inspect_prints_per_block_table_and_evidence_and_writes_png(trained, capsys):
     png = trained["tmp"] / "out" / "inspect.png"
     assert main(["inspect", "--ckpt_path", str(trained["ckpt"]), "--examples", "8", "--out", str(png)]) == 0

@@ -180,6 +180,7 @@ def test_vocab_smaller_than_task_is_explained():
         trainer.fit(model, SyntheticDataModule(batch_size=2, train_size=4, val_size=2))
 
 
+@pytest.mark.slow
 def test_sparse_pkm_values_train_with_dense_sparse_adam():
     comps = {"mlp": {"component": "mlp"}, "pkm": {"component": "pkm", "blocks": [1], "args": {"n_keys": 8, "top_k": 4, "heads": 2, "d_key": 16, "sparse_values": True}}}
     model = small_model(comps)
@@ -209,6 +210,7 @@ def test_token_by_token_decoding_matches_full_forward():
 
 
 # --------------------------------------------------------- the plain network beside the LightningModule
+@pytest.mark.slow
 def test_network_builds_and_generates_without_lightning():
     """HydraNetwork is a plain nn.Module: building it, a forward and generation import no Lightning."""
     import subprocess

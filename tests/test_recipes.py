@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 from fake_components import CumulativeMeanMixer
+from support import REPO, run_cli
 
 from hydra_kit.config import load_recipe
 from hydra_kit.config.lightning import model_config
@@ -53,6 +53,7 @@ def test_1p6b_design_builds_on_meta():
     assert active < total
 
 
+@pytest.mark.slow
 def test_summary_json_has_top_level_counts(tmp_path):
     result = run_cli("summary", "--config", str(REPO / "recipes" / "full-29m.yaml"), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

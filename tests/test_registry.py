@@ -185,7 +185,7 @@ def test_no_plugins_option_and_environment_variable_hide_installed_third_party_c
 def test_a_plugin_packaging_bug_is_one_line_that_names_it_and_no_plugins(monkeypatch, capsys, eps, expected, command):
     import re
 
-    from conftest import REPO
+    from support import REPO
 
     import hydra_kit.registry
     from hydra_kit import cli
@@ -237,7 +237,7 @@ def test_a_class_name_no_target_matches_loads_every_plugin_and_reports_the_broke
 
 
 def _run_with_installed(monkeypatch, capsys, extra: list[metadata.EntryPoint], argv: list[str]) -> tuple[int, str, str]:
-    from conftest import REPO
+    from support import REPO
 
     import hydra_kit.registry
     from hydra_kit import cli
@@ -259,7 +259,7 @@ def _run_with_installed(monkeypatch, capsys, extra: list[metadata.EntryPoint], a
 
 def test_a_broken_plugin_affects_only_the_runs_that_use_it(monkeypatch, capsys, tmp_path):
     import yaml
-    from conftest import REPO
+    from support import REPO
 
     _forget("broken_plugin", "exiting_plugin")
     plugins = [entry("exiting", "exiting_plugin:Thing", "hydra-kit-exiting", "0.4"), entry("broken", "broken_plugin:Thing", "hydra-kit-broken", "0.9")]

@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
-    """Measure tokens/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
+    """Measure tokens/s, achieved GFLOP/s and peak memory of recipes side by side (default: Hydra-29M vs Transformer-29M)."""
     parser = ArgumentParser(prog="hydra-kit bench", description=main.__doc__)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="recipes to compare; ratios are first / second")
     parser.add_argument("--seq_lens", nargs="+", type=int, default=DEFAULT_LENGTHS)
@@ -32,6 +32,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-component time breakdown")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time each recipe compiled (model.compile true) beside its eager self, inference and training: "
+        "NAME+compile rows and a compiled/eager column; the first call per length and mode compiles (slow, untimed)",
+    )  # fmt: skip
     parser.add_argument(
         "--cpu-kernels", choices=["on", "off"], default="on",
         help="C decoding kernels (hydra_kit.ops.native) for every model; off: PyTorch ops only",

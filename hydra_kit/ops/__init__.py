@@ -22,6 +22,7 @@ The ops, by module (reference: the PyTorch function the tests hold the faster ve
   step module has its ``*_reference`` in PyTorch ops, tested against both the kernel and the component's own
   PyTorch step (which is what runs whenever the kernel does not).
 - :mod:`.pkm_topk` (``product_topk``, PyTorch) with its Triton kernel (``_pkm_topk_triton``).
+- :mod:`.segments`: the document-boundary masks of a packed window (``document_starts``, ``document_offsets``).
 
 ``hydra_kit.ops.linear`` names the function (as ``torch.nn.functional.linear`` does); the module's other names
 are imported from it directly (``from hydra_kit.ops.linear import LIBRARY``).

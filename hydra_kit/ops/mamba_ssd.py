@@ -62,7 +62,14 @@ def _kernel() -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def mamba_ssd_scan(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    initial_state: Tensor | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan by mamba-ssm: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t (no D skip).
 
@@ -76,6 +83,8 @@ def mamba_ssd_scan(
         B, C: (b, L, G, N) input and output projections; head h uses group h // (H / G).
         chunk_size: tokens per chunk; L need not be a multiple.
         initial_state: (b, H, P, N) state before the first token, or None for zeros.
+        resets: (b, L) bool document starts, or None; passed to the kernels as ``seq_idx`` (the number of starts
+            up to each token), whose id 0 the initial state belongs to, as in :func:`ssd_chunked_scan`.
 
     Returns:
         y: (b, L, H, P) in x's dtype; final_state: (b, H, P, N) in x's dtype.
@@ -93,6 +102,8 @@ def mamba_ssd_scan(
         raise ValueError(f"mamba_ssd_scan: initial_state must be {(b, H, P, N)}, got {tuple(initial_state.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"mamba_ssd_scan: chunk_size must be positive, got {chunk_size}")
+    if resets is not None and resets.shape != (b, seq_len):
+        raise ValueError(f"mamba_ssd_scan: resets must be (b, L) = {(b, seq_len)}, got {tuple(resets.shape)}")
     if seq_len == 0:  # nothing to scan; the kernels do not launch empty grids
         final = x.new_zeros(b, H, P, N) if initial_state is None else initial_state.to(x.dtype)
         return x.new_zeros(x.shape), final
@@ -100,8 +111,9 @@ def mamba_ssd_scan(
     if reason is not None:
         raise RuntimeError(f"mamba_ssd_scan cannot run: {reason}")
     # dt is already positive here (dt_softplus=False, no dt_bias, no clamp): the kernel only scans.
+    seq_idx = None if resets is None else resets.cumsum(1, dtype=torch.int32)  # (b, L), contiguous
     y, final_state = _kernel()(
-        x, dt, A, B, C, chunk_size, initial_states=initial_state, dt_softplus=False, return_final_states=True
+        x, dt, A, B, C, chunk_size, initial_states=initial_state, seq_idx=seq_idx, dt_softplus=False, return_final_states=True
     )
     # mamba-ssm keeps the final state in C's dtype; ssd_chunked_scan's contract is x's dtype.
     return y, final_state.to(x.dtype)

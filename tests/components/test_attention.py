@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hydra_kit.components.attention import CausalSelfAttention, KVCache
 from hydra_kit.testing import check_component
 
 
+@pytest.mark.slow
 def test_conformance():
     check_component(CausalSelfAttention)
 

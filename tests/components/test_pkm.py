@@ -1,4 +1,4 @@
-"""Tests of the product-key memory (HYDRA.md 3.7)."""
+"""Tests of the product-key memory (docs/design.md 3.7)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def brute_force_topk(module: ProductKeyMemory, x: Tensor) -> tuple[Tensor, Tenso
     return scores.topk(module.top_k, dim=-1)
 
 
+@pytest.mark.slow
 def test_conforms() -> None:
     check_component(ProductKeyMemory)
 
@@ -43,6 +44,7 @@ def test_conforms() -> None:
         {"heads": 1, "top_k": 1},
     ],
 )
+@pytest.mark.slow
 def test_conforms_variants(extra: dict) -> None:
     check_component(ProductKeyMemory, init_args={**SMALL, **extra})
 

@@ -1,4 +1,4 @@
-"""Tests of sparse global attention (HYDRA.md 3.4)."""
+"""Tests of sparse global attention (docs/design.md 3.4)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,9 @@ def test_conforms() -> None:
     ],
 )
 def test_conforms_variants(extra: dict) -> None:
-    check_component(SparseGlobalAttention, init_args={**SMALL, **extra})
+    args = {**SMALL, **extra}
+    # The document-boundary check's second document starts on the chunk grid (a multiple of the window).
+    check_component(SparseGlobalAttention, init_args=args, resets_aligned=args["window"] * (16 // args["window"]) or 16)
 
 
 def test_class_attributes_and_flops() -> None:
@@ -315,6 +317,7 @@ def memory_footprint(fn, seq_len: int) -> tuple[int, int, list[str]]:
     return max(math.prod(s) for _, s in rec.shapes), sum(math.prod(s) for _, s in rec.shapes), square
 
 
+@pytest.mark.slow
 def test_memory_is_linear_in_length() -> None:
     torch.manual_seed(0)
     w, cap, heads = 64, 128, 2

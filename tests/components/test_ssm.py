@@ -103,6 +103,7 @@ def test_layer_equals_sequential_reference(args):
         {"variant": "diagonal", "chunk_size": 7, "segment_len": 7},
     ],
 )
+@pytest.mark.slow
 def test_conformance(args):
     check_component(SelectiveSSM, init_args=args)
 
@@ -146,6 +147,7 @@ def test_causal_depthwise_conv_equals_conv1d(taps):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ssd", "diagonal"])
 def test_recompute_in_backward_gives_the_same_gradients(variant):
     args = {"d_state": 8, "headdim": 8, "chunk_size": 4, "segment_len": 8, "variant": variant}

@@ -85,6 +85,7 @@ def test_several_questions_each_ask_a_different_premise(distance):
     assert set(between) == set(range(8))
 
 
+@pytest.mark.slow
 def test_several_questions_exclusion_stays_near_chance():
     # Asking half the premises: ruling out the premises asked before scores about mean(1 / (16 - i)), i < 8.
     task = DistantPremise(distance=[16, 32], num_values=16, num_questions=8)
@@ -107,6 +108,7 @@ def near_chance(task: DistantPremise) -> float:
     return max(2 * task.chance, task.chance + 0.05)
 
 
+@pytest.mark.slow
 def test_every_shortcut_stays_near_chance_at_every_distance():
     # The E4 CPU instance: 16 values, every value stated once (15 distractors), distances 16, 32, 64.
     task = DistantPremise(distance=[16, 32, 64], num_keys=32, num_values=16)
@@ -123,6 +125,7 @@ def test_every_shortcut_stays_near_chance_at_every_distance():
     assert max(task.no_skill_baselines(examples[:500]).values()) <= near_chance(task)
 
 
+@pytest.mark.slow
 def test_fewer_distractors_than_values_leave_the_stated_value_ceiling():
     # With 8 distractors every position rule finds the asked premise once in 9 tries: about 1/9, not chance.
     task = DistantPremise(distance=[16, 32], num_distractors=8, num_values=16)

@@ -88,6 +88,7 @@ def near_chance(task: DomainMixture) -> float:
     return max(2 * task.chance, task.chance + 0.05)
 
 
+@pytest.mark.slow
 def test_every_shortcut_stays_near_chance_in_every_domain():
     # The E5 CPU instance: copy, reverse, difference and prefix_sum; 16 distinct operands of 32 symbols.
     task = DomainMixture(num_domains=4, seq_len=33, num_symbols=32)

@@ -85,6 +85,7 @@ def near_chance(task: FactRecall) -> float:
     return max(2 * task.chance, task.chance + 0.05)
 
 
+@pytest.mark.slow
 def test_every_shortcut_stays_near_chance_in_both_books():
     # The E3 CPU instance: 256 two-token subjects, 16 values, two queries, every value stated once.
     task = FactRecall(num_facts=256, num_values=16, num_queries=2)
@@ -113,12 +114,14 @@ def test_only_the_token_pair_identifies_a_fact():
         assert np.bincount(task.table[:, token - 1] - task.value0).tolist() == [1] * 8
 
 
+@pytest.mark.slow
 def test_fewer_context_facts_leave_the_stated_value_ceiling():
     task = FactRecall(num_facts=256, num_values=16, num_queries=2, context_facts=6, mode="open")
     baselines = task.no_skill_baselines([task.sample(1_000_000_007, "val", i) for i in range(400)])
     assert 1 / 16 < baselines["most frequent value"] < 1 / 8 + 0.04  # one of the 8 stated values
 
 
+@pytest.mark.slow
 def test_elimination_rules_out_the_facts_earlier_queries_asked():
     # Prompt 1 2 -> v17, 3 4 -> v18, 5 6 -> v19 (pool 16: values 17..32, SEP 33); asked 1 2, now 5 6: 3 4 is first left.
     task = FactRecall(num_facts=256, num_values=16, num_queries=2)

@@ -84,6 +84,7 @@ def test_closed_chains_of_one_shape_and_a_fixed_number_of_facts():
     assert out_of_start > 5 and out_of_answer > 5  # branches leave any node, the start and the answer included
 
 
+@pytest.mark.slow
 def test_every_shortcut_stays_near_chance():
     # The E1 training instance: 32 nodes, 8 branches, hops 1..4, the length of the 8-hop test instance.
     task = LogicChains(num_nodes=32, max_hops=4, num_distractors=8, seq_len=LogicChains(num_nodes=32, max_hops=8).seq_len)
@@ -103,6 +104,7 @@ def test_every_shortcut_stays_near_chance():
     assert accuracy <= near_chance(task), name
 
 
+@pytest.mark.slow
 def test_heuristics_find_the_shortcuts_they_name():
     # An open chain 1 -> 2 -> 3 (3 has no outgoing edge), a branch 5 ~> 2 and a stray fact 4 -> 2, asked 1 HOP HOP.
     task = LogicChains(num_nodes=8, max_hops=2)
@@ -132,6 +134,7 @@ def test_deterministic_per_seed():
     assert not np.array_equal(a.input_ids, task.sample(10, "train", 3).input_ids)
 
 
+@pytest.mark.slow
 def test_train_val_and_length_generalisation_sets_are_disjoint():
     seq_len = LogicChains(num_nodes=24, max_hops=6, num_distractors=2).min_seq_len
     train_task = LogicChains(num_nodes=24, max_hops=3, num_distractors=2, seq_len=seq_len)

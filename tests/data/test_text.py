@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
+from support import REPO, run_cli
 
 from hydra_kit.data import TextDataError, TextDataModule
 
@@ -141,6 +141,7 @@ def test_wikitext2_folder_and_held_out_test_split():
     assert bytes(first["input_ids"][0].numpy().astype(np.uint8)) == (WIKITEXT / "test.txt").read_bytes()[:256]
 
 
+@pytest.mark.slow
 def test_cli_fit_on_text_logs_bits_per_byte_and_perplexity(tmp_path):
     text = tmp_path / "text.txt"  # real text that exists in every checkout: the project's own sources
     text.write_bytes(b"".join(p.read_bytes() for p in sorted((REPO / "hydra_kit").glob("*.py"))))
@@ -164,6 +165,7 @@ def test_cli_fit_on_text_logs_bits_per_byte_and_perplexity(tmp_path):
     assert stream["batches_done"] == 4 and stream["num_bytes"] == len(TextDataModule(str(text), seq_len=32).train_data)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_text_path_in_one_line(tmp_path):
     result = run_cli("fit", "--config", str(REPO / "recipes" / "text.yaml"), "--data.init_args.path", str(tmp_path / "nope.txt"), cwd=tmp_path)
     assert result.returncode != 0

@@ -23,6 +23,7 @@ REPO = HERE.parents[1]
 FILES = ["test_pkm_topk.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests run compiled, in this process")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already interpreted: they run in this process")

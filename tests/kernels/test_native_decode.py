@@ -216,6 +216,7 @@ RECIPE_KERNELS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["recipes/full.yaml", "recipes/transformer.yaml"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_whole_model_decoding_is_the_same_with_and_without_kernels(recipe: str, batch: int, kernel_calls: Calls) -> None:

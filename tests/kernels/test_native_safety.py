@@ -72,6 +72,7 @@ def boundary_outcomes() -> dict[str, dict[str, Any]]:
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_call_the_kernel_cannot_take_raises_or_runs_pytorch(case: str, boundary_outcomes: dict[str, dict[str, Any]]) -> None:
     outcome = boundary_outcomes.get(case)
@@ -442,6 +443,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_two_processes_building_one_library_take_turns(tmp_path: Path) -> None:
     compiler = native._compiler()
