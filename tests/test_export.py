@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from fake_components import CumulativeMeanMixer
-from test_generate import EVERY_COMPONENT
+from support import EVERY_COMPONENT
 
 from hydra_kit.checkpoint import AtomicCheckpointIO, load_model
 from hydra_kit.cli import main
@@ -98,6 +98,7 @@ def test_from_pretrained_keeps_the_callers_random_stream(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_from_pretrained_imports_no_lightning(tmp_path):
     ckpt = save_ckpt(every_component_lm(), tmp_path / "model.ckpt")
     assert export_cli(ckpt, tmp_path / "export") == 0
@@ -142,6 +143,7 @@ def test_a_byte_level_run_exports_the_bytes_tokenizer(tmp_path):
     assert read_config(tmp_path / "export2")["tokenizer"] == "bytes"  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_a_shard_run_exports_its_tokenizer_and_generate_decodes_through_it(tmp_path, capsys, monkeypatch):
     text = "the cat sat on the mat. the dog sat on the log. " * 20
     shards = tmp_path / "data" / "shards"
@@ -303,6 +305,7 @@ def test_a_tokenizer_json_without_the_tokenizers_package_names_the_text_extra(tm
         HFTokenizerCodec(path)
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_prepared_bpe_shards_exports_and_generates_through_their_tokenizer(tmp_path, capsys):
     import lightning as L
 

@@ -8,22 +8,11 @@ import lightning as L
 import pytest
 import torch
 from fake_components import StepDriftMixer
-from support import run_cli
+from support import EVERY_COMPONENT, run_cli
 
 from hydra_kit.data import TextDataModule
 from hydra_kit.model import HydraLM
 from hydra_kit.testing import ConformanceError, check_component
-
-# Every mechanism, sized so that 40 tokens cross every internal boundary: SSM chunks of 8, an SGA window of 8
-# that fills and slides with globals promoted from 4 chunks, workspace writes every 8 tokens.
-EVERY_COMPONENT = {
-    "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6, "globals_per_chunk": 2}},
-    "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2, "expert_hidden": 16}},
-    "workspace": {"component": "workspace", "blocks": [0], "args": {"n_slots": 4, "chunk_size": 8}},
-    "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 16}},
-    "router": {"component": "router", "blocks": "all"},
-}
 
 
 def every_component_model(**moe_args) -> HydraLM:
@@ -211,6 +200,7 @@ def test_generate_with_a_repetition_penalty_is_greedy_over_the_penalised_logits(
     assert not torch.equal(plain, tokens)  # the penalty changed something (this model repeats itself greedily)
 
 
+@pytest.mark.slow
 def test_a_batch_of_prompts_of_different_lengths_gives_each_row_what_it_gets_alone():
     network = every_component_model().network
     gen = torch.Generator().manual_seed(1)
@@ -222,6 +212,7 @@ def test_a_batch_of_prompts_of_different_lengths_gives_each_row_what_it_gets_alo
         assert torch.equal(batch[i], alone), i
 
 
+@pytest.mark.slow
 def test_rows_stop_at_eos_and_at_stop_sequences_and_then_yield_finished():
     from hydra_kit.sampling import FINISHED
 
@@ -264,6 +255,7 @@ def test_stop_strings_cut_the_output():
     assert cut == free[: free.find(stop)]
 
 
+@pytest.mark.slow
 def test_generate_cli_batches_several_prompts_with_the_sampling_options(tmp_path, capsys):
     from hydra_kit.checkpoint import AtomicCheckpointIO
     from hydra_kit.cli import main
