@@ -30,7 +30,7 @@ from hydra_kit.ops.segments import check_segment_ids
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
-from hydra_kit.sampling import FINISHED, check_sampling, ends_with_any, prompt_rows, sample_next
+from hydra_kit.sampling import decode
 
 # The network a bare `HydraNetwork()` (and `HydraLM()`) builds: the SSM backbone with a SwiGLU MLP in every block.
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
@@ -310,7 +310,6 @@ class HydraNetwork(nn.Module):
         out = self(tokens[:, None], state, collect_aux=False)
         return out.logits[:, -1], out.state
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt: Tensor | Sequence[Sequence[int] | Tensor],
@@ -352,44 +351,10 @@ class HydraNetwork(nn.Module):
             ValueError: a prompt is empty or holds ids outside the vocabulary, or a sampling setting is out of
                 range (:func:`hydra_kit.sampling.check_sampling`).
         """
-        rows = prompt_rows(prompt, self.vocab_size)
-        check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        self.eval()
-        batch, device = len(rows), self.embed.weight.device
-        groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> row indices
-        for i, row in enumerate(rows):
-            groups[row.numel()].append(i)
-        states, logits = [], torch.empty(0)
-        for members in groups.values():
-            out = self(torch.stack([rows[i] for i in members]).to(device), self.init_state(len(members)), collect_aux=False)
-            states.append(out.state)
-            if logits.numel() == 0:
-                logits = out.logits.new_empty(batch, out.logits.shape[-1])  # (B, V)
-            logits[members] = out.logits[:, -1]
-        seen = None
-        if repetition_penalty != 1.0:
-            seen = torch.zeros(batch, self.vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            for i, row in enumerate(rows):
-                seen[i, row.to(device)] = True
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        generated: list[list[int]] = [[] for _ in rows]
-        for n in range(max_new_tokens):
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seen=seen, generator=generator)
-            token = token.masked_fill(finished, FINISHED)  # (B,)
-            if seen is not None:
-                seen[~finished, token[~finished]] = True
-            stopping = torch.zeros_like(finished) if eos_id is None else token == eos_id
-            if stop_sequences:
-                for i in (~finished).nonzero()[:, 0].tolist():
-                    generated[i].append(int(token[i]))
-                    stopping[i] |= ends_with_any(generated[i], stop_sequences)
-            yield token
-            finished |= stopping
-            if n + 1 == max_new_tokens or bool(finished.all()):
-                return
-            fed = token.clamp(min=0)  # a stopped row's state is never read again: any valid id will do
-            for g, members in enumerate(groups.values()):
-                logits[members], states[g] = self.step(fed[members], states[g])
+        return decode(
+            self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_id=eos_id, stop_sequences=stop_sequences, generator=generator,
+        )
 
     # -------------------------------------------------------------- diagnosis
     def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], *, segment_ids: Tensor | None = None) -> str:

@@ -6,22 +6,27 @@ shape (a filter: excluded tokens get ``-inf``) or the chosen ids ``(B,)``. They 
 penalty, then temperature, then top-k, then top-p, then a draw from the softmax. Temperature 0 is greedy decoding:
 the argmax of the penalised logits, with no draw.
 
-:data:`FINISHED` is the id :meth:`hydra_kit.network.HydraNetwork.generate` yields for a row that has already
-stopped (at its end-of-sequence id or one of its stop sequences) while other rows of the batch go on.
+:func:`decode` is the loop of :meth:`hydra_kit.network.HydraNetwork.generate` around them: prefill, then one recurrent
+step per token. :data:`FINISHED` is the id it yields for a row that has already stopped (at its end-of-sequence id
+or one of its stop sequences) while other rows of the batch go on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Generator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "FINISHED",
+    "StepModel",
     "apply_repetition_penalty",
     "check_sampling",
+    "decode",
     "ends_with_any",
     "prompt_rows",
     "sample_next",
@@ -30,6 +35,27 @@ __all__ = [
 ]
 
 FINISHED = -1  # yielded for a row that has stopped; never a token id
+
+
+class _Output(Protocol):
+    logits: Tensor
+    state: list[dict[str, Any]]
+
+
+class StepModel(Protocol):
+    """What :func:`decode` needs of a model: :class:`hydra_kit.network.HydraNetwork` has it."""
+
+    vocab_size: int
+
+    def __call__(self, input_ids: Tensor, state: list[dict[str, Any]] | None = ..., *, collect_aux: bool = ...) -> _Output: ...
+
+    def init_state(self, batch_size: int) -> list[dict[str, Any]]: ...
+
+    def step(self, tokens: Tensor, state: list[dict[str, Any]]) -> tuple[Tensor, list[dict[str, Any]]]: ...
+
+    def eval(self) -> Any: ...
+
+    def parameters(self) -> Any: ...
 
 
 def check_sampling(*, temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
@@ -177,3 +203,63 @@ def prompt_rows(prompt: Tensor | Sequence[Sequence[int] | Tensor], vocab_size: i
         if int(row.max()) >= vocab_size or int(row.min()) < 0:
             raise ValueError(f"generate: prompt token ids must lie in [0, {vocab_size}); got {int(row.min())}..{int(row.max())}")
     return rows
+
+
+@torch.inference_mode()
+def decode(
+    model: StepModel,
+    prompt: Tensor | Sequence[Sequence[int] | Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    generator: torch.Generator | None = None,
+) -> Generator[Tensor, None, None]:
+    """The decoding loop of :meth:`hydra_kit.network.HydraNetwork.generate` (which documents the arguments).
+
+    Prompts are grouped by length: each group is prefilled in one forward and then stepped, the groups in
+    lock-step, so a row never sees padding and gets exactly the state it would get alone. Yields (B,) int64 per
+    step, :data:`FINISHED` for rows that have stopped.
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    rows = prompt_rows(prompt, model.vocab_size)
+    model.eval()
+    batch, device = len(rows), next(iter(model.parameters())).device
+    groups: dict[int, list[int]] = defaultdict(list)  # prompt length -> row indices
+    for i, row in enumerate(rows):
+        groups[row.numel()].append(i)
+    states, logits = [], torch.empty(0)
+    for members in groups.values():
+        out = model(torch.stack([rows[i] for i in members]).to(device), model.init_state(len(members)), collect_aux=False)
+        states.append(out.state)
+        if logits.numel() == 0:
+            logits = out.logits.new_empty(batch, out.logits.shape[-1])  # (B, V)
+        logits[members] = out.logits[:, -1]
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.vocab_size, dtype=torch.bool, device=device)  # (B, V)
+        for i, row in enumerate(rows):
+            seen[i, row.to(device)] = True
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in rows]
+    for n in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seen=seen, generator=generator)
+        token = token.masked_fill(finished, FINISHED)  # (B,)
+        if seen is not None:
+            seen[~finished, token[~finished]] = True
+        stopping = torch.zeros_like(finished) if eos_id is None else token == eos_id
+        if stop_sequences:
+            for i in (~finished).nonzero()[:, 0].tolist():
+                generated[i].append(int(token[i]))
+                stopping[i] |= ends_with_any(generated[i], stop_sequences)
+        yield token
+        finished |= stopping
+        if n + 1 == max_new_tokens or bool(finished.all()):
+            return
+        fed = token.clamp(min=0)  # a stopped row's state is never read again: any valid id will do
+        for g, members in enumerate(groups.values()):
+            logits[members], states[g] = model.step(fed[members], states[g])
