@@ -14,21 +14,23 @@ instances; they never write block internals.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from hydra_kit import accounting
+from hydra_kit import accounting, export
 from hydra_kit.block import TriPathBlock
 from hydra_kit.ops import RMSNorm, linear
 from hydra_kit.ops.segments import check_segment_ids
 from hydra_kit.protocol import TriPathComponent
 from hydra_kit.recipe import RecipeError, ResolvedComponent, resolve_components
 from hydra_kit.registry import Registry, default_registry
+from hydra_kit.sampling import decode
 
 # The network a bare `HydraNetwork()` (and `HydraLM()`) builds: the SSM backbone with a SwiGLU MLP in every block.
 DEFAULT_COMPONENTS: dict[str, dict[str, Any]] = {
@@ -118,6 +120,24 @@ class HydraNetwork(nn.Module):
             blocks.append(TriPathBlock(d_model, idx, built, {r.name: r.layerscale for r in here}, {r.name for r in here if r.gated}))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(d_model)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], *, registry: Registry | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> HydraNetwork:
+        """The network an export folder holds (``hydra-kit export``), with its weights, in eval mode; no Lightning.
+
+        Args:
+            folder: written by ``hydra-kit export`` (model.safetensors, config.json, tokenizer); docs/export.md.
+            registry: the components to build with; default :func:`hydra_kit.registry.default_registry`.
+            device: where to put the weights (default CPU).
+            dtype: convert the floating-point weights (default: as stored).
+
+        Raises:
+            hydra_kit.export.ExportError: a file is missing or damaged, a component's plugin is not installed
+                (names it and its distribution), or the weights do not fit; one line each.
+        """
+        return export.load_pretrained(cls, folder, registry=registry, device=device, dtype=dtype)
 
     # ------------------------------------------------------------- structure
     @property
@@ -290,50 +310,51 @@ class HydraNetwork(nn.Module):
         out = self(tokens[:, None], state, collect_aux=False)
         return out.logits[:, -1], out.state
 
-    @torch.inference_mode()
     def generate(
         self,
-        prompt: Tensor,
+        prompt: Tensor | Sequence[Sequence[int] | Tensor],
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_id: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
         generator: torch.Generator | None = None,
-    ) -> Iterator[Tensor]:
-        """Yield new tokens (B,) one at a time after a prompt (B, T), with recurrent state (no recomputation).
+    ) -> Generator[Tensor, None, None]:
+        """Yield new tokens (B,) one at a time after B prompts, with recurrent state (no recomputation).
 
-        The prompt is processed in one forward (prefill); every new token then costs one :meth:`step`: constant
+        Each prompt is processed in one forward (prefill); every new token then costs one :meth:`step`: constant
         work for the SSM and memories, a bounded window plus global set for sparse attention, and a growing
-        key/value cache only for dense attention. Puts the network in eval mode.
+        key/value cache only for dense attention. Prompts of different lengths are prefilled and stepped in groups
+        of equal length, in lock-step, so each row gets exactly the state (and, greedy, the tokens) it would get
+        alone: a component's state may hold per-row lengths (a key/value cache) that a padded batch would corrupt.
+        Puts the network in eval mode. Sampling is :func:`hydra_kit.sampling.sample_next`.
+
+        A row stops after it yields ``eos_id`` or completes one of ``stop_sequences``; from then on it yields
+        :data:`hydra_kit.sampling.FINISHED` (-1). Iteration ends after ``max_new_tokens`` steps or when every row
+        has stopped.
 
         Args:
-            prompt: (B, T) token ids, T >= 1.
-            max_new_tokens: number of tokens to generate.
+            prompt: (B, T) token ids with T >= 1, or a sequence of B prompts of any lengths (each 1-D, non-empty).
+            max_new_tokens: number of tokens to generate at most.
             temperature: sampling temperature; 0 means greedy (argmax).
             top_k: sample only among the k most likely tokens.
+            top_p: sample only from the smallest set of tokens whose probability is at least ``top_p`` (nucleus).
+            repetition_penalty: above 1, lowers the logits of the ids a row already holds (prompt included).
+            eos_id: the end-of-sequence id: a row that produces it stops.
+            stop_sequences: token-id sequences: a row whose generated tokens end with one stops.
             generator: random generator for sampling (reproducible generation).
 
         Raises:
-            ValueError: the prompt is not (B, T) with T >= 1, or holds ids outside the vocabulary.
+            ValueError: a prompt is empty or holds ids outside the vocabulary, or a sampling setting is out of
+                range (:func:`hydra_kit.sampling.check_sampling`).
         """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"generate: prompt must have shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
-        if int(prompt.max()) >= self.vocab_size or int(prompt.min()) < 0:
-            raise ValueError(f"generate: prompt token ids must lie in [0, {self.vocab_size}); got {int(prompt.min())}..{int(prompt.max())}")
-        self.eval()
-        out = self(prompt, self.init_state(prompt.shape[0]), collect_aux=False)
-        state, logits = out.state, out.logits[:, -1]  # (B, V)
-        for _ in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(-1)
-            else:
-                scaled = logits.float() / temperature
-                if top_k is not None and top_k < scaled.shape[-1]:
-                    kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
-            yield token
-            logits, state = self.step(token, state)
+        return decode(
+            self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_id=eos_id, stop_sequences=stop_sequences, generator=generator,
+        )
 
     # -------------------------------------------------------------- diagnosis
     def first_nonfinite(self, input_ids: Tensor, aux_losses: dict[str, Tensor], *, segment_ids: Tensor | None = None) -> str:

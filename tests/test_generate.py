@@ -8,22 +8,11 @@ import lightning as L
 import pytest
 import torch
 from fake_components import StepDriftMixer
-from support import run_cli
+from support import EVERY_COMPONENT, run_cli
 
 from hydra_kit.data import TextDataModule
 from hydra_kit.model import HydraLM
 from hydra_kit.testing import ConformanceError, check_component
-
-# Every mechanism, sized so that 40 tokens cross every internal boundary: SSM chunks of 8, an SGA window of 8
-# that fills and slides with globals promoted from 4 chunks, workspace writes every 8 tokens.
-EVERY_COMPONENT = {
-    "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6, "globals_per_chunk": 2}},
-    "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2, "expert_hidden": 16}},
-    "workspace": {"component": "workspace", "blocks": [0], "args": {"n_slots": 4, "chunk_size": 8}},
-    "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 16}},
-    "router": {"component": "router", "blocks": "all"},
-}
 
 
 def every_component_model(**moe_args) -> HydraLM:
@@ -156,3 +145,133 @@ def test_recurrent_state_size_does_not_grow_with_the_prompt() -> None:
         with torch.inference_mode():
             sizes.append(state_nbytes(model(ids, model.init_state(1), collect_aux=False).state))
     assert sizes[0] == sizes[1] > 0
+
+
+# ------------------------------------------------------------------------------ sampling options and batches
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p():
+    from hydra_kit.sampling import top_p_filter
+
+    # Sorted, the probabilities are 0.5 (id 1), 0.3 (id 3), 0.15 (id 2), 0.05 (id 0): cumulative 0.5, 0.8, 0.95, 1.
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.3, 0.15, 0.5, 0.05]], dtype=torch.float64)
+    logits = probs.log()
+    cases = {0.2: [{1}, {2}], 0.49: [{1}, {2}], 0.51: [{1, 3}, {2, 0}], 0.79: [{1, 3}, {2, 0}], 0.81: [{1, 3, 2}, {2, 0, 1}], 0.96: [{0, 1, 2, 3}] * 2, 1.0: [{0, 1, 2, 3}] * 2}
+    for p, expected in cases.items():
+        filtered = top_p_filter(logits, p)
+        for row in range(2):
+            kept = {i for i in range(4) if torch.isfinite(filtered[row, i])}
+            assert kept == expected[row], (p, row, kept)
+            torch.testing.assert_close(filtered[row, sorted(kept)], logits[row, sorted(kept)], rtol=0, atol=0)  # kept logits unchanged
+
+
+def test_sampling_with_top_p_draws_only_from_the_nucleus():
+    from hydra_kit.sampling import sample_next
+
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(4000, 4)
+    draws = sample_next(logits, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 3}
+    share = (draws == 1).float().mean().item()  # renormalised over the nucleus: 0.5 / 0.8
+    assert abs(share - 0.625) < 0.03
+
+
+def test_repetition_penalty_lowers_the_logits_of_seen_tokens_as_documented():
+    from hydra_kit.sampling import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    seen = torch.tensor([[True, True, False, False, True]])
+    penalised = apply_repetition_penalty(logits, seen, 2.0)
+    # Seen: positive logits divided by the penalty, negative ones (and zero) multiplied; unseen unchanged.
+    assert penalised.tolist() == [[1.0, -2.0, 0.5, 3.0, 0.0]]
+    assert (penalised[seen] <= logits[seen]).all()
+
+
+def test_generate_with_a_repetition_penalty_is_greedy_over_the_penalised_logits():
+    from hydra_kit.sampling import apply_repetition_penalty
+
+    model = every_component_model()
+    prompt = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(3))
+    tokens = torch.cat(list(model.network.generate(prompt, 10, temperature=0, repetition_penalty=1.8)))
+    sequence = torch.cat([prompt[0], tokens])
+    logits = model(sequence[None, :-1]).logits[0, prompt.shape[1] - 1 :]  # (10, V): the logits each token was chosen from
+    for t in range(10):
+        seen = torch.zeros(1, 40, dtype=torch.bool)
+        seen[0, sequence[: prompt.shape[1] + t]] = True
+        assert int(apply_repetition_penalty(logits[t : t + 1], seen, 1.8).argmax()) == int(tokens[t])
+    plain = torch.cat(list(model.network.generate(prompt, 10, temperature=0)))
+    assert not torch.equal(plain, tokens)  # the penalty changed something (this model repeats itself greedily)
+
+
+@pytest.mark.slow
+def test_a_batch_of_prompts_of_different_lengths_gives_each_row_what_it_gets_alone():
+    network = every_component_model().network
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 40, (n,), generator=gen) for n in (5, 9, 5, 1)]
+    batch = torch.stack(list(network.generate(prompts, 14, temperature=0)), 1)  # (B, 14)
+    assert batch.shape == (4, 14)
+    for i, prompt in enumerate(prompts):
+        alone = torch.cat(list(network.generate(prompt[None], 14, temperature=0)))
+        assert torch.equal(batch[i], alone), i
+
+
+@pytest.mark.slow
+def test_rows_stop_at_eos_and_at_stop_sequences_and_then_yield_finished():
+    from hydra_kit.sampling import FINISHED
+
+    network = every_component_model().network
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 40, (n,), generator=gen) for n in (4, 7)]
+    alone = [torch.cat(list(network.generate(p[None], 12, temperature=0))).tolist() for p in prompts]
+    eos = alone[0][3]  # row 0 produces it at step 3 (or earlier)
+
+    def cut(tokens: list[int], end: int) -> list[int]:
+        return tokens[: tokens.index(eos) + 1] if eos in tokens[:end] else tokens[:end]
+
+    steps = list(network.generate(prompts, 12, temperature=0, eos_id=eos))
+    rows = torch.stack(steps, 1).tolist()
+    for row, tokens in zip(rows, alone, strict=True):
+        kept = cut(tokens, 12)
+        assert row[: len(kept)] == kept and set(row[len(kept) :]) <= {FINISHED}
+    assert len(steps) == max(len(cut(t, 12)) for t in alone)  # iteration ends once every row has stopped
+    # A token-id stop sequence: row 1 stops right after its tokens 2 and 3 (as a pair).
+    seq = alone[1][2:4]
+    stopped = torch.stack(list(network.generate(prompts[1][None], 12, temperature=0, stop_sequences=[seq])), 1)[0].tolist()
+    first = next(i for i in range(1, 12) if alone[1][i - 1 : i + 1] == seq)
+    assert stopped == alone[1][: first + 1]
+
+
+def test_stop_strings_cut_the_output():
+    from hydra_kit.codec import ByteCodec
+    from hydra_kit.generation import StopStrings, generate_text
+
+    stopper = StopStrings(["\n\n", "END"])
+    out = "".join(stopper.feed(piece) for piece in ["a\n", "b E", "N", "D tail"]) + stopper.flush()
+    assert out == "a\nb " and stopper.stopped
+    held = StopStrings(["END"])
+    assert held.feed("xEN") == "x" and held.flush() == "EN"  # a held-back start that never became a stop string
+    torch.manual_seed(0)
+    network = HydraLM(vocab_size=256, d_model=32, n_blocks=2, components={"mlp": {"component": "mlp"}}).network
+    (free,) = generate_text(network, ByteCodec(), ["Hello"], 24, temperature=0)
+    stop = free[5:7]
+    (cut,) = generate_text(network, ByteCodec(), ["Hello"], 24, temperature=0, stop=[stop])
+    assert cut == free[: free.find(stop)]
+
+
+@pytest.mark.slow
+def test_generate_cli_batches_several_prompts_with_the_sampling_options(tmp_path, capsys):
+    from hydra_kit.checkpoint import AtomicCheckpointIO
+    from hydra_kit.cli import main
+    from hydra_kit.codec import ByteCodec
+    from hydra_kit.generation import generate_text
+
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=256, d_model=32, n_blocks=3, components=copy.deepcopy(EVERY_COMPONENT))
+    ckpt = tmp_path / "bytes.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, ckpt)
+    args = ["generate", "--ckpt_path", str(ckpt), "--prompt", "The cat", "--prompt", "A", "--max_new_tokens", "10", "--temperature", "0"]
+    assert main(args) == 0
+    expected = [generate_text(model.network, ByteCodec(), [p], 10, temperature=0)[0] for p in ("The cat", "A")]
+    assert capsys.readouterr().out == f"==> prompt 1 <==\n{expected[0]}\n\n==> prompt 2 <==\n{expected[1]}\n"
+    assert main([*args, "--temperature", "0.8", "--top_p", "0.9", "--top_k", "50", "--repetition_penalty", "1.3", "--stop", "\n"]) == 0
+    for option, message in [(["--top_p", "0"], "--top_p: expected a number in (0, 1]"), (["--repetition_penalty", "-1"], "--repetition_penalty: expected a finite number > 0")]:
+        capsys.readouterr()
+        assert main([*args, *option]) == 2
+        assert message in capsys.readouterr().err

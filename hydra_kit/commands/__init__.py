@@ -34,6 +34,7 @@ COMMANDS = {
     "components": "components",
     "summary": "summary",
     "generate": "generate",
+    "export": "export",
     "inspect": "inspect",
     "bench": "bench",
     "ablate": "ablate",
@@ -48,7 +49,8 @@ commands:
   fit | validate | test | predict   train or evaluate a recipe (LightningCLI; see `hydra-kit fit --help`)
   components                        list the discovered components
   summary --config RECIPE           parameters (total, active) and FLOPs per token, per component and block
-  generate --ckpt_path CKPT ...     stream tokens from a checkpoint (--prompt TEXT or --prompt-ids ...)
+  generate --model DIR ...          stream text from an export or a checkpoint (--prompt TEXT, --top_p, --stop; --help)
+  export --ckpt_path CKPT --out DIR safetensors weights + config.json + tokenizer, loadable without Lightning
   inspect --ckpt_path CKPT ...      per-block gates, LayerScale, update norms, component stats on held-out examples (--help)
   bench [--recipes A B]             tokens/s and peak memory side by side, ratios A/B (--help)
   ablate --drop NAME [--drop ...]   paired runs with and without components, table of deltas (--help)
