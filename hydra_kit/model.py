@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -215,12 +215,14 @@ class HydraLM(L.LightningModule):
         state.pop("_compiled_network", None)
         return state
 
-    def generate(
-        self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
-    ) -> Iterator[Tensor]:
-        """Yield new tokens (B,) one at a time after a prompt (B, T); see :meth:`HydraNetwork.generate`."""
+    def generate(self, prompt: Tensor | Sequence[Sequence[int] | Tensor], max_new_tokens: int, **sampling: Any) -> Iterator[Tensor]:
+        """Yield new tokens (B,) one at a time after B prompts, in evaluation mode.
+
+        ``sampling`` takes the keywords of :meth:`HydraNetwork.generate` (temperature, top_k, top_p,
+        repetition_penalty, eos_id, stop_sequences, generator), which also checks them.
+        """
         self.eval()
-        return self.network.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        return self.network.generate(prompt, max_new_tokens, **sampling)
 
     def parameter_report(self, seq_len: int) -> dict[str, Any]:
         """Total and active (per-token) parameters and forward FLOPs per token, per instance and per block."""
