@@ -82,13 +82,10 @@ def _load(args: Any) -> tuple[HydraNetwork, str | None, str]:
     from hydra_kit.network import HydraNetwork
 
     folder = Path(args.model)
-    from_pretrained = getattr(HydraNetwork, "from_pretrained", None)
-    if from_pretrained is None:  # exports arrive with `hydra-kit export`
-        raise RecipeError(f"eval: --model {args.model!r}: this hydra-kit cannot read export folders yet; evaluate the checkpoint with --ckpt_path")
     if not folder.is_dir():
         raise RecipeError(f"eval: --model {args.model!r}: no such folder (an export folder holds model.safetensors and config.json)")
     tokenizer = folder / "tokenizer.json"
-    return from_pretrained(folder), str(tokenizer) if tokenizer.is_file() else None, str(folder)
+    return HydraNetwork.from_pretrained(folder), str(tokenizer) if tokenizer.is_file() else None, str(folder)
 
 
 def main(argv: list[str]) -> int:
