@@ -16,15 +16,15 @@ import torch
 import yaml
 from fake_components import CumulativeMeanMixer
 
-from components.attention import CausalSelfAttention
-from components.mlp import SwiGLUMLP
-from components.moe import MixtureOfExperts
-from components.pkm import ProductKeyMemory
-from components.router import TokenRouter
-from components.sga import SparseGlobalAttention
-from components.ssm import SelectiveSSM
-from components.workspace import WorkspaceMemory
 from hydra_kit.block import TriPathBlock
+from hydra_kit.components.attention import CausalSelfAttention
+from hydra_kit.components.mlp import SwiGLUMLP
+from hydra_kit.components.moe import MixtureOfExperts
+from hydra_kit.components.pkm import ProductKeyMemory
+from hydra_kit.components.router import TokenRouter
+from hydra_kit.components.sga import SparseGlobalAttention
+from hydra_kit.components.ssm import SelectiveSSM
+from hydra_kit.components.workspace import WorkspaceMemory
 from hydra_kit.model import HydraLM
 from hydra_kit.network import HydraNetwork
 from hydra_kit.ops.conv import causal_depthwise_conv
