@@ -196,3 +196,14 @@ def test_another_checkouts_code_refuses_this_checkouts_components_and_recipes(tm
     for key, folder in (("components", "components"), ("recipes", "recipes")):
         assert "two hydra-kit source trees are mixed" in lines[key], result.stdout
         assert str((REPO / folder).resolve()) in lines[key] and str((other / "hydra_kit").resolve()) in lines[key]
+
+
+def test_every_package_of_the_checkout_is_listed_for_the_wheel():
+    """pyproject lists packages by hand (components/, recipes/ and data/ are mapped into hydra_kit), so a new
+    subpackage must be added there; the wheel check in CI would otherwise find it missing only at the end."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(repo).parts) for p in (repo / "hydra_kit").rglob("__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
