@@ -14,9 +14,9 @@ The comparison of docs/results.md ("WikiText-2, CPU size"), at the size a CPU tr
 
 Training tokens/s = steps x batch x seq_len / wall seconds of the fit subprocess (start-up included), and, from
 the TensorBoard event times of the logged training losses, the same rate over the logged steps only (start-up
-excluded). The two models of one seed train at the same time (``--jobs 2``), so they share the machine alike; on
-a machine shared with other work the rates are a comparison at one moment, not a benchmark (``hydra-kit bench``
-measures speed properly).
+excluded). Runs go ``--jobs`` at a time (2: the two models of a seed start together, and a run that finishes
+makes room for the next), each with ``--threads`` torch threads; on a machine shared with other work the rates
+are a comparison at one moment, not a benchmark (``hydra-kit bench`` measures speed properly).
 
 Writes ``wikitext.csv`` (one row per run), ``wikitext.json`` (settings, runs, summary) and
 ``wikitext.console.txt`` (the table) into ``--out``; the token shards, logs and checkpoints go to ``--work``.
@@ -204,7 +204,7 @@ def table(summary: dict[str, Any], seeds: list[int], settings: dict[str, Any]) -
     for c, title, _ in columns:
         lines.append(f"{title}: {verdict(diffs[c], len(seeds))}")
     lines.append(f"train tokens/s ratio hydra / transformer: {summary['tokens_per_s_ratio_hydra_over_transformer']:.2f} "
-                 "(fit wall time with start-up; the two models of a seed trained side by side on a machine that may be shared: "
+                 "(fit wall time with start-up; runs two at a time, on a machine that may be shared: "
                  "a comparison at one moment, not a benchmark; `hydra-kit bench` measures speed)")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -263,10 +263,11 @@ def main() -> int:
         "fit_overrides": "--trainer.limit_val_batches 0 --diagnostics.every_n_steps 0 --trainer.enable_progress_bar false",
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    rows: list[dict[str, Any]] = []
+    # One queue of runs, seed by seed and the two models of a seed next to each other, ``--jobs`` at a time: with
+    # two jobs the models of a seed start together and every run shares the machine with one other run.
+    queue = [(model, seed) for seed in seeds for model in MODELS]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for seed in seeds:  # the two models of a seed side by side: they see the same load
-            rows += list(pool.map(lambda m, s=seed: fit_and_validate(m, s, args, data, shape), MODELS))
+        rows = list(pool.map(lambda job: fit_and_validate(*job, args, data, shape), queue))
     settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     summary = summarize(rows, seeds)
     text = table(summary, seeds, settings)
