@@ -110,7 +110,7 @@ def test_from_pretrained_imports_no_lightning(tmp_path):
         "import sys, torch\n"
         "from hydra_kit.network import HydraNetwork\n"
         f"net = HydraNetwork.from_pretrained({str(tmp_path / 'export')!r})\n"
-        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)\n"
         "with torch.no_grad():\n"
         "    torch.testing.assert_close(net(expected['ids']).logits, expected['logits'], rtol=0, atol=0)\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics'))\n"
