@@ -147,15 +147,26 @@ def load_recipe(path: str) -> dict[str, Any]:
     Raises:
         RecipeError: the file is missing, not UTF-8, not valid YAML, empty, or not a mapping.
     """
-    import yaml
-
     if not os.path.isfile(path):
         raise RecipeError(f"{path}: recipe file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            text = f.read()
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a YAML recipe (the file is not UTF-8 text)") from None
+    return parse_recipe_text(path, text)
+
+
+def parse_recipe_text(path: str, text: str) -> dict[str, Any]:
+    """The mapping a recipe's YAML text holds; errors name the file (and the line, for YAML syntax errors).
+
+    Raises:
+        RecipeError: invalid YAML, an empty recipe, or a recipe that is not a mapping.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -11,7 +11,7 @@ from typing import Any
 
 from hydra_kit import recipe_files
 from hydra_kit.errors import RecipeError
-from hydra_kit.recipe_files import resolve_config
+from hydra_kit.recipe_files import parse_recipe_text, resolve_config
 
 __all__ = ["config_path", "config_paths", "load_recipe", "parse_recipe_text", "read_text", "resolve_config_args"]
 
@@ -47,27 +47,6 @@ def resolve_config_args(argv: list[str]) -> list[str]:
         RecipeError: a value names no recipe.
     """
     return recipe_files.resolve_config_args(argv)
-
-
-def parse_recipe_text(path: str, text: str) -> dict[str, Any]:
-    """The mapping a recipe's YAML text holds; errors name the file (and the line, for YAML syntax errors).
-
-    Raises:
-        RecipeError: invalid YAML, an empty recipe, or a recipe that is not a mapping.
-    """
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        raise RecipeError(f"{path}: the recipe is empty; a recipe is a YAML mapping with model, data and trainer sections (see recipes/tiny.yaml)")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping with keys like model, data, trainer; got {type(data).__name__}")
-    return data
 
 
 def read_text(path: str) -> str:
