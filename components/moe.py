@@ -120,7 +120,7 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     slots = x.new_zeros(n_tokens * top_k, x.shape[-1])  # (N*k, D)
     if outs:
         slots.index_copy_(0, assignment, torch.cat(outs))
-    return slots.view(n_tokens, top_k, -1).sum(1)
+    return slots.view(n_tokens, top_k, x.shape[-1]).sum(1)
 
 
 class MixtureOfExperts(TriPathComponent):

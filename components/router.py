@@ -10,6 +10,12 @@ The paper's router equations (v3 eqs. 1-4) could not be recovered; these are hyd
 
 Gates depend only on the token's own block input, so they are causal and are known before the gated
 components run: at inference, tokens whose gate is below ``gate_threshold`` skip the component.
+
+Trained skipping (``skip_in_training``): tokens under the threshold skip the component in training too, so the
+model learns to do without it where its gate is low. The budget R4 then holds the compute actually spent: its
+usage is the share of tokens at or above the threshold, ``k_c = mean_t 1[r_t^c >= theta]``, with the gradient
+of ``mean_t r_t^c`` (straight-through: the step function has none). A skipped token gives its component no
+gradient, but its gate still learns, from the budget and, once it rises above the threshold, from the task.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class TokenRouter(RouterComponent):
         layer_idx: index of the block holding the router.
         temperature: tau in R2; lower is sharper.
         gate_threshold: at inference, tokens whose gate is below this skip the component (0 disables).
+        skip_in_training: skip them in training too (needs ``gate_threshold > 0``); the budget then counts the
+            share of tokens computed (module docstring).
         budget_weight: lambda in R4.
         target_usage: rho_c in R4, the mean gate each component should settle at; one number for all, or
             instance name -> number (instances not named use 0.5).
@@ -55,6 +63,7 @@ class TokenRouter(RouterComponent):
         budget_weight: float = 0.01,
         target_usage: float | dict[str, float] = 0.5,
         gate_gain: float = 2.0,
+        skip_in_training: bool = False,
     ) -> None:
         super().__init__(d_model, layer_idx)
         if temperature <= 0:
@@ -66,6 +75,9 @@ class TokenRouter(RouterComponent):
             raise ValueError(f"router: every target_usage must lie in (0, 1), got {target_usage}")
         if gate_gain <= 0:
             raise ValueError(f"router: gate_gain must be positive, got {gate_gain}")
+        if skip_in_training and gate_threshold <= 0:
+            raise ValueError("router: skip_in_training needs a gate_threshold above 0 (the gate below which a token skips)")
+        self.skip_in_training = skip_in_training
         self.gate_gain = gate_gain
         self.temperature = temperature
         self.gate_threshold = gate_threshold
@@ -112,8 +124,15 @@ class TokenRouter(RouterComponent):
         aux: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         if self.gate_names and collect_aux:
-            usage = gates.flatten(0, 1).mean(0)  # (G,)
-            aux["budget"] = self.budget_weight * (usage - self.rho.to(usage)).square().sum()
+            flat = gates.flatten(0, 1)  # (B * L, G)
+            usage = flat.mean(0)  # (G,)
             for name, value in zip(self.gate_names, usage.detach(), strict=True):
                 stats[f"gate_{name}"] = value
+            if self.gate_threshold > 0:
+                kept = (flat >= self.gate_threshold).to(flat.dtype).mean(0)  # (G,) share of tokens computed
+                for name, value in zip(self.gate_names, kept, strict=True):
+                    stats[f"kept_{name}"] = value
+                if self.skip_in_training:
+                    usage = kept + usage - usage.detach()  # the value of the kept share, the gradient of the mean gate
+            aux["budget"] = self.budget_weight * (usage - self.rho.to(usage)).square().sum()
         return RouterOutput(gates=gates, global_score=score, aux_losses=aux, stats=stats)

@@ -12,6 +12,9 @@ updates shared slots with ``.data`` writes. This one is causal, differentiable a
 
 Time and memory are linear in L: one small write per chunk, reads batched over all chunks at once.
 
+With ``context.keep`` (a router's gate threshold), only the kept tokens read: they are gathered, each with its
+chunk's slots. Every token is still written: the slots summarise whole chunks whoever reads them.
+
 Document boundaries (``context.segment_ids``): the slots are per document. A token whose document started inside
 its own chunk reads the initial slots (nothing of its document is written yet), and a chunk that holds a start
 writes only its last document's tokens, into the initial slots; so no slot written by one document is ever read
@@ -178,27 +181,55 @@ class WorkspaceMemory(TriPathComponent):
             values = torch.cat([values, init_values[:, None].expand_as(values)], dim=2)
             own = docs.fresh[..., None].expand(-1, -1, -1, self.n_slots)  # (B, C, Q, S)
             visible = torch.cat([~own, own], dim=-1)
-        padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
-        query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
-        read = query.new_zeros(())
         diagnose = wants_diagnostics(context)
+        keep = None if context is None else context.keep  # (B, L) bool: only these tokens read
+        padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
+        if keep is None:
+            query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
+            read, read_probs = self._read(query, keys, values, visible, diagnose)
+            update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
+            probs = torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length] if diagnose else None  # (hops, B, L, S)
+        else:  # skipped tokens read nothing: gather the kept ones, each with its chunk's slots
+            kept = F.pad(keep, (done, n_chunks * q - done - length)).flatten().nonzero().squeeze(1)  # (N,) of B*C*Q
+            chunk = kept // q  # (N,) index into B*C
+            query = self.read_query(padded.flatten(0, 1).index_select(0, kept))[:, None]  # (N, 1, Ds)
+            slots_k, slots_v = (t.flatten(0, 1).index_select(0, chunk) for t in (keys, values))  # (N, S or 2S, Ds)
+            mask = None if visible is None else visible.flatten(0, 2).index_select(0, kept)[:, None]  # (N, 1, 2S)
+            read, read_probs = self._read(query, slots_k, slots_v, mask, diagnose)
+            rows = padded.new_zeros(batch * n_chunks * q, self.d_model).index_copy(0, kept, self.out(read[:, 0]))
+            update = rows.view(batch, n_chunks * q, self.d_model)[:, done : done + length]
+            probs = torch.stack(read_probs)[:, None, :, 0] if diagnose else None  # (hops, 1, N, S): the kept reads
+        stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
+        if probs is not None and probs.shape[2] > 0:
+            stats.update(read_statistics(probs, x.dtype))
+        new_state = WorkspaceState(slots, tokens[:, n_full * q :].clone())  # clone: a slice would pin all of tokens
+        return ComponentOutput(update=update, stats=stats, state=new_state)
+
+    def _read(self, query: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None, diagnose: bool) -> tuple[Tensor, list[Tensor]]:
+        """``read_hops`` reads of the slots, each hop refining the query with what the last one returned.
+
+        Args:
+            query: (..., Q, Ds) the tokens' first queries.
+            keys, values: (..., S, Ds) the slots each group of queries reads (2S with a document's initial slots).
+            visible: (..., Q, 2S) bool, which of the 2S slots each query reads; None when all S are.
+            diagnose: also return each hop's read distribution over the S slots.
+
+        Returns:
+            The last hop's read (..., Q, Ds), and per hop (diagnose only) the read distribution (..., Q, S).
+        """
+        read = query.new_zeros(())
         read_probs = []
         for _ in range(self.read_hops):
             if diagnose:  # the weights scaled_dot_product_attention does not return, recomputed for the stats
-                logits = (query @ keys.transpose(-1, -2) * self.d_slot**-0.5).detach().float()  # (B, C, Q, S or 2S)
+                logits = (query @ keys.transpose(-1, -2) * self.d_slot**-0.5).detach().float()  # (..., Q, S or 2S)
                 if visible is None:
                     read_probs.append(logits.softmax(-1))
                 else:  # exactly one half is visible: fold it onto the S slots
                     probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
                     read_probs.append(probs[..., : self.n_slots] + probs[..., self.n_slots :])
-            read = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)  # (B, C, Q, Ds)
+            read = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)  # (..., Q, Ds)
             query = query + self.hop(read)
-        update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
-        stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
-        if diagnose and length > 0:
-            stats.update(read_statistics(torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length], x.dtype))
-        new_state = WorkspaceState(slots, tokens[:, n_full * q :].clone())  # clone: a slice would pin all of tokens
-        return ComponentOutput(update=update, stats=stats, state=new_state)
+        return read, read_probs
 
     def _documents(self, segment_ids: Tensor, n_chunks: int) -> _ChunkDocuments:
         """Where documents start relative to the chunk grid, for ``segment_ids`` (B, L) of a call from position 0."""
@@ -213,7 +244,10 @@ class WorkspaceMemory(TriPathComponent):
         Same result as ``forward`` on a length-1 input; the slots' read keys and values are cached in the state.
         """
         read_kv = self.read_kv(state.slots) if state.read_kv is None else state.read_kv  # (B, S, 2 Ds)
-        update = workspace_read_cpu(x_t, read_kv, self._step_pack.get(self, self._pack_step), self.read_hops)
+        keep = None if context is None else context.keep  # (B,) bool
+        skipped = keep is not None and not bool(keep.any())  # no example reads: the block adds nothing
+        weights = self._step_pack.get(self, self._pack_step)
+        update = x_t.new_zeros(x_t.shape) if skipped else workspace_read_cpu(x_t, read_kv, weights, self.read_hops)
         if update is None:  # else: the same read as below, in one C call (CPU, float32, no autograd)
             keys, values = (t[:, None] for t in read_kv.chunk(2, dim=-1))  # (B, 1, S, Ds): one head of width Ds
             query = self.read_query(x_t)[:, None]  # (B, 1, Ds)

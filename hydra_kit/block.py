@@ -116,12 +116,13 @@ class TriPathBlock(nn.Module):
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         return {n: c.init_state(batch_size, device=device, dtype=dtype) for n, c in self.components().items()}
 
-    def _run_gathered(self, component: TriPathComponent, u: Tensor, keep: Tensor) -> ComponentOutput:
+    def _run_gathered(self, component: TriPathComponent, u: Tensor, keep: Tensor, context: ComponentContext) -> ComponentOutput:
         """Run a pointwise component on the kept tokens only and scatter the result back (B, L, D)."""
-        out = component(u[keep][None])  # (1, N, D): only the kept tokens are computed
-        update = u.new_zeros(u.shape)
-        update[keep] = out.update[0]
-        return ComponentOutput(update, out.aux_losses, out.stats, None)
+        index = keep.flatten().nonzero().squeeze(1)  # (N,) kept rows of the flattened batch
+        flat = u.flatten(0, 1)  # (B * L, D)
+        out = component(flat.index_select(0, index)[None], context)  # (1, N, D): only the kept tokens are computed
+        update = flat.new_zeros(flat.shape).index_copy(0, index, out.update[0])  # differentiable scatter
+        return ComponentOutput(update.view(u.shape), out.aux_losses, out.stats, None)
 
     def resets_refusals(self) -> dict[str, str]:
         """Instance name -> why, for each instance of this block (router included) that cannot honour document
@@ -178,7 +179,7 @@ class TriPathBlock(nn.Module):
             route: Callable[..., RouterOutput] = self.router.route  # the optional keyword is not in the base signature
             routed = route(u, collect_aux=collect_aux) if self._route_takes_collect_aux else route(u)
             gates, score = routed.gates, routed.global_score  # (B, L, G), (B, L)
-            threshold = self.router.gate_threshold if not self.training else 0.0
+            threshold = self.router.gate_threshold if self.router.skip_in_training or not self.training else 0.0
             out.aux_losses.update({f"{self.router_name}.{k}": v for k, v in routed.aux_losses.items()})
             out.stats.update({f"{self.router_name}.{k}": v for k, v in routed.stats.items()})
             if diagnostics and self.router_name is not None:
@@ -195,7 +196,7 @@ class TriPathBlock(nn.Module):
             gate = gates[..., self.gate_index[name]] if gates is not None and name in self.gate_index else None  # (B, L)
             keep = gate >= threshold if gate is not None and threshold > 0 else None
             if keep is not None and component.pointwise:
-                result = self._run_gathered(component, u, keep)
+                result = self._run_gathered(component, u, keep, ComponentContext(collect_aux=collect_aux, diagnostics=diagnostics))
             elif decoding:
                 assert state is not None
                 step_context = ComponentContext(score_t, None if keep is None else keep[:, 0], collect_aux, diagnostics)
@@ -257,7 +258,7 @@ class TriPathBlock(nn.Module):
         """
         plan = self._decode_pack.get(self, self._decode_plan)
         router = plan.router
-        if router is not None and router.gate_threshold > 0 and not self.training:
+        if router is not None and router.gate_threshold > 0 and (router.skip_in_training or not self.training):
             return None  # tokens may skip components: the general loop
         u = rms_norm(x, plan.norm_weight, plan.norm_eps)  # (B, 1, D)
         out = BlockOutput(hidden=x)

@@ -76,8 +76,8 @@ class ComponentContext:
     Attributes:
         global_score: (B, L) router score s_t (docs/design.md 3.2, R3), used by sparse global attention to pick global
             tokens. None when the block has no router.
-        keep: (B, L) bool, only at inference with a router gate threshold: False marks tokens whose gate for
-            this component is below the threshold. The block zeroes their contribution whatever the component
+        keep: (B, L) bool, only with a router gate threshold (at inference, and in training for a router that
+            skips there too): False marks tokens whose gate for this component is below the threshold. The block zeroes their contribution whatever the component
             does; a component that honours ``keep`` skips their work (e.g. issues no attention query).
         collect_aux: False when the caller discards auxiliary losses and statistics (decoding): the component
             may then skip computing them and return empty dicts. The update and the state must not change.
@@ -260,7 +260,8 @@ class RouterComponent(TriPathComponent):
 
     The block calls :meth:`configure_gates` once, right after construction, with the instance names of the
     components it gates; the router creates its gate parameters there. At inference, tokens whose gate is
-    below ``gate_threshold`` skip the gated component.
+    below ``gate_threshold`` skip the gated component; with ``skip_in_training`` they skip it in training too
+    (the component is not computed for them, so they give it no gradient).
 
     The block scales component c's update by ``g_c * gate_gain * r_t^c``: ``r`` in (0, 1) is the gate the
     threshold and the usage budget speak of, and ``gate_gain`` (default 1) lets a router centre its residual
@@ -270,6 +271,7 @@ class RouterComponent(TriPathComponent):
     path: ClassVar[ComponentPath] = ComponentPath.ROUTER
     gated_by_router: ClassVar[bool] = False
     gate_threshold: float = 0.0
+    skip_in_training: bool = False
     gate_gain: float = 1.0
 
     @abc.abstractmethod

@@ -14,11 +14,11 @@ from hydra_kit.components.router import TokenRouter
 D = 16
 
 
-def _block(*, router: bool, threshold: float = 0.0, gain: float = 2.0) -> TriPathBlock:
+def _block(*, router: bool, threshold: float = 0.0, gain: float = 2.0, skip_in_training: bool = False) -> TriPathBlock:
     torch.manual_seed(0)
     components = {"mix": CumulativeMeanMixer(D, 0), "mlp": SwiGLUMLP(D, 0)}
     if router:
-        components["router"] = TokenRouter(D, 0, gate_threshold=threshold, gate_gain=gain)
+        components["router"] = TokenRouter(D, 0, gate_threshold=threshold, gate_gain=gain, skip_in_training=skip_in_training)
     block = TriPathBlock(D, 0, components, layerscale={"mix": 0.8, "mlp": 0.5}, gated={"mlp"})
     if router:  # gates away from 0.5 and different per token, so a wrong gate cannot pass unnoticed
         assert block.router is not None and block.router.gate_proj is not None
@@ -88,6 +88,34 @@ def test_at_inference_tokens_below_the_gate_threshold_skip_the_component_and_in_
     assert not torch.allclose(hidden[~skipped], without_mlp[~skipped])
     block.train()
     assert not torch.allclose(block(x).hidden[skipped], without_mlp[skipped])  # training never skips
+
+
+def test_a_router_that_skips_in_training_computes_only_the_kept_tokens_and_trains_them():
+    block = _block(router=True, threshold=0.5, skip_in_training=True).train()
+    x = torch.randn(2, 11, D)
+    u = block.norm(x)
+    assert block.router is not None
+    gate = block.router.route(u).gates[..., 0]  # (B, L)
+    kept = gate >= 0.5
+    assert kept.any() and (~kept).any()
+    rows: list[int] = []
+    block.mixers["mlp"].register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0] * args[0].shape[1]))
+    out = block(x)
+    assert rows == [int(kept.sum())]  # only the kept tokens went through the MLP
+    expected = x + 0.8 * block.mixers["mix"](u).update + 0.5 * 2.0 * (gate * kept)[..., None] * block.mixers["mlp"](u).update
+    torch.testing.assert_close(out.hidden, expected)
+    # The budget counts the share actually computed, and its gradient reaches every gate (straight-through).
+    torch.testing.assert_close(out.stats["router.kept_mlp"], kept.float().mean())
+    budget = block.router.budget_weight * (kept.float().mean() - 0.5) ** 2
+    torch.testing.assert_close(out.aux_losses["router.budget"], budget)
+    (out.hidden.square().mean() + out.aux_losses["router.budget"]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.mixers["mlp"].parameters())
+    assert block.router.gate_proj is not None and block.router.gate_proj.bias.grad.abs().sum() > 0
+
+
+def test_skip_in_training_without_a_threshold_is_refused():
+    with pytest.raises(ValueError, match="skip_in_training needs a gate_threshold above 0"):
+        TokenRouter(D, 0, skip_in_training=True)
 
 
 def test_diagnostics_report_layerscale_update_share_and_gates_per_instance():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -142,6 +143,37 @@ def test_gate_threshold_skips_tokens_and_work():
     kept = int((gates >= threshold).sum())
     assert seen == [4 * 32, kept] and 0 < kept < 4 * 32
     assert sparse_counter.get_total_flops() < 0.9 * soft_counter.get_total_flops()
+
+
+def test_a_model_trained_to_skip_decodes_as_it_runs_whole_sequences():
+    """Every first-party gated component under a threshold that skips in training too: the whole-sequence forward
+    and one-token decoding agree (steps where no token of the batch is kept included), and training reaches every
+    parameter the kept tokens use."""
+    import yaml
+
+    from hydra_kit.recipe_files import resolve_config
+
+    components = yaml.safe_load(Path(resolve_config("full")).read_text())["model"]["components"]
+    components["router"]["args"] = {"gate_threshold": 0.5, "skip_in_training": True}
+    torch.manual_seed(0)
+    model = HydraLM(vocab_size=72, d_model=96, n_blocks=6, components=components)
+    ids = torch.randint(0, 72, (2, 40))
+    out = model(ids)
+    kept = {k: float(v) for k, v in out.stats.items() if ".kept_" in k}
+    assert set(kept) == {"router.kept_sga", "router.kept_moe", "router.kept_workspace", "router.kept_pkm"}
+    assert all(0.2 < v < 0.8 for v in kept.values())  # untrained gates sit near 0.5: about half of the tokens
+    (out.logits.logsumexp(-1).mean() + sum(out.aux_losses.values())).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "score_proj" not in n)
+    model.eval()
+    with torch.no_grad():
+        whole = model(ids).logits
+        state = model.network.init_state(2)
+        steps = []
+        for t in range(ids.shape[1]):
+            stepped = model.network(ids[:, t : t + 1], state=state, collect_aux=False)
+            steps.append(stepped.logits)
+            state = stepped.state
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_recipe_errors_name_the_key():
