@@ -271,6 +271,9 @@ class HydraLM(L.LightningModule):
                 # scored tokens makes the epoch value the mean over all scored bytes.
                 bpb = task_loss.detach() / (math.log(2) * self._bytes_per_token)
                 self.log("val/bpb", bpb, on_step=False, on_epoch=True, batch_size=int(mask.sum()), sync_dist=True)
+            for k, v in out.stats.items():  # under a gate threshold: the share of tokens each gated component computed
+                if ".kept_" in k:
+                    self.log(f"val/{k}", v, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         if stage == "train":
             for k, v in out.aux_losses.items():
                 self.log(f"aux/{k}", v, on_step=True, batch_size=batch_size)

@@ -40,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from fit_runs import ROOT, hydra_kit, run, scalars
+
 MODELS = {"hydra": ROOT / "recipes" / "text-bpe.yaml", "transformer": ROOT / "recipes" / "text-bpe-transformer.yaml"}
 METRICS = ("val/loss", "val/ppl", "val/bpb")
 # Smoke mode: the whole pipeline in about a minute (a test runs it); nothing it measures means anything.
@@ -48,34 +49,6 @@ SMOKE = {"steps": 2, "vocab_size": 512, "batch_size": 2, "seq_len": 32, "val_bat
 # "Large against the seed spread": the mean paired difference exceeds this many times the larger per-model range
 # over seeds (and the per-seed differences agree in sign). With 2 seeds this is a rule of thumb, not a test.
 SPREAD_FACTOR = 2.0
-
-
-def hydra_kit(*args: str) -> list[str]:
-    """The command line of ``hydra-kit ARGS`` in this interpreter (the environment the script runs in)."""
-    return [sys.executable, "-c", "import sys; from hydra_kit.cli import main; sys.exit(main())", *args]
-
-
-def run(argv: list[str], log: Path, threads: int) -> float:
-    """Run ``argv`` with its output in ``log``; the wall seconds it took. Exits naming the log when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        tail = log.read_text(errors="replace")[-1500:]
-        raise SystemExit(f"{' '.join(argv[3:6])} ... failed (exit {code}); log {log}:\n{tail}")
-    return seconds
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar of the TensorBoard event files in ``log_dir``: tag -> [(step, wall time, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.wall_time, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def fit_and_validate(model: str, seed: int, args: argparse.Namespace, data: Path, shape: dict[str, int]) -> dict[str, Any]:
