@@ -16,7 +16,10 @@ projections and experts, plus what attention and the scans do at that length) an
 step counts 3x the forward (the backward costs about two forwards); recomputation in backward is not counted,
 so a model that recomputes shows a lower rate for the same speed. Decoding counts the forward FLOPs per token of
 a causal forward over twice the mid-run context (the average causal query there sees the context a decoded token
-sees); decoding is bound by reading weights and caches, so its GFLOP/s is far below the roof by nature.
+sees); decoding is bound by reading weights and caches, so its GFLOP/s is far below the roof by nature. A model whose
+routers skip tokens under a gate threshold (``recipes/full-29m-skip.yaml``) is credited with its dense FLOPs, so its
+rate is dense-equivalent, and the share of tokens each gated component computed in the step is measured beside it
+(``kept``): untrained, its gates sit near 0.5, so at threshold 0.5 about half the tokens skip each component.
 
 With ``--compile``, each recipe is also built with ``compile=True`` (:class:`hydra_kit.model.HydraLM`) and timed
 in the same interleaved loop as ``NAME+compile``, with its speed-up over the eager model of the same run.
@@ -206,6 +209,18 @@ def flops_per_token(model: HydraLM, seq_len: int, mode: str) -> float:
     return 3 * forward if mode == "train" else forward
 
 
+def kept_shares(model: HydraLM, tokens: torch.Tensor, mode: str) -> dict[str, float]:
+    """Component -> share of ``tokens`` it computed in ``mode`` ("infer" or "train"), for a model whose routers skip
+    tokens under a gate threshold (the routers' ``kept_*`` statistics, averaged over blocks); empty otherwise."""
+    if not any(getattr(block.router, "gate_threshold", 0.0) > 0 for block in model.blocks):
+        return {}
+    model.train(mode == "train")  # the threshold is in force in training only for routers that skip there
+    with torch.no_grad():
+        stats = model(tokens).stats
+    prefix = ".kept_"
+    return {k.split(prefix, 1)[1]: float(v) for k, v in stats.items() if prefix in k}
+
+
 OTHER = "other (embedding, norms, head)"  # the breakdown's row for what no component instance covers
 
 
@@ -393,6 +408,8 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                 if compiled:
                     eager = statistics.median(timings[name.removesuffix(COMPILED_SUFFIX)])
                     record.compile_speedup = eager / seconds
+                if mode != "decode" and not compiled:
+                    record.kept = kept_shares(model, make_tokens(model, seq_len, args.batch, text), mode)
                 if mode == "decode":
                     decoded = runs[name]
                     assert isinstance(decoded, DecodeRun)
@@ -409,8 +426,9 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
                         record.peak_mem_mb = measure_peak_memory(paths[name], seq_len, mode, args.batch, args.text)
                 records.append(record)
                 mem = f"{record.peak_mem_mb:.0f} MB" if record.peak_mem_mb is not None else "-"
+                kept = "  kept " + " ".join(f"{k} {v:.2f}" for k, v in record.kept.items()) if record.kept else ""
                 console.print(
                     f"  {name:>18} L={seq_len:>6} {mode:>6}: {record.tokens_per_s:9.1f} tok/s  {record.gflops:6.1f} GFLOP/s "
-                    f"({record.roof_share:.0%} of roof)  peak {mem}"
+                    f"({record.roof_share:.0%} of roof)  peak {mem}{kept}"
                 )
     return records, roof

@@ -24,7 +24,9 @@ class Record:
     """One measurement row: a model at one length in one mode.
 
     ``gflops`` is the model's counted FLOPs (:func:`hydra_kit.bench.flops_per_token`) over the measured time, and
-    ``roof_share`` that rate over the float32 matmul roof measured in the same run.
+    ``roof_share`` that rate over the float32 matmul roof measured in the same run. A model whose router skips
+    tokens (a gate threshold) is credited with its dense FLOPs, so its rate is dense-equivalent; ``kept`` says what
+    share of the tokens each gated component computed in the timed step.
     """
 
     model: str
@@ -42,9 +44,10 @@ class Record:
     breakdown_gflops: dict[str, float] = field(default_factory=dict)  # component instance -> achieved GFLOP/s
     compiled: bool = False  # the model ran with compile=True (its name ends in "+compile")
     compile_speedup: float | None = None  # compiled: tokens/s over the eager model's of the same run
+    kept: dict[str, float] = field(default_factory=dict)  # under a gate threshold: component -> share of tokens computed
 
 
-CSV_FIELDS = ["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "roof_share", "peak_mem_mb", "cache_mb", "compiled", "compile_speedup"]
+CSV_FIELDS = ["model", "seq_len", "mode", "tokens_per_s", "seconds", "gflops", "roof_share", "peak_mem_mb", "cache_mb", "compiled", "compile_speedup", "kept"]
 COMPONENT_CSV_FIELDS = ["model", "seq_len", "mode", "component", "time_share", "gflops", "roof_time_share"]
 
 
@@ -212,7 +215,8 @@ def write_outputs(
     written = [write_json(out / "bench.json", payload)]
     if json_path:
         written.append(write_json(Path(json_path), rows))
-    written.insert(1, write_csv(out / "bench.csv", rows, CSV_FIELDS))
+    flat = [{**row, "kept": " ".join(f"{k}={v:.3f}" for k, v in row["kept"].items())} for row in rows]  # one CSV cell
+    written.insert(1, write_csv(out / "bench.csv", flat, CSV_FIELDS))
     if parts := component_rows(records):
         written.insert(2, write_csv(out / "bench_components.csv", parts, COMPONENT_CSV_FIELDS))
     try:

@@ -101,6 +101,24 @@ def test_bench_smoke_run_writes_records_and_targets(tmp_path):
     native.set_enabled(True)
 
 
+def test_a_skipping_model_reports_the_share_of_tokens_each_gated_component_computed(tmp_path):
+    recipe = yaml.safe_load((REPO / "recipes/tiny.yaml").read_text())
+    recipe["model"]["components"]["router"]["args"] = {"gate_threshold": 0.5, "skip_in_training": True}
+    skipping = tmp_path / "tiny-skip.yaml"
+    skipping.write_text(yaml.safe_dump(recipe))
+    args = ["--recipes", str(skipping), str(REPO / "recipes/tiny.yaml"), "--seq_lens", "32", "--modes", "infer", "train"]
+    out = tmp_path / "bench"
+    assert hydra_kit(["bench", *args, "--repeats", "1", "--warmup", "0", "--no-memory", "--no-breakdown", "--out", str(out), "--json", str(tmp_path / "b.json")]) == 0
+    rows = {(r["model"], r["mode"]): r for r in json.loads((tmp_path / "b.json").read_text())}
+    for mode in ("infer", "train"):
+        kept = rows["tiny-skip", mode]["kept"]
+        assert set(kept) == {"sga", "mlp"} and all(0 < v < 1 for v in kept.values()), kept
+        assert rows["tiny", mode]["kept"] == {}  # no threshold: nothing skips, nothing reported
+    with (out / "bench.csv").open() as f:
+        cells = {(r["model"], r["mode"]): r["kept"] for r in csv.DictReader(f)}
+    assert cells["tiny-skip", "infer"].startswith(("sga=", "mlp=")) and cells["tiny", "infer"] == ""
+
+
 def test_breakdown_rates_divide_each_instances_flops_by_its_time():
     seconds = {"ssm": 0.5, "mlp": 0.25, OTHER: 0.25, "total": 1.0}
     report = {"flops_per_token": 10e6, "components": {"ssm": {"flops_per_token": 4e6}, "mlp": {"flops_per_token": 5e6}}}
