@@ -146,9 +146,9 @@ def test_gate_threshold_skips_tokens_and_work():
 
 
 def test_a_model_trained_to_skip_decodes_as_it_runs_whole_sequences():
-    """Every first-party gated component under a threshold that skips in training too: the whole-sequence forward
-    and one-token decoding agree (steps where no token of the batch is kept included), and training reaches every
-    parameter the kept tokens use."""
+    """Every first-party gated component under a threshold that skips in training too: the whole-sequence forward,
+    chunks with carried state and one-token decoding agree (steps where no token of the batch is kept included),
+    and training reaches every parameter the kept tokens use."""
     import yaml
 
     from hydra_kit.recipe_files import resolve_config
@@ -173,7 +173,10 @@ def test_a_model_trained_to_skip_decodes_as_it_runs_whole_sequences():
             stepped = model.network(ids[:, t : t + 1], state=state, collect_aux=False)
             steps.append(stepped.logits)
             state = stepped.state
+        first = model.network(ids[:, :13], state=model.network.init_state(2))
+        second = model.network(ids[:, 13:], state=first.state)
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_recipe_errors_name_the_key():
