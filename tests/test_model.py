@@ -361,3 +361,17 @@ def test_optimizer_option_is_refused_in_one_line(tmp_path):
     assert last.startswith("error: --optimizer: HydraLM builds its own optimizer from its parameter groups"), err
     assert "set --model.lr, --model.weight_decay" in last
     assert not list(tmp_path.rglob("*.ckpt"))  # refused before the first step
+
+
+def test_lr_scheduler_option_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """``--lr_scheduler`` alone would be ignored by LightningCLI: the CLI refuses it and names what to set."""
+    from hydra_kit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    argv = ["fit", "--config", str(recipe), "--lr_scheduler", "torch.optim.lr_scheduler.ConstantLR", "--trainer.max_steps", "2"]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --lr_scheduler: HydraLM schedules its learning rate itself") and "--model.warmup_steps" in last
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before anything ran
+

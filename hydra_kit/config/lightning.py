@@ -141,6 +141,14 @@ class _ValidationStep(Callback):
             self.step = trainer.global_step
 
 
+# LightningCLI's `--lr_scheduler` takes effect only beside `--optimizer` (refused by HydraLM): alone it would be
+# silently ignored.
+LR_SCHEDULER_OPTION_REFUSED = (
+    "--lr_scheduler: HydraLM schedules its learning rate itself (linear warm-up over --model.warmup_steps, then cosine "
+    "decay to --model.min_lr_ratio times --model.lr by the last step); set those instead"
+)
+
+
 class HydraCLI(LightningCLI):
     """LightningCLI with HydraLM as the model and a data module chosen by the recipe."""
 
@@ -237,6 +245,8 @@ class HydraCLI(LightningCLI):
         """Check the merged model section and trainer limits, apply recipe ablations, resolve ``--ckpt_path last``,
         check the checkpoint fits."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("lr_scheduler") is not None:  # LightningCLI would ignore it without --optimizer: refuse instead
+            raise RecipeError(LR_SCHEDULER_OPTION_REFUSED)
         model = config["model"]
         check_model_section(model.as_dict() if hasattr(model, "as_dict") else dict(model), config_paths(self._argv))
         trainer = config["trainer"]
