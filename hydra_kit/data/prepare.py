@@ -71,6 +71,16 @@ class SplitPlan:
         f = self.val_fraction
         return math.floor((index + 1) * f + self.phase) > math.floor(index * f + self.phase)
 
+    def documents_needed(self) -> int:
+        """The fewest documents a corpus needs for both splits to get one (the later first index of the two, plus
+        one); the split of document ``documents_needed() - 1`` is the one a shorter corpus leaves empty."""
+        seen: set[bool] = set()
+        index = 0
+        while len(seen) < 2:
+            seen.add(self.is_val(index))
+            index += 1
+        return index
+
 
 @dataclass
 class ShardWriter:
@@ -131,6 +141,35 @@ def _documents(files: list[Path], documents: str, on_bytes: Callable[[int], None
     for text, ends in split_units(iter_pieces(files, documents, on_bytes, option), chunk_chars):
         yield index, text, ends
         index += ends
+
+
+def _empty_split_error(split: str, key: str, total: int, documents: str) -> PrepareError:
+    """The one-line error for a split that gets no document."""
+    hint = "pass --val_input FILE_OR_FOLDER, more files, or --documents blank_lines (blocks separated by blank lines) or lines" if split == "val" else "give more text"
+    return PrepareError(f"{key}: the {split} split got no document (the corpus has {total} document(s) with --documents {documents}); {hint}")
+
+
+def _check_splits_get_documents(files: list[Path], val_files: list[Path], documents: str, plan: SplitPlan | None) -> None:
+    """Refuse a corpus one of whose splits would get no document, reading only as many documents as that takes."""
+
+    def count(source: list[Path], option: str, needed: int) -> int:  # documents of ``source``, up to ``needed``
+        found = 0
+        for _, _, ends in _documents(source, documents, lambda n: None, TRAIN_UNIT_CHARS, option):
+            found += ends
+            if found >= needed:
+                break
+        return found
+
+    if plan is None:  # every --input document trains, every --val_input one validates
+        for split, source, option in (("train", files, "--input"), ("val", val_files, "--val_input")):
+            if count(source, option, 1) == 0:
+                raise _empty_split_error(split, option, 0, documents)
+        return
+    needed = plan.documents_needed()
+    found = count(files, "--input", needed)
+    if found < needed:
+        split = "val" if plan.is_val(needed - 1) else "train"
+        raise _empty_split_error(split, "--val_fraction" if split == "val" else "--input", found, documents)
 
 
 def _clear(folder: Path, overwrite: bool) -> None:
@@ -196,16 +235,16 @@ def prepare(
     folder = Path(out).expanduser()
     sizes = sum(f.stat().st_size for f in files) + sum(f.stat().st_size for f in val_files)
 
+    encoder: Encoder | None = None if tokenizer == "bpe" else load_encoder(tokenizer)  # a bad name fails first
+    _check_splits_get_documents(files, val_files, documents, plan)  # before the BPE is trained and `out` cleared
+
     with _progress(progress) as bar:
-        encoder: Encoder
-        if tokenizer == "bpe":
+        if encoder is None:
             task = bar.add_task("training the BPE", total=sum(f.stat().st_size for f in files))
             # Smaller units here: the trainer reads its iterator ahead in batches of units, so their size bounds that.
             read = _documents(files, documents, lambda n: bar.advance(task, n), min(chunk_chars, TRAIN_UNIT_CHARS), "--input")
             assert vocab_size is not None
             encoder = train_bpe((text for i, text, _ in read if plan is None or not plan.is_val(i)), vocab_size)
-        else:
-            encoder = load_encoder(tokenizer)
         vocab = encoder.vocab_size
         if vocab_size is not None and tokenizer != "bytes" and vocab > vocab_size:
             raise PrepareError(f"--tokenizer {tokenizer!r} has {vocab} ids, more than --vocab_size {vocab_size}; leave --vocab_size out to keep its vocabulary")
@@ -234,10 +273,8 @@ def prepare(
                     (folder / shard["file"]).unlink(missing_ok=True)
 
     for split, key in (("train", "--input"), ("val", "--val_input" if val_input is not None else "--val_fraction")):
-        if splits[split]["documents"] == 0:
-            total = splits["train"]["documents"] + splits["val"]["documents"]
-            hint = "pass --val_input FILE_OR_FOLDER, more files, or --documents blank_lines (blocks separated by blank lines) or lines" if split == "val" else "give more text"
-            raise PrepareError(f"{key}: the {split} split got no document (the corpus has {total} document(s) with --documents {documents}); {hint}")
+        if splits[split]["documents"] == 0:  # checked before the BPE too; kept for documents the encoder drops
+            raise _empty_split_error(split, key, splits["train"]["documents"] + splits["val"]["documents"], documents)
     tokenizer_file = encoder.save(folder)
     meta: dict[str, Any] = {
         "format": FORMAT,

@@ -195,6 +195,31 @@ def test_a_split_without_documents_is_explained(tmp_path):
     assert not list((tmp_path / "out").glob("*.bin"))
 
 
+def test_an_empty_split_is_found_before_the_bpe_is_trained_and_the_old_corpus_is_kept(tmp_path, monkeypatch):
+    import hydra_kit.data.prepare as prepare_module
+
+    (tmp_path / "one.txt").write_text("a single file is a single document\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-00000.bin").write_bytes(b"an earlier corpus")
+    monkeypatch.setattr(prepare_module, "train_bpe", lambda *a, **k: pytest.fail("the BPE was trained for a corpus that cannot split"))
+    with pytest.raises(RecipeError, match="val split got no document"):
+        prepare(tmp_path / "one.txt", out, vocab_size=300, val_fraction=0.1, overwrite=True)
+    assert (out / "train-00000.bin").read_bytes() == b"an earlier corpus"
+    with pytest.raises(RecipeError, match=r"--val_input: the val split got no document"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "blank.txt").write_text("\n\n\n")  # blank lines only: no document
+        prepare(tmp_path / "one.txt", out, vocab_size=300, val_input=tmp_path / "empty", documents="blank_lines", overwrite=True)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.3, 0.5, 0.9])
+def test_documents_needed_is_where_both_splits_first_have_one(fraction):
+    plan = SplitPlan(fraction, seed=3)
+    needed = plan.documents_needed()
+    splits = [plan.is_val(i) for i in range(needed)]
+    assert set(splits) == {True, False} and len(set(splits[:-1])) == 1
+
+
 def test_bad_options_are_one_line(tmp_path):
     with pytest.raises(RecipeError) as exc:
         main(["--input", "x", "--out", str(tmp_path), "--bogus"])
