@@ -12,8 +12,9 @@ updates shared slots with ``.data`` writes. This one is causal, differentiable a
 
 Time and memory are linear in L: one small write per chunk, reads batched over all chunks at once.
 
-With ``context.keep`` (a router's gate threshold), only the kept tokens read: they are gathered, each with its
-chunk's slots. Every token is still written: the slots summarise whole chunks whoever reads them.
+With ``context.keep`` (a router's gate threshold), only the kept tokens read: each chunk's kept tokens are gathered
+(padded to the most any chunk keeps) and read that chunk's slots. Every token is still written: the slots
+summarise whole chunks whoever reads them.
 
 Document boundaries (``context.segment_ids``): the slots are per document. A token whose document started inside
 its own chunk reads the initial slots (nothing of its document is written yet), and a chunk that holds a start
@@ -189,16 +190,19 @@ class WorkspaceMemory(TriPathComponent):
             read, read_probs = self._read(query, keys, values, visible, diagnose)
             update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
             probs = torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length] if diagnose else None  # (hops, B, L, S)
-        else:  # skipped tokens read nothing: gather the kept ones, each with its chunk's slots
-            kept = F.pad(keep, (done, n_chunks * q - done - length)).flatten().nonzero().squeeze(1)  # (N,) of B*C*Q
-            chunk = kept // q  # (N,) index into B*C
-            query = self.read_query(padded.flatten(0, 1).index_select(0, kept))[:, None]  # (N, 1, Ds)
-            slots_k, slots_v = (t.flatten(0, 1).index_select(0, chunk) for t in (keys, values))  # (N, S or 2S, Ds)
-            mask = None if visible is None else visible.flatten(0, 2).index_select(0, kept)[:, None]  # (N, 1, 2S)
-            read, read_probs = self._read(query, slots_k, slots_v, mask, diagnose)
-            rows = padded.new_zeros(batch * n_chunks * q, self.d_model).index_copy(0, kept, self.out(read[:, 0]))
-            update = rows.view(batch, n_chunks * q, self.d_model)[:, done : done + length]
-            probs = torch.stack(read_probs)[:, None, :, 0] if diagnose else None  # (hops, 1, N, S): the kept reads
+        else:  # skipped tokens read nothing: per chunk, gather its kept tokens into the first slots (padded to the
+            # most any chunk keeps), so every chunk reads its own slots without per-token copies of them
+            wanted = F.pad(keep, (done, n_chunks * q - done - length)).view(batch, n_chunks, q)  # (B, C, Q)
+            n_q = int(wanted.sum(-1).max())
+            order = torch.argsort((~wanted).to(torch.int8), dim=-1, stable=True)[..., :n_q]  # (B, C, n) kept first
+            valid = wanted.gather(-1, order)  # (B, C, n)
+            rows = padded.view(batch, n_chunks, q, -1).gather(2, order[..., None].expand(-1, -1, -1, padded.shape[-1]))
+            mask = None if visible is None else visible.gather(2, order[..., None].expand(-1, -1, -1, visible.shape[-1]))
+            read, read_probs = self._read(self.read_query(rows), keys, values, mask, diagnose)  # (B, C, n, Ds)
+            out = self.out(read) * valid[..., None].to(read.dtype)  # (B, C, n, D)
+            full = out.new_zeros(batch, n_chunks, q, self.d_model).scatter(2, order[..., None].expand_as(out), out)
+            update = full.view(batch, n_chunks * q, self.d_model)[:, done : done + length]
+            probs = torch.stack(read_probs)[:, valid][:, None] if diagnose else None  # (hops, 1, N, S): the kept reads
         stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
         if probs is not None and probs.shape[2] > 0:
             stats.update(read_statistics(probs, x.dtype))

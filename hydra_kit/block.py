@@ -63,6 +63,7 @@ class _DecodePlan:
     route_takes_collect_aux: bool
     components: tuple[tuple[str, TriPathComponent], ...]
     residual: ResidualPlan
+    columns: tuple[int | None, ...]  # per component, its gate column (None: ungated or no router)
 
 
 class TriPathBlock(nn.Module):
@@ -167,9 +168,7 @@ class TriPathBlock(nn.Module):
                 raise ValueError(f"this batch marks documents (segment_ids), but {refusals[0]}")
         collect_aux = collect_aux or diagnostics
         if state is not None and x.shape[1] == 1 and not self.knocked_out and not diagnostics:
-            decoded = self._decode_step(x, state, collect_aux)
-            if decoded is not None:
-                return decoded
+            return self._decode_step(x, state, collect_aux)
         u = self.norm(x)
         out = BlockOutput(hidden=x)
         gates: Tensor | None = None
@@ -244,10 +243,10 @@ class TriPathBlock(nn.Module):
         columns = [self.gate_index.get(name) if router is not None else None for name in names]
         residual = ResidualPlan(columns, [read(f"layerscale.{name}") for name in names])
         norm_eps = read("norm").eps
-        return _DecodePlan(read("norm.weight"), norm_eps, router, self.router_name, self._route_takes_collect_aux, components, residual)
+        return _DecodePlan(read("norm.weight"), norm_eps, router, self.router_name, self._route_takes_collect_aux, components, residual, tuple(columns))
 
-    def _decode_step(self, x: Tensor, state: dict[str, Any], collect_aux: bool) -> BlockOutput | None:
-        """:meth:`forward` for one token per sequence, x (B, 1, D), or None when a gate threshold is in force.
+    def _decode_step(self, x: Tensor, state: dict[str, Any], collect_aux: bool) -> BlockOutput:
+        """:meth:`forward` for one token per sequence, x (B, 1, D).
 
         The same arithmetic as the general loop with L = 1, in fewer ops: decoding runs this for every block and
         token, and each PyTorch op or module attribute lookup costs microseconds here, several times more while
@@ -255,11 +254,16 @@ class TriPathBlock(nn.Module):
         (:meth:`_decode_plan`; the components' ``step`` methods are still looked up per call, so a replaced
         method takes effect), and the gated sum of the updates is one call
         (:func:`hydra_kit.ops.residual.gated_residual`).
+
+        Under a gate threshold, a component whose gate is below it for every sequence of the batch is not run
+        when it is pointwise (no state to keep), and is stepped with ``context.keep`` otherwise (it must still take
+        the token into its state: SGA's keys, the workspace's pending chunk); the skipped rows' weights are zero.
         """
         plan = self._decode_pack.get(self, self._decode_plan)
         router = plan.router
+        threshold = 0.0
         if router is not None and router.gate_threshold > 0 and (router.skip_in_training or not self.training):
-            return None  # tokens may skip components: the general loop
+            threshold = router.gate_threshold
         u = rms_norm(x, plan.norm_weight, plan.norm_eps)  # (B, 1, D)
         out = BlockOutput(hidden=x)
         gates = score = None
@@ -273,9 +277,18 @@ class TriPathBlock(nn.Module):
                 out.stats.update({f"{plan.router_name}.{k}": v for k, v in routed.stats.items()})
         u_t = u[:, 0]  # (B, D)
         context = ComponentContext(score, None, collect_aux)
+        kept = None if gates is None or threshold == 0 else gates >= threshold  # (B, G)
         updates = []
-        for name, component in plan.components:
-            stepped = component.step(u_t, state[name], context)
+        for (name, component), column in zip(plan.components, plan.columns, strict=True):
+            step_context = context
+            if kept is not None and column is not None:
+                keep = kept[:, column]  # (B,)
+                if component.pointwise and not bool(keep.any()):  # skipped by every row, and nothing to carry
+                    updates.append(u_t.new_zeros(u_t.shape))
+                    out.state[name] = state[name]
+                    continue
+                step_context = ComponentContext(score, keep, collect_aux)
+            stepped = component.step(u_t, state[name], step_context)
             updates.append(stepped.update)
             if stepped.aux_losses:
                 out.aux_losses.update({f"{name}.{k}": v for k, v in stepped.aux_losses.items()})
@@ -284,5 +297,7 @@ class TriPathBlock(nn.Module):
             out.state[name] = stepped.state
         if gates is not None and router is not None and router.gate_gain != 1.0:
             gates = gates * router.gate_gain
+        if kept is not None and gates is not None:
+            gates = gates * kept  # skipped rows contribute nothing, whatever their component returned
         out.hidden = gated_residual(x[:, 0], updates, gates, plan.residual)[:, None]  # (B, 1, D)
         return out

@@ -47,6 +47,12 @@ def test_targets_are_read_from_the_records_of_the_run():
     assert not checks["decode tokens/s hydra/base at L=16384 (128 tokens after the prompt)"].met  # 4x < 5x
     assert checks["decode cache bytes hydra/base after L=16384"].met
     assert not any("train" in name for name in checks)  # not measured, so not judged
+    # A further recipe (a skipping variant) gets the speed targets against the same baseline, nothing else.
+    records += [_record("skip", 8192, "infer", 960.0), _record("skip", 16384, "decode", 55.0, cache=5.0)]
+    further = {c.target: c for c in check_targets(records, ["hydra", "base", "skip"])}
+    assert set(further) - set(checks) == {"infer tokens/s skip/base at L=8192", "decode tokens/s skip/base at L=16384 (128 tokens after the prompt)"}
+    assert further["infer tokens/s skip/base at L=8192"].measured == pytest.approx(3.2)
+    assert further["decode tokens/s skip/base at L=16384 (128 tokens after the prompt)"].met
 
 
 @pytest.mark.slow
