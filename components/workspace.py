@@ -12,9 +12,9 @@ updates shared slots with ``.data`` writes. This one is causal, differentiable a
 
 Time and memory are linear in L: one small write per chunk, reads batched over all chunks at once.
 
-With ``context.keep`` (a router's gate threshold), only the kept tokens read: each chunk's kept tokens are gathered
-(padded to the most any chunk keeps) and read that chunk's slots. Every token is still written: the slots
-summarise whole chunks whoever reads them.
+``context.keep`` (a router's gate threshold) is honoured in one-token steps only (a step no sequence keeps reads
+nothing). A whole-sequence forward reads for every token and the block zeroes the skipped ones: gathering the kept
+tokens' reads cost more than the reads it saved (docs/benchmarks.md, 2026-12-07).
 
 Document boundaries (``context.segment_ids``): the slots are per document. A token whose document started inside
 its own chunk reads the initial slots (nothing of its document is written yet), and a chunk that holds a start
@@ -183,26 +183,11 @@ class WorkspaceMemory(TriPathComponent):
             own = docs.fresh[..., None].expand(-1, -1, -1, self.n_slots)  # (B, C, Q, S)
             visible = torch.cat([~own, own], dim=-1)
         diagnose = wants_diagnostics(context)
-        keep = None if context is None else context.keep  # (B, L) bool: only these tokens read
         padded = F.pad(x, (0, 0, done, n_chunks * q - done - length))  # align x to chunk boundaries
-        if keep is None:
-            query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
-            read, read_probs = self._read(query, keys, values, visible, diagnose)
-            update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
-            probs = torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length] if diagnose else None  # (hops, B, L, S)
-        else:  # skipped tokens read nothing: per chunk, gather its kept tokens into the first slots (padded to the
-            # most any chunk keeps), so every chunk reads its own slots without per-token copies of them
-            wanted = F.pad(keep, (done, n_chunks * q - done - length)).view(batch, n_chunks, q)  # (B, C, Q)
-            n_q = int(wanted.sum(-1).max())
-            order = torch.argsort((~wanted).to(torch.int8), dim=-1, stable=True)[..., :n_q]  # (B, C, n) kept first
-            valid = wanted.gather(-1, order)  # (B, C, n)
-            rows = padded.view(batch, n_chunks, q, -1).gather(2, order[..., None].expand(-1, -1, -1, padded.shape[-1]))
-            mask = None if visible is None else visible.gather(2, order[..., None].expand(-1, -1, -1, visible.shape[-1]))
-            read, read_probs = self._read(self.read_query(rows), keys, values, mask, diagnose)  # (B, C, n, Ds)
-            out = self.out(read) * valid[..., None].to(read.dtype)  # (B, C, n, D)
-            full = out.new_zeros(batch, n_chunks, q, self.d_model).scatter(2, order[..., None].expand_as(out), out)
-            update = full.view(batch, n_chunks * q, self.d_model)[:, done : done + length]
-            probs = torch.stack(read_probs)[:, valid][:, None] if diagnose else None  # (hops, 1, N, S): the kept reads
+        query = self.read_query(padded).view(batch, n_chunks, q, self.d_slot)  # (B, C, Q, Ds)
+        read, read_probs = self._read(query, keys, values, visible, diagnose)
+        update = self.out(read.reshape(batch, n_chunks * q, self.d_slot)[:, done : done + length])
+        probs = torch.stack(read_probs).flatten(2, 3)[:, :, done : done + length] if diagnose else None  # (hops, B, L, S)
         stats = {"write_gate": torch.stack(gates).mean().detach()} if gates and collects_aux(context) else {}
         if probs is not None and probs.shape[2] > 0:
             stats.update(read_statistics(probs, x.dtype))
