@@ -425,7 +425,7 @@ class SparseGlobalAttention(TriPathComponent):
             q_valid = wanted.gather(-1, q_idx)
             slot = torch.arange(n_blocks, device=dev)[:, None] * w + q_idx  # grid slot (B, nb, Q)
             x_idx = (slot - r).clamp(0, seq_len - 1).flatten(1)  # filler queries read any token
-            x_q = x.gather(1, x_idx[..., None].expand(-1, -1, x.shape[-1])).view(batch, n_blocks, n_q, -1)
+            x_q = x.gather(1, x_idx[..., None].expand(-1, -1, x.shape[-1])).view(batch, n_blocks, n_q, x.shape[-1])
             q_pos = c0 * w + slot
             q_doc = None if doc_start is None else doc_start.gather(1, x_idx).view(batch, n_blocks, n_q)
         if n_q > 0:

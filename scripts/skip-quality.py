@@ -17,6 +17,8 @@ whether every seed is within 1 percent, beside the share of tokens each gated co
 shared machine, not a benchmark: ``hydra-kit bench`` measures speed).
 
 Writes ``skip_quality.csv`` (a row per run), ``skip_quality.json`` and ``skip_quality.console.txt`` to ``--out``.
+A finished run leaves ``<run>.row.json`` in ``--work``; run the same command again after an interruption and the
+finished runs are reused, the others trained afresh.
 
     nice -n 5 .venv/bin/python scripts/skip-quality.py --out docs/figures/skip-quality --work /tmp/skip
     .venv/bin/python scripts/skip-quality.py --smoke --out /tmp/s     # the pipeline in a minute; measures nothing
@@ -67,6 +69,11 @@ def fit_and_validate(name: str, variant: str, recipe: Path, seed: int, args: arg
     """Train ``recipe`` with ``seed`` and validate its final checkpoint; the run's row."""
     label = f"{name}-{variant}-seed{seed}"
     runs = args.work / "runs"
+    done = runs / f"{label}.row.json"  # written last: a run with one is finished, and a rerun reuses it
+    if done.is_file():
+        row: dict[str, Any] = json.loads(done.read_text())
+        sys.stdout.write(f"{label}: reused from {done}\n")
+        return row
     common = ["--config", str(recipe), "--trainer.enable_progress_bar", "false",
               "--trainer.logger.init_args.save_dir", str(runs), "--trainer.logger.init_args.name", label]  # fmt: skip
     steps = ["--trainer.max_steps", str(SMOKE["steps"])] if args.smoke else []
@@ -89,11 +96,12 @@ def fit_and_validate(name: str, variant: str, recipe: Path, seed: int, args: arg
     if "val/loss" not in validated:
         raise SystemExit(f"{label}: validate logged no val/loss (logged: {', '.join(sorted(validated))})")
     trained = scalars(runs / label / "fit")
-    row: dict[str, Any] = {"recipe": name, "variant": variant, "seed": seed, "val_loss": validated["val/loss"][-1][2],
+    row = {"recipe": name, "variant": variant, "seed": seed, "val_loss": validated["val/loss"][-1][2],
                            "fit_seconds": round(fit_seconds, 2), "steps": trained["train/loss"][-1][0] + 1 if "train/loss" in trained else None}  # fmt: skip
     for tag, values in sorted(validated.items()):  # the share of tokens each gated component computed
         if "kept_" in tag:
             row[tag.split("/")[-1].split(".")[-1]] = round(values[-1][2], 4)
+    done.write_text(json.dumps(row) + "\n")
     sys.stdout.write(f"{label}: val loss {row['val_loss']:.4f}, fit {fit_seconds:.0f} s\n")
     sys.stdout.flush()
     return row

@@ -33,6 +33,9 @@ def test_smoke_run_compares_the_skipping_model_with_the_dense_one(tmp_path: Path
     expected = float(rows["skip"]["val_loss"]) / float(rows["dense"]["val_loss"]) - 1
     assert summary["relative_difference"] == pytest.approx([expected])
     assert "within 1% in" in (out / "skip_quality.console.txt").read_text()
+    # Run again: the finished runs are reused, not trained again.
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reused from") == 2, again.stdout[-2000:] + again.stderr[-2000:]
 
 
 def test_a_recipe_without_a_router_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -294,6 +294,10 @@ def test_keep_skips_queries_and_leaves_kept_outputs_unchanged() -> None:
     stepped = torch.stack(steps, 1)
     torch.testing.assert_close(stepped[keep[:, :24]], full[:, :24][keep[:, :24]], rtol=0, atol=1e-10)
     assert (stepped[~keep[:, :24]] == 0).all()
+    # A whole forward in which no token keeps (a router trained to skip can get there): zeros, the same state.
+    nothing = m(x, ComponentContext(global_score=score, keep=torch.zeros_like(keep)))
+    assert (nothing.update == 0).all()
+    torch.testing.assert_close(nothing.state.global_values, skipping.state.global_values)
 
 
 class OutputShapes(TorchDispatchMode):
