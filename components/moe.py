@@ -393,7 +393,7 @@ class MixtureOfExperts(TriPathComponent):
             update = dispatch(*dispatch_args)
         update = update.view(batch, seq_len, self.d_model)  # (B, L, D)
 
-        if not collects_aux(context):
+        if not collects_aux(context) or batch * seq_len == 0:  # no tokens: no load, no losses (a mean would be NaN)
             return ComponentOutput(update=update, state=routing.state)
         # Switch load balance: f_e (fraction of assignments, no gradient) times P_e (mean probability, gradient).
         # Minimal (= 1) when both are uniform; up to E / k when all tokens go to the same k experts.

@@ -121,6 +121,8 @@ class TriPathBlock(nn.Module):
         """Run a pointwise component on the kept tokens only and scatter the result back (B, L, D)."""
         index = keep.flatten().nonzero().squeeze(1)  # (N,) kept rows of the flattened batch
         flat = u.flatten(0, 1)  # (B * L, D)
+        if index.numel() == 0:  # nothing to compute, and no losses or statistics of an empty set (they would be NaN)
+            return ComponentOutput(u.new_zeros(u.shape), {}, {}, None)
         out = component(flat.index_select(0, index)[None], context)  # (1, N, D): only the kept tokens are computed
         update = flat.new_zeros(flat.shape).index_copy(0, index, out.update[0])  # differentiable scatter
         return ComponentOutput(update.view(u.shape), out.aux_losses, out.stats, None)

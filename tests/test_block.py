@@ -113,6 +113,22 @@ def test_a_router_that_skips_in_training_computes_only_the_kept_tokens_and_train
     assert block.router.gate_proj is not None and block.router.gate_proj.bias.grad.abs().sum() > 0
 
 
+def test_when_no_token_is_kept_the_component_is_not_run_and_reports_no_losses():
+    from hydra_kit.components.moe import MixtureOfExperts
+
+    torch.manual_seed(0)
+    router = TokenRouter(D, 0, gate_threshold=0.5, skip_in_training=True)
+    block = TriPathBlock(D, 0, {"moe": MixtureOfExperts(D, 0, n_experts=2, top_k=1), "router": router}, layerscale={"moe": 0.5}, gated={"moe"})
+    assert router.gate_proj is not None
+    torch.nn.init.constant_(router.gate_proj.bias, -10.0)  # every gate far below the threshold
+    x = torch.randn(2, 5, D)
+    out = block(x)
+    torch.testing.assert_close(out.hidden, x)
+    assert set(out.aux_losses) == {"router.budget"} and all(torch.isfinite(v) for v in out.aux_losses.values())
+    assert float(out.stats["router.kept_moe"]) == 0.0
+    assert not block.mixers["moe"](x[:, :0]).aux_losses  # an empty input has no load to balance
+
+
 def test_skip_in_training_without_a_threshold_is_refused():
     with pytest.raises(ValueError, match="skip_in_training needs a gate_threshold above 0"):
         TokenRouter(D, 0, skip_in_training=True)
