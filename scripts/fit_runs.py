@@ -1,4 +1,5 @@
-"""What the comparison scripts share: run ``hydra-kit`` as a subprocess, and read a run's TensorBoard scalars.
+"""What the comparison scripts share: run ``hydra-kit`` as a subprocess, read a run's TensorBoard scalars, write
+the report files.
 
 Imported by ``scripts/wikitext-compare.py`` and ``scripts/skip-quality.py`` (a script's folder is first on
 ``sys.path``, so ``import fit_runs`` finds this file).
@@ -6,11 +7,14 @@ Imported by ``scripts/wikitext-compare.py`` and ``scripts/skip-quality.py`` (a s
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +45,16 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.wall_time, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def write_report(out: Path, stem: str, rows: list[dict[str, Any]], settings: dict[str, Any], summary: Any, text: str) -> None:
+    """Write ``<stem>.csv`` (a row per run; columns in order of first appearance), ``<stem>.json`` (settings, runs,
+    summary) and ``<stem>.console.txt`` (``text``) into ``out``, and print ``text``."""
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "runs": rows, "summary": summary}, indent=1) + "\n")
+    (out / f"{stem}.console.txt").write_text(text)
+    print(text, end="")
+

@@ -27,7 +27,6 @@ finished runs are reused, the others trained afresh.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fit_runs import hydra_kit, run, scalars
+from fit_runs import hydra_kit, run, scalars, write_report
 
 from hydra_kit.recipe_files import resolve_config
 
@@ -182,14 +181,7 @@ def main() -> int:
     settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     summary = {name: paired(rows, name, seeds) for name in recipes}
     text = table(summary, rows, seeds, settings)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with (args.out / "skip_quality.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "skip_quality.json").write_text(json.dumps({"settings": settings, "runs": rows, "summary": summary}, indent=1) + "\n")
-    (args.out / "skip_quality.console.txt").write_text(text)
-    print(text, end="")
+    write_report(args.out, "skip_quality", rows, settings, summary, text)
     return 0
 
 

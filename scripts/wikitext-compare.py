@@ -28,7 +28,6 @@ Writes ``wikitext.csv`` (one row per run), ``wikitext.json`` (settings, runs, su
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fit_runs import ROOT, hydra_kit, run, scalars
+from fit_runs import ROOT, hydra_kit, run, scalars, write_report
 
 MODELS = {"hydra": ROOT / "recipes" / "text-bpe.yaml", "transformer": ROOT / "recipes" / "text-bpe-transformer.yaml"}
 METRICS = ("val/loss", "val/ppl", "val/bpb")
@@ -244,14 +243,7 @@ def main() -> int:
     settings["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     summary = summarize(rows, seeds)
     text = table(summary, seeds, settings)
-
-    with (args.out / "wikitext.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (args.out / "wikitext.json").write_text(json.dumps({"settings": settings, "runs": rows, "summary": summary}, indent=1) + "\n")
-    (args.out / "wikitext.console.txt").write_text(text)
-    print(text, end="")
+    write_report(args.out, "wikitext", rows, settings, summary, text)
     return 0
 
 
