@@ -4,33 +4,39 @@ Hydra (arXiv 2508.15099), with RoPE (Su et al. 2021, arXiv 2104.09864). Query t 
 
 * its local window, the previous ``window`` tokens and itself, and
 * at most ``max_global`` global tokens of its past. The sequence is cut into chunks of ``window`` tokens
-  (aligned to absolute position 0); when a chunk is complete, its ``globals_per_chunk`` tokens with the
-  highest router score s (``context.global_score``) become global and are visible to every LATER chunk,
-  never to the chunk itself or an earlier one, so a future score can never change what an earlier query
-  reads. Only the most recent ``max_global`` globals are kept. A global that is also inside the query's
-  local window is masked on the global side so no key counts twice.
+  (aligned to absolute position 0). The queries of chunk c read the ``max_global`` tokens of chunks before c
+  with the highest router score s (``context.global_score``); a tie goes to the earlier token. A token becomes
+  eligible only once its chunk is complete, so a future score can never change what an earlier query reads.
+  A global that is also inside the query's local window is masked on the global side so no key counts twice.
+
+Selection ranks the whole past, not a quota per chunk (the design's first form took the top few of each chunk
+and kept the most recent ``max_global``). A quota caps how many important tokens a stretch of text can keep
+and evicts them by age however important they are; ranking keeps any ``max_global`` of them at any distance,
+which is what the paper asks of a "small controller-selected set of global tokens" (#G <= max_global). Each
+query still reads at most window + 1 + max_global keys, so the cost is unchanged
+(``docs/calibration/2026-12-07-mechanisms``, ``docs/design-decisions.md``).
 
 Every scored token's value, local or global, is scaled by its salience ``2 * sigmoid(s)`` (1 at
 initialisation, where s is near 0). This is how the selection learns: a token whose value helps the queries
-that read it, in any local window, gets a higher score and so becomes a global of its chunk. Scaling only the
+that read it, in any local window, gets a higher score and so ranks among the globals. Scaling only the
 chosen globals (the design's first form) gave the score a gradient from the few tokens already chosen, and a
-token pushed out of the top-k never came back (``docs/calibration/2026-12-07-mechanisms``).
+token pushed out of the selection never came back.
 
 Without a score (no router in the block) the layer is plain sliding-window attention: no token becomes
 global and no query reads globals. There is deliberately no learned fallback score.
 
 Document boundaries (``context.segment_ids``): a query reads local and global keys of its own document only, and
-a chunk that holds a document start offers for promotion only the tokens of its last document (an earlier
-document's token could serve no later query, and ranking it would let that document decide which of the new one's
-tokens become global). The chunk grid stays aligned to the window's position 0, so a document's globals are those
-it would get alone exactly when it starts on a chunk boundary; nothing of an earlier document reaches it anywhere.
+the globals of chunk c are ranked among the tokens of the document current at the end of chunk c - 1 only (an
+earlier document's token could serve no later query, and ranking it would take a slot from the new one). The chunk
+grid stays aligned to the window's position 0, so a document's globals are those it would get alone exactly when it
+starts on a chunk boundary; nothing of an earlier document reaches it anywhere.
 
 Cost is O(L * (window + max_global)) in time and memory: queries are processed in blocks of ``window``
 (one block per chunk), each against the 2 * window keys of its own and the previous chunk plus the globals
-of earlier chunks, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. No L x L
-tensor exists anywhere.
+chosen for it, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. Ranking sorts each
+block's candidates: O(L^2 / window) comparisons, small beside the attention. No L x L tensor exists anywhere.
 
-The file is longer than most (about 640 lines) on purpose: the batched forward, the one-token decoding step and
+The file is longer than most (about 650 lines) on purpose: the batched forward, the one-token decoding step and
 the inspection map each apply the same selection and visibility rules, and keeping them side by side is what
 keeps them from drifting apart (the conformance check compares forward and step).
 """
@@ -59,7 +65,7 @@ from hydra_kit.protocol import (
     wants_diagnostics,
 )
 
-__all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "select_globals"]
+__all__ = ["SGAState", "SparseGlobalAttention", "global_schedule", "rank_in", "select_per_block"]
 
 NEG_INF = float("-inf")
 
@@ -75,9 +81,10 @@ class SGAState:
         keys: (B, n, H, hd) rotated keys of the last n = min(offset, window) tokens.
         values: (B, n, H, hd) their values (scaled by the salience when scored).
         partial_scores: (B, offset % window) router scores of the tokens of the incomplete chunk.
-        global_keys: (B, G, H, hd) rotated keys of the globals chosen so far (G <= max_global), oldest first.
+        global_keys: (B, G, H, hd) rotated keys of the globals the next chunk reads (G <= max_global), in
+            position order (what keeps ties going to the earlier token when the next chunk is ranked in).
         global_values: (B, G, H, hd) their values (scaled by the salience, as every scored value is).
-        global_scores: (B, G) their scores; -inf marks an empty slot (a chunk with too few scored tokens).
+        global_scores: (B, G) their scores; -inf marks an empty slot (a row of the batch with fewer candidates).
         global_pos: (B, G) long absolute positions.
         offset: number of tokens processed so far.
         key_buffer, value_buffer: (B, capacity, H, hd) or None. At inference :meth:`SparseGlobalAttention.step`
@@ -105,20 +112,71 @@ class SGAState:
     global_reveal: Tensor | None = None
 
 
-def select_globals(chunk_scores: Tensor, per_chunk: int) -> Tensor:
-    """In-chunk positions of the ``per_chunk`` highest-scoring tokens of each chunk, in increasing order.
+def rank_in(scores: Tensor, index: Tensor, valid: Tensor, new: Tensor, new_valid: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The globals once a chunk is complete: the ``size`` highest-scoring of the current globals and its tokens.
 
-    A pick whose score is -inf (a padding slot or an unscored token) is an empty slot: callers read its
-    score and mask it. Each chunk is ranked on its own scores only, which is what makes selection causal.
+    A tie goes to the earlier token: the candidates are ranked by a stable sort in position order, the same
+    way in the batched forward and in one-token decoding.
 
     Args:
-        chunk_scores: (B, C, W) scores of C chunks of W tokens; -inf where a token cannot be global.
-        per_chunk: k <= W.
+        scores: (B, N) scores of every candidate, candidates in position order.
+        index: (B, S) the current globals, indices into the candidates in position order, empty slots last.
+        valid: (B, S) bool, False on an empty slot (or a global that may no longer be read: another document).
+        new: (W,) indices of the chunk's tokens, each after every current global.
+        new_valid: (B, W) bool: which of them may become global (scored, of the current document).
+        size: most globals kept.
 
     Returns:
-        (B, C, k) long in-chunk positions.
+        index, valid: (B, min(size, S + W)), in position order with the empty slots last.
     """
-    return chunk_scores.topk(per_chunk, dim=-1).indices.sort(dim=-1).values
+    candidates = torch.cat([index, new.expand(index.shape[0], -1)], 1)  # (B, S + W), position order
+    ranked = scores.gather(1, candidates).masked_fill(~torch.cat([valid, new_valid], 1), NEG_INF)
+    values, order = ranked.sort(dim=-1, descending=True, stable=True)
+    best, kept = candidates.gather(1, order[:, :size]), values[:, :size] > NEG_INF
+    # Back to position order, empty slots last: what the next chunk's stable ranking relies on.
+    order = best.masked_fill(~kept, scores.shape[1]).sort(dim=-1).indices
+    return best.gather(1, order), kept.gather(1, order)
+
+
+def select_per_block(
+    scores: Tensor, n_old: int, n_rows: int, window: int, size: int, doc: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The globals each block reads: row j is the ``size`` best of the carried globals and the blocks before j.
+
+    Row 0 is the carried globals; row j + 1 ranks block j's tokens in (:func:`rank_in`), one block at a time, so
+    memory stays O(rows * size), linear in the length.
+
+    Args:
+        scores: (B, n_old + n_blocks * window) scores of the carried globals (-inf on an empty slot), then of
+            the blocks' tokens (-inf where a token cannot be global), all in position order.
+        n_rows: rows wanted, 1 <= n_rows <= n_blocks + 1.
+        size: most globals per row.
+        doc: (B, n_blocks * window) long document index of each token, or None for one document. Row j ranks
+            only the tokens of the document current at the end of block j - 1 (the carried globals count as
+            document 0).
+
+    Returns:
+        index: (B, n_rows, size) indices into the candidates, in position order, empty slots last.
+        valid: (B, n_rows, size) bool, False on an empty slot.
+    """
+    batch, device = scores.shape[0], scores.device
+    index = torch.arange(n_old, device=device).expand(batch, -1)
+    valid = scores[:, :n_old] > NEG_INF
+    rows = [(index, valid)]
+    for j in range(n_rows - 1):
+        new = n_old + j * window + torch.arange(window, device=device)
+        new_valid = scores[:, new] > NEG_INF
+        if doc is not None:
+            current = doc[:, (j + 1) * window - 1, None]  # (B, 1)
+            valid = valid & (F.pad(doc, (n_old, 0)).gather(1, index) == current)
+            new_valid = new_valid & (doc[:, j * window : (j + 1) * window] == current)
+        index, valid = rank_in(scores, index, valid, new, new_valid, size)
+        rows.append((index, valid))
+    pad = [size - i.shape[1] for i, _ in rows]
+    return (
+        torch.stack([F.pad(i, (0, n)) for (i, _), n in zip(rows, pad, strict=True)], 1),
+        torch.stack([F.pad(v, (0, n), value=False) for (_, v), n in zip(rows, pad, strict=True)], 1),
+    )
 
 
 def salience(score: Tensor) -> Tensor:
@@ -126,45 +184,25 @@ def salience(score: Tensor) -> Tensor:
     return 2.0 * torch.sigmoid(score)
 
 
-def _windows(entries: Tensor, n_old: int, per_chunk: int, size: int, n_blocks: int, fill: float) -> Tensor:
-    """Sliding windows over the global list: block j sees entries [n_old + j*k - size, n_old + j*k).
+def global_schedule(score: Tensor, window: int, max_global: int, doc: Tensor | None = None) -> Tensor:
+    """Positions of the global tokens visible to the queries of each chunk (-1: empty slot), in position order.
 
-    ``entries`` lists the globals oldest first: n_old carried ones, then ``per_chunk`` per chunk of this call.
-    Block j (the j-th chunk of the call) sees the carried ones and those of the j chunks before it, at most
-    the last ``size``; missing entries are ``fill``.
-
-    Args:
-        entries: (B, n_old + n_blocks * per_chunk, *rest).
-
-    Returns:
-        (B, n_blocks, *rest, size): a strided view, no copy.
-    """
-    pad = entries.new_full((entries.shape[0], size, *entries.shape[2:]), fill)
-    return torch.cat([pad, entries], dim=1)[:, n_old:].unfold(1, size, per_chunk)[:, :n_blocks]
-
-
-def global_schedule(score: Tensor, window: int, globals_per_chunk: int, max_global: int) -> Tensor:
-    """Positions of the global tokens visible to the queries of each chunk (-1: empty slot).
-
-    The same selection and windowing as the forward pass, on positions only (for tests and inspection).
+    The same selection as the forward pass, on positions only (for tests and inspection).
 
     Args:
         score: (B, L) router scores from position 0.
-        window, globals_per_chunk, max_global: as in :class:`SparseGlobalAttention` (both counts > 0).
+        window, max_global: as in :class:`SparseGlobalAttention` (max_global > 0).
+        doc: (B, L) long document index of each token, or None for one document.
 
     Returns:
-        (B, C, min(max_global, (C - 1) * globals_per_chunk)) long, C = ceil(L / window) chunks.
+        (B, C, min(max_global, (C - 1) * window)) long, C = ceil(L / window) chunks.
     """
-    batch, seq_len = score.shape
-    n_chunks = -(-seq_len // window)
-    chunks = F.pad(score, (0, n_chunks * window - seq_len), value=NEG_INF).view(batch, n_chunks, window)
-    index = select_globals(chunks, globals_per_chunk)  # (B, C, k)
-    pos = index + torch.arange(n_chunks, device=score.device)[:, None] * window
-    pos = pos.masked_fill(chunks.gather(-1, index) == NEG_INF, -1).flatten(1)  # (B, C * k)
-    size = min(max_global, (n_chunks - 1) * globals_per_chunk)
-    if size == 0:
-        return pos.new_full((batch, n_chunks, 0), -1)
-    return _windows(pos, 0, globals_per_chunk, size, n_chunks, -1)
+    n_chunks = -(-score.shape[1] // window)
+    size = min(max_global, (n_chunks - 1) * window)
+    pad = n_chunks * window - score.shape[1]
+    doc = None if doc is None else F.pad(doc, (0, pad))
+    index, valid = select_per_block(F.pad(score, (0, pad), value=NEG_INF), 0, n_chunks, window, size, doc)
+    return index.masked_fill(~valid, -1)
 
 
 class SparseGlobalAttention(TriPathComponent):
@@ -176,10 +214,8 @@ class SparseGlobalAttention(TriPathComponent):
         n_heads: number of heads; must divide d_model into an even head width (RoPE).
         window: local window (each query sees the previous ``window`` tokens and itself); also the chunk
             length for global selection.
-        globals_per_chunk: tokens per chunk that become global. 16 with the default window 256 and
-            max_global 512 makes the global memory reach back 32 chunks = 8K tokens, the paper's length,
-            while 1 token in 16 is promoted. 0 turns globals off.
-        max_global: most recent globals a query can see (0 turns globals off).
+        max_global: globals a query can see: the highest-scoring tokens of the earlier chunks, at any
+            distance (0 turns globals off). The paper's #G <= 512.
         rope_base: rotary frequency base.
         recompute: under autograd, rebuild each block's local + global key copies and masks in backward
             instead of saving them (same gradients, a fraction of the activation memory).
@@ -187,7 +223,7 @@ class SparseGlobalAttention(TriPathComponent):
     ``context.keep`` (inference): skipped tokens issue no query (the kept queries of each block are gathered,
     so attention and the query/output projections run on them only) but still provide keys and values.
     The state (:class:`SGAState`) holds the last window, the globals and the open chunk's scores; ``step``
-    is one query against at most window + 1 + max_global keys.
+    is one query against at most window + 1 + max_global keys, and ranks the chunk in when it is complete.
     """
 
     path: ClassVar[ComponentPath] = ComponentPath.SEQUENCE
@@ -195,8 +231,8 @@ class SparseGlobalAttention(TriPathComponent):
     # 1.0 as for dense attention, not the paper's 0.2: a damped attention path learns its lookups that much
     # slower under Adam (hydra-kit's decision, docs/design-decisions.md).
     layerscale_init: ClassVar[float] = 1.0
-    # 40 tokens = 5 chunks of 8; 2 globals per chunk overflow max_global=4 from the 4th chunk on.
-    example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 2, "window": 8, "globals_per_chunk": 2, "max_global": 4}
+    # 40 tokens = 5 chunks of 8: from the second chunk on, more candidates than max_global=4.
+    example_init_args: ClassVar[dict[str, Any]] = {"n_heads": 2, "window": 8, "max_global": 4}
     supports_resets: ClassVar[bool] = True  # masked by document, local and global (module docstring)
     # Queries attended in one pass (rounded to whole blocks): bounds transient memory, never changes results.
     queries_per_pass: int = 4096
@@ -208,7 +244,6 @@ class SparseGlobalAttention(TriPathComponent):
         *,
         n_heads: int = 8,
         window: int = 256,
-        globals_per_chunk: int = 16,
         max_global: int = 512,
         rope_base: float = 10000.0,
         recompute: bool = True,
@@ -218,8 +253,6 @@ class SparseGlobalAttention(TriPathComponent):
             raise ValueError(f"sga: n_heads={n_heads} must divide d_model={d_model} into an even head width")
         if window <= 0:
             raise ValueError(f"sga: window must be positive, got {window}")
-        if not 0 <= globals_per_chunk <= window:
-            raise ValueError(f"sga: globals_per_chunk must lie in [0, window={window}], got {globals_per_chunk}")
         if max_global < 0:
             raise ValueError(f"sga: max_global must be >= 0, got {max_global}")
         if rope_base <= 0:
@@ -227,7 +260,6 @@ class SparseGlobalAttention(TriPathComponent):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.window = window
-        self.globals_per_chunk = globals_per_chunk
         self.max_global = max_global
         self.recompute = recompute
         # Separate query projection: skipped tokens (context.keep) need keys and values but no query.
@@ -238,20 +270,19 @@ class SparseGlobalAttention(TriPathComponent):
 
     @property
     def uses_globals(self) -> bool:
-        return self.globals_per_chunk > 0 and self.max_global > 0
+        return self.max_global > 0
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, n_heads={self.n_heads}, window={self.window}, "
-            f"globals_per_chunk={self.globals_per_chunk}, max_global={self.max_global}"
+            f"{super().extra_repr()}, n_heads={self.n_heads}, window={self.window}, max_global={self.max_global}"
         )
 
     def flops_per_token(self, seq_len: int) -> float:
         # Projections, plus QK^T and AV over the keys a query really sees: min(t, W) + 1 local ones and the
-        # globals of earlier chunks (the few masked as duplicates of local keys are not subtracted).
-        w, k, m = self.window, self.globals_per_chunk, self.max_global
+        # globals chosen from earlier chunks (the few masked as duplicates of local keys are not subtracted).
+        w, m = self.window, self.max_global
         local = sum(min(t, w) + 1 for t in range(min(seq_len, w))) + max(0, seq_len - w) * (w + 1)
-        glob = sum(min(w, seq_len - c * w) * min(m, k * c) for c in range(-(-seq_len // w)))
+        glob = sum(min(w, seq_len - c * w) * min(m, w * c) for c in range(-(-seq_len // w)))
         return 2.0 * self.active_parameters() + 2 * 2 * self.d_model * (local + glob) / max(seq_len, 1)
 
     def init_state(self, batch_size: int, *, device: torch.device, dtype: torch.dtype) -> SGAState:
@@ -265,33 +296,25 @@ class SparseGlobalAttention(TriPathComponent):
         cos, sin = self.rotary(positions)
         return apply_rotary(t, cos[..., None, :], sin[..., None, :])
 
-    def _promote(
-        self, state: SGAState, keys: Tensor, values: Tensor, scores: Tensor, chunk_start: Tensor
+    def _kept_globals(
+        self, candidates: tuple[Tensor, Tensor, Tensor, Tensor], index: Tensor, valid: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Append the picks of C chunks to the carried globals (oldest first; not yet cut to max_global).
+        """The global set a state carries, from one row of :func:`select_per_block` or :func:`rank_in`.
 
         Args:
-            state: holds the carried globals.
-            keys, values: (B, C, W, H, hd) rotated keys and values of the chunks.
-            scores: (B, C, W) their scores (-inf: cannot be global).
-            chunk_start: (C,) absolute position of each chunk's first token.
+            candidates: keys, values (B, N, H, hd), scores, positions (B, N) of the candidates.
+            index, valid: (B, S) the row, in position order with the empty slots last.
 
         Returns:
-            keys, values: (B, n, H, hd); scores, positions: (B, n). An empty slot (score -inf) is masked by
-            every reader.
+            keys, values (B, G, H, hd), scores, positions (B, G), in position order: G = the most globals any row
+            of the batch holds; a slot left empty in a row has score -inf.
         """
-        index = select_globals(scores, self.globals_per_chunk)  # (B, C, k)
-        gather = index[..., None, None].expand(-1, -1, -1, self.n_heads, self.head_dim)
-        picked = scores.gather(2, index).flatten(1)  # (B, C * k)
-        new_keys = keys.gather(2, gather).flatten(1, 2)  # (B, C * k, H, hd)
-        new_values = values.gather(2, gather).flatten(1, 2)
-        new_pos = (chunk_start[:, None] + index).flatten(1)
-        return (
-            torch.cat([state.global_keys, new_keys], 1),
-            torch.cat([state.global_values, new_values], 1),
-            torch.cat([state.global_scores, picked], 1),
-            torch.cat([state.global_pos, new_pos], 1),
-        )
+        n_keep = int(valid.sum(-1).max()) if valid.numel() else 0
+        index, valid = index[:, :n_keep], valid[:, :n_keep]
+        keys, values, scores, pos = candidates
+        gather = index[..., None, None].expand(-1, -1, self.n_heads, self.head_dim)
+        # An empty slot may point at a token that was not eligible: its score must read -inf, not its own.
+        return keys.gather(1, gather), values.gather(1, gather), scores.gather(1, index).masked_fill(~valid, NEG_INF), pos.gather(1, index)
 
     def _attend(
         self,
@@ -300,7 +323,7 @@ class SparseGlobalAttention(TriPathComponent):
         v_grid: Tensor,
         q_pos: Tensor,
         q_doc: Tensor | None,
-        windows: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+        chosen: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None,
         c0: int,
         first: int,
         stop: int,
@@ -313,8 +336,10 @@ class SparseGlobalAttention(TriPathComponent):
             q_pos: (B or 1, nb, Q) absolute query positions.
             q_doc: (B, nb, Q) absolute position where each query's document starts (it reads no key before), or
                 None for one document.
-            windows: per block, global keys and values (B, nb, H, M, hd), positions (B, nb, M) and a mask of
-                filled slots (B, nb, M); None when no global is visible.
+            chosen: the globals of every block: candidate keys and values (B, N, H, hd) and positions (B, N),
+                and per block the indices of its globals into them (B, nb, M) with a mask of filled slots
+                (B, nb, M); None when no global is visible. Gathered here, a few blocks at a time, so the
+                per-block copies exist only for the blocks of one pass (and are rebuilt in backward).
 
         Returns:
             (B, stop - first, H, Q, hd).
@@ -333,10 +358,14 @@ class SparseGlobalAttention(TriPathComponent):
         if qd is not None:
             local = local & (key_pos >= qd)
         masks = [local.expand(batch, -1, -1, -1)]
-        if windows is not None:
-            g_keys, g_values, g_pos, g_ok = (t[:, first:stop] for t in windows)
-            keys.append(g_keys)
-            vals.append(g_values)
+        if chosen is not None:
+            cand_keys, cand_values, cand_pos, index, ok = chosen
+            n_g = index.shape[-1]
+            flat = index[:, first:stop].reshape(batch, n * n_g)
+            gather = flat[..., None, None].expand(-1, -1, h, hd)
+            keys.append(cand_keys.gather(1, gather).view(batch, n, n_g, h, hd).transpose(2, 3))  # (B, n, H, M, hd)
+            vals.append(cand_values.gather(1, gather).view(batch, n, n_g, h, hd).transpose(2, 3))
+            g_pos, g_ok = cand_pos.gather(1, flat).view(batch, n, n_g), ok[:, first:stop]
             # A global inside the query's local window is already there as a local key: count it once.
             seen = g_ok[:, :, None, :] & (qp > g_pos[:, :, None, :] + w)  # (B, n, Q, M)
             masks.append(seen if qd is None else seen & (g_pos[:, :, None, :] >= qd))
@@ -360,7 +389,7 @@ class SparseGlobalAttention(TriPathComponent):
             state = self.init_state(batch, device=x.device, dtype=x.dtype)
         if seq_len == 0:
             return ComponentOutput(update=x.new_zeros(x.shape), state=state)
-        h, hd, w, k = self.n_heads, self.head_dim, self.window, self.globals_per_chunk
+        h, hd, w = self.n_heads, self.head_dim, self.window
         score = None if context is None or context.global_score is None else context.global_score.to(x.dtype)
         keep = None if context is None else context.keep
         read_globals = score is not None and self.uses_globals
@@ -387,23 +416,35 @@ class SparseGlobalAttention(TriPathComponent):
         del key, value  # at inference, frees the projection output before the attention peak
         scores = torch.cat([state.partial_scores, score], dim=1)  # (B, r + L) from the start of chunk c0
         chunk_scores = F.pad(scores, (0, back), value=NEG_INF).view(batch, n_blocks, w)
-        doc_start = None  # (B, L) where each token's document starts; None for one document
+        doc_start = doc = None  # (B, L) where each token's document starts, (B, nb * W) its index; None: one document
         if segment_ids is not None:  # a call from position 0 (r = 0): the chunk grid starts with x
             starts = document_starts(segment_ids)  # (B, L)
             doc_start = torch.arange(seq_len, device=dev) - document_offsets(starts)
-            doc_in_chunk = F.pad(starts, (0, back)).view(batch, n_blocks, w).cumsum(-1)  # (B, nb, W)
-            chunk_scores = chunk_scores.masked_fill(doc_in_chunk != doc_in_chunk[..., -1:], NEG_INF)
+            doc = F.pad(starts.long().cumsum(-1), (0, back))
 
-        # Every chunk of this call promotes its picks (the last one's count only once it is complete).
+        # Candidates for global: the carried globals, then every token of this call's chunks (and the carried
+        # start of the first one); the globals of block j are the best of those before it (row j). Row n_done is
+        # what the state carries.
         n_old = state.global_keys.shape[1]
         stats: dict[str, Tensor] = {}
+        chosen = kept = None
         if self.uses_globals:
-            chunk_start = (c0 + torch.arange(n_blocks, device=dev)) * w
-            chunk_k, chunk_v = (g[:, w:].view(batch, n_blocks, w, h, hd) for g in (k_grid, v_grid))
-            g_keys, g_values, g_scores, g_pos = self._promote(state, chunk_k, chunk_v, chunk_scores, chunk_start)
-            done = g_scores[:, n_old : n_old + n_done * k]
-            if collects_aux(context) and (done > NEG_INF).any():
-                stats["global_salience"] = salience(done[done > NEG_INF]).mean().detach()
+            positions = (c0 * w + torch.arange(n_blocks * w, device=dev)).expand(batch, -1)
+            candidates = (
+                torch.cat([state.global_keys, k_grid[:, w:]], 1),  # (B, N, H, hd)
+                torch.cat([state.global_values, v_grid[:, w:]], 1),
+                torch.cat([state.global_scores, chunk_scores.flatten(1)], 1),  # (B, N)
+                torch.cat([state.global_pos, positions], 1),
+            )
+            size = min(self.max_global, candidates[2].shape[1])
+            index, valid = select_per_block(candidates[2], n_old, n_done + 1, w, size, doc)  # (B, n_done + 1, S)
+            if read_globals:
+                n_vis = int(valid[:, :n_blocks].sum(-1).max())  # empty slots are last: beyond n_vis, empty everywhere
+                if n_vis > 0:
+                    chosen = (candidates[0], candidates[1], candidates[3], index[:, :n_blocks, :n_vis], valid[:, :n_blocks, :n_vis])
+            kept = self._kept_globals(candidates, index[:, n_done], valid[:, n_done])
+            if collects_aux(context) and (kept[2] > NEG_INF).any():
+                stats["global_salience"] = salience(kept[2][kept[2] > NEG_INF]).mean().detach()
             if wants_diagnostics(context) and read_globals and start == 0 and seq_len > w:
                 stats["global_attn_share"] = self._global_attention_share(x, context)
 
@@ -430,15 +471,6 @@ class SparseGlobalAttention(TriPathComponent):
             q_doc = None if doc_start is None else doc_start.gather(1, x_idx).view(batch, n_blocks, n_q)
         if n_q > 0:
             q = self._rotate(self.q(x_q).view(*x_q.shape[:3], h, hd), q_pos).transpose(2, 3)  # (B, nb, H, Q, hd)
-            n_vis = min(self.max_global, n_old + (n_blocks - 1) * k) if read_globals else 0
-            windows = None
-            if n_vis > 0:  # the globals each block may read: strided views over the global list
-                windows = (
-                    _windows(g_keys, n_old, k, n_vis, n_blocks, 0.0).transpose(-1, -2),  # (B, nb, H, M, hd)
-                    _windows(g_values, n_old, k, n_vis, n_blocks, 0.0).transpose(-1, -2),
-                    _windows(g_pos, n_old, k, n_vis, n_blocks, 0),  # (B, nb, M)
-                    _windows(g_scores, n_old, k, n_vis, n_blocks, NEG_INF) > NEG_INF,
-                )
             # At inference a few blocks per pass bound the transient key copies and masks (peak memory). Not
             # under autograd: every pass's inputs are saved anyway, and the backward of each pass's slices
             # would allocate full-size gradients. Results do not depend on the grouping.
@@ -446,14 +478,14 @@ class SparseGlobalAttention(TriPathComponent):
             if self.recompute and torch.is_grad_enabled():
                 # Save the queries and the key grid, not the per-block key copies and masks: they are rebuilt
                 # (cheap gathers) when backward needs them.
-                y = checkpoint(self._attend, q, k_grid, v_grid, q_pos, q_doc, windows, c0, 0, n_blocks, use_reentrant=False)
+                y = checkpoint(self._attend, q, k_grid, v_grid, q_pos, q_doc, chosen, c0, 0, n_blocks, use_reentrant=False)
             elif group >= n_blocks:
-                y = self._attend(q, k_grid, v_grid, q_pos, q_doc, windows, c0, 0, n_blocks)  # (B, nb, H, Q, hd)
+                y = self._attend(q, k_grid, v_grid, q_pos, q_doc, chosen, c0, 0, n_blocks)  # (B, nb, H, Q, hd)
             else:
                 y = q.new_empty(q.shape)
                 for first in range(0, n_blocks, group):
                     stop = min(first + group, n_blocks)
-                    y[:, first:stop] = self._attend(q, k_grid, v_grid, q_pos, q_doc, windows, c0, first, stop)
+                    y[:, first:stop] = self._attend(q, k_grid, v_grid, q_pos, q_doc, chosen, c0, first, stop)
             y = self.out(y.transpose(2, 3).reshape(batch, n_blocks, n_q, -1))  # (B, nb, Q, D)
         if whole:
             update = y.reshape(batch, seq_len, -1)
@@ -477,10 +509,7 @@ class SparseGlobalAttention(TriPathComponent):
             global_pos=state.global_pos,
             offset=start + seq_len,
         )
-        if self.uses_globals:
-            n_total = n_old + n_done * k
-            first = max(0, n_total - self.max_global)
-            kept = (g[:, first:n_total].clone() for g in (g_keys, g_values, g_scores, g_pos))
+        if kept is not None:
             new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
         return ComponentOutput(update=update, stats=stats, state=new_state)
 
@@ -530,7 +559,7 @@ class SparseGlobalAttention(TriPathComponent):
     def step(self, x_t: Tensor, state: SGAState, context: ComponentContext | None = None) -> ComponentOutput:
         """One token x_t (B, D): one query against the window and the visible globals; O(window + max_global)."""
         batch = x_t.shape[0]
-        h, hd, w = self.n_heads, self.head_dim, self.window
+        hd, w = self.head_dim, self.window
         score = None if context is None else context.global_score
         if score is not None and score.dtype != x_t.dtype:
             score = score.to(x_t.dtype)
@@ -571,14 +600,26 @@ class SparseGlobalAttention(TriPathComponent):
             start=start + dropped,
             global_reveal=reveal,
         )
-        if new_state.partial_scores.shape[1] == w:  # the chunk is complete: promote its globals
+        if new_state.partial_scores.shape[1] == w:  # the chunk is complete: rank its tokens in
             if self.uses_globals:
-                # The window now holds exactly this chunk's keys and values.
-                chunk_k, chunk_v = (g.view(batch, 1, w, h, hd) for g in (new_state.keys, new_state.values))
-                chunk_start = torch.tensor([pos + 1 - w], device=x_t.device)
-                promoted = self._promote(state, chunk_k, chunk_v, new_state.partial_scores[:, None], chunk_start)
-                first = max(0, promoted[0].shape[1] - self.max_global)
-                kept = (g[:, first:] for g in promoted)
+                # The window now holds exactly this chunk's keys and values; they follow the globals in position order.
+                chunk_pos = torch.arange(pos + 1 - w, pos + 1, device=x_t.device).expand(batch, -1)
+                candidates = (
+                    torch.cat([state.global_keys, new_state.keys], 1),
+                    torch.cat([state.global_values, new_state.values], 1),
+                    torch.cat([state.global_scores, new_state.partial_scores], 1),
+                    torch.cat([state.global_pos, chunk_pos], 1),
+                )
+                n_old = state.global_scores.shape[1]
+                index, valid = rank_in(
+                    candidates[2],
+                    torch.arange(n_old, device=x_t.device).expand(batch, -1),
+                    state.global_scores > NEG_INF,
+                    n_old + torch.arange(w, device=x_t.device),
+                    new_state.partial_scores > NEG_INF,
+                    self.max_global,
+                )
+                kept = self._kept_globals(candidates, index, valid)
                 new_state.global_keys, new_state.global_values, new_state.global_scores, new_state.global_pos = kept
                 new_state.global_reveal = None
             new_state.partial_scores = new_state.partial_scores[:, :0]
@@ -605,16 +646,14 @@ class SparseGlobalAttention(TriPathComponent):
         hits = torch.zeros(local.shape, dtype=torch.long, device=x.device)
         score = None if context is None else context.global_score
         segment_ids = None if context is None else context.segment_ids
+        doc = None
         if segment_ids is not None:
             starts = document_starts(segment_ids)  # (B, L)
             doc_first = (pos - document_offsets(starts))[:, positions]  # (B, Q) where each query's document starts
             local = local & (pos >= doc_first[..., None])
-            if score is not None:  # as in forward: a chunk holding a start promotes only its last document's tokens
-                n_chunks = -(-seq_len // w)
-                doc = F.pad(starts, (0, n_chunks * w - seq_len)).view(batch, n_chunks, w).cumsum(-1)
-                score = score.masked_fill((doc != doc[..., -1:]).flatten(1)[:, :seq_len], NEG_INF)
+            doc = starts.long().cumsum(-1)  # as in forward: globals are ranked within the current document
         if score is not None and self.uses_globals:
-            schedule = global_schedule(score.to(x.dtype), w, self.globals_per_chunk, self.max_global)  # (B, C, M), -1: empty
+            schedule = global_schedule(score.to(x.dtype), w, self.max_global, doc)  # (B, C, M), -1: empty
             seen = schedule[:, positions // w]  # (B, Q, M): the globals each query's chunk may read
             # As in forward: a global inside the query's local window is read there, not through the global set.
             reads = (seen >= 0) & (qp > seen + w)

@@ -19,7 +19,7 @@ HYDRA_KIT = [sys.executable, "-m", "hydra_kit.cli"]
 # that fills and slides with globals promoted from 4 chunks, workspace writes every 8 tokens.
 EVERY_COMPONENT = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6, "globals_per_chunk": 2}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6}},
     "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2, "expert_hidden": 16}},
     "workspace": {"component": "workspace", "blocks": [0], "args": {"n_slots": 4, "chunk_size": 8}},
     "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 16}},

@@ -14,7 +14,7 @@ from hydra_kit.model import HydraLM
 
 COMPONENTS = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 16, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4, "globals_per_chunk": 1}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4}},
     "router": {"component": "router", "blocks": "all"},
     "mlp": {"component": "mlp", "blocks": "all"},
 }

@@ -22,7 +22,7 @@ from hydra_kit.registry import default_registry
 # Every first-party mechanism that reports diagnostics, small enough for a CPU test.
 COMPONENTS = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 16, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4, "globals_per_chunk": 1}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 4, "max_global": 4}},
     "moe": {"component": "moe", "blocks": [0], "args": {"n_experts": 4, "top_k": 2, "expert_hidden": 32}},
     "workspace": {"component": "workspace", "blocks": [1], "args": {"n_slots": 4, "chunk_size": 4}},
     "pkm": {"component": "pkm", "blocks": [0], "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 16}},

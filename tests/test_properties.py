@@ -49,7 +49,7 @@ ARGS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "attention": st.fixed_dictionaries({"n_heads": st.sampled_from([1, 2, 4])}),
     "sga": st.fixed_dictionaries(
-        {"n_heads": st.sampled_from([1, 2]), "window": st.sampled_from([3, 4, 8]), "globals_per_chunk": st.integers(0, 2), "max_global": st.integers(0, 4)}
+        {"n_heads": st.sampled_from([1, 2]), "window": st.sampled_from([3, 4, 8]), "max_global": st.integers(0, 4)}
     ),
     "moe": st.fixed_dictionaries(
         {"n_experts": st.integers(2, 4), "top_k": st.integers(1, 2), "expert_hidden": st.sampled_from([8, 16]), "routing": st.sampled_from(["token", "chunk"]), "chunk_size": st.sampled_from([3, 8])}

@@ -18,7 +18,7 @@ from hydra_kit.ops import apply_rotary
 from hydra_kit.protocol import ComponentContext, ComponentPath
 from hydra_kit.testing import check_component
 
-SMALL = {"n_heads": 2, "window": 8, "globals_per_chunk": 2, "max_global": 4}
+SMALL = {"n_heads": 2, "window": 8, "max_global": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -54,20 +54,18 @@ def rotated_qkv(m: SparseGlobalAttention, x: Tensor) -> tuple[Tensor, Tensor, Te
 def reference_sga(m: SparseGlobalAttention, x: Tensor, score: Tensor | None, count_duplicates: bool = False) -> Tensor:
     """The spec, one query at a time, with explicit key lists: the oracle for the blocked implementation."""
     batch, seq_len, _ = x.shape
-    w, k, cap = m.window, m.globals_per_chunk, m.max_global
+    w, cap = m.window, m.max_global
     q, key, value = rotated_qkv(m, x)
     out = torch.zeros_like(q)
     for b in range(batch):
-        picks = []  # per complete chunk: its top-k positions by score, in position order
-        for c in range(seq_len // w if score is not None and k and cap else 0):
-            chunk = range(c * w, (c + 1) * w)
-            picks.append(sorted(sorted(chunk, key=lambda p: -score[b, p].item())[:k]))
         for t in range(seq_len):
-            earlier = [p for chunk in picks[: t // w] for p in chunk][-cap:] if cap else []
-            glob = [p for p in earlier if count_duplicates or t - p > w]
+            # The cap highest-scoring tokens of the chunks before t's (Python's sort is stable: ties go earlier).
+            earlier = range(t // w * w) if score is not None and cap else []
+            best = sorted(earlier, key=lambda p: -score[b, p].item())[:cap]
+            glob = [p for p in best if count_duplicates or t - p > w]
             local = list(range(max(0, t - w), t + 1))
             keys, vals = key[b, local + glob], value[b, local + glob]  # (n, H, hd)
-            if score is not None and k and cap:  # every scored value, local or global, times its salience
+            if score is not None and cap:  # every scored value, local or global, times its salience
                 vals = vals * (2 * torch.sigmoid(score[b, local + glob]))[:, None, None]
             probs = torch.einsum("hd,nhd->hn", q[b, t], keys).div(math.sqrt(m.head_dim)).softmax(-1)
             out[b, t] = torch.einsum("hn,nhd->hd", probs, vals)
@@ -81,12 +79,12 @@ def test_conforms() -> None:
 @pytest.mark.parametrize(
     "extra",
     [
-        {"max_global": 3},  # cap not a multiple of globals_per_chunk: a chunk's picks are split
-        {"window": 7, "globals_per_chunk": 3, "max_global": 100},  # 40 not divisible by the window, no cap
-        {"window": 5, "globals_per_chunk": 0},  # globals off: sliding window only
+        {"max_global": 3},  # fewer than a chunk: a chunk's tokens compete for the slots
+        {"window": 7, "max_global": 100},  # 40 not divisible by the window, no cap
+        {"window": 5, "max_global": 0},  # globals off: sliding window only
         {"window": 64},  # window longer than the sequence
-        {"window": 1, "globals_per_chunk": 1, "max_global": 5},
-        {"window": 4, "globals_per_chunk": 4, "max_global": 16},  # every token becomes global
+        {"window": 1, "max_global": 5},
+        {"window": 4, "max_global": 40},  # every earlier token is global
         {"n_heads": 4},
     ],
 )
@@ -103,7 +101,7 @@ def test_class_attributes_and_flops() -> None:
     m = SparseGlobalAttention(64, 0)
     assert not m.pointwise
     # Without globals and with a window covering the sequence, the cost is dense causal attention's.
-    dense, local = CausalSelfAttention(64, 0), SparseGlobalAttention(64, 0, window=1024, globals_per_chunk=0)
+    dense, local = CausalSelfAttention(64, 0), SparseGlobalAttention(64, 0, window=1024, max_global=0)
     assert local.flops_per_token(1000) == pytest.approx(dense.flops_per_token(1000))
     # Per-token cost stops growing once window + max_global keys are in view; dense attention keeps growing.
     assert m.flops_per_token(200_000) == pytest.approx(m.flops_per_token(400_000), rel=0.02)
@@ -116,8 +114,6 @@ def test_class_attributes_and_flops() -> None:
         ({"n_heads": 3}, "n_heads"),
         ({"n_heads": 16}, "n_heads"),  # head width 1 is odd: RoPE needs pairs
         ({"window": 0}, "window"),
-        ({"globals_per_chunk": 9}, "globals_per_chunk"),
-        ({"globals_per_chunk": -1}, "globals_per_chunk"),
         ({"max_global": -1}, "max_global"),
         ({"rope_base": 0.0}, "rope_base"),
     ],
@@ -129,7 +125,7 @@ def test_validation(kwargs: dict, argument: str) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "seq_len"),
-    [({}, 40), ({"max_global": 3}, 37), ({"window": 5, "globals_per_chunk": 3, "max_global": 7}, 33), ({}, 7)],
+    [({}, 40), ({"max_global": 3}, 37), ({"window": 5, "max_global": 7}, 33), ({}, 7)],
 )
 def test_matches_per_query_reference(extra: dict, seq_len: int) -> None:
     m = build(**extra)
@@ -174,23 +170,25 @@ def influence(m: SparseGlobalAttention, x: Tensor, score: Tensor | None, query: 
 
 
 def test_query_reads_a_global_token_far_outside_its_window() -> None:
-    # window 4, one global per chunk: token 2 has the top score of chunk 0; query 30 is 28 tokens away.
-    m = build(window=4, globals_per_chunk=1, max_global=8)
-    x, _ = inputs(1, 32, 16, seed=3)
-    score = torch.full((1, 32), -1.0, dtype=torch.float64)
-    score[0, 2] = 4.0
+    # window 4: token 2 has the top score of the whole past; query 30 is 28 tokens away.
+    m = build(window=4, max_global=8)
+    x, score = inputs(1, 32, 16, seed=3)
+    score[0, 2] = 10.0
     reach = influence(m, x, score, 30)
     assert reach[2] > 1e-4  # the global token is read
-    assert reach[1] == 0 and reach[3] == 0  # its non-global neighbours are not
-    # Exactly the window 26..30 and the picks of chunks 0..6 reach it (a pick inside the window counts there).
-    globals_seen = set(global_schedule(score, 4, 1, 8)[0, 30 // 4].tolist())
-    assert 2 in globals_seen and len(globals_seen) == 7
+    # Exactly the window 26..30 and the 8 best of chunks 0..6 reach it (a pick inside the window counts there).
+    globals_seen = set(global_schedule(score, 4, 8)[0, 30 // 4].tolist())
+    assert 2 in globals_seen and len(globals_seen) == 8
     assert set(reach.nonzero().flatten().tolist()) == set(range(26, 31)) | globals_seen
-    # Globals off (no router score, or globals_per_chunk=0): nothing beyond the window reaches the query.
+    # Globals off (no router score, or max_global=0): nothing beyond the window reaches the query.
     assert (influence(m, x, None, 30)[:26] == 0).all()
-    assert (influence(build(window=4, globals_per_chunk=0), x, score, 30)[:26] == 0).all()
-    # max_global=4 keeps only the globals of chunks 3..6, so token 2 has been evicted.
-    assert influence(build(window=4, globals_per_chunk=1, max_global=4), x, score, 30)[2] == 0
+    assert (influence(build(window=4, max_global=0), x, score, 30)[:26] == 0).all()
+    # One slot: the best token keeps it however old it is, until a better one comes.
+    assert influence(build(window=4, max_global=1), x, score, 30)[2] > 1e-4
+    better = score.clone()
+    better[0, 17] = 20.0
+    reach = influence(build(window=4, max_global=1), x, better, 30)
+    assert reach[2] == 0 and reach[17] > 1e-4
 
 
 def test_selection_receives_gradient_through_the_salience_of_every_token() -> None:
@@ -198,7 +196,7 @@ def test_selection_receives_gradient_through_the_salience_of_every_token() -> No
     x, score = inputs(1, 40, 16)
     score.requires_grad_(True)
     m(x, ComponentContext(global_score=score)).update.square().sum().backward()
-    picked = global_schedule(score.detach(), 8, 2, 4)[0, -1]  # globals the last chunk reads
+    picked = global_schedule(score.detach(), 8, 4)[0, -1]  # globals the last chunk reads
     assert (score.grad[0, picked] != 0).all()
     # Every token, chosen or not, is read in some local window: its score learns whether its value helps, so a
     # token left out of the top-k can still climb into it.
@@ -219,24 +217,44 @@ def first_causality_violation(schedule, score: Tensor, window: int) -> int | Non
 
 
 def test_global_selection_is_causal() -> None:
-    w, k, cap = 5, 2, 6
+    w, cap = 5, 6
     score = inputs(3, 47, 1, seed=1)[0][..., 0]  # (3, 47)
-    schedule = global_schedule(score, w, k, cap)
+    schedule = global_schedule(score, w, cap)
     assert schedule.shape == (3, 10, 6)
-    assert first_causality_violation(lambda s: global_schedule(s, w, k, cap), score, w) is None
+    assert first_causality_violation(lambda s: global_schedule(s, w, cap), score, w) is None
     # The module selects the same tokens: after 47 tokens its state holds what chunk 9 (45..49) reads.
-    m = build(window=w, globals_per_chunk=k, max_global=cap)
+    m = build(window=w, max_global=cap)
     state = m(inputs(3, 47, 16)[0], ComponentContext(global_score=score)).state
     assert torch.equal(state.global_pos, schedule[:, 9])
-    # Every visible global comes from an earlier chunk, and chunk c >= 3 sees the last 3 chunks' picks.
-    chunk_of_query = torch.arange(10)[None, :, None]
-    assert ((schedule // w < chunk_of_query) | (schedule == -1)).all()
-    assert (schedule[:, 3:] // w == torch.arange(3, 10)[:, None] - 3 + torch.arange(3).repeat_interleave(2)).all()
+    # Chunk c reads the cap best tokens of the chunks before it, at any distance; empty slots only in chunk 1.
+    for b in range(3):
+        for c in range(10):
+            best = sorted(range(c * w), key=lambda p: -score[b, p].item())[:cap]
+            assert schedule[b, c][schedule[b, c] >= 0].tolist() == sorted(best)
+    assert (schedule[:, 1] == -1).sum() == 3 and (schedule[:, 2:] >= 0).all()
 
     def leaky(s: Tensor) -> Tensor:  # broken on purpose: a chunk already sees its own picks
-        return torch.cat([global_schedule(s, w, k, cap)[:, 1:], global_schedule(s, w, k, cap)[:, -1:]], 1)
+        return torch.cat([global_schedule(s, w, cap)[:, 1:], global_schedule(s, w, cap)[:, -1:]], 1)
 
     assert first_causality_violation(leaky, score, w) is not None
+
+
+def test_ties_go_to_the_earlier_token_in_forward_and_decoding() -> None:
+    # Equal scores (common in bfloat16): forward and one-token decoding must pick the same globals.
+    m = build(window=4, max_global=3)
+    x, _ = inputs(2, 22, 16)
+    score = torch.zeros(2, 22, dtype=torch.float64)
+    score[:, 9] = 1.0
+    full = m(x, ComponentContext(global_score=score))
+    assert full.state.global_pos.tolist() == [[0, 1, 9]] * 2
+    with torch.no_grad():
+        state, steps = m.init_state(2, device=x.device, dtype=x.dtype), []
+        for t in range(22):
+            out = m.step(x[:, t], state, ComponentContext(global_score=score[:, t]))
+            steps.append(out.update)
+            state = out.state
+    assert torch.equal(state.global_pos, full.state.global_pos)
+    torch.testing.assert_close(torch.stack(steps, 1), full.update.detach())
 
 
 @pytest.mark.parametrize("cuts", [[1, 2, 3, 13, 29], list(range(1, 40)), [8, 16, 17, 31]])
@@ -325,7 +343,7 @@ def memory_footprint(fn, seq_len: int) -> tuple[int, int, list[str]]:
 def test_memory_is_linear_in_length() -> None:
     torch.manual_seed(0)
     w, cap, heads = 64, 128, 2
-    m = SparseGlobalAttention(64, 0, n_heads=heads, window=w, globals_per_chunk=16, max_global=cap)
+    m = SparseGlobalAttention(64, 0, n_heads=heads, window=w, max_global=cap)
     results = {}
     for seq_len in (8192, 16384):
         x, score = torch.randn(1, seq_len, 64), torch.randn(1, seq_len)
@@ -351,7 +369,7 @@ def test_memory_check_catches_dense_attention() -> None:
 
 def test_recompute_in_backward_gives_the_same_gradients():
     assert_recompute_keeps_gradients(
-        SparseGlobalAttention, {"n_heads": 2, "window": 4, "globals_per_chunk": 1, "max_global": 3}, length=18, scored=True
+        SparseGlobalAttention, {"n_heads": 2, "window": 4, "max_global": 3}, length=18, scored=True
     )
 
 
@@ -387,7 +405,7 @@ def test_attention_map_reproduces_the_forward(seq_len):
     y = torch.einsum("bhqk,bk,bkhd->bqhd", amap.weights, scaled, value).reshape(2, seq_len, 16)
     torch.testing.assert_close(module.out(y), module(x, context).update)
     # The globals a query reads are those global_schedule gives its chunk, outside its window.
-    schedule = global_schedule(score, 8, 2, 4)
+    schedule = global_schedule(score, 8, 4)
     for t in range(seq_len):
         expected = {int(p) for p in schedule[0, t // 8] if p >= 0 and t > p + 8}
         assert set(torch.nonzero(amap.via_global[0, t]).flatten().tolist()) == expected

@@ -21,7 +21,7 @@ from hydra_kit.evaluation.lm_eval_adapter import HydraEvalLM
 
 COMPONENTS = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6, "globals_per_chunk": 2}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6}},
     "mlp": {"component": "mlp", "blocks": "all"},
 }
 

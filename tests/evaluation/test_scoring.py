@@ -14,7 +14,7 @@ VOCAB = 40
 # Every stateful mechanism, sized so that 30 tokens cross SSM chunks, the SGA window and workspace writes.
 COMPONENTS = {
     "ssm": {"component": "ssm", "blocks": "all", "args": {"d_state": 8, "headdim": 8, "chunk_size": 8}},
-    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6, "globals_per_chunk": 2}},
+    "sga": {"component": "sga", "blocks": [1], "args": {"n_heads": 2, "window": 8, "max_global": 6}},
     "moe": {"component": "moe", "blocks": "all", "args": {"n_experts": 4, "top_k": 2, "expert_hidden": 16}},
     "workspace": {"component": "workspace", "blocks": [0], "args": {"n_slots": 4, "chunk_size": 8}},
     "pkm": {"component": "pkm", "blocks": [2], "args": {"heads": 2, "n_keys": 8, "top_k": 4, "d_key": 16}},

@@ -33,7 +33,7 @@ p.add_argument("--every", type=int, default=100)
 p.add_argument("--eval", type=int, default=200)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--drop", nargs="*", default=[])
-p.add_argument("--set", nargs="*", default=[], metavar="PATH=JSON", help="override a model-config key, e.g. components.sga.args.globals_per_chunk=4")
+p.add_argument("--set", nargs="*", default=[], metavar="PATH=JSON", help="override a model-config key, e.g. components.sga.args.max_global=64")
 p.add_argument("--lr-scale", nargs="*", default=[], metavar="INSTANCE=X", help="learning-rate multiplier for every parameter of a component instance")
 p.add_argument("--ls-lr", type=float, default=None, help="learning-rate multiplier for the LayerScale scalars")
 p.add_argument("--stop", type=int, default=None, help="stop after this step (the schedule still spans --steps)")
@@ -88,7 +88,7 @@ def premise_visibility(module: HydraLM, batch: list) -> dict[int, float]:
     out = {}
     for i, score in captured.items():
         sga = module.tri_path_blocks[i].mixers["sga"]
-        sched = global_schedule(score, sga.window, sga.globals_per_chunk, sga.max_global)  # (B, C, M)
+        sched = global_schedule(score, sga.window, sga.max_global)  # (B, C, M)
         seen = total = 0
         for b, ex in enumerate(batch):
             q_at = len(ex.input_ids) - 2 * len(ex.meta["offsets"])
