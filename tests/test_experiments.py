@@ -219,9 +219,21 @@ def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, c
     transformer = _run("logic-chains", tmp_path / "transformer", "--models", "transformer")
     assert {r["model"] for r in hydras["runs"]} == {"hydra", "hydra - workspace"} and {r["model"] for r in transformer["runs"]} == {"transformer"}
     assert set(hydras["models"]) == set(transformer["models"]) == CASES["logic-chains"][3]
+    # A folder joins when the models it has runs of match: the transformer's folder may describe another Hydra.
+    written = tmp_path / "transformer" / f"{CASES['logic-chains'][1]}.json"
+    payload = json.loads(written.read_text())
+    payload["models"]["hydra"]["config"] = {"changed": "after this folder was trained"}
+    written.write_text(json.dumps(payload))
     merged = _run("logic-chains", tmp_path / "merged", "--merge", str(tmp_path / "hydras"), str(tmp_path / "transformer"))
     assert merged["records"] == together["records"] and merged["summary"] == together["summary"]
     capsys.readouterr()
+    # A folder with runs of a model trained with another configuration is refused.
+    written = tmp_path / "hydras" / f"{CASES['logic-chains'][1]}.json"
+    payload = json.loads(written.read_text())
+    payload["models"]["hydra"]["config"] = {"changed": "after this folder was trained"}
+    written.write_text(json.dumps(payload))
+    assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "y"), "--merge", str(tmp_path / "hydras"), str(tmp_path / "transformer")]) == 2
+    assert "its models differ from this command's (hydra)" in capsys.readouterr().err
     assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "x"), "--models", "hydra-workspace"]) == 2
     err = capsys.readouterr().err
     assert "--models 'hydra-workspace': no such model here; available: 'hydra', 'hydra - workspace', 'transformer'" in err and "Traceback" not in err

@@ -77,8 +77,9 @@ def load_merged(
 
     Raises:
         RecipeError: a file is missing or unreadable, is another experiment's, was trained with other settings
-            (:data:`MERGE_SETTINGS`), other models or another task (its no-skill baselines differ), or two
-            folders hold the same (model, seed).
+            (:data:`MERGE_SETTINGS`), holds runs of a model whose configuration differs from this command's (or that
+            it does not have), was run on another task (its no-skill baselines differ), or two folders hold the
+            same (model, seed).
     """
     joined: dict[str, list[dict[str, Any]]] = {key: [] for key in ("records", "runs", *extra_keys)}
     seen: dict[tuple[str, int, Any], str] = {}
@@ -100,15 +101,18 @@ def load_merged(
             theirs, ours = payload.get("settings", {}).get(key, MERGE_SETTING_DEFAULTS.get(key)), getattr(settings, key)
             if theirs != ours:
                 raise RecipeError(f"{where}: trained with {key} = {theirs!r}, but this command has {key} = {ours!r}; merge only runs of the same settings")
-        models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}
-        if models != wanted_models:
-            differ = sorted(set(models) ^ set(wanted_models)) or sorted(k for k in models if models[k] != wanted_models[k])
-            raise RecipeError(f"{where}: its models differ from this command's ({', '.join(differ)}); merge only runs of the same recipe and task options")
-        if wanted_baselines is not None and payload.get("baselines") != wanted_baselines:
-            raise RecipeError(f"{where}: its task differs from this command's (other no-skill baselines on the held-out examples); pass the same task options")
         for key in joined:
             if key not in payload:
                 raise RecipeError(f"{where}: has no {key!r} list; it was not written by this version of the experiment")
+        # Only the models a folder has runs of must match: a folder of transformer runs still joins after a change
+        # to Hydra's recipe, which its JSON (describing every model of its command) lists as it was then.
+        models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}
+        trained = sorted({run["model"] for run in payload["runs"]})
+        differ = [m for m in trained if m not in wanted_models or models.get(m) != wanted_models[m]]
+        if differ:
+            raise RecipeError(f"{where}: its models differ from this command's ({', '.join(differ)}); merge only runs of the same recipe and task options")
+        if wanted_baselines is not None and payload.get("baselines") != wanted_baselines:
+            raise RecipeError(f"{where}: its task differs from this command's (other no-skill baselines on the held-out examples); pass the same task options")
         for run in payload["runs"]:
             # E6 trains each (model, seed) once per number of pairs: the level is part of a run's identity there.
             identity = (run["model"], run["seed"], run.get("pairs"))
