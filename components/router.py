@@ -15,7 +15,11 @@ Trained skipping (``skip_in_training``): tokens under the threshold skip the com
 model learns to do without it where its gate is low. The budget R4 then holds the compute actually spent: its
 usage is the share of tokens at or above the threshold, ``k_c = mean_t 1[r_t^c >= theta]``, with the gradient
 of ``mean_t r_t^c`` (straight-through: the step function has none). A skipped token gives its component no
-gradient, but its gate still learns, from the budget and, once it rises above the threshold, from the task.
+gradient, and its gate hears only the budget, never the task: a token that would need the component has no way
+to say so. ``explore`` is that way: in training, each skipped token is served anyway with this probability
+(drawn per token, component and step), weighted by its own gate as any served token, so its gate learns from
+the task. The budget still counts only the tokens at or above the threshold (the share inference will compute);
+training computes about ``kept + explore * (1 - kept)`` of the tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class TokenRouter(RouterComponent):
         gate_threshold: at inference, tokens whose gate is below this skip the component (0 disables).
         skip_in_training: skip them in training too (needs ``gate_threshold > 0``); the budget then counts the
             share of tokens computed (module docstring).
+        explore: under ``skip_in_training``, the probability that a skipped token is served anyway in training
+            (0 turns exploration off; must lie in [0, 1)).
         budget_weight: lambda in R4.
         target_usage: rho_c in R4, the mean gate each component should settle at; one number for all, or
             instance name -> number (instances not named use 0.5).
@@ -64,6 +70,7 @@ class TokenRouter(RouterComponent):
         target_usage: float | dict[str, float] = 0.5,
         gate_gain: float = 2.0,
         skip_in_training: bool = False,
+        explore: float = 0.0,
     ) -> None:
         super().__init__(d_model, layer_idx)
         if temperature <= 0:
@@ -77,7 +84,12 @@ class TokenRouter(RouterComponent):
             raise ValueError(f"router: gate_gain must be positive, got {gate_gain}")
         if skip_in_training and gate_threshold <= 0:
             raise ValueError("router: skip_in_training needs a gate_threshold above 0 (the gate below which a token skips)")
+        if not 0.0 <= explore < 1.0:
+            raise ValueError(f"router: explore must lie in [0, 1), got {explore}")
+        if explore > 0 and not skip_in_training:
+            raise ValueError("router: explore serves skipped tokens in training, so it needs skip_in_training: true")
         self.skip_in_training = skip_in_training
+        self.explore = explore
         self.gate_gain = gate_gain
         self.temperature = temperature
         self.gate_threshold = gate_threshold

@@ -196,6 +196,9 @@ class TriPathBlock(nn.Module):
                 continue
             gate = gates[..., self.gate_index[name]] if gates is not None and name in self.gate_index else None  # (B, L)
             keep = gate >= threshold if gate is not None and threshold > 0 else None
+            if keep is not None and self.training and self.router is not None and self.router.explore > 0:
+                # Exploration: a random share of the skipped tokens is served, so their gates hear the task.
+                keep = keep | (torch.rand(keep.shape, device=keep.device) < self.router.explore)
             if keep is not None and component.pointwise:
                 result = self._run_gathered(component, u, keep, ComponentContext(collect_aux=collect_aux, diagnostics=diagnostics))
             elif decoding:

@@ -261,7 +261,8 @@ class RouterComponent(TriPathComponent):
     The block calls :meth:`configure_gates` once, right after construction, with the instance names of the
     components it gates; the router creates its gate parameters there. At inference, tokens whose gate is
     below ``gate_threshold`` skip the gated component; with ``skip_in_training`` they skip it in training too
-    (the component is not computed for them, so they give it no gradient).
+    (the component is not computed for them, so they give it no gradient), except a random share ``explore`` of
+    them, served anyway in training so that their gates learn from the task whether the component helps them.
 
     The block scales component c's update by ``g_c * gate_gain * r_t^c``: ``r`` in (0, 1) is the gate the
     threshold and the usage budget speak of, and ``gate_gain`` (default 1) lets a router centre its residual
@@ -272,6 +273,7 @@ class RouterComponent(TriPathComponent):
     gated_by_router: ClassVar[bool] = False
     gate_threshold: float = 0.0
     skip_in_training: bool = False
+    explore: float = 0.0
     gate_gain: float = 1.0
 
     @abc.abstractmethod

@@ -5,8 +5,8 @@ For every recipe (default the MQAR demo ``full`` and the byte-level ``text``) an
 
 1. the recipe as it is (the dense model: every token through every component), and
 2. the same recipe with its router set to skip in training and at inference (``gate_threshold`` 0.5,
-   ``skip_in_training``, the usage budget at ``--budget-weight`` with a target share of ``--target`` per gated
-   component, as ``recipes/full-29m-skip.yaml``), written to ``--work``;
+   ``skip_in_training``, exploration ``--explore``, the usage budget at ``--budget-weight`` with a target share
+   of ``--target`` per gated component, as ``recipes/full-29m-skip.yaml``), written to ``--work``;
 
 each trained by ``hydra-kit fit --seed_everything S`` for the recipe's steps, then ``hydra-kit validate`` of its
 final checkpoint (the skipping model validates skipping: the threshold is in force in evaluation). The quality
@@ -58,7 +58,7 @@ def skip_recipe(recipe: Path, out: Path, args: argparse.Namespace) -> Path:
     for name in routers:
         spec = components[name]
         spec["args"] = {**(spec.get("args") or {}), "gate_threshold": args.threshold, "skip_in_training": True,
-                        "budget_weight": args.budget_weight, "target_usage": args.target}  # fmt: skip
+                        "explore": args.explore, "budget_weight": args.budget_weight, "target_usage": args.target}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# {recipe} with trained compute skipping (scripts/skip-quality.py)\n" + yaml.safe_dump(config, sort_keys=False))
     return out
@@ -129,7 +129,7 @@ def paired(rows: list[dict[str, Any]], name: str, seeds: list[int]) -> dict[str,
 def table(summary: dict[str, Any], rows: list[dict[str, Any]], seeds: list[int], settings: dict[str, Any]) -> str:
     """The console report: every run, then per recipe the paired comparison against the 1 percent bar."""
     kept_columns = sorted({k for r in rows for k in r if k.startswith("kept_")})
-    lines = [f"trained compute skipping: threshold {settings['threshold']}, budget weight {settings['budget_weight']}, "
+    lines = [f"trained compute skipping: threshold {settings['threshold']}, exploration {settings.get('explore', 0.0)}, budget weight {settings['budget_weight']}, "
              f"target share {settings['target']}; seeds {', '.join(map(str, seeds))}; recipes' own steps", ""]  # fmt: skip
     lines.append(f"{'recipe':<8} {'variant':<7} {'seed':>4} {'val loss':>9} {'fit s':>7} " + " ".join(f"{k:>15}" for k in kept_columns))
     for r in rows:
@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=["full", "text"], help="recipes (files or packaged names) with a router")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--threshold", type=float, default=0.5, help="the gate under which a token skips a component")
+    parser.add_argument("--explore", type=float, default=0.1, help="share of skipped tokens served anyway in training (the router's explore)")
     parser.add_argument("--budget-weight", type=float, default=1.0, help="weight of the usage budget (R4)")
     parser.add_argument("--target", type=float, default=0.5, help="share of tokens each gated component should compute")
     parser.add_argument("--out", type=Path, required=True, help="folder for skip_quality.{csv,json,console.txt}")
@@ -171,7 +172,7 @@ def main() -> int:
             parser.error(f"--recipes {value}: no such recipe file or packaged recipe")
         recipes[dense.stem] = {"dense": dense, "skip": skip_recipe(dense, args.work / "recipes" / f"{dense.stem}-skip.yaml", args)}
     settings = {"recipes": {n: {v: str(p) for v, p in r.items()} for n, r in recipes.items()}, "seeds": seeds,
-                "threshold": args.threshold, "budget_weight": args.budget_weight, "target": args.target, "bar": BAR,
+                "threshold": args.threshold, "explore": args.explore, "budget_weight": args.budget_weight, "target": args.target, "bar": BAR,
                 "smoke": args.smoke, "jobs": args.jobs, "threads_per_run": args.threads,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
     # Seed by seed, the two variants of a recipe next to each other: a cut-off run still leaves paired seeds.

@@ -132,6 +132,32 @@ def test_when_no_token_is_kept_the_component_is_not_run_and_reports_no_losses():
 def test_skip_in_training_without_a_threshold_is_refused():
     with pytest.raises(ValueError, match="skip_in_training needs a gate_threshold above 0"):
         TokenRouter(D, 0, skip_in_training=True)
+    with pytest.raises(ValueError, match="explore serves skipped tokens in training, so it needs skip_in_training"):
+        TokenRouter(D, 0, gate_threshold=0.5, explore=0.1)
+    with pytest.raises(ValueError, match=r"explore must lie in \[0, 1\), got 1.0"):
+        TokenRouter(D, 0, gate_threshold=0.5, skip_in_training=True, explore=1.0)
+
+
+def test_exploration_serves_skipped_tokens_in_training_only_and_their_gates_hear_the_task():
+    torch.manual_seed(0)
+    router = TokenRouter(D, 0, gate_threshold=0.5, skip_in_training=True, explore=0.5, budget_weight=0.0)
+    block = TriPathBlock(D, 0, {"mix": CumulativeMeanMixer(D, 0), "mlp": SwiGLUMLP(D, 0), "router": router}, layerscale={"mix": 0.8, "mlp": 0.5}, gated={"mlp"})
+    assert router.gate_proj is not None
+    torch.nn.init.constant_(router.gate_proj.bias, -3.0)  # every gate far below the threshold: all skipped
+    x = torch.randn(4, 32, D)
+    rows: list[int] = []
+    block.mixers["mlp"].register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0] * args[0].shape[1]))
+    out = block.train()(x)
+    assert 0.3 * 128 < rows[0] < 0.7 * 128  # about half of the skipped tokens served
+    assert float(out.stats["router.kept_mlp"]) == 0.0  # the budget's share is the policy's: nobody is above it
+    out.hidden.square().mean().backward()  # no budget: only the task reaches the gates
+    assert router.gate_proj.bias.grad is not None and router.gate_proj.bias.grad.abs().sum() > 0
+    rows.clear()
+    block.eval()(x)
+    assert rows == []  # at inference the threshold alone decides
+    router.explore = 0.0
+    block.train()(x)
+    assert rows == []  # without exploration, nobody is served and no gate hears the task
 
 
 def test_diagnostics_report_layerscale_update_share_and_gates_per_instance():
