@@ -23,7 +23,7 @@ def test_smoke_run_compares_the_skipping_model_with_the_dense_one(tmp_path: Path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     router = yaml.safe_load((work / "recipes" / "full-skip.yaml").read_text())["model"]["components"]["router"]["args"]
-    assert router == {"gate_threshold": 0.5, "skip_in_training": True, "budget_weight": 1.0, "target_usage": 0.5}
+    assert router == {"gate_threshold": 0.5, "skip_in_training": True, "explore": 0.1, "budget_weight": 1.0, "target_usage": 0.5}
     with (out / "skip_quality.csv").open() as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"dense", "skip"}
