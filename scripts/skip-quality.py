@@ -18,7 +18,9 @@ shared machine, not a benchmark: ``hydra-kit bench`` measures speed).
 
 Writes ``skip_quality.csv`` (a row per run), ``skip_quality.json`` and ``skip_quality.console.txt`` to ``--out``.
 A finished run leaves ``<run>.row.json`` in ``--work``; run the same command again after an interruption and the
-finished runs are reused, the others trained afresh.
+finished runs are reused, the others trained afresh. A row is reused only if it was trained from the same recipe
+text and the same hydra-kit commit (``git describe --always --dirty``); otherwise the script stops and names the
+row, rather than report a run of other settings or other code as this one's.
 
     nice -n 5 .venv/bin/python scripts/skip-quality.py --out docs/figures/skip-quality --work /tmp/skip
     .venv/bin/python scripts/skip-quality.py --smoke --out /tmp/s     # the pipeline in a minute; measures nothing
@@ -27,10 +29,12 @@ finished runs are reused, the others trained afresh.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,13 +68,29 @@ def skip_recipe(recipe: Path, out: Path, args: argparse.Namespace) -> Path:
     return out
 
 
+def code_version() -> str:
+    """The hydra-kit commit the runs train with (``git describe --always --dirty``), or "unknown" outside a checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return described.stdout.strip()
+
+
 def fit_and_validate(name: str, variant: str, recipe: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``recipe`` with ``seed`` and validate its final checkpoint; the run's row."""
     label = f"{name}-{variant}-seed{seed}"
     runs = args.work / "runs"
     done = runs / f"{label}.row.json"  # written last: a run with one is finished, and a rerun reuses it
+    origin = {"recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(), "code": code_version()}
     if done.is_file():
         row: dict[str, Any] = json.loads(done.read_text())
+        stale = [key for key, value in origin.items() if row.get(key) != value]
+        if stale:
+            raise SystemExit(
+                f"{done}: a finished run of other {' and '.join(stale)} ({', '.join(f'{k} {row.get(k)!r}, now {origin[k]!r}' for k in stale)}); "
+                "remove it (or pass another --work) to train it afresh"
+            )
         sys.stdout.write(f"{label}: reused from {done}\n")
         return row
     common = ["--config", str(recipe), "--trainer.enable_progress_bar", "false",
@@ -95,7 +115,7 @@ def fit_and_validate(name: str, variant: str, recipe: Path, seed: int, args: arg
     if "val/loss" not in validated:
         raise SystemExit(f"{label}: validate logged no val/loss (logged: {', '.join(sorted(validated))})")
     trained = scalars(runs / label / "fit")
-    row = {"recipe": name, "variant": variant, "seed": seed, "val_loss": validated["val/loss"][-1][2],
+    row = {"recipe": name, "variant": variant, "seed": seed, **origin, "val_loss": validated["val/loss"][-1][2],
                            "fit_seconds": round(fit_seconds, 2), "steps": trained["train/loss"][-1][0] + 1 if "train/loss" in trained else None}  # fmt: skip
     for tag, values in sorted(validated.items()):  # the share of tokens each gated component computed
         if "kept_" in tag:

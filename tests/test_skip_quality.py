@@ -36,6 +36,13 @@ def test_smoke_run_compares_the_skipping_model_with_the_dense_one(tmp_path: Path
     # Run again: the finished runs are reused, not trained again.
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reused from") == 2, again.stdout[-2000:] + again.stderr[-2000:]
+    # A finished row of another recipe text (or another commit) is never reported as this run's.
+    row_file = work / "runs" / "full-skip-seed0.row.json"
+    row = json.loads(row_file.read_text())
+    assert set(row) >= {"recipe_sha256", "code"}
+    row_file.write_text(json.dumps({**row, "recipe_sha256": "0" * 64}))
+    stale = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert stale.returncode != 0 and "a finished run of other recipe_sha256" in stale.stderr and "Traceback" not in stale.stderr, stale.stderr[-2000:]
 
 
 def test_a_recipe_without_a_router_is_refused_in_one_line(tmp_path: Path) -> None:
