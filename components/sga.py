@@ -36,7 +36,7 @@ Cost is O(L * (window + max_global)) in time and memory: queries are processed i
 chosen for it, in one fused, masked ``scaled_dot_product_attention`` batched over blocks. Ranking sorts each
 block's candidates: O(L^2 / window) comparisons, small beside the attention. No L x L tensor exists anywhere.
 
-The file is longer than most (about 650 lines) on purpose: the batched forward, the one-token decoding step and
+The file is longer than most (about 680 lines) on purpose: the batched forward, the one-token decoding step and
 the inspection map each apply the same selection and visibility rules, and keeping them side by side is what
 keeps them from drifting apart (the conformance check compares forward and step).
 """
@@ -163,12 +163,13 @@ def select_per_block(
     index = torch.arange(n_old, device=device).expand(batch, -1)
     valid = scores[:, :n_old] > NEG_INF
     rows = [(index, valid)]
+    candidate_doc = None if doc is None else F.pad(doc, (n_old, 0))  # (B, N): the carried globals are document 0
     for j in range(n_rows - 1):
         new = n_old + j * window + torch.arange(window, device=device)
         new_valid = scores[:, new] > NEG_INF
-        if doc is not None:
+        if doc is not None and candidate_doc is not None:
             current = doc[:, (j + 1) * window - 1, None]  # (B, 1)
-            valid = valid & (F.pad(doc, (n_old, 0)).gather(1, index) == current)
+            valid = valid & (candidate_doc.gather(1, index) == current)
             new_valid = new_valid & (doc[:, j * window : (j + 1) * window] == current)
         index, valid = rank_in(scores, index, valid, new, new_valid, size)
         rows.append((index, valid))
