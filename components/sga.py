@@ -429,7 +429,7 @@ class SparseGlobalAttention(TriPathComponent):
         n_old = state.global_keys.shape[1]
         stats: dict[str, Tensor] = {}
         chosen = kept = None
-        if self.uses_globals:
+        if read_globals:  # unscored tokens are never candidates: without a score the carried globals stand
             positions = (c0 * w + torch.arange(n_blocks * w, device=dev)).expand(batch, -1)
             candidates = (
                 torch.cat([state.global_keys, k_grid[:, w:]], 1),  # (B, N, H, hd)
@@ -439,14 +439,13 @@ class SparseGlobalAttention(TriPathComponent):
             )
             size = min(self.max_global, candidates[2].shape[1])
             index, valid = select_per_block(candidates[2], n_old, n_done + 1, w, size, doc)  # (B, n_done + 1, S)
-            if read_globals:
-                n_vis = int(valid[:, :n_blocks].sum(-1).max())  # empty slots are last: beyond n_vis, empty everywhere
-                if n_vis > 0:
-                    chosen = (candidates[0], candidates[1], candidates[3], index[:, :n_blocks, :n_vis], valid[:, :n_blocks, :n_vis])
+            n_vis = int(valid[:, :n_blocks].sum(-1).max())  # empty slots are last: beyond n_vis, empty everywhere
+            if n_vis > 0:
+                chosen = (candidates[0], candidates[1], candidates[3], index[:, :n_blocks, :n_vis], valid[:, :n_blocks, :n_vis])
             kept = self._kept_globals(candidates, index[:, n_done], valid[:, n_done])
             if collects_aux(context) and (kept[2] > NEG_INF).any():
                 stats["global_salience"] = salience(kept[2][kept[2] > NEG_INF]).mean().detach()
-            if wants_diagnostics(context) and read_globals and start == 0 and seq_len > w:
+            if wants_diagnostics(context) and start == 0 and seq_len > w:
                 stats["global_attn_share"] = self._global_attention_share(x, context)
 
         # Queries: whole blocks when every grid slot is a real, kept token; otherwise gather per block only the
