@@ -335,3 +335,52 @@ def test_experiments_train_with_the_trainer_defaults_of_every_run(monkeypatch: p
     assert trainer.gradient_clip_val == trainer_config.TRAINER_DEFAULTS["gradient_clip_val"] and trainer.max_steps == 2
     assert trainer.logger is None and not trainer.checkpoint_callbacks and trainer.global_step == 2
     assert trained.final_loss is not None and math.isfinite(trained.final_loss)
+
+
+@pytest.mark.slow
+def test_killed_experiment_continues_from_its_checkpoints_as_if_never_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGKILL mid-training, the same command again: the runs continue and end where an uninterrupted experiment ends."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import torch
+    from support import HYDRA_KIT
+
+    from hydra_kit.experiments.runner import checkpoint_folder
+
+    # 40 steps with a warm-up stage: a checkpoint every 2 steps, and the curriculum's state is part of what resumes.
+    options = [*TINY, *CASES["logic-chains"][0], "--steps", "40", "--easy-steps", "10", "--models", "hydra"]
+    straight = _run("logic-chains", tmp_path / "straight", *options[len(TINY):])
+    killed = tmp_path / "killed"
+    last = checkpoint_folder(killed, "hydra", 0) / "last.ckpt"
+    proc = subprocess.Popen(
+        [*HYDRA_KIT, "experiment", "logic-chains", *options, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_at = torch.load(last, weights_only=True)["global_step"]
+    assert interrupted_at < 40, "the run finished before it could be killed; the test proves nothing"
+    assert not (killed / "logic_chains.json").exists()
+    capsys.readouterr()
+    resumed = _run("logic-chains", killed, *options[len(TINY):])
+    assert "hydra continues from" in " ".join(capsys.readouterr().out.split())
+    assert resumed["records"] == straight["records"]
+    assert [r["final_train_loss"] for r in resumed["runs"]] == [r["final_train_loss"] for r in straight["runs"]]
+    a = torch.load(checkpoint_folder(tmp_path / "straight", "hydra", 0) / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 40
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=f"{key} differs after the resumed run")
+    # A finished run is evaluated again, not retrained; another setting in the same folder is refused by name.
+    again = _run("logic-chains", killed, *options[len(TINY):])
+    assert again["records"] == straight["records"] and again["runs"][0]["final_train_loss"] == straight["runs"][0]["final_train_loss"]
+    capsys.readouterr()
+    assert main(["experiment", "logic-chains", *options, "--steps", "30", "--out", str(killed)]) == 2
+    err = capsys.readouterr().err
+    assert f"{checkpoint_folder(killed, 'hydra', 0)} holds the checkpoint of a run with another steps" in " ".join(err.split()) and "Traceback" not in err

@@ -28,8 +28,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from hydra_kit.data.loading import training_loader
 from hydra_kit.recipe import RecipeError
 
 __all__ = ["ShardDataError", "ShardDataModule", "ShardWindows", "permute", "segment_ids"]
@@ -131,13 +132,6 @@ class ShardWindows(Dataset[dict[str, torch.Tensor]]):
         window = torch.from_numpy(self.window(index))
         inputs = window[:-1]
         return {"input_ids": inputs, "targets": window[1:], "segment_ids": segment_ids(inputs, self.eos_id)}
-
-
-class _StridedSampler(DistributedSampler[int]):
-    """Rank r of w reads examples r, r + w, ... in order (DistributedSampler without its list of every index)."""
-
-    def __iter__(self) -> Any:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -301,16 +295,9 @@ class ShardDataModule(L.LightningDataModule):
                 f"data.path {self.path!r}: {len(dataset)} training windows of {self._seq_len + 1} tokens cannot fill one batch of "
                 f"{self.batch_size * world}; use a smaller batch_size or seq_len"
             )
-        skip = 0
-        if self._resume is not None and self._resume[0] == epoch:  # skip what the interrupted run had consumed
-            skip = min(len(dataset), self._resume[1] * self.batch_size * world)
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0  # what the interrupted run had read
         self._resume = None
-        data: Dataset[dict[str, torch.Tensor]] = _Skip(dataset, skip) if skip else dataset
-        if trainer is None or world == 1:
-            return self._loader(data, drop_last=True)
-        # Under DDP shard in reading order (Lightning would otherwise inject a shuffling sampler).
-        sampler = _StridedSampler(data, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)  # type: ignore[arg-type]
-        return self._loader(data, drop_last=True, sampler=sampler)
+        return training_loader(dataset, self.batch_size, trainer, skip, self.num_workers, seed=self.seed + epoch)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader(self.val_windows(), drop_last=False)
@@ -354,14 +341,3 @@ class ShardDataModule(L.LightningDataModule):
             self._resume = (int(state_dict["epoch"]), int(state_dict.get("batches_done", 0)))
 
 
-class _Skip(Dataset[dict[str, torch.Tensor]]):
-    """``dataset`` without its first ``skip`` examples (a ``Subset`` of a range, without the index list)."""
-
-    def __init__(self, dataset: ShardWindows, skip: int) -> None:
-        self.dataset, self.skip = dataset, skip
-
-    def __len__(self) -> int:
-        return len(self.dataset) - self.skip
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.dataset[self.skip + index]

@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from hydra_kit.compat import batches_processed
+from hydra_kit.data.loading import training_loader
 from hydra_kit.data.mqar import MQAR
 from hydra_kit.data.task import SyntheticTask
 
@@ -177,17 +178,7 @@ class SyntheticDataModule(L.LightningDataModule):
         )
         skip = self._resume_batches if epoch == self._resume_epoch else 0
         self._resume_epoch, self._resume_batches = -1, 0
-        trainer = self.trainer
-        world = self._world_size()
-        if skip:  # under DDP each of the `world` ranks consumed batch_size examples per step
-            dataset = Subset(dataset, range(skip * self.batch_size * world, self.train_size))
-        if trainer is None or world == 1:
-            return self._loader(dataset, drop_last=True)
-        # Under DDP Lightning would inject a *shuffling* DistributedSampler into a training loader. Shard in order
-        # instead: in step k rank r reads examples (k * batch_size + j) * world + r, j < batch_size, so the ranks
-        # together read exactly batch k of one process with batch size batch_size * world.
-        sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
+        return training_loader(dataset, self.batch_size, self.trainer, skip, self.num_workers, seed=self.seed + epoch)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader(SyntheticDataset(self.task, "val", self.val_size, self.seed, self.schedule), drop_last=False)

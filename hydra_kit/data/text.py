@@ -28,9 +28,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from hydra_kit.compat import batches_processed
+from hydra_kit.data.loading import training_loader
 from hydra_kit.package_data import package_folder
 from hydra_kit.recipe import RecipeError
 
@@ -248,14 +249,9 @@ class TextDataModule(L.LightningDataModule):
                 f"{self.batch_size * world}; use a smaller batch_size or seq_len"
             )
         dataset: Dataset[dict[str, torch.Tensor]] = ByteWindows(self.train_data, starts, self.seq_len)
-        if self._resume is not None and self._resume[0] == epoch:  # skip what the interrupted run had consumed
-            dataset = Subset(dataset, range(min(len(starts), self._resume[1] * self.batch_size * world), len(starts)))
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0  # what the interrupted run had read
         self._resume = None
-        if trainer is None or world == 1:
-            return self._loader(dataset, drop_last=True)
-        # Under DDP shard in reading order (Lightning would otherwise inject a shuffling sampler).
-        sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False, drop_last=True)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
+        return training_loader(dataset, self.batch_size, trainer, skip, self.num_workers, seed=self.seed + epoch)
 
     def val_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
         return self._loader(ByteWindows(self.val_data, self.val_starts(), self.seq_len), drop_last=False)

@@ -24,17 +24,20 @@ Every experiment (E1, E3-E6 of docs/design.md section 4; E2 is ``hydra-kit bench
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
@@ -57,7 +60,7 @@ from hydra_kit.model import HydraLM, ModelOutput
 
 __all__ = [
     "EVAL_SEED", "IGNORE_INDEX", "CellResult", "RecipeError", "Settings", "TrainSettings", "TrainedModel", "add_common_arguments",
-    "build_task", "describe_models", "describe_task", "eval_set", "evaluate", "latency_ms", "payload", "peak_memory_mb",
+    "build_task", "checkpoint_folder", "describe_models", "describe_task", "eval_set", "evaluate", "latency_ms", "payload", "peak_memory_mb",
     "print_run", "resolve_settings", "run_grid", "stack", "train", "train_settings",
 ]
 
@@ -86,16 +89,82 @@ class TrainedModel:
     final_loss: float | None
 
 
-def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings) -> TrainedModel:
-    """Train ``spec`` on ``task``'s training split with Lightning (float32, no logger, no checkpoints).
+class _TrainingClock(Callback):
+    """Training seconds and the last training loss of a run, kept in its checkpoints so a resumed run reports the whole run.
+
+    ``seconds`` counts the wall time of every ``fit`` the final model went through (work done after the last
+    checkpoint of a killed process is lost, and not counted).
+    """
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of the fits before this one (from the checkpoint)
+        self.final_loss: float | None = None
+        self._start = time.perf_counter()
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self._start
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.final_loss = float(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "final_loss": self.final_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))
+        self.final_loss = state_dict.get("final_loss")
+
+
+def _claim_checkpoint_folder(folder: Path, identity: dict[str, Any]) -> Path | None:
+    """Make ``folder`` the checkpoint folder of the run ``identity`` describes; its ``last.ckpt`` if one is there to resume.
+
+    The first run writes ``identity`` to ``run.json``; a later run in the same folder must be the same run.
+
+    Raises:
+        RecipeError: the folder holds the checkpoint of another run (another model, seed, task or training setting).
+    """
+    record = folder / "run.json"
+    ours = json.loads(json.dumps(identity, sort_keys=True, default=str))
+    if record.exists():
+        theirs = json.loads(record.read_text(encoding="utf-8"))
+        if theirs != ours:
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise RecipeError(
+                f"experiment: {folder} holds the checkpoint of a run with another {', '.join(differ)} than this command's; "
+                "give this run another --out, or delete that folder to train it from the start"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(ours, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    last = folder / "last.ckpt"
+    return last if last.exists() else None
+
+
+def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings, checkpoints: Path | None = None) -> TrainedModel:
+    """Train ``spec`` on ``task``'s training split with Lightning (float32, no logger).
 
     With ``settings.curriculum`` the task changes at the stages' steps (:class:`~hydra_kit.callbacks.Curriculum`);
     ``task`` is then the task of the last stage, the one evaluated. The model is returned on the device it
     trained on (``settings.accelerator``), in eval mode.
+
+    With ``checkpoints`` (a folder of this run alone) ``last.ckpt`` is written there atomically every twentieth of
+    the run and at its end, and a run that finds one continues from it: a killed experiment loses at most a
+    twentieth of a run, and a finished run is evaluated again without training. A resumed run trains exactly as
+    an uninterrupted one (the data position, curriculum and random state are in the checkpoint).
+
+    Raises:
+        RecipeError: ``checkpoints`` holds another run's checkpoint.
     """
     import lightning as L
 
     from hydra_kit.callbacks.curriculum import Curriculum
+    from hydra_kit.checkpoint import AtomicCheckpointIO, LastCheckpoint
 
     # One experiment trains many models: Lightning's per-Trainer banners (accelerator, tips) would bury the table.
     for logger_name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -104,30 +173,39 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
     config = dict(spec.config, lr=settings.lr, warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 4)))
     model = HydraLM(**config)
     data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
+    clock = _TrainingClock()
+    callbacks: list[Callback] = [clock]
+    if settings.curriculum:
+        callbacks.append(Curriculum(copy.deepcopy(settings.curriculum)))
+    resume_from = None
+    if checkpoints is not None:
+        identity = {"model": spec.config, "seed": seed, "task": describe_task(task), **{k: v for k, v in asdict(settings).items() if k != "accelerator"}}
+        resume_from = _claim_checkpoint_folder(checkpoints, identity)
+        callbacks.append(LastCheckpoint(dirpath=checkpoints, monitor=None, save_top_k=0, save_last=True, every_n_train_steps=max(1, settings.steps // 20)))
     # The Trainer defaults of every hydra-kit run (hydra_kit.config.trainer), without what an experiment does not
-    # keep: no logger, checkpoints, progress bar or model summary, and no validation during training (the
-    # experiment evaluates the trained model itself, on held-out examples).
+    # keep: no logger, progress bar or model summary, and no validation during training (the experiment evaluates
+    # the trained model itself, on held-out examples).
     trainer = build_trainer(
         accelerator=settings.accelerator,
         max_steps=settings.steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Curriculum(copy.deepcopy(settings.curriculum))] if settings.curriculum else [],
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()] if checkpoints is not None else None,
     )
-    start = time.perf_counter()
+    clock.start()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*val_dataloader.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        trainer.fit(model, datamodule=data)
-    seconds = time.perf_counter() - start
-    loss = trainer.callback_metrics.get("train/loss")
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        trainer.fit(model, datamodule=data, ckpt_path=None if resume_from is None else str(resume_from))
     model.eval()
-    return TrainedModel(model, seconds, None if loss is None else float(loss))
+    return TrainedModel(model, clock.seconds, clock.final_loss)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -271,6 +349,12 @@ def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, d
 Measure = Callable[[TrainedModel, ModelSpec, int], list[dict[str, Any]]]
 
 
+def checkpoint_folder(out: Path, label: str, seed: int, where: dict[str, Any] | None = None) -> Path:
+    """``OUT/checkpoints/<model>-seed<S>[-<key><value>...]``: where one (model, seed[, level]) run keeps ``last.ckpt``."""
+    parts = [re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_"), f"seed{seed}", *(f"{k}{v}" for k, v in (where or {}).items())]
+    return out / "checkpoints" / "-".join(parts)
+
+
 def run_grid(
     console: Console,
     specs: Sequence[ModelSpec],
@@ -294,6 +378,9 @@ def run_grid(
     ``where`` (for an experiment that calls this once per level), and each key of ``merged_lists`` (per-run
     records the experiment keeps beside ``records``, such as E5's routing counts) is extended from the files.
 
+    Each (model, seed) trains with its checkpoints in :func:`checkpoint_folder`, so the same command run again
+    after a kill continues every unfinished run from its last checkpoint and only evaluates the finished ones.
+
     Returns:
         The evaluation records and one training record per (model, seed): seconds, final training loss.
     """
@@ -308,7 +395,10 @@ def run_grid(
     runs: list[dict[str, Any]] = []
     for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
         for spec in chosen:
-            trained = train(spec, task, seed, train_settings(settings, spec))
+            folder = checkpoint_folder(settings.out, spec.label, seed, where)
+            if (folder / "last.ckpt").exists():
+                console.print(f"  seed {seed}  {spec.label:<24} continues from {folder / 'last.ckpt'}")
+            trained = train(spec, task, seed, train_settings(settings, spec), folder)
             rows = measure(trained, spec, seed)
             for row in rows:
                 row.setdefault("model", spec.label)

@@ -80,8 +80,11 @@ def test_resume_skips_exactly_the_consumed_batches(byte_shards):
     resumed = ShardDataModule(str(byte_shards), seq_len=16, batch_size=4)
     state = {**ShardDataModule(str(byte_shards), seq_len=16, batch_size=4).state_dict(), "epoch": 0, "batches_done": 3}
     resumed.load_state_dict(state)
-    after = all_batches(resumed.train_dataloader())
+    loader = resumed.train_dataloader()
+    after = all_batches(loader)
     assert len(after) == len(fresh) - 3
+    # Lightning ends the resumed epoch when its restored batch count reaches len(loader): the whole epoch's.
+    assert len(loader) == len(fresh)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(after, fresh[3:], strict=True))
     assert len(all_batches(resumed.train_dataloader())) == len(fresh)  # only the first epoch after the resume skips
     other = ShardDataModule(str(byte_shards), seq_len=16, batch_size=4)  # other shards of the same tokenizer: start over

@@ -56,8 +56,11 @@ def test_resume_skips_exactly_the_consumed_batches(corpus):
     fresh = batches(TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True).train_dataloader())
     resumed = TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True)
     resumed.load_state_dict({"seed": 0, "num_bytes": len(resumed.train_data), "seq_len": 16, "epoch": 0, "batches_done": 3})
-    after = batches(resumed.train_dataloader())
+    loader = resumed.train_dataloader()
+    after = batches(loader)
     assert len(after) == len(fresh) - 3
+    # Lightning ends the resumed epoch when its restored batch count reaches len(loader): the whole epoch's.
+    assert len(loader) == len(fresh)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(after, fresh[3:], strict=True))
     assert len(batches(resumed.train_dataloader())) == len(fresh)  # only the first epoch after the resume skips
     other = TextDataModule(str(path), seq_len=16, batch_size=4, allow_binary=True)  # a different corpus or window: start over
