@@ -226,7 +226,19 @@ def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, c
     written.write_text(json.dumps(payload))
     merged = _run("logic-chains", tmp_path / "merged", "--merge", str(tmp_path / "hydras"), str(tmp_path / "transformer"))
     assert merged["records"] == together["records"] and merged["summary"] == together["summary"]
+    # --models under --merge takes only those models' runs: the still-valid transformer runs of an earlier joined
+    # result whose Hydra runs are out of date (their configuration no longer this command's) join new Hydra runs.
+    written = tmp_path / "together" / f"{CASES['logic-chains'][1]}.json"
+    payload = json.loads(written.read_text())
+    payload["models"]["hydra"]["config"] = {"changed": "after this folder was trained"}
+    written.write_text(json.dumps(payload))
+    kept = _run("logic-chains", tmp_path / "kept", "--merge", str(tmp_path / "together"), "--models", "transformer")
+    assert {r["model"] for r in kept["runs"]} == {"transformer"} and kept["records"] == transformer["records"]
+    rejoined = _run("logic-chains", tmp_path / "rejoined", "--merge", str(tmp_path / "hydras"), str(tmp_path / "kept"))
+    assert rejoined["records"] == together["records"] and rejoined["summary"] == together["summary"]
     capsys.readouterr()
+    assert main(["experiment", "logic-chains", *TINY, *CASES["logic-chains"][0], "--out", str(tmp_path / "z"), "--merge", str(tmp_path / "together")]) == 2
+    assert "its models differ from this command's (hydra)" in capsys.readouterr().err
     # A folder with runs of a model trained with another configuration is refused.
     written = tmp_path / "hydras" / f"{CASES['logic-chains'][1]}.json"
     payload = json.loads(written.read_text())

@@ -73,7 +73,9 @@ def load_merged(
     """The records, runs and ``extra_keys`` lists of the ``<name>.json`` in each ``settings.merge`` folder, joined.
 
     Each run is tagged ``merged_from`` (its folder). ``settings.seeds`` and ``settings.first_seed`` are set to
-    what was joined, so the written settings describe the merged result.
+    what was joined, so the written settings describe the merged result. With ``settings.models`` only those
+    models' rows are taken from every folder (and only their configurations checked): a folder of several
+    models, such as an earlier joined result, then gives just the runs that are still valid.
 
     Raises:
         RecipeError: a file is missing or unreadable, is another experiment's, was trained with other settings
@@ -104,6 +106,8 @@ def load_merged(
         for key in joined:
             if key not in payload:
                 raise RecipeError(f"{where}: has no {key!r} list; it was not written by this version of the experiment")
+            if settings.models:
+                payload[key] = [row for row in payload[key] if row.get("model") in settings.models]
         # Only the models a folder has runs of must match: a folder of transformer runs still joins after a change
         # to Hydra's recipe, which its JSON (describing every model of its command) lists as it was then.
         models = {label: entry.get("config") for label, entry in payload.get("models", {}).items()}
@@ -123,6 +127,7 @@ def load_merged(
             joined[key].extend(dict(row, merged_from=folder) if key == "runs" else row for row in payload[key])
     seeds = sorted({r["seed"] for r in joined["runs"]})
     if not seeds:
-        raise RecipeError(f"experiment {name} --merge: the folders {', '.join(settings.merge)} hold no finished seed")
+        of = f" of {', '.join(map(repr, settings.models))}" if settings.models else ""
+        raise RecipeError(f"experiment {name} --merge: the folders {', '.join(settings.merge)} hold no finished seed{of}")
     settings.seeds, settings.first_seed = len(seeds), seeds[0]
     return joined

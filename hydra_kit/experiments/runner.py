@@ -373,8 +373,8 @@ def run_grid(
     ``on_seed(records, runs)`` is called after each complete seed (every chosen model trained and measured), so the
     output files of an interrupted experiment hold the seeds that finished, with ``n_seeds`` saying how many.
 
-    With ``settings.merge`` nothing is trained: the records and runs come from the ``<name>.json`` files of those
-    folders (:func:`hydra_kit.experiments.merge.load_merged`, checked against ``specs`` and ``baselines``), keeping the rows that match
+    With ``settings.merge`` nothing is trained: the records and runs (of ``settings.models`` only, if named) come
+    from the ``<name>.json`` files of those folders (:func:`hydra_kit.experiments.merge.load_merged`, checked against ``specs`` and ``baselines``), keeping the rows that match
     ``where`` (for an experiment that calls this once per level), and each key of ``merged_lists`` (per-run
     records the experiment keeps beside ``records``, such as E5's routing counts) is extended from the files.
 
@@ -384,12 +384,12 @@ def run_grid(
     Returns:
         The evaluation records and one training record per (model, seed): seconds, final training loss.
     """
-    if settings.merge:
-        return merged_grid(console, specs, task, settings, name, baselines, where or {}, merged_lists or {})
     labels = [s.label for s in specs]
     unknown = [m for m in settings.models if m not in labels]
     if unknown:
         raise RecipeError(f"experiment {name}: --models {', '.join(map(repr, unknown))}: no such model here; available: {', '.join(map(repr, labels))}")
+    if settings.merge:
+        return merged_grid(console, specs, task, settings, name, baselines, where or {}, merged_lists or {})
     chosen = [s for s in specs if not settings.models or s.label in settings.models]
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []

@@ -61,7 +61,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", nargs="+", default=[], metavar="LABEL",
         help="train only these of the compared models, by the label the tables print (quote 'hydra - workspace'); "
-        "run the others in another process or session and join the folders with --merge",
+        "run the others in another process or session and join the folders with --merge. With --merge: take only these "
+        "models' runs from the folders (e.g. the still-valid models of an earlier result)",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps per model and seed")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, help="training batch size")
