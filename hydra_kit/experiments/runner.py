@@ -93,12 +93,14 @@ class _TrainingClock(Callback):
     """Training seconds and the last training loss of a run, kept in its checkpoints so a resumed run reports the whole run.
 
     ``seconds`` counts the wall time of every ``fit`` the final model went through (work done after the last
-    checkpoint of a killed process is lost, and not counted).
+    checkpoint of a killed process is lost, and not counted). With ``report``, a line of progress (step, loss,
+    seconds so far) goes to it every ``every`` steps, so an hour-long run shows that it is moving.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[str], object] | None = None, every: int = 0) -> None:
         self.before = 0.0  # seconds of the fits before this one (from the checkpoint)
         self.final_loss: float | None = None
+        self.report, self.every = report, every
         self._start = time.perf_counter()
 
     def start(self) -> None:
@@ -112,6 +114,10 @@ class _TrainingClock(Callback):
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.final_loss = float(loss)
+        step = trainer.global_step
+        if self.report is not None and self.every > 0 and step % self.every == 0 and step < trainer.max_steps:
+            shown = "-" if self.final_loss is None else f"{self.final_loss:.3f}"
+            self.report(f"step {step:>6,} of {trainer.max_steps:,}, train loss {shown}, {self.seconds:7.1f} s")
 
     def state_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "final_loss": self.final_loss}
@@ -146,7 +152,14 @@ def _claim_checkpoint_folder(folder: Path, identity: dict[str, Any]) -> Path | N
     return last if last.exists() else None
 
 
-def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettings, checkpoints: Path | None = None) -> TrainedModel:
+def train(
+    spec: ModelSpec,
+    task: SyntheticTask,
+    seed: int,
+    settings: TrainSettings,
+    checkpoints: Path | None = None,
+    report: Callable[[str], object] | None = None,
+) -> TrainedModel:
     """Train ``spec`` on ``task``'s training split with Lightning (float32, no logger).
 
     With ``settings.curriculum`` the task changes at the stages' steps (:class:`~hydra_kit.callbacks.Curriculum`);
@@ -156,7 +169,8 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
     With ``checkpoints`` (a folder of this run alone) ``last.ckpt`` is written there atomically every twentieth of
     the run and at its end, and a run that finds one continues from it: a killed experiment loses at most a
     twentieth of a run, and a finished run is evaluated again without training. A resumed run trains exactly as
-    an uninterrupted one (the data position, curriculum and random state are in the checkpoint).
+    an uninterrupted one (the data position, curriculum and random state are in the checkpoint). ``report``
+    receives a line of progress every tenth of the run.
 
     Raises:
         RecipeError: ``checkpoints`` holds another run's checkpoint.
@@ -173,7 +187,7 @@ def train(spec: ModelSpec, task: SyntheticTask, seed: int, settings: TrainSettin
     config = dict(spec.config, lr=settings.lr, warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 4)))
     model = HydraLM(**config)
     data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
-    clock = _TrainingClock()
+    clock = _TrainingClock(report, every=max(1, settings.steps // 10))
     callbacks: list[Callback] = [clock]
     if settings.curriculum:
         callbacks.append(Curriculum(copy.deepcopy(settings.curriculum)))
@@ -349,6 +363,15 @@ def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, d
 Measure = Callable[[TrainedModel, ModelSpec, int], list[dict[str, Any]]]
 
 
+def _progress_line(console: Console, prefix: str) -> Callable[[str], None]:
+    """Print a training run's progress lines to ``console`` after ``prefix`` (the seed and model, as the run's summary line)."""
+
+    def report(line: str) -> None:
+        console.print(prefix + line)
+
+    return report
+
+
 def checkpoint_folder(out: Path, label: str, seed: int, where: dict[str, Any] | None = None) -> Path:
     """``OUT/checkpoints/<model>-seed<S>[-<key><value>...]``: where one (model, seed[, level]) run keeps ``last.ckpt``."""
     parts = [re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_"), f"seed{seed}", *(f"{k}{v}" for k, v in (where or {}).items())]
@@ -398,7 +421,7 @@ def run_grid(
             folder = checkpoint_folder(settings.out, spec.label, seed, where)
             if (folder / "last.ckpt").exists():
                 console.print(f"  seed {seed}  {spec.label:<24} continues from {folder / 'last.ckpt'}")
-            trained = train(spec, task, seed, train_settings(settings, spec), folder)
+            trained = train(spec, task, seed, train_settings(settings, spec), folder, report=_progress_line(console, f"  seed {seed}  {spec.label:<24} "))
             rows = measure(trained, spec, seed)
             for row in rows:
                 row.setdefault("model", spec.label)
