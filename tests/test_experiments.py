@@ -91,6 +91,19 @@ def test_list_and_throughput_and_unknown(capsys: pytest.CaptureFixture[str]) -> 
     assert "unknown experiment" in err and "logic-chains" in err
 
 
+def test_missing_matplotlib_is_said_before_any_training(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from hydra_kit.experiments import runner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("trained although the figure could not be written"))
+    assert main(["experiment", "mqar", *TINY, *CASES["mqar"][0]]) == 2
+    err = capsys.readouterr().err
+    assert "experiment mqar: writes its figure with matplotlib, which is not installed: pip install 'hydra-kit[plots]'" in " ".join(err.split())
+
+
 def test_bad_option_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["experiment", "mqar", "--seeds", "0"]) == 2
     assert "--seeds must be positive" in capsys.readouterr().err

@@ -7,6 +7,7 @@ which is imported only when it runs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from rich.console import Console
 from rich.table import Table
@@ -49,5 +50,8 @@ def main(argv: list[str]) -> int:
     if not module_name:
         console.print(THROUGHPUT_NOTE)
         return 0
+    if importlib.util.find_spec("matplotlib") is None:
+        # Checked before training, not when the figure is drawn: a run of an hour would otherwise end in this error.
+        raise RecipeError(f"experiment {name}: writes its figure with matplotlib, which is not installed: pip install 'hydra-kit[plots]'")
     module = importlib.import_module(module_name)
     return int(module.main(argv[1:], console))
