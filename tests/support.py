@@ -42,3 +42,15 @@ def quick_recipe(tmp_path: Path, name: str = "quick", **model_overrides) -> Path
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def kill_once_written(proc: subprocess.Popen[bytes], path: Path, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (or it exits, or ``timeout`` seconds pass): a run killed mid-training."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

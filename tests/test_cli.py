@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 import yaml
-from support import HYDRA_KIT, REPO, quick_recipe, run_cli
+from support import HYDRA_KIT, REPO, kill_once_written, quick_recipe, run_cli
 
 
 @pytest.mark.slow
@@ -49,11 +47,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed = quick_recipe(tmp_path, "killed")
     proc = subprocess.Popen([*HYDRA_KIT, "fit", "--config", str(killed), *steps], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, last)
     interrupted_at = torch.load(last, weights_only=True)["global_step"]
     assert interrupted_at < 30, "the run finished before it could be killed; the test proves nothing"
     resumed = run_cli("fit", "--config", str(killed), *steps, "--ckpt_path", "last", cwd=tmp_path)

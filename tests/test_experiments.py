@@ -366,12 +366,10 @@ def test_experiments_train_with_the_trainer_defaults_of_every_run(monkeypatch: p
 def test_killed_experiment_continues_from_its_checkpoints_as_if_never_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGKILL mid-training, the same command again: the runs continue and end where an uninterrupted experiment ends."""
     import os
-    import signal
     import subprocess
-    import time
 
     import torch
-    from support import HYDRA_KIT
+    from support import HYDRA_KIT, kill_once_written
 
     from hydra_kit.experiments.runner import checkpoint_folder
 
@@ -384,11 +382,7 @@ def test_killed_experiment_continues_from_its_checkpoints_as_if_never_stopped(tm
         [*HYDRA_KIT, "experiment", "logic-chains", *options, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_written(proc, last)
     interrupted_at = torch.load(last, weights_only=True)["global_step"]
     assert interrupted_at < 40, "the run finished before it could be killed; the test proves nothing"
     assert not (killed / "logic_chains.json").exists()

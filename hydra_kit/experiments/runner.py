@@ -24,9 +24,7 @@ Every experiment (E1, E3-E6 of docs/design.md section 4; E2 is ``hydra-kit bench
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import re
 import statistics
 import time
 import warnings
@@ -48,6 +46,7 @@ from hydra_kit.data.task import IGNORE_INDEX, Example, SyntheticTask
 from hydra_kit.errors import RecipeError
 from hydra_kit.experiments.merge import merged_grid
 from hydra_kit.experiments.models import ModelSpec, count_parameters
+from hydra_kit.experiments.resume import TrainingClock, checkpoint_folder, claim_checkpoint_folder, progress_line
 from hydra_kit.experiments.settings import (
     EVAL_SEED,
     Settings,
@@ -89,69 +88,6 @@ class TrainedModel:
     final_loss: float | None
 
 
-class _TrainingClock(Callback):
-    """Training seconds and the last training loss of a run, kept in its checkpoints so a resumed run reports the whole run.
-
-    ``seconds`` counts the wall time of every ``fit`` the final model went through (work done after the last
-    checkpoint of a killed process is lost, and not counted). With ``report``, a line of progress (step, loss,
-    seconds so far) goes to it every ``every`` steps, so an hour-long run shows that it is moving.
-    """
-
-    def __init__(self, report: Callable[[str], object] | None = None, every: int = 0) -> None:
-        self.before = 0.0  # seconds of the fits before this one (from the checkpoint)
-        self.final_loss: float | None = None
-        self.report, self.every = report, every
-        self._start = time.perf_counter()
-
-    def start(self) -> None:
-        self._start = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return self.before + time.perf_counter() - self._start
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            self.final_loss = float(loss)
-        step = trainer.global_step
-        if self.report is not None and self.every > 0 and step % self.every == 0 and step < trainer.max_steps:
-            shown = "-" if self.final_loss is None else f"{self.final_loss:.3f}"
-            self.report(f"step {step:>6,} of {trainer.max_steps:,}, train loss {shown}, {self.seconds:7.1f} s")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "final_loss": self.final_loss}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.before = float(state_dict.get("seconds", 0.0))
-        self.final_loss = state_dict.get("final_loss")
-
-
-def _claim_checkpoint_folder(folder: Path, identity: dict[str, Any]) -> Path | None:
-    """Make ``folder`` the checkpoint folder of the run ``identity`` describes; its ``last.ckpt`` if one is there to resume.
-
-    The first run writes ``identity`` to ``run.json``; a later run in the same folder must be the same run.
-
-    Raises:
-        RecipeError: the folder holds the checkpoint of another run (another model, seed, task or training setting).
-    """
-    record = folder / "run.json"
-    ours = json.loads(json.dumps(identity, sort_keys=True, default=str))
-    if record.exists():
-        theirs = json.loads(record.read_text(encoding="utf-8"))
-        if theirs != ours:
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise RecipeError(
-                f"experiment: {folder} holds the checkpoint of a run with another {', '.join(differ)} than this command's; "
-                "give this run another --out, or delete that folder to train it from the start"
-            )
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(ours, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    last = folder / "last.ckpt"
-    return last if last.exists() else None
-
-
 def train(
     spec: ModelSpec,
     task: SyntheticTask,
@@ -187,14 +123,14 @@ def train(
     config = dict(spec.config, lr=settings.lr, warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 4)))
     model = HydraLM(**config)
     data = SyntheticDataModule(task, batch_size=settings.batch_size, train_size=settings.steps * settings.batch_size, val_size=settings.batch_size, seed=seed)
-    clock = _TrainingClock(report, every=max(1, settings.steps // 10))
+    clock = TrainingClock(report, every=max(1, settings.steps // 10))
     callbacks: list[Callback] = [clock]
     if settings.curriculum:
         callbacks.append(Curriculum(copy.deepcopy(settings.curriculum)))
     resume_from = None
     if checkpoints is not None:
         identity = {"model": spec.config, "seed": seed, "task": describe_task(task), **{k: v for k, v in asdict(settings).items() if k != "accelerator"}}
-        resume_from = _claim_checkpoint_folder(checkpoints, identity)
+        resume_from = claim_checkpoint_folder(checkpoints, identity)
         callbacks.append(LastCheckpoint(dirpath=checkpoints, monitor=None, save_top_k=0, save_last=True, every_n_train_steps=max(1, settings.steps // 20)))
     # The Trainer defaults of every hydra-kit run (hydra_kit.config.trainer), without what an experiment does not
     # keep: no logger, progress bar or model summary, and no validation during training (the experiment evaluates
@@ -363,21 +299,6 @@ def describe_models(console: Console, specs: Sequence[ModelSpec]) -> dict[str, d
 Measure = Callable[[TrainedModel, ModelSpec, int], list[dict[str, Any]]]
 
 
-def _progress_line(console: Console, prefix: str) -> Callable[[str], None]:
-    """Print a training run's progress lines to ``console`` after ``prefix`` (the seed and model, as the run's summary line)."""
-
-    def report(line: str) -> None:
-        console.print(prefix + line)
-
-    return report
-
-
-def checkpoint_folder(out: Path, label: str, seed: int, where: dict[str, Any] | None = None) -> Path:
-    """``OUT/checkpoints/<model>-seed<S>[-<key><value>...]``: where one (model, seed[, level]) run keeps ``last.ckpt``."""
-    parts = [re.sub(r"[^A-Za-z0-9.]+", "_", label).strip("_"), f"seed{seed}", *(f"{k}{v}" for k, v in (where or {}).items())]
-    return out / "checkpoints" / "-".join(parts)
-
-
 def run_grid(
     console: Console,
     specs: Sequence[ModelSpec],
@@ -421,7 +342,7 @@ def run_grid(
             folder = checkpoint_folder(settings.out, spec.label, seed, where)
             if (folder / "last.ckpt").exists():
                 console.print(f"  seed {seed}  {spec.label:<24} continues from {folder / 'last.ckpt'}")
-            trained = train(spec, task, seed, train_settings(settings, spec), folder, report=_progress_line(console, f"  seed {seed}  {spec.label:<24} "))
+            trained = train(spec, task, seed, train_settings(settings, spec), folder, report=progress_line(console, f"  seed {seed}  {spec.label:<24} "))
             rows = measure(trained, spec, seed)
             for row in rows:
                 row.setdefault("model", spec.label)
