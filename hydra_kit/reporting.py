@@ -19,6 +19,7 @@ import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from rich.table import Table
 
 from hydra_kit.errors import RecipeError
 
-__all__ = ["console", "fmt", "is_missing", "mean_spread", "print_table", "pyplot", "write_csv", "write_json"]
+__all__ = ["PairedTest", "console", "fmt", "is_missing", "mean_spread", "paired_test", "print_table", "pyplot", "t_two_sided_p", "write_csv", "write_json"]
 
 
 def is_missing(value: Any) -> bool:
@@ -50,6 +51,86 @@ def mean_spread(values: Iterable[float | int | None]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """The two-sided p-value of Student's t with ``df`` (a positive integer) degrees of freedom: P(|T| >= |t|).
+
+    Exact, by the finite series of Abramowitz & Stegun 26.7.3 (odd df) and 26.7.4 (even df) for
+    A(t | df) = P(|T| < t), in theta = atan(|t| / sqrt(df)); no SciPy needed. NaN for a NaN ``t``.
+
+    >>> round(t_two_sided_p(4.303, 2), 3), round(t_two_sided_p(2.776, 4), 3), round(t_two_sided_p(12.706, 1), 3)
+    (0.05, 0.05, 0.05)
+    """
+    if df < 1:
+        raise ValueError(f"t_two_sided_p: df must be a positive integer, got {df}")
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
+    series, term = 1.0, 1.0
+    if df % 2:  # 1 + 2/3 cos^2 + (2 4)/(3 5) cos^4 + ... up to cos^(df - 3)
+        for k in range(1, (df - 3) // 2 + 1):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = 2.0 / math.pi * (theta + (sin * math.cos(theta) * series if df > 1 else 0.0))
+    else:  # 1 + 1/2 cos^2 + (1 3)/(2 4) cos^4 + ... up to cos^(df - 2)
+        for k in range(1, (df - 2) // 2 + 1):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = sin * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison of A against B over seeds: the differences A - B, one per seed both measured.
+
+    Attributes:
+        n: seeds compared.
+        mean, std: the mean difference and its sample standard deviation (NaN below two seeds).
+        t: mean / (std / sqrt(n)) (+-inf when every difference is the same non-zero value, NaN below two seeds or when
+            every difference is 0).
+        p: two-sided p-value of ``t`` on n - 1 degrees of freedom (NaN when ``t`` is; 1.0 when every difference is 0).
+        ahead, behind: seeds where A is above B, below B.
+    """
+
+    n: int
+    mean: float
+    std: float
+    t: float
+    p: float
+    ahead: int
+    behind: int
+
+    def verdict(self, a: str, b: str, alpha: float = 0.05) -> str:
+        """Say "A ahead of B" or "A behind B" only when p < alpha; otherwise "no difference shown" (or why there is no test)."""
+        if self.n < 2:
+            return "no test (one seed)" if self.n == 1 else "no test (no seed measured both)"
+        if not math.isnan(self.p) and self.p < alpha:
+            return f"{a} {'ahead of' if self.mean > 0 else 'behind'} {b}"
+        return "no difference shown"
+
+
+def paired_test(differences: Iterable[float | int | None]) -> PairedTest:
+    """Student's paired t over the measured differences (missing ones, None or NaN, left out).
+
+    >>> paired_test([0.1, 0.2, 0.3]).t, paired_test([0.1, 0.2, 0.3]).ahead
+    (3.4641016151377544, 3)
+    """
+    xs = [float(d) for d in differences if d is not None and not math.isnan(d)]
+    n = len(xs)
+    mean, std = mean_spread(xs)
+    ahead, behind = sum(x > 0 for x in xs), sum(x < 0 for x in xs)
+    if n < 2:
+        return PairedTest(n, mean, std, math.nan, math.nan, ahead, behind)
+    if std == 0.0:
+        t = math.nan if mean == 0.0 else math.copysign(math.inf, mean)
+        return PairedTest(n, mean, std, t, 1.0 if mean == 0.0 else 0.0, ahead, behind)
+    t = mean / (std / math.sqrt(n))
+    return PairedTest(n, mean, std, t, t_two_sided_p(t, n - 1), ahead, behind)
 
 
 def fmt(mean: float | None, spread: float | None = None, spec: str = ".3f", signed: bool = False) -> str:

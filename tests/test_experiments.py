@@ -55,6 +55,9 @@ def test_experiment_smoke(name: str, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert all(data["models"][m]["lr"] == data["settings"]["lr"] for m in models if m != "transformer")
     png = (tmp_path / f"{stem}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # The full Hydra against each other model, per level: with one seed there is nothing to test.
+    assert {(r["model"], r["versus"]) for r in data["paired"]} == {("hydra", m) for m in models if m != "hydra"}
+    assert {r["verdict"] for r in data["paired"]} == {"no test (one seed)"} and "paired by seed" in printed
     if name in BASELINED:
         assert "no-skill baselines per" in printed and "best no-skill" in printed and "above no-skill" in printed
         assert set(report.BASELINE_COLUMNS) <= set(rows[0])
@@ -239,6 +242,9 @@ def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, c
     written.write_text(json.dumps(payload))
     merged = _run("logic-chains", tmp_path / "merged", "--merge", str(tmp_path / "hydras"), str(tmp_path / "transformer"))
     assert merged["records"] == together["records"] and merged["summary"] == together["summary"]
+    # Folders in either order: Hydra stays the model the others are compared with.
+    swapped = _run("logic-chains", tmp_path / "swapped", "--merge", str(tmp_path / "transformer"), str(tmp_path / "hydras"))
+    assert swapped["paired"] == merged["paired"] == together["paired"] and {r["model"] for r in merged["paired"]} == {"hydra"}
     # --models under --merge takes only those models' runs: the still-valid transformer runs of an earlier joined
     # result whose Hydra runs are out of date (their configuration no longer this command's) join new Hydra runs.
     written = tmp_path / "together" / f"{CASES['logic-chains'][1]}.json"

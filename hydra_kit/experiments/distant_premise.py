@@ -135,6 +135,7 @@ def main(argv: list[str], console: Console) -> int:
                      "region_len": task.region_len, "sga_window": window, "chance": task.chance},
             "baselines": baselines,
             "records": records,
+            "paired": report.paired_rows(records, "distance", specs),
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
@@ -152,6 +153,7 @@ def main(argv: list[str], console: Console) -> int:
         ("model", "distance"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("peak MB", "peak_mem_mb", 1)],
     )
+    report.print_paired(console, report.paired_rows(records, "distance", specs), "distance")
     report.report_files(console, paths)
     return 0
 

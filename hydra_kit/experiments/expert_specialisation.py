@@ -247,6 +247,7 @@ def main(argv: list[str], console: Console) -> int:
             "routing": routing,
             "heatmaps": {k: v.tolist() for k, v in heatmaps.items()},
             "records": records,
+            "paired": report.paired_rows(records, "domain", specs),
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
@@ -266,6 +267,7 @@ def main(argv: list[str], console: Console) -> int:
         ("model", "domain"),
         [("accuracy", "accuracy", 3), ("NMI answer pos.", "nmi_answer", 3), ("NMI all pos.", "nmi_all", 3)],
     )
+    report.print_paired(console, report.paired_rows(records, "domain", specs), "domain")
     report.report_files(console, paths)
     return 0
 

@@ -130,6 +130,7 @@ def main(argv: list[str], console: Console) -> int:
                      "supervise_every_hop": args.every_hop, "chance": test_task.chance},
             "baselines": baselines,
             "records": records,
+            "paired": report.paired_rows(records, "hops", specs),
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
@@ -141,6 +142,7 @@ def main(argv: list[str], console: Console) -> int:
     summary, paths = write(records, runs)
     title = f"E1 logic chains: held-out accuracy per proof length (trained on 1..{train_hops}; mean ± std over {report.seeds_phrase(records)}; a claim only where above no-skill)"
     report.print_table(console, title, summary, ("model", "hops"), [("accuracy", "accuracy", 3)])
+    report.print_paired(console, report.paired_rows(records, "hops", specs), "hops")
     report.report_files(console, paths)
     return 0
 

@@ -66,7 +66,7 @@ def main(argv: list[str], console: Console) -> int:
     def write(done: list[dict[str, Any]], done_runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """Summarise what has finished (earlier levels plus this level's seeds) and (re)write the outputs."""
         summary = report.with_baselines(report.summarise(done, ("model", "pairs"), ("accuracy",)), baselines, "pairs")
-        extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "baselines": baselines, "records": done, "runs": done_runs}
+        extra = {"task": {"num_keys": num_keys, "num_values": num_values, "pairs": pairs, "chance": 1 / num_values}, "baselines": baselines, "records": done, "paired": report.paired_rows(done, "pairs", specs), "runs": done_runs}
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
         png = settings.out / f"{NAME}.png"
         report.errorbar_plot(png, summary, "pairs", "accuracy", "held-out accuracy", "E6 MQAR: accuracy vs number of key-value pairs", "key-value pairs", baselines=baselines)
@@ -88,5 +88,6 @@ def main(argv: list[str], console: Console) -> int:
         runs += [dict(row, pairs=p) for row in t]
     summary, paths = write(records, runs)
     report.print_table(console, f"E6 MQAR: held-out accuracy (mean ± std over {report.seeds_phrase(records)}; a claim only where above no-skill)", summary, ("model", "pairs"), [("accuracy", "accuracy", 3)])
+    report.print_paired(console, report.paired_rows(records, "pairs", specs), "pairs")
     report.report_files(console, paths)
     return 0

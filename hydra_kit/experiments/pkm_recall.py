@@ -129,6 +129,7 @@ def main(argv: list[str], console: Console) -> int:
             "recall_only": recall_only,
             "gate_stat": GATE_STAT,
             "records": records,
+            "paired": report.paired_rows(records, "book", specs),
             "runs": runs,
         }
         csv_path, json_path = report.write_outputs(settings.out, NAME, summary, runner.payload(NAME, settings, specs, counts, extra))
@@ -146,6 +147,7 @@ def main(argv: list[str], console: Console) -> int:
         ("model", "book"),
         [("accuracy", "accuracy", 3), ("latency ms", "latency_ms", 2), ("mean PKM gate", "pkm_gate", 3)],
     )
+    report.print_paired(console, report.paired_rows(records, "book", specs), "book")
     report.report_files(console, paths)
     return 0
 

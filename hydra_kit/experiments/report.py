@@ -11,6 +11,10 @@ only when the model's accuracy, mean minus one standard deviation over seeds, ex
 accuracy p by more than two standard errors of p on the n held-out examples, 2 sqrt(p (1 - p) / n) (so 20
 examples cannot make a claim of one lucky answer). That column is computed, never asserted: a cell is a claim
 only where it says "yes".
+
+Models are compared the same way: :func:`paired_rows` pairs the first model (the full Hydra) with every other one
+seed by seed (same seed, same held-out examples) and gives Student's paired t, its two-sided p and the number of
+seeds each is ahead in. Its verdict says "ahead" or "behind" only at p < 0.05; otherwise "no difference shown".
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from hydra_kit.data.task import Example, SyntheticTask, best_no_skill
-from hydra_kit.reporting import fmt, mean_spread, pyplot, write_csv, write_json
+from hydra_kit.experiments.models import ModelSpec
+from hydra_kit.reporting import fmt, mean_spread, paired_test, pyplot, write_csv, write_json
 
 __all__ = [
-    "BASELINE_COLUMNS", "above", "baseline_rows", "draw_baselines", "errorbar_plot", "print_baselines", "print_table",
-    "pyplot", "report_files", "seeds_phrase", "summarise", "with_baselines", "write_outputs",
+    "BASELINE_COLUMNS", "above", "baseline_rows", "draw_baselines", "errorbar_plot", "paired_rows", "print_baselines", "print_paired",
+    "print_table", "pyplot", "report_files", "seeds_phrase", "summarise", "with_baselines", "write_outputs",
 ]
 
 #: The columns :func:`with_baselines` adds to a summary row.
@@ -138,6 +143,65 @@ def with_baselines(
         claim = above(row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_std", math.nan), best, n)
         out.append({**row, "chance": chance, "best_no_skill": name, "best_no_skill_accuracy": best, "above_no_skill": claim})
     return out
+
+
+def paired_rows(records: Sequence[Mapping[str, Any]], level_key: str, specs: Sequence[ModelSpec], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """The first of ``models`` against each later one, per level, paired by seed (:func:`hydra_kit.reporting.paired_test`).
+
+    Args:
+        records: per-seed records with ``model``, ``seed``, ``level_key`` and ``metric``.
+        level_key: the level column (``"hops"``, ``"book"``, ...).
+        specs: the experiment's models in its order (the full Hydra first); models without records are left out.
+        metric: the metric compared.
+
+    Returns:
+        One row per (other model, level): ``model`` (the first), ``versus``, the level, ``metric``, ``n_seeds``
+        (seeds both have), ``mean_difference`` (first - versus), ``std_difference``, ``differences`` ({seed:
+        difference}), ``t``, ``p``, ``ahead``, ``behind`` (seeds the first is above, below) and ``verdict``.
+    """
+    present = {str(r["model"]) for r in records}
+    chosen = [s.label for s in specs if s.label in present]
+    if len(chosen) < 2 or chosen[0] != specs[0].label:
+        return []
+    reference = chosen[0]
+    value = {(str(r["model"]), r[level_key], r["seed"]): r.get(metric) for r in records}
+    levels = list(dict.fromkeys(r[level_key] for r in records))
+    rows = []
+    for other in chosen[1:]:
+        for level in levels:
+            seeds = sorted({s for (m, lv, s) in value if m == reference and lv == level} & {s for (m, lv, s) in value if m == other and lv == level})
+            differences = {}
+            for seed in seeds:
+                a, b = value[(reference, level, seed)], value[(other, level, seed)]
+                differences[seed] = None if a is None or b is None else float(a) - float(b)
+            test = paired_test(differences.values())
+            rows.append({
+                "model": reference, "versus": other, level_key: level, "metric": metric, "n_seeds": test.n,
+                "mean_difference": test.mean, "std_difference": test.std, "differences": differences,
+                "t": test.t, "p": test.p, "ahead": test.ahead, "behind": test.behind, "verdict": test.verdict(reference, other),
+            })
+    return rows
+
+
+def print_paired(console: Console, rows: Sequence[Mapping[str, Any]], level_key: str) -> None:
+    """The rows of :func:`paired_rows` as a rich table: per-seed differences, mean, t, p, seeds ahead, verdict."""
+    if not rows:
+        return
+    metric = rows[0]["metric"]
+    table = Table(title=f"paired by seed: difference in {metric} (first - second model), Student's paired t; \"ahead\" or \"behind\" only at two-sided p < 0.05")
+    for column in ("comparison", level_key, "per seed", "mean difference", "t", "p", "ahead in", "verdict"):
+        table.add_column(column, justify="left" if column in ("comparison", "per seed", "verdict") else "right")
+
+    def number(x: float, spec: str) -> str:
+        return "-" if math.isnan(x) else format(x, spec)
+
+    for row in rows:
+        per_seed = " / ".join("-" if d is None else format(d, "+.3f") for d in row["differences"].values())
+        table.add_row(
+            f"{row['model']} vs {row['versus']}", str(row[level_key]), per_seed or "-", number(row["mean_difference"], "+.3f"),
+            number(row["t"], ".2f"), number(row["p"], ".3f"), f"{row['ahead']} of {row['n_seeds']}", row["verdict"],
+        )
+    console.print(table)
 
 
 def print_table(console: Console, title: str, rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[tuple[str, str, int]]) -> None:
