@@ -24,7 +24,8 @@ checkpoint, so a curriculum-trained model is evaluated on the task of its last s
 ``--seeds N`` repeats every run with N seeds, ``s + i`` for ``i`` in 0..N-1 where ``s`` is the recipe's
 ``seed_everything`` (model initialisation) and, separately, its data seed (the example stream); it reports the
 mean and the standard deviation (N-1 denominator) of each metric; deltas are paired per seed (run - full with
-the same seed), then averaged.
+the same seed), then averaged, with the two-sided p of Student's paired t over the seeds (``delta_<metric>_p``;
+the table prints it beside the loss and accuracy deltas from two seeds on).
 
 Outputs, in ``--out`` (default ``runs/ablate/<recipe stem>-<timestamp>/``): a rich table, ``ablate.csv`` (one
 row per configuration) and ``ablate.json`` (those rows plus every single run: seed, metrics, log directory,
@@ -54,7 +55,7 @@ from hydra_kit.errors import RecipeError
 from hydra_kit.network import DEFAULT_COMPONENTS
 from hydra_kit.recipe import resolve_components
 from hydra_kit.registry import default_registry
-from hydra_kit.reporting import fmt, mean_spread, write_csv, write_json
+from hydra_kit.reporting import fmt, is_missing, mean_spread, paired_test, write_csv, write_json
 from hydra_kit.reporting import print_table as report_table
 
 DEFAULT_RECIPE = "recipes/full.yaml"
@@ -272,7 +273,8 @@ def knockout_runs(
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
     """One row per configuration: mean and spread of every metric and of its paired delta against the full run.
 
-    Means and spreads are :func:`hydra_kit.reporting.mean_spread`'s (a single seed has no spread: NaN).
+    Means and spreads are :func:`hydra_kit.reporting.mean_spread`'s (a single seed has no spread: NaN); a delta's
+    ``_p`` is :func:`hydra_kit.reporting.paired_test`'s (NaN below two seeds).
     """
     labels = list(dict.fromkeys(r.label for r in results))
     full = {r.seed: r for r in results if r.label == FULL}
@@ -287,9 +289,15 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
                 base = full.get(r.seed)
                 a, b = getattr(r, metric), None if base is None else getattr(base, metric)
                 deltas.append(None if a is None or b is None else a - b)
-            row[f"delta_{metric}"], row[f"delta_{metric}_std"] = mean_spread(deltas)
+            test = paired_test(deltas)
+            row[f"delta_{metric}"], row[f"delta_{metric}_std"], row[f"delta_{metric}_p"] = test.mean, test.std, test.p
         rows.append(row)
     return rows
+
+
+def with_p(cell: str, p: float) -> str:
+    """A delta's cell with the p of its paired t, when there is one (two seeds or more)."""
+    return cell if is_missing(p) else f"{cell} (p {p:.2f})"
 
 
 def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, console: Console) -> None:
@@ -302,9 +310,9 @@ def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, co
             fmt(row["total_params"], None, ",.0f"),
             fmt(row["active_params"], None, ",.0f"),
             fmt(row["val_loss"], row["val_loss_std"], ".4f"),
-            fmt(row["delta_val_loss"], row["delta_val_loss_std"], ".4f", signed=True),
+            with_p(fmt(row["delta_val_loss"], row["delta_val_loss_std"], ".4f", signed=True), row["delta_val_loss_p"]),
             fmt(row["val_acc"], row["val_acc_std"], ".4f"),
-            fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True),
+            with_p(fmt(row["delta_val_acc"], row["delta_val_acc_std"], ".4f", signed=True), row["delta_val_acc_p"]),
             fmt(row["tokens_per_s"], row["tokens_per_s_std"], ",.0f"),
             fmt(row["delta_tokens_per_s"], row["delta_tokens_per_s_std"], ",.0f", signed=True),
         ]
@@ -316,6 +324,6 @@ def print_table(rows: list[dict[str, Any]], title: str, throughput_kind: str, co
 def write_outputs(rows: list[dict[str, Any]], results: list[RunResult], meta: dict[str, Any], out: Path) -> list[Path]:
     """``ablate.csv`` (one row per configuration) and ``ablate.json`` (``meta``, the rows and every run) in ``out``."""
     json_path = write_json(out / "ablate.json", {**meta, "rows": rows, "runs": [asdict(r) for r in results]})
-    fields = ["label", "dropped", "n"] + [f"{p}{m}{s}" for m in METRICS for p in ("", "delta_") for s in ("", "_std")]
+    fields = ["label", "dropped", "n"] + [name for m in METRICS for name in (m, f"{m}_std", f"delta_{m}", f"delta_{m}_std", f"delta_{m}_p")]
     csv_path = write_csv(out / "ablate.csv", [{**row, "dropped": "+".join(row["dropped"])} for row in rows], fields)
     return [csv_path, json_path]

@@ -139,4 +139,9 @@ def test_one_seed_has_no_spread_in_ablate_and_the_experiments_alike():
     assert math.isnan(ablation[0]["val_acc_std"]) and math.isnan(ablation[1]["delta_val_loss_std"])
     assert math.isnan(experiment[0]["accuracy_std"])
     assert ablation[1]["delta_val_loss"] == 0.5 and fmt(ablation[1]["delta_val_loss"], ablation[1]["delta_val_loss_std"], ".4f", signed=True) == "+0.5000"
+    assert math.isnan(ablation[1]["delta_val_loss_p"])  # one seed: no paired test
+    # From two seeds on each delta carries the p of its paired t.
+    two = [*runs, RunResult("full", [], 1, 1.1, 0.5, 100.0, 10, 10), RunResult("drop-sga", ["sga"], 1, 1.7, 0.25, 120.0, 8, 8)]
+    paired = summarise(two)[1]
+    assert paired["delta_val_loss"] == pytest.approx(0.55) and 0.0 < paired["delta_val_loss_p"] < 0.1
     assert report.above(0.9, experiment[0]["accuracy_std"], 0.5, 500) == "yes"  # nothing subtracted for one seed
