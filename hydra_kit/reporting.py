@@ -28,7 +28,7 @@ from rich.table import Table
 
 from hydra_kit.errors import RecipeError
 
-__all__ = ["PairedTest", "console", "fmt", "is_missing", "mean_spread", "paired_test", "print_table", "pyplot", "t_two_sided_p", "write_csv", "write_json"]
+__all__ = ["PairedTest", "console", "fmt", "holm", "is_missing", "mean_spread", "paired_test", "print_table", "pyplot", "t_two_sided_p", "write_csv", "write_json"]
 
 
 def is_missing(value: Any) -> bool:
@@ -105,13 +105,34 @@ class PairedTest:
     ahead: int
     behind: int
 
-    def verdict(self, a: str, b: str, alpha: float = 0.05) -> str:
-        """Say "A ahead of B" or "A behind B" only when p < alpha; otherwise "no difference shown" (or why there is no test)."""
+    def verdict(self, a: str, b: str, alpha: float = 0.05, p: float | None = None) -> str:
+        """Say "A ahead of B" or "A behind B" only when p < alpha; otherwise "no difference shown" (or why there is no test).
+
+        ``p`` replaces the test's own p, e.g. by its :func:`holm` adjustment within a table of comparisons.
+        """
         if self.n < 2:
             return "no test (one seed)" if self.n == 1 else "no test (no seed measured both)"
-        if not math.isnan(self.p) and self.p < alpha:
+        p = self.p if p is None else p
+        if not math.isnan(p) and p < alpha:
             return f"{a} {'ahead of' if self.mean > 0 else 'behind'} {b}"
         return "no difference shown"
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979): reject where the adjusted p < alpha and the
+    chance of any false "ahead" or "behind" in the family stays below alpha. NaN p-values (no test) stay NaN and
+    do not count in the family.
+
+    >>> holm([0.01, 0.04, 0.03, float("nan")])
+    [0.03, 0.06, 0.06, nan]
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def paired_test(differences: Iterable[float | int | None]) -> PairedTest:

@@ -8,7 +8,7 @@ import pytest
 
 from hydra_kit.experiments.models import ModelSpec
 from hydra_kit.experiments.report import paired_rows
-from hydra_kit.reporting import paired_test, t_two_sided_p
+from hydra_kit.reporting import holm, paired_test, t_two_sided_p
 
 # Two-sided 5% and 1% critical values of Student's t (any statistics table).
 CRITICAL = [(1, 12.706, 0.05), (2, 4.303, 0.05), (2, 9.925, 0.01), (3, 3.182, 0.05), (4, 2.776, 0.05), (5, 4.032, 0.01), (9, 2.262, 0.05), (30, 2.042, 0.05)]
@@ -43,13 +43,30 @@ def test_rows_pair_by_seed_in_the_experiments_model_order() -> None:
     specs = [ModelSpec(label, {}, "") for label in ("hydra", "hydra - x", "transformer")]
     records = [
         {"model": model, "seed": seed, "level": 1, "accuracy": value}
-        for model, values in (("transformer", [0.5, 0.5, 0.5]), ("hydra - x", [0.2, 0.6, None]), ("hydra", [0.9, 0.8, 0.7]))
+        for model, values in (("transformer", [0.5, 0.41, 0.29]), ("hydra - x", [0.2, 0.6, None]), ("hydra", [0.9, 0.8, 0.7]))
         for seed, value in enumerate(values)
     ]
     rows = paired_rows(records, "level", specs)
     # The first spec is the reference whatever order the records come in (a merge of folders may start with any model).
     assert [(r["model"], r["versus"]) for r in rows] == [("hydra", "hydra - x"), ("hydra", "transformer")]
     assert rows[0]["differences"] == {0: pytest.approx(0.7), 1: pytest.approx(0.2), 2: None} and rows[0]["n_seeds"] == 2
-    assert rows[1]["mean_difference"] == pytest.approx(0.3) and rows[1]["ahead"] == 3 and rows[1]["verdict"] == "hydra ahead of transformer"
+    assert rows[1]["mean_difference"] == pytest.approx(0.4) and rows[1]["ahead"] == 3 and rows[1]["verdict"] == "hydra ahead of transformer"
+    assert rows[0]["verdict"] == "no difference shown" and rows[1]["p_holm"] == pytest.approx(2 * rows[1]["p"])
     # Without the reference's runs there is nothing to compare with.
     assert paired_rows([r for r in records if r["model"] != "hydra"], "level", specs) == []
+
+
+def test_holm_keeps_a_family_of_comparisons_honest() -> None:
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert holm([]) == [] and holm([0.5]) == [0.5] and holm([0.6, 0.6]) == [1.0, 1.0]
+
+
+def test_a_lucky_level_among_many_is_no_verdict() -> None:
+    """Sixteen levels at chance: a p of 0.02 at one of them (expected once in about three such tables) is not "ahead"."""
+    specs = [ModelSpec("hydra", {}, ""), ModelSpec("other", {}, "")]
+    records = [{"model": "other", "seed": s, "level": level, "accuracy": 0.03} for s in range(3) for level in range(16)]
+    lucky = {0: 0.040, 1: 0.038, 2: 0.036}  # t = 6.93, p = 0.020 at level 0, as E1 at six hops
+    records += [{"model": "hydra", "seed": s, "level": level, "accuracy": lucky[s] if level == 0 else 0.03 + 0.001 * ((s + level) % 3 - 1)} for s in range(3) for level in range(16)]
+    rows = paired_rows(records, "level", specs)
+    assert rows[0]["p"] == pytest.approx(0.020, abs=1e-3) and rows[0]["p_holm"] > 0.05
+    assert {r["verdict"] for r in rows} == {"no difference shown"}

@@ -14,7 +14,8 @@ only where it says "yes".
 
 Models are compared the same way: :func:`paired_rows` pairs the first model (the full Hydra) with every other one
 seed by seed (same seed, same held-out examples) and gives Student's paired t, its two-sided p and the number of
-seeds each is ahead in. Its verdict says "ahead" or "behind" only at p < 0.05; otherwise "no difference shown".
+seeds each is ahead in. Its verdict says "ahead" or "behind" only where p, Holm-adjusted over all the table's
+comparisons, is below 0.05; otherwise "no difference shown".
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from hydra_kit.data.task import Example, SyntheticTask, best_no_skill
 from hydra_kit.experiments.models import ModelSpec
-from hydra_kit.reporting import fmt, mean_spread, paired_test, pyplot, write_csv, write_json
+from hydra_kit.reporting import PairedTest, fmt, holm, mean_spread, paired_test, pyplot, write_csv, write_json
 
 __all__ = [
     "BASELINE_COLUMNS", "above", "baseline_rows", "draw_baselines", "errorbar_plot", "paired_rows", "print_baselines", "print_paired",
@@ -157,7 +158,8 @@ def paired_rows(records: Sequence[Mapping[str, Any]], level_key: str, specs: Seq
     Returns:
         One row per (other model, level): ``model`` (the first), ``versus``, the level, ``metric``, ``n_seeds``
         (seeds both have), ``mean_difference`` (first - versus), ``std_difference``, ``differences`` ({seed:
-        difference}), ``t``, ``p``, ``ahead``, ``behind`` (seeds the first is above, below) and ``verdict``.
+        difference}), ``t``, ``p``, ``p_holm`` (``p`` adjusted by :func:`hydra_kit.reporting.holm` over every row
+        with a t), ``ahead``, ``behind`` (seeds the first is above, below) and ``verdict`` (on ``p_holm``).
     """
     present = {str(r["model"]) for r in records}
     chosen = [s.label for s in specs if s.label in present]
@@ -166,7 +168,8 @@ def paired_rows(records: Sequence[Mapping[str, Any]], level_key: str, specs: Seq
     reference = chosen[0]
     value = {(str(r["model"]), r[level_key], r["seed"]): r.get(metric) for r in records}
     levels = list(dict.fromkeys(r[level_key] for r in records))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    tests: list[tuple[PairedTest, str]] = []
     for other in chosen[1:]:
         for level in levels:
             seeds = sorted({s for (m, lv, s) in value if m == reference and lv == level} & {s for (m, lv, s) in value if m == other and lv == level})
@@ -175,11 +178,18 @@ def paired_rows(records: Sequence[Mapping[str, Any]], level_key: str, specs: Seq
                 a, b = value[(reference, level, seed)], value[(other, level, seed)]
                 differences[seed] = None if a is None or b is None else float(a) - float(b)
             test = paired_test(differences.values())
+            tests.append((test, other))
             rows.append({
                 "model": reference, "versus": other, level_key: level, "metric": metric, "n_seeds": test.n,
                 "mean_difference": test.mean, "std_difference": test.std, "differences": differences,
-                "t": test.t, "p": test.p, "ahead": test.ahead, "behind": test.behind, "verdict": test.verdict(reference, other),
+                "t": test.t, "p": test.p, "ahead": test.ahead, "behind": test.behind,
             })
+    # Every level of every pair is one family: eight hop counts would otherwise give a false "ahead" in a third of
+    # the tables by chance alone. A test without a t (all differences 0) is not part of it.
+    in_family = [test.p if not math.isnan(test.t) else math.nan for test, _ in tests]
+    for row, (test, other), adjusted in zip(rows, tests, holm(in_family), strict=True):
+        row["p_holm"] = test.p if math.isnan(adjusted) else adjusted
+        row["verdict"] = test.verdict(reference, other, p=row["p_holm"])
     return rows
 
 
@@ -188,8 +198,8 @@ def print_paired(console: Console, rows: Sequence[Mapping[str, Any]], level_key:
     if not rows:
         return
     metric = rows[0]["metric"]
-    table = Table(title=f"paired by seed: difference in {metric} (first - second model), Student's paired t; \"ahead\" or \"behind\" only at two-sided p < 0.05")
-    for column in ("comparison", level_key, "per seed", "mean difference", "t", "p", "ahead in", "verdict"):
+    table = Table(title=f"paired by seed: difference in {metric} (first - second model), Student's paired t; \"ahead\" or \"behind\" only at two-sided p < 0.05 after Holm's adjustment over the table")
+    for column in ("comparison", level_key, "per seed", "mean difference", "t", "p", "p (Holm)", "ahead in", "verdict"):
         table.add_column(column, justify="left" if column in ("comparison", "per seed", "verdict") else "right")
 
     def number(x: float, spec: str) -> str:
@@ -199,7 +209,7 @@ def print_paired(console: Console, rows: Sequence[Mapping[str, Any]], level_key:
         per_seed = " / ".join("-" if d is None else format(d, "+.3f") for d in row["differences"].values())
         table.add_row(
             f"{row['model']} vs {row['versus']}", str(row[level_key]), per_seed or "-", number(row["mean_difference"], "+.3f"),
-            number(row["t"], ".2f"), number(row["p"], ".3f"), f"{row['ahead']} of {row['n_seeds']}", row["verdict"],
+            number(row["t"], ".2f"), number(row["p"], ".3f"), number(row["p_holm"], ".3f"), f"{row['ahead']} of {row['n_seeds']}", row["verdict"],
         )
     console.print(table)
 
