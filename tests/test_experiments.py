@@ -245,6 +245,7 @@ def test_models_trained_apart_merge_into_the_result_of_one_run(tmp_path: Path, c
     # Folders in either order: Hydra stays the model the others are compared with.
     swapped = _run("logic-chains", tmp_path / "swapped", "--merge", str(tmp_path / "transformer"), str(tmp_path / "hydras"))
     assert swapped["paired"] == merged["paired"] == together["paired"] and {r["model"] for r in merged["paired"]} == {"hydra"}
+    assert swapped["records"] == together["records"] and swapped["summary"] == together["summary"]
     # --models under --merge takes only those models' runs: the still-valid transformer runs of an earlier joined
     # result whose Hydra runs are out of date (their configuration no longer this command's) join new Hydra runs.
     written = tmp_path / "together" / f"{CASES['logic-chains'][1]}.json"

@@ -44,9 +44,16 @@ def merged_grid(
     def keep(row: dict[str, Any]) -> bool:
         return all(row.get(k) == v for k, v in where.items())
 
+    # In the order one run would have made them (seed by seed, models in the experiment's order), whatever order the
+    # folders were given in: the tables list the full Hydra first and the joined files equal a single run's.
+    order = {spec.label: i for i, spec in enumerate(specs)}
+
+    def one_run_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted((row for row in rows if keep(row)), key=lambda row: (row.get("seed", 0), order.get(row.get("model", ""), len(order))))
+
     for key, target in merged_lists.items():
-        target.extend(row for row in merged[key] if keep(row))
-    runs = [r for r in merged["runs"] if keep(r)]
+        target.extend(one_run_order(merged[key]))
+    runs = one_run_order(merged["runs"])
     ours = json.loads(json.dumps(describe_task(task)))
     for run in runs:
         theirs = run.get("train_task", ours)
@@ -58,7 +65,7 @@ def merged_grid(
                 f"{', '.join(f'{k}={ours.get(k)!r}' for k in differ)}); pass the same task options"
             )
         print_run(console, run, settings.steps)
-    return [r for r in merged["records"] if keep(r)], runs
+    return one_run_order(merged["records"]), runs
 
 
 # What must agree between the runs that --merge joins: how they were trained and evaluated.
