@@ -147,7 +147,7 @@ def with_baselines(
 
 
 def paired_rows(records: Sequence[Mapping[str, Any]], level_key: str, specs: Sequence[ModelSpec], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """The first of ``models`` against each later one, per level, paired by seed (:func:`hydra_kit.reporting.paired_test`).
+    """The first of ``specs`` against each later one, per level, paired by seed (:func:`hydra_kit.reporting.paired_test`).
 
     Args:
         records: per-seed records with ``model``, ``seed``, ``level_key`` and ``metric``.
