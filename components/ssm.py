@@ -32,11 +32,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kit.ops import Linear, RMSNorm
-from hydra_kit.ops.conv import causal_depthwise_conv
 from hydra_kit.ops.mamba_ssd import mamba_ssd_scan, unavailable_reason
 from hydra_kit.ops.packed import PackedWeights, Reader
 from hydra_kit.ops.scan import diagonal_chunked_scan, ssd_chunked_scan
 from hydra_kit.ops.segments import document_offsets, document_starts
+from hydra_kit.ops.ssm_mix import conv_silu, gated_norm
 from hydra_kit.ops.ssm_step import SSMStepWeights, pack_ssm_step_weights, ssm_step_cpu
 from hydra_kit.protocol import ComponentContext, ComponentOutput, ComponentPath, TriPathComponent
 
@@ -210,12 +210,12 @@ class SelectiveSSM(TriPathComponent):
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=dtype),
         )
 
-    def _gated_norm(self, y: Tensor, z: Tensor) -> Tensor:  # (..., d_inner) -> (..., d_inner)
-        g = y * F.silu(z)
-        if self.ngroups == 1:
-            return self.norm(g)
-        g = g.unflatten(-1, (self.ngroups, self.d_inner // self.ngroups))  # Mamba-2 normalises each group alone
-        return F.rms_norm(g, (g.shape[-1],), eps=self.norm_eps).flatten(-2) * self.norm.weight
+    def _gated_norm(self, y: Tensor, xs: Tensor, z: Tensor) -> Tensor:
+        """norm((y + D xs) * silu(z)): y, xs, z (..., d_inner) -> (..., d_inner); Mamba-2 normalises each group alone."""
+        d = self.D.repeat_interleave(self.headdim) if self.variant == "ssd" else self.D  # (d_inner,): D per channel
+        if y.dim() != 3:  # a decoding step's (B, d_inner)
+            return self._gated_norm(y[:, None], xs[:, None], z[:, None])[:, 0]
+        return gated_norm(y, xs, d, z, self.norm.weight, self.norm_eps, self.ngroups)
 
     def _conv_bias(self) -> Tensor:  # (conv_dim,); the conv is built with a bias
         bias = self.conv.bias
@@ -237,10 +237,10 @@ class SelectiveSSM(TriPathComponent):
             the gated, normalised scan output (B, T, d_inner), and the conv and SSM states after the piece.
         """
         batch, seq_len, _ = proj.shape
-        z, xbc, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        padded = torch.cat([conv_in, xbc], dim=1)  # (B, d_conv - 1 + T, conv_dim)
-        conv_state = padded[:, padded.shape[1] - (self.d_conv - 1) :].clone()
-        xbc = F.silu(causal_depthwise_conv(padded, self.conv.weight[:, 0], self._conv_bias(), offsets))  # (B, T, conv_dim)
+        z, xbc_in, dt = proj.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        window = torch.cat([conv_in, xbc_in[:, max(seq_len - (self.d_conv - 1), 0) :]], dim=1)  # the last inputs
+        conv_state = window[:, window.shape[1] - (self.d_conv - 1) :].contiguous()  # (B, d_conv - 1, conv_dim)
+        xbc = conv_silu(xbc_in, conv_in, self.conv.weight[:, 0], self._conv_bias(), offsets)  # (B, T, conv_dim)
         bc = self.ngroups * self.d_state if self.variant == "ssd" else self.d_inner
         xs, B, C = xbc.split([self.d_inner, bc, bc], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, T, H)
@@ -256,11 +256,11 @@ class SelectiveSSM(TriPathComponent):
                 ssm_in,
                 resets,
             )  # (B, T, H, P), (B, H, P, N)
-            y = torch.addcmul(y, xs.view_as(y), self.D[:, None]).flatten(-2)  # + D x
+            y = y.flatten(-2)
         else:
             y, ssm = diagonal_chunked_scan(xs, dt * A, B, C, self.chunk_size, ssm_in.flatten(1), resets)
-            y, ssm = torch.addcmul(y, xs, self.D), ssm.view_as(ssm_in)
-        return self._gated_norm(y, z), conv_state, ssm
+            ssm = ssm.view_as(ssm_in)
+        return self._gated_norm(y, xs, z), conv_state, ssm
 
     def _segment(
         self, x: Tensor, state: SSMState | None, resets: Tensor | None = None, offsets: Tensor | None = None
@@ -332,10 +332,9 @@ class SelectiveSSM(TriPathComponent):
             ssm = state.ssm.view(batch, g, hg, p, n) * decay.view(batch, g, hg, 1, 1)  # (B, G, H/G, P, N)
             ssm.addcmul_(x_h * dt.view(batch, g, hg, 1, 1), B.view(batch, g, 1, 1, n))  # + dt x B^T
             y = torch.matmul(ssm, C.view(batch, g, 1, n, 1))  # (B, G, H/G, P, 1): C s
-            y = torch.addcmul(y.view(batch, self.nheads, p), x_h.view(batch, self.nheads, p), self.D[:, None])  # + D x
             ssm, y = ssm.view_as(state.ssm), y.flatten(1)  # (B, H, P, N), (B, d_inner)
         else:
             s = state.ssm.flatten(1) * decay + B * xs  # (B, d_inner)
-            ssm, y = s.view_as(state.ssm), C * s + self.D * xs
-        update = self.out_proj(self._gated_norm(y, z))
+            ssm, y = s.view_as(state.ssm), C * s
+        update = self.out_proj(self._gated_norm(y, xs, z))  # the D skip is added there
         return ComponentOutput(update=update, state=SSMState(window[:, 1:].clone(), ssm))

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from hydra_kit.ops.chunk_carry import chunk_carry
+
 __all__ = ["diagonal_chunked_scan", "ssd_chunked_scan"]
 
 
@@ -150,8 +152,9 @@ def ssd_chunked_scan(
         ydiag = CB.tril() @ by_group(xm)  # (b, c, G, l, Hg*P), still to be scaled by exp(acum - m)
         if masks is not None:
             xm = xm * masks[1][..., None, None]  # only the chunk's last document builds its end state
-        local = Bc.transpose(-1, -2) @ by_group(xm)  # (b, c, G, N, Hg*P)
-        local = local.view(b, c, G, N, Hg, P) * (last[:, :, None] - m).exp().view(b, c, G, 1, Hg, 1)
+        local = (Bc.transpose(-1, -2) @ by_group(xm)).view(b, c, G, N, Hg, P)  # still to be scaled by exp(last - m)
+        # The carry applies both factors: exp(last - m) to each chunk's own state, exp(m) to each entering state.
+        scale_in, scale_out = (last - m[:, :, 0]).exp(), m[:, :, 0].exp()  # (b, c, H)
     else:
         xdt = (x * dt[..., None]).view(b, c, ell, H, P)
         seg = acum.transpose(2, 3)[..., :, None] - acum.transpose(2, 3)[..., None, :]  # (b, c, H, l, l)
@@ -163,17 +166,20 @@ def ssd_chunked_scan(
         if masks is not None:
             xe = xe * masks[1][..., None, None]
         local = (Bc.transpose(-1, -2) @ by_group(xe)).view(b, c, G, N, Hg, P)
+        scale_in = scale_out = torch.ones_like(chunk_decay)
 
-    init = initial_state.view(b, G, Hg, P, N).permute(0, 1, 4, 2, 3)  # (b, G, N, Hg, P)
-    starts, final = _carry_states(local, chunk_decay.view(b, c, G, 1, Hg, 1), init)  # (b, c, G, N, Hg, P)
+    init = initial_state.view(b, G, Hg, P, N).permute(0, 1, 4, 2, 3).contiguous()  # (b, G, N, Hg, P)
+    starts, final = chunk_carry(local, scale_in, chunk_decay, scale_out, init)  # (b, c, G, N, Hg, P), (b, G, N, Hg, P)
     final_state = final.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
 
     if factored:
-        starts = starts * m.exp().view(b, c, G, 1, Hg, 1)
-        yoff = Cc @ starts.view(b, c, G, N, Hg * P)  # (b, c, G, l, Hg*P)
-        if masks is not None:
-            yoff = yoff * masks[2][:, :, None, :, None]  # the entering state reaches t only before a start
-        y = by_head(ydiag + yoff) * (acum - m).exp()[..., None]
+        if masks is None:  # ydiag + C @ starts as one accumulating product: no (b, c, G, l, Hg*P) temporary
+            flat = (b * c * G, ell, Hg * P)
+            ys = ydiag.view(flat).baddbmm_(Cc.reshape(b * c * G, ell, N), starts.view(b * c * G, N, Hg * P)).view_as(ydiag)
+        else:
+            yoff = (Cc @ starts.view(b, c, G, N, Hg * P)) * masks[2][:, :, None, :, None]  # reaches t only before a start
+            ys = ydiag + yoff
+        y = by_head(ys) * (acum - m).exp()[..., None]
     else:
         yoff = by_head(Cc @ starts.view(b, c, G, N, Hg * P)) * acum.exp()[..., None]
         if masks is not None:
