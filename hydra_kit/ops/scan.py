@@ -170,7 +170,7 @@ def ssd_chunked_scan(
 
     init = initial_state.view(b, G, Hg, P, N).permute(0, 1, 4, 2, 3).contiguous()  # (b, G, N, Hg, P)
     starts, final = chunk_carry(local, scale_in, chunk_decay, scale_out, init)  # (b, c, G, N, Hg, P), (b, G, N, Hg, P)
-    final_state = final.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
+    final_state = final.permute(0, 1, 3, 4, 2).reshape(b, H, P, N).contiguous()  # what the C decoding step reads
 
     if factored:
         if masks is None:  # ydiag + C @ starts as one accumulating product: no (b, c, G, l, Hg*P) temporary

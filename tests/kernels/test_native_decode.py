@@ -23,6 +23,7 @@ from hydra_kit.components.moe import MixtureOfExperts
 from hydra_kit.components.ssm import SelectiveSSM
 from hydra_kit.ops import (
     Linear,
+    chunk_carry,
     decode_attention,
     dispatch,
     moe_step,
@@ -42,6 +43,7 @@ from hydra_kit.protocol import ComponentContext
 LIBRARIES = [
     LINEAR_LIBRARY, decode_attention.LIBRARY, residual.LIBRARY, rotary.LIBRARY, norm.LIBRARY,
     ssm_step.LIBRARY, moe_step.LIBRARY, router_step.LIBRARY, pkm_step.LIBRARY, workspace_step.LIBRARY, ssm_mix.LIBRARY,
+    chunk_carry.LIBRARY,
 ]  # fmt: skip
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on PATH")
 Calls = Callable[..., Counter[str]]  # the kernel_calls fixture

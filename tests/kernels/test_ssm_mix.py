@@ -1,4 +1,4 @@
-"""The SSM's fused element-wise stages (``hydra_kit.ops.ssm_mix``): C forward and backward against PyTorch.
+"""The SSM's fused stages (``ops.ssm_mix``, ``ops.chunk_carry``): C forward and backward against PyTorch.
 
 Each test counts the calls into C (``kernel_calls``), so a comparison that silently ran PyTorch twice fails.
 Inputs are column slices of a wider tensor, as in the SSM (the kernels read them in place through their strides).
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hydra_kit.components.ssm import SelectiveSSM
-from hydra_kit.ops import native, ssm_mix
+from hydra_kit.ops import chunk_carry, native, ssm_mix
 from hydra_kit.ops.segments import document_offsets, document_starts
 from hydra_kit.protocol import ComponentContext
 
@@ -70,6 +70,27 @@ def test_gated_norm_values_and_gradients_match_pytorch(kernel_calls: Any, groups
     assert calls["hk_gated_norm_forward"] == 1 and calls["hk_gated_norm_backward"] == 1
 
 
+@pytest.mark.parametrize("zero_decays", [False, True])
+def test_chunk_carry_values_and_gradients_match_pytorch(kernel_calls: Any, zero_decays: bool) -> None:
+    """Two sequences, two groups of two heads; a zero decay is a chunk holding a document start."""
+    calls = kernel_calls(chunk_carry.LIBRARY)
+    torch.manual_seed(int(zero_decays))
+    b, c, g, n, hg, p = 2, 5, 2, 3, 2, 4
+    local, initial = torch.randn(b, c, g, n, hg, p), torch.randn(b, g, n, hg, p)
+    scale_in, decay, scale_out = torch.rand(b, c, g * hg) * 3, torch.rand(b, c, g * hg), torch.rand(b, c, g * hg) + 0.1
+    if zero_decays:
+        decay[0, 1], decay[1, 3, 2] = 0.0, 0.0
+    results = []
+    for flag in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (local, scale_in, decay, scale_out, initial)]
+        with native.native_kernels(flag):
+            starts, final = chunk_carry.chunk_carry(*leaves)
+            loss = (starts * torch.linspace(-1.0, 1.0, starts.numel()).view_as(starts)).sum() + (final * final).sum()
+            results.append((starts.detach(), final.detach(), *torch.autograd.grad(loss, leaves)))
+    _assert_close(results[0], results[1])
+    assert calls["hk_chunk_carry_forward"] == 1 and calls["hk_chunk_carry_backward"] == 1
+
+
 def test_the_kernels_keep_extreme_and_missing_values_as_pytorch_does(kernel_calls: Any) -> None:
     """SiLU of large pre-activations (the kernel's exp is its own, clamped) and NaN, which must not vanish."""
     kernel_calls(ssm_mix.LIBRARY)
@@ -86,7 +107,7 @@ def test_the_kernels_keep_extreme_and_missing_values_as_pytorch_does(kernel_call
 @pytest.mark.parametrize("variant", ["ssd", "diagonal"])
 def test_the_ssm_trains_the_same_with_and_without_the_kernels(kernel_calls: Any, variant: str) -> None:
     """The component end to end, pieces and document starts included: outputs and every parameter's gradient."""
-    calls = kernel_calls(ssm_mix.LIBRARY)
+    calls = kernel_calls(ssm_mix.LIBRARY, chunk_carry.LIBRARY)
     torch.manual_seed(0)
     ssm = SelectiveSSM(32, 0, d_state=8, headdim=16, chunk_size=8, segment_len=16, ngroups=2 if variant == "ssd" else 1, variant=variant)
     with torch.no_grad():
@@ -103,6 +124,7 @@ def test_the_ssm_trains_the_same_with_and_without_the_kernels(kernel_calls: Any,
         results.append((out.detach(), *(p.grad.clone() for p in ssm.parameters() if p.grad is not None)))
     _assert_close(results[0], results[1])
     assert calls["hk_conv_silu_backward"] == 3 and calls["hk_gated_norm_backward"] == 3  # three pieces of 16
+    assert calls["hk_chunk_carry_backward"] == (3 if variant == "ssd" else 0)  # the diagonal scan carries (b, D) states
 
 
 def test_bad_arguments_are_named() -> None:
