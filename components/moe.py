@@ -109,18 +109,17 @@ def dispatch(x: Tensor, experts: nn.ModuleList, expert_idx: Tensor, weight: Tens
     assignment = order if chosen is None else chosen[order]  # (M,) index into the N*k assignments
     token = assignment // top_k  # (M,)
     counts = torch.bincount(flat_e, minlength=len(experts)).tolist()  # one host sync: slice sizes
-    xs = x.index_select(0, token)  # (M, D), grouped by expert
     gate = weight.reshape(-1)[assignment, None].to(x.dtype)  # (M, 1)
-    # The gate scales each expert's narrow hidden activation (no separate weighting pass over (M, D) outputs).
-    parts = zip(experts, xs.split(counts), gate.split(counts), strict=True)
-    outs = [expert(part, row_scale=part_gate) for expert, part, part_gate in parts if part.shape[0]]
-    # Combine by copying every output back to its assignment's slot and summing each token's k slots (slots of
-    # dropped assignments stay zero). PyTorch's CPU index_add_ has a large fixed cost even for a single row
-    # (docs/benchmarks.md); a copy to distinct rows and a sum do not.
-    slots = x.new_zeros(n_tokens * top_k, x.shape[-1])  # (N*k, D)
-    if outs:
-        slots.index_copy_(0, assignment, torch.cat(outs))
-    return slots.view(n_tokens, top_k, x.shape[-1]).sum(1)
+    # Per expert: gather its rows, run it (the gate scales its narrow hidden activation, not the (n, D) output),
+    # and add its outputs into their tokens' rows. Expert by expert, every temporary is one expert's size, and
+    # there is no concatenation of all outputs, no zeroed (N*k, D) slots and no sum over them: each of those was
+    # a pass over memory larger than the caches (docs/benchmarks.md). Tokens whose assignments were all dropped
+    # stay zero.
+    out = x.new_zeros(n_tokens, x.shape[-1])  # (N, D)
+    for expert, rows, part_gate in zip(experts, token.split(counts), gate.split(counts), strict=True):
+        if rows.numel():
+            out.index_add_(0, rows, expert(x.index_select(0, rows), row_scale=part_gate))
+    return out
 
 
 class MixtureOfExperts(TriPathComponent):
