@@ -17,6 +17,10 @@ The ops, by module (reference: the PyTorch function the tests hold the faster ve
 - :mod:`.scan` (the SSD and diagonal chunked scans, PyTorch), :mod:`.mamba_ssd` (mamba-ssm's fused Triton SSD
   scan, GPU), :mod:`.conv` (the causal depthwise convolution), :mod:`.ssm_step` (``ssm_step.c``, and its
   ``ssm_step_reference``).
+- :mod:`.ssm_mix` (``ssm_mix.c``: the SSM's convolution-and-SiLU stage and its skip-gate-norm stage) and
+  :mod:`.chunk_carry` (``chunk_carry.c``: the SSD scan's pass across chunks): the C ops of a sequence forward,
+  each an autograd function whose backward is C too, so training takes them as well as inference; each has its
+  ``*_reference`` in PyTorch ops.
 - :mod:`.moe_step`, :mod:`.router_step`, :mod:`.workspace_step`, :mod:`.pkm_step` (each with its ``.c``): the
   one-token step of the mixture of experts, the router, the workspace read and the product-key memory read. Each
   step module has its ``*_reference`` in PyTorch ops, tested against both the kernel and the component's own
