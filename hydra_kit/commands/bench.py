@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--cpu-kernels", choices=["on", "off"], default="on",
-        help="C decoding kernels (hydra_kit.ops.native) for every model; off: PyTorch ops only",
+        help="the C kernels of hydra_kit.ops (decoding steps, the SSM's sequence stages) for every model; off: PyTorch ops only",
     )  # fmt: skip
     args = parser.parse_args(argv)
     console = Console(highlight=False)
