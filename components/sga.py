@@ -180,6 +180,17 @@ def select_per_block(
     )
 
 
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """The rows ``index`` (B, M) of t (B, N, ...) per sequence: (B, M, ...).
+
+    One ``index_select`` over the batch flattened: a ``gather`` with the index expanded over the trailing
+    dimensions reads an index per element, which costs more than the rows it copies.
+    """
+    batch, n = t.shape[:2]
+    flat = (index + torch.arange(batch, device=index.device)[:, None] * n).reshape(-1)  # (B * M,)
+    return t.reshape(batch * n, *t.shape[2:]).index_select(0, flat).view(batch, index.shape[1], *t.shape[2:])
+
+
 def salience(score: Tensor) -> Tensor:
     """The factor ``2 * sigmoid(s)`` on a scored token's value: 1 at s = 0, in (0, 2); shape of ``score``."""
     return 2.0 * torch.sigmoid(score)
@@ -313,9 +324,8 @@ class SparseGlobalAttention(TriPathComponent):
         n_keep = int(valid.sum(-1).max()) if valid.numel() else 0
         index, valid = index[:, :n_keep], valid[:, :n_keep]
         keys, values, scores, pos = candidates
-        gather = index[..., None, None].expand(-1, -1, self.n_heads, self.head_dim)
         # An empty slot may point at a token that was not eligible: its score must read -inf, not its own.
-        return keys.gather(1, gather), values.gather(1, gather), scores.gather(1, index).masked_fill(~valid, NEG_INF), pos.gather(1, index)
+        return take_rows(keys, index), take_rows(values, index), scores.gather(1, index).masked_fill(~valid, NEG_INF), pos.gather(1, index)
 
     def _attend(
         self,
@@ -363,9 +373,8 @@ class SparseGlobalAttention(TriPathComponent):
             cand_keys, cand_values, cand_pos, index, ok = chosen
             n_g = index.shape[-1]
             flat = index[:, first:stop].reshape(batch, n * n_g)
-            gather = flat[..., None, None].expand(-1, -1, h, hd)
-            keys.append(cand_keys.gather(1, gather).view(batch, n, n_g, h, hd).transpose(2, 3))  # (B, n, H, M, hd)
-            vals.append(cand_values.gather(1, gather).view(batch, n, n_g, h, hd).transpose(2, 3))
+            keys.append(take_rows(cand_keys, flat).view(batch, n, n_g, h, hd).transpose(2, 3))  # (B, n, H, M, hd)
+            vals.append(take_rows(cand_values, flat).view(batch, n, n_g, h, hd).transpose(2, 3))
             g_pos, g_ok = cand_pos.gather(1, flat).view(batch, n, n_g), ok[:, first:stop]
             # A global inside the query's local window is already there as a local key: count it once.
             seen = g_ok[:, :, None, :] & (qp > g_pos[:, :, None, :] + w)  # (B, n, Q, M)
