@@ -7,7 +7,8 @@
  * Layout: a "row" is one token of one sequence. Inputs given with strides (sb, st) are read at
  * base + b * sb + t * st, their channels contiguous, so the column slices of the input projection are read in
  * place. Outputs and gradients are contiguous (B, T, C). Sums over rows accumulate per thread in double, in
- * `scratch` (threads x the sum's size, from the caller, so no allocation can fail here), and are added up after. */
+ * `scratch` (threads x the sum's size, from the caller, so no allocation can fail here), and are added up after
+ * in thread order: with a given thread count every result is the same from run to run. */
 
 #include <math.h>
 #include <omp.h>
@@ -35,6 +36,21 @@ static inline float exp_vec(float x) {
 }
 
 static inline float sigmoidf(float a) { return 1.0f / (1.0f + exp_vec(-a)); }
+
+/* Inside a parallel region, after every thread has filled its `size` partial sums in `scratch`: add them up in
+ * thread order (the same result whatever order the threads finish in) into first[0 .. split) and
+ * second[0 .. size - split). */
+static void sum_threads(const double *scratch, long size, int team, float *first, long split, float *second) {
+#pragma omp for schedule(static)
+    for (long i = 0; i < size; i++) {
+        double total = 0.0;
+        for (int t = 0; t < team; t++) total += scratch[t * size + i];
+        if (i < split)
+            first[i] += (float)total;
+        else
+            second[i - split] += (float)total;
+    }
+}
 
 /* The input of tap k for token t of sequence b: a row of x, or of the carried window before the piece. */
 static inline const float *tap_row(const float *x, long sxb, long sxt, const float *state, long b, long t, long back,
@@ -101,11 +117,7 @@ void hk_conv_silu_backward(const float *x, long sxb, long sxt, const float *stat
                 for (long c = 0; c < C; c++) gw[c] += (double)g[c] * src[c];
             }
         }
-#pragma omp critical
-        {
-            for (long i = 0; i < K * C; i++) gwt[i] += (float)acc[i];
-            for (long c = 0; c < C; c++) gbias[c] += (float)acc[K * C + c];
-        }
+        sum_threads(scratch, (K + 1) * C, omp_get_num_threads(), gwt, K * C, gbias);
         /* Each input row j (the window's K - 1 rows first) gathers from the tokens whose taps read it. */
 #pragma omp for schedule(static)
         for (long r = 0; r < B * (T + K - 1); r++) {
@@ -193,12 +205,6 @@ void hk_gated_norm_backward(const float *y, long syb, long syt, const float *xs,
                 }
             }
         }
-#pragma omp critical
-        {
-            for (long c = 0; c < n; c++) {
-                gd[c] += (float)acc[c];
-                gw[c] += (float)acc[n + c];
-            }
-        }
+        sum_threads(scratch, 2 * n, omp_get_num_threads(), gd, n, gw);
     }
 }
