@@ -374,7 +374,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> tuple[list[Record],
     roof = matmul_gflops(device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     console.print(f"float32 matmul roof measured in this run: [bold]{roof:.1f} GFLOP/s[/] on {where}")
-    console.print(f"C decoding kernels (hydra_kit.ops.native): {'on' if native.enabled() else 'off'}, for every model")
+    console.print(f"C kernels (hydra_kit.ops: decoding steps, the SSM's sequence stages): {'on' if native.enabled() else 'off'}, for every model")
     text = Path(args.text).read_bytes() if args.text else None
     records: list[Record] = []
     for seq_len in args.seq_lens:

@@ -224,7 +224,7 @@ def write_outputs(
     payload = {
         "matmul_gflops": roof,
         "threads": torch.get_num_threads(),
-        "cpu_kernels": native.enabled(),  # the C decoding kernels of hydra_kit.ops.native (both models alike)
+        "cpu_kernels": native.enabled(),  # the C kernels of hydra_kit.ops (both models alike)
         "records": rows,
         "targets": targets,
     }

@@ -1,4 +1,4 @@
-"""Fixtures for the kernel tests: counting the calls into the C decoding kernels."""
+"""Fixtures for the kernel tests: counting the calls into the C kernels."""
 
 from __future__ import annotations
 
