@@ -80,6 +80,8 @@ def chunk_carry(local: Tensor, scale_in: Tensor, decay: Tensor, scale_out: Tenso
     Returns:
         starts: (B, C, G, N, Hg, P) the state entering each chunk times ``scale_out``; final: (B, G, N, Hg, P).
     """
+    if local.dim() != 6:
+        raise ValueError(f"chunk_carry: local must be (B, C, G, N, Hg, P), got shape {tuple(local.shape)}")
     b, c, g, n, hg, p = local.shape
     for name, tensor in (("scale_in", scale_in), ("decay", decay), ("scale_out", scale_out)):
         dispatch.expect_shape("chunk_carry", name, tensor, (b, c, g * hg))

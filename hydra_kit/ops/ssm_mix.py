@@ -103,6 +103,8 @@ def conv_silu(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor, offsets: T
     Returns:
         (B, T, C).
     """
+    if x.dim() != 3 or weight.dim() != 2:
+        raise ValueError(f"conv_silu: x must be (B, T, C) and weight (C, K), got shapes {tuple(x.shape)} and {tuple(weight.shape)}")
     b, t, c = x.shape
     taps = weight.shape[-1]
     dispatch.expect_shape("conv_silu", "state", state, (b, taps - 1, c))
@@ -173,6 +175,8 @@ def gated_norm(y: Tensor, x: Tensor, d: Tensor, z: Tensor, weight: Tensor, eps: 
     Returns:
         (B, T, n).
     """
+    if y.dim() != 3:
+        raise ValueError(f"gated_norm: y must be (B, T, n), got shape {tuple(y.shape)}")
     b, t, n = y.shape
     if groups <= 0 or n % groups:
         raise ValueError(f"gated_norm: groups={groups} must divide the {n} channels")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from hydra_kit.ops import (
+    chunk_carry,
     decode_attention,
     linear,
     moe_step,
@@ -34,6 +35,7 @@ from hydra_kit.ops import (
     residual,
     rotary,
     router_step,
+    ssm_mix,
     ssm_step,
     workspace_step,
 )
@@ -103,6 +105,21 @@ def _rotary(x: torch.Tensor | None = None, heads: int = 2, hd: int = 4, **over: 
     weight = over.get("weight", _r(3 * heads * hd, 16))
     key_out, value_out = over.get("key_out"), over.get("value_out")
     return rotary.qkv_rotary(_r(2, 16) if x is None else x, weight, over.get("weight_b"), over.get("inv_freq", _r(hd // 2).abs()), heads, 7, key_out, value_out)
+
+
+def _conv(**over: Any) -> Any:
+    x = over.get("x", _r(2, 5, 9)[:, :, 1:7])  # a column slice, as the SSM reads it
+    return ssm_mix.conv_silu(x, over.get("state", _r(2, 3, 6)), over.get("weight", _r(6, 4)), over.get("bias", _r(6)), over.get("offsets"))
+
+
+def _norm(**over: Any) -> Any:
+    y, x, z = (over.get(k, _r(2, 5, 8)) for k in ("y", "x", "z"))
+    return ssm_mix.gated_norm(y, x, over.get("d", _r(8)), z, over.get("weight", _r(8)), 1e-5, over.get("groups", 2))
+
+
+def _carry(**over: Any) -> Any:
+    local, scales = over.get("local", _r(2, 3, 1, 2, 2, 4)), [over.get(k, _r(2, 3, 2)) for k in ("scale_in", "decay", "scale_out")]
+    return chunk_carry.chunk_carry(local, *scales, over.get("initial", _r(2, 1, 2, 2, 4)))
 
 
 CASES: dict[str, tuple[str, Callable[[], Any]]] = {
@@ -187,6 +204,27 @@ CASES: dict[str, tuple[str, Callable[[], Any]]] = {
     "workspace-float64": (NONE, lambda: workspace_step.workspace_read_cpu(_r(2, 16, dtype=torch.float64), _r(2, 5, 16), _workspace_weights(), 2)),
     "workspace-pack-hop": (RAISES, lambda: _workspace_weights(hop=_r(8, 6))),
     "workspace-pack-out": (RAISES, lambda: _workspace_weights(out=_r(12, 8))),
+    # the SSM's sequence stages (ssm_mix) and the scan's carry
+    "conv-state": (RAISES, lambda: _conv(state=_r(2, 2, 6))),
+    "conv-weight": (RAISES, lambda: _conv(weight=_r(5, 4))),
+    "conv-bias": (RAISES, lambda: _conv(bias=_r(4))),
+    "conv-offsets": (RAISES, lambda: _conv(offsets=torch.zeros(2, 4, dtype=torch.long))),
+    "conv-2d-input": (RAISES, lambda: _conv(x=_r(5, 6))),
+    "conv-float64": (LIKE_PYTORCH, lambda: _conv(x=_r(2, 5, 6, dtype=torch.float64))),
+    "conv-strided-channels": (LIKE_PYTORCH, lambda: _conv(x=_r(2, 6, 5).transpose(1, 2))),
+    "conv-int32-offsets": (LIKE_PYTORCH, lambda: _conv(offsets=torch.tensor([[0, 1, 2, 0, 1], [5, 6, 7, 8, 9]], dtype=torch.int32))),
+    "conv-strided-state": (LIKE_PYTORCH, lambda: _conv(state=_r(2, 6, 3).transpose(1, 2))),
+    "norm-gate-shape": (RAISES, lambda: _norm(z=_r(2, 4, 8))),
+    "norm-groups": (RAISES, lambda: _norm(groups=3)),
+    "norm-short-weight": (RAISES, lambda: _norm(weight=_r(4))),
+    "norm-2d": (RAISES, lambda: _norm(y=_r(5, 8))),
+    "norm-float64": (LIKE_PYTORCH, lambda: _norm(y=_r(2, 5, 8, dtype=torch.float64))),
+    "norm-strided-channels": (LIKE_PYTORCH, lambda: _norm(x=_r(2, 8, 5).transpose(1, 2))),
+    "carry-scale-shape": (RAISES, lambda: _carry(decay=_r(2, 3, 1))),
+    "carry-initial": (RAISES, lambda: _carry(initial=_r(2, 1, 2, 2, 3))),
+    "carry-5d-local": (RAISES, lambda: _carry(local=_r(2, 3, 2, 2, 4))),
+    "carry-float64": (LIKE_PYTORCH, lambda: _carry(local=_r(2, 3, 1, 2, 2, 4, dtype=torch.float64))),
+    "carry-strided": (LIKE_PYTORCH, lambda: _carry(local=_r(2, 3, 1, 2, 4, 2).transpose(-1, -2))),
 }  # fmt: skip
 
 
