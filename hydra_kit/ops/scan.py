@@ -19,7 +19,8 @@ hold): inside a chunk only token pairs of one document mix, a chunk's local stat
 tokens, the state entering a chunk reaches only the tokens before the chunk's first start, and it passes a chunk
 that contains a start not at all.
 These are the references: :func:`hydra_kit.ops.mamba_ssd.mamba_ssd_scan` (mamba-ssm's fused Triton kernels, on
-a GPU) computes what :func:`ssd_chunked_scan` does, and is tested against it.
+a GPU) computes what :func:`ssd_chunked_scan` does, and is tested against it. The SSD scan's pass across chunks is
+:func:`hydra_kit.ops.chunk_carry.chunk_carry`, one C pass on CPU in float32 (its PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
