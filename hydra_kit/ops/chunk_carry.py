@@ -23,7 +23,7 @@ from torch import Tensor
 
 from hydra_kit.ops import dispatch, native
 
-__all__ = ["LIBRARY", "chunk_carry", "chunk_carry_reference"]
+__all__ = ["LIBRARY", "carry_states", "chunk_carry", "chunk_carry_reference"]
 
 _DIMS: list[type] = [ctypes.c_long] * 6  # B, C, G, N, Hg, P
 _FORWARD: list[type] = [ctypes.c_void_p] * 7  # local, in, decay, out, initial; starts, final
@@ -34,16 +34,34 @@ LIBRARY = native.NativeLibrary(
 )
 
 
+def carry_states(local: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass states across chunks in PyTorch: S_in[k+1] = decay[k] * S_in[k] + local[k], S_in[0] = initial.
+
+    Any state shape: the diagonal scan's (b, c, D) states use it directly, the SSD scan through
+    :func:`chunk_carry_reference`.
+
+    Args:
+        local: (b, c, *S) state each chunk builds from its own inputs, at its end.
+        decay: (b, c, *S-broadcastable) total decay of each chunk.
+        initial: (b, *S) state before the first chunk.
+
+    Returns:
+        starts: (b, c, *S) state entering each chunk; final: (b, *S) state after the last chunk.
+    """
+    # A loop over chunks (not time steps) on small tensors; unbind keeps its backward linear in the chunk count.
+    state, starts = initial, []
+    for loc, dec in zip(local.unbind(1), decay.unbind(1), strict=True):
+        starts.append(state)
+        state = state * dec + loc
+    return torch.stack(starts, dim=1), state
+
+
 def chunk_carry_reference(local: Tensor, scale_in: Tensor, decay: Tensor, scale_out: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`chunk_carry` in PyTorch ops: any device, dtype and autograd."""
     b, c, g, _, hg, _ = local.shape
     heads = (b, c, g, 1, hg, 1)  # a (B, C, H) scalar broadcast over its head's state
-    # A loop over chunks (not time steps) on small tensors; unbind keeps its backward linear in the chunk count.
-    state, starts = initial, []
-    for loc, dec in zip((local * scale_in.view(heads)).unbind(1), decay.view(heads).unbind(1), strict=True):
-        starts.append(state)
-        state = state * dec + loc
-    return torch.stack(starts, dim=1) * scale_out.view(heads), state
+    starts, final = carry_states(local * scale_in.view(heads), decay.view(heads), initial)
+    return starts * scale_out.view(heads), final
 
 
 class _ChunkCarry(torch.autograd.Function):

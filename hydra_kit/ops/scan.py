@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from hydra_kit.ops.chunk_carry import chunk_carry
+from hydra_kit.ops.chunk_carry import carry_states, chunk_carry
 
 __all__ = ["diagonal_chunked_scan", "ssd_chunked_scan"]
 
@@ -70,25 +70,6 @@ def _chunk_resets(resets: Tensor, b: int, c: int, ell: int) -> tuple[Tensor, Ten
     doc = resets.view(b, c, ell).cumsum(2)  # (b, c, l) index of each token's document within its chunk
     same = doc[..., :, None] == doc[..., None, :]
     return same, doc == doc[..., -1:], doc == 0, doc[..., -1] == 0
-
-
-def _carry_states(local: Tensor, decay: Tensor, initial: Tensor) -> tuple[Tensor, Tensor]:
-    """Pass states across chunks: S_in[k+1] = decay[k] * S_in[k] + local[k], S_in[0] = initial.
-
-    Args:
-        local: (b, c, *S) state each chunk builds from its own inputs, at its end.
-        decay: (b, c, *S-broadcastable) total decay of each chunk.
-        initial: (b, *S) state before the first chunk.
-
-    Returns:
-        starts: (b, c, *S) state entering each chunk; final: (b, *S) state after the last chunk.
-    """
-    # A loop over chunks (not time steps) on small tensors; unbind keeps its backward linear in the chunk count.
-    state, starts = initial, []
-    for loc, dec in zip(local.unbind(1), decay.unbind(1), strict=True):
-        starts.append(state)
-        state = state * dec + loc
-    return torch.stack(starts, dim=1), state
 
 
 def ssd_chunked_scan(
@@ -239,7 +220,7 @@ def diagonal_chunked_scan(
         keep = ~_split_chunks(chunk_size, resets)[2][0]
         alpha = (log_alpha.exp() * keep[..., None]).view(b, c, ell, D)
         h_local, prefix = _scan_within_chunks(alpha, (B * u).view(b, c, ell, D))
-        starts, final = _carry_states(h_local[:, :, -1], prefix[:, :, -1], initial_state)  # (b, c, D)
+        starts, final = carry_states(h_local[:, :, -1], prefix[:, :, -1], initial_state)  # (b, c, D)
         h = h_local + prefix * starts[:, :, None]
         return (C * h.view(b, c * ell, D))[:, :seq_len], final
 
@@ -252,7 +233,7 @@ def diagonal_chunked_scan(
         h_local = (acum - m).exp() * (w * (m - acum).exp()).cumsum(2)  # (b, c, l, D)
     else:
         h_local = _scan_within_chunks(log_alpha.view(b, c, ell, D).exp(), w)[0]
-    starts, final = _carry_states(h_local[:, :, -1], last.exp(), initial_state)  # (b, c, D)
+    starts, final = carry_states(h_local[:, :, -1], last.exp(), initial_state)  # (b, c, D)
     h = h_local + acum.exp() * starts[:, :, None]
     y = C * h.view(b, c * ell, D)
     return y[:, :seq_len], final

@@ -198,10 +198,7 @@ void hk_gated_norm_backward(const float *y, long syb, long syt, const float *xs,
                     gyr[c] = gv;
                     gxr[c] = gv * d[c];
                     gzr[c] = gg * v * s * (1.0f + zr[c] * (1.0f - s));
-                }
-                for (long c = lo; c < lo + gn; c++) {
-                    const float silu = zr[c] * sigmoidf(zr[c]), g = (yr[c] + d[c] * xr[c]) * silu;
-                    acc[c] += (double)gyr[c] * xr[c];
+                    acc[c] += (double)gv * xr[c];
                     acc[n + c] += (double)go[c] * g * r;
                 }
             }
